@@ -1,0 +1,284 @@
+//! Types shared by the netwatch datapath (eBPF) and the controller.
+//!
+//! Every type that crosses the kernel/user boundary lives here, is
+//! `#[repr(C)]` and has no implicit padding, so both sides agree on the
+//! layout byte for byte. The `user` feature adds `aya::Pod` impls.
+#![no_std]
+
+/// Interface slots: counters are indexed by a small stable slot number
+/// rather than the kernel ifindex, which is unbounded.
+pub const MAX_IFACES: u32 = 32;
+/// Rule slots. Rule ids are stable across reloads (see the controller's
+/// rule table), so a counter always belongs to the same (protocol, port).
+pub const MAX_RULES: u32 = 64;
+/// Entries of the allow and block lists (per address family).
+pub const MAX_CIDRS: u32 = 16_384;
+/// IPv6 extension headers walked before giving up (counted as malformed).
+pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+
+/// Direction of a packet relative to the protected side.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Inbound = 0,
+    Outbound = 1,
+}
+pub const DIRECTIONS: u32 = 2;
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
+    pub const fn label(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// What happened to a packet that matched a rule.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Passed = 0,
+    Dropped = 1,
+}
+pub const OUTCOMES: u32 = 2;
+
+impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Passed, Outcome::Dropped];
+    pub const fn label(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// Layer-4 protocols a rule can name. The value is the index of the
+/// protocol's half of the [`PortRule`] table.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Udp = 0,
+    Tcp = 1,
+}
+
+impl Protocol {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Protocol::Udp => "udp",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Index into the `PORT_RULES` array: one entry per (protocol, port).
+#[inline(always)]
+pub const fn port_rule_index(protocol: Protocol, port: u16) -> u32 {
+    ((protocol as u32) << 16) | port as u32
+}
+pub const PORT_RULE_ENTRIES: u32 = 2 << 16;
+
+/// Per-rule action, one per direction.
+pub const ACTION_COUNT: u8 = 0;
+pub const ACTION_DROP: u8 = 1;
+
+/// Hot-path view of a rule: the value of `PORT_RULES[port_rule_index]`.
+/// `id == 0` means "no rule"; a rule with slot `n` is stored as `n + 1`, so
+/// the zero-initialised array means "no rules" without any set-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    pub id: u16,
+    /// `ACTION_*` for inbound and outbound packets.
+    pub action: [u8; 2],
+}
+
+impl PortRule {
+    #[inline(always)]
+    pub const fn slot(&self) -> u32 {
+        self.id as u32 - 1
+    }
+}
+
+/// Describes a rule slot, for the controller and `status` (never read by
+/// the datapath). `in_use == 0` marks a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub in_use: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub action: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Interface roles. The role decides the direction XDP sees.
+pub const ROLE_WAN: u32 = 0;
+pub const ROLE_LAN: u32 = 1;
+pub const ROLE_HOST: u32 = 2;
+
+/// Describes an interface slot, for the controller and `status`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    pub in_use: u8,
+    /// Bit 0: XDP attached; bit 1: TC egress attached.
+    pub attached: u8,
+    pub xdp_generic: u8,
+    pub _pad: u8,
+    pub role: u32,
+    pub ifindex: u32,
+    pub name: [u8; 16],
+}
+pub const ATTACHED_XDP: u8 = 1;
+pub const ATTACHED_TC: u8 = 2;
+
+pub const MODE_MONITOR: u32 = 0;
+pub const MODE_ENFORCE: u32 = 1;
+
+/// Runtime settings the datapath reads on matched traffic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: u32,
+    /// Non-zero when the corresponding list has entries, so that the
+    /// datapath can skip LPM lookups when a list is empty.
+    pub allowlist_active: u32,
+    pub blocklist_active: u32,
+    pub _pad: u32,
+}
+
+/// Packet and byte counter. Per-CPU, summed by the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index into the `RULE_COUNTERS` per-CPU array.
+#[inline(always)]
+pub const fn rule_counter_index(iface: u32, dir: u32, rule: u32, outcome: u32) -> u32 {
+    ((iface * DIRECTIONS + dir) * MAX_RULES + rule) * OUTCOMES + outcome
+}
+pub const RULE_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * MAX_RULES * OUTCOMES;
+
+/// Classes of traffic that did not match a rule. Every frame the datapath
+/// sees lands in exactly one class or in exactly one rule counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// IPv4/IPv6 traffic on no rule port (including other protocols).
+    Unmatched = 0,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    NonIp = 1,
+    /// Non-first IPv4/IPv6 fragment: carries no ports.
+    Fragment = 2,
+    /// Frame shorter than an Ethernet header.
+    EthTruncated = 3,
+    /// VLAN tag cut short.
+    VlanTruncated = 4,
+    /// More than two VLAN tags.
+    VlanTooDeep = 5,
+    /// IPv4 header cut short, including options.
+    Ipv4Truncated = 6,
+    /// IPv4 header with version != 4 or IHL < 5.
+    Ipv4BadHeader = 7,
+    /// IPv6 fixed header cut short.
+    Ipv6Truncated = 8,
+    /// IPv6 extension header cut short.
+    Ipv6ExtTruncated = 9,
+    /// More IPv6 extension headers than the datapath walks.
+    Ipv6ExtTooMany = 10,
+    /// UDP or TCP header cut short.
+    L4Truncated = 11,
+}
+pub const CLASSES: u32 = 12;
+
+impl Class {
+    pub const ALL: [Class; CLASSES as usize] = [
+        Class::Unmatched,
+        Class::NonIp,
+        Class::Fragment,
+        Class::EthTruncated,
+        Class::VlanTruncated,
+        Class::VlanTooDeep,
+        Class::Ipv4Truncated,
+        Class::Ipv4BadHeader,
+        Class::Ipv6Truncated,
+        Class::Ipv6ExtTruncated,
+        Class::Ipv6ExtTooMany,
+        Class::L4Truncated,
+    ];
+
+    /// The malformed reason label, or `None` for the three non-malformed
+    /// classes.
+    pub const fn malformed_reason(self) -> Option<&'static str> {
+        match self {
+            Class::Unmatched | Class::NonIp | Class::Fragment => None,
+            Class::EthTruncated => Some("eth_truncated"),
+            Class::VlanTruncated => Some("vlan_truncated"),
+            Class::VlanTooDeep => Some("vlan_too_deep"),
+            Class::Ipv4Truncated => Some("ipv4_truncated"),
+            Class::Ipv4BadHeader => Some("ipv4_bad_header"),
+            Class::Ipv6Truncated => Some("ipv6_truncated"),
+            Class::Ipv6ExtTruncated => Some("ipv6_ext_truncated"),
+            Class::Ipv6ExtTooMany => Some("ipv6_ext_too_many"),
+            Class::L4Truncated => Some("l4_truncated"),
+        }
+    }
+}
+
+/// Index into the `CLASS_COUNTERS` per-CPU array.
+#[inline(always)]
+pub const fn class_counter_index(iface: u32, dir: u32, class: u32) -> u32 {
+    (iface * DIRECTIONS + dir) * CLASSES + class
+}
+pub const CLASS_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * CLASSES;
+
+/// Names of the maps, shared so the controller and the pin directory
+/// agree with the object file.
+pub mod maps {
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const PORT_RULES: &str = "PORT_RULES";
+    pub const RULE_INFO: &str = "RULE_INFO";
+    pub const IFACE_INFO: &str = "IFACE_INFO";
+    pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
+    pub const CLASS_COUNTERS: &str = "CLASS_COUNTERS";
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const BLOCK_V4: &str = "BLOCK_V4";
+    pub const BLOCK_V6: &str = "BLOCK_V6";
+    pub const ALL: [&str; 10] = [
+        SETTINGS,
+        PORT_RULES,
+        RULE_INFO,
+        IFACE_INFO,
+        RULE_COUNTERS,
+        CLASS_COUNTERS,
+        ALLOW_V4,
+        ALLOW_V6,
+        BLOCK_V4,
+        BLOCK_V6,
+    ];
+}
+
+/// Names of the load-time globals that specialise a program instance.
+pub mod globals {
+    /// Interface slot (u32).
+    pub const IFACE_SLOT: &str = "IFACE_SLOT";
+    /// `Direction` as u32.
+    pub const DIRECTION: &str = "DIRECTION";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain data without padding.
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleInfo {}
+    unsafe impl aya::Pod for IfaceInfo {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Counter {}
+}

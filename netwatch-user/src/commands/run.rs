@@ -1,0 +1,211 @@
+//! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result, bail};
+use log::{error, info, warn};
+use netwatch_common::Direction;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::RunArgs,
+    config::{ConfigFile, Overrides, RunConfig},
+    datapath::{self, Attachments, PinnedMaps},
+    http::{self, AppState},
+    metrics::ControllerStats,
+    policy::Role,
+};
+
+fn overrides(args: &RunArgs) -> Overrides {
+    Overrides {
+        mode: args.mode,
+        metrics_addr: args.metrics_addr,
+        pin_dir: args.pin_dir.clone(),
+        interfaces: args.interfaces.clone(),
+        egress: args.egress.clone(),
+        rules: args.rules.clone(),
+        allowlist: args.allowlist.clone(),
+        blocklist: args.blocklist.clone(),
+    }
+}
+
+/// Reads the config file (if any) and merges the flags over it.
+fn load_config(args: &RunArgs) -> Result<RunConfig> {
+    let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
+    RunConfig::build(file.as_ref(), &overrides(args))
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let config = load_config(&args)?;
+    if config.interfaces.is_empty() && config.egress.is_empty() {
+        bail!(
+            "no interface to attach to: give --iface IFACE[:wan|lan|host] or --egress IFACE (or `interfaces`/`egress` in the config file)"
+        );
+    }
+    // Check every interface before attaching anything.
+    for name in config
+        .interfaces
+        .iter()
+        .map(|i| &i.name)
+        .chain(&config.egress)
+    {
+        datapath::ifindex(name)?;
+    }
+
+    datapath::prepare_pin_dir(&config.pin_dir)?;
+    // Loading an instance creates (or re-opens) the pinned maps.
+    drop(datapath::load_instance(
+        &config.pin_dir,
+        0,
+        Direction::Inbound,
+    )?);
+    let maps = PinnedMaps::open(&config.pin_dir)?;
+    datapath::apply_policy(&maps, &config.policy)?;
+    info!(
+        "mode {}, rules: {}",
+        config.policy.mode.label(),
+        config
+            .policy
+            .rules
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+
+    let mut attachments = Attachments::new(&config.pin_dir);
+    if let Err(err) = attach_all(&config, &maps, &mut attachments, args.xdp_generic) {
+        attachments.detach();
+        let _ = datapath::mark_all_detached(&maps);
+        return Err(err);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(serve_until_signal(&args, &config, &maps));
+
+    if args.keep_attached {
+        info!("leaving programs attached (--keep-attached); `netwatch detach` removes them");
+        std::mem::forget(attachments);
+    } else {
+        attachments.detach();
+        datapath::mark_all_detached(&maps)?;
+        info!(
+            "detached; counters stay pinned in {}",
+            config.pin_dir.display()
+        );
+    }
+    result
+}
+
+fn attach_all(
+    config: &RunConfig,
+    maps: &PinnedMaps,
+    attachments: &mut Attachments,
+    xdp_generic: bool,
+) -> Result<()> {
+    for iface in &config.interfaces {
+        let index = datapath::ifindex(&iface.name)?;
+        let slot = datapath::claim_iface_slot(maps, &iface.name, iface.role, index)?;
+        let mode =
+            attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
+        let tc = config.egress.contains(&iface.name);
+        if tc {
+            attachments.attach_tc_egress(&iface.name, slot)?;
+        }
+        datapath::mark_attached(maps, slot, Some(mode), tc)?;
+        info!(
+            "{}: role {}, XDP {}{}",
+            iface.name,
+            iface.role.label(),
+            match mode {
+                Some(datapath::XdpAttachMode::Native) => "native",
+                Some(datapath::XdpAttachMode::Generic) => "generic",
+                None => "re-adopted",
+            },
+            if tc { ", TC egress" } else { "" }
+        );
+    }
+    for name in config
+        .egress
+        .iter()
+        .filter(|e| !config.interfaces.iter().any(|i| &i.name == *e))
+    {
+        let slot = datapath::claim_iface_slot(maps, name, Role::Host, datapath::ifindex(name)?)?;
+        attachments.attach_tc_egress(name, slot)?;
+        datapath::mark_attached(maps, slot, None, true)?;
+        info!("{name}: TC egress");
+    }
+    Ok(())
+}
+
+async fn serve_until_signal(args: &RunArgs, config: &RunConfig, maps: &PinnedMaps) -> Result<()> {
+    let stats = Arc::new(Mutex::new(ControllerStats {
+        last_reload_ok: true,
+        ..Default::default()
+    }));
+    let state = AppState {
+        pin_dir: config.pin_dir.clone(),
+        stats: stats.clone(),
+    };
+    let server = http::serve(config.metrics_addr, state).await?;
+    info!("metrics at http://{}/metrics", config.metrics_addr);
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut current = config.clone();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sighup.recv() => {
+                let outcome = reload(args, &current, maps);
+                let mut s = stats.lock().expect("stats lock");
+                match outcome {
+                    Ok(new) => {
+                        s.reloads_ok += 1;
+                        s.last_reload_ok = true;
+                        current = new;
+                    }
+                    Err(err) => {
+                        s.reloads_failed += 1;
+                        s.last_reload_ok = false;
+                        error!("reload rejected, the previous configuration stays in force: {err:#}");
+                    }
+                }
+            }
+        }
+    }
+    server.abort();
+    Ok(())
+}
+
+/// Re-reads the config file and applies rules, lists and mode. Interface
+/// and address changes need a restart and are reported, not applied.
+fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunConfig> {
+    if args.config.is_none() {
+        bail!("SIGHUP: no --config file to reload");
+    }
+    let new = load_config(args)?;
+    if new.interfaces != current.interfaces || new.egress != current.egress {
+        warn!("reload: interface changes take effect on the next restart");
+    }
+    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir {
+        warn!("reload: metrics_addr and pin_dir changes take effect on the next restart");
+    }
+    datapath::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
+    info!(
+        "reloaded: mode {}, {} rules, {} allowlist and {} blocklist entries",
+        new.policy.mode.label(),
+        new.policy.rules.len(),
+        new.policy.allowlist.len(),
+        new.policy.blocklist.len()
+    );
+    Ok(RunConfig {
+        interfaces: current.interfaces.clone(),
+        egress: current.egress.clone(),
+        ..new
+    })
+}

@@ -1,0 +1,677 @@
+//! Loading, pinning and attaching the eBPF datapath, and writing policy
+//! into its maps.
+//!
+//! Every map is pinned by name under the pin directory, so counters and
+//! enforcement state outlive the controller. Each attachment (XDP on an
+//! interface, TC egress on an interface) is its own program instance with
+//! the interface slot and direction set as load-time constants, sharing
+//! the pinned maps. Links are pinned under `links/` so that a restarted
+//! controller re-adopts them and `netwatch detach` can remove them even
+//! after a crash.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+    sys::SyscallError,
+    util::nr_cpus,
+};
+use ipnet::IpNet;
+use log::{debug, info, warn};
+use netwatch_common::{
+    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, IfaceInfo, MAX_IFACES, MAX_RULES,
+    OUTCOMES, PortRule, RuleInfo, Settings, globals, maps, port_rule_index, rule_counter_index,
+};
+
+use crate::policy::{Policy, Role, Rule};
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
+
+pub const XDP_PROGRAM: &str = "netwatch_xdp";
+pub const TC_PROGRAM: &str = "netwatch_tc";
+
+/// How an XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Native,
+    Generic,
+}
+
+/// Loads one instance of the object with its maps bound to the pins in
+/// `pin_dir` (created there if missing) and its globals set.
+pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction) -> Result<Ebpf> {
+    let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let direction = direction as u32;
+    loader
+        .override_global(globals::IFACE_SLOT, &iface_slot, true)
+        .override_global(globals::DIRECTION, &direction, true);
+    loader.load(EBPF_OBJECT).with_context(|| {
+        format!(
+            "loading the netwatch eBPF object with maps pinned in {}",
+            pin_dir.display()
+        )
+    })
+}
+
+/// Creates the pin directory with root-only permissions, or checks that
+/// an existing one is on bpffs.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && parent == Path::new(BPFFS_ROOT) {
+        mount_bpffs()?;
+    }
+    if !is_bpffs(parent) && !is_bpffs(pin_dir) {
+        bail!(
+            "{} is not on a BPF filesystem (bpffs); mount one with `mount -t bpf bpf {}` or choose another --pin-dir",
+            parent.display(),
+            parent.display()
+        );
+    }
+    for dir in [pin_dir.to_path_buf(), pin_dir.join("links")] {
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("creating pin directory {}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
+    }
+    check_pinned_layout(pin_dir)
+}
+
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs at /sys/fs/bpf where the system has not (as bpftool does).
+fn mount_bpffs() -> Result<()> {
+    let target = std::ffi::CString::new(BPFFS_ROOT)?;
+    let fstype = std::ffi::CString::new("bpf")?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("{BPFFS_ROOT} is not a BPF filesystem and mounting one there failed: {err}");
+    }
+    info!("mounted bpffs at {BPFFS_ROOT}");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Refuses pins whose layout differs from this build's maps (a foreign
+/// object, or an incompatible older netwatch), instead of reading garbage.
+fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
+    let object = aya_obj_maps()?;
+    for (name, (key_size, value_size, max_entries)) in object {
+        let path = pin_dir.join(&name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("{} exists but is not a pinned BPF map", path.display()))?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        if pinned != (key_size, value_size, max_entries) {
+            bail!(
+                "pinned map {} has layout (key {} B, value {} B, {} entries) but this netwatch expects (key {} B, value {} B, {} entries); \
+                 it was made by another program or an incompatible netwatch version — run `netwatch detach --pin-dir {}` to remove it",
+                path.display(),
+                pinned.0,
+                pinned.1,
+                pinned.2,
+                key_size,
+                value_size,
+                max_entries,
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Key size, value size and max entries of every map in the object.
+fn aya_obj_maps() -> Result<Vec<(String, (u32, u32, u32))>> {
+    let obj =
+        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(name, _)| maps::ALL.contains(&name.as_str()))
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                (m.key_size(), m.value_size(), m.max_entries()),
+            )
+        })
+        .collect())
+}
+
+/// Handle on the pinned maps, for the controller and the query commands.
+pub struct PinnedMaps {
+    dir: PathBuf,
+}
+
+impl PinnedMaps {
+    /// Opens the pin directory of a netwatch that has run at least once.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join(maps::SETTINGS).exists() {
+            bail!(
+                "no netwatch state in {}: is `netwatch run` running (or did it ever run) with this --pin-dir?",
+                dir.display()
+            );
+        }
+        check_pinned_layout(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, name: &str) -> Result<Map> {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+    }
+
+    pub fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
+        Ok(Array::try_from(self.map(name)?)?)
+    }
+
+    pub fn per_cpu_array<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
+        Ok(PerCpuArray::try_from(self.map(name)?)?)
+    }
+
+    pub fn lpm<K: aya::Pod>(&self, name: &str) -> Result<LpmTrie<MapData, K, u8>> {
+        Ok(LpmTrie::try_from(self.map(name)?)?)
+    }
+
+    pub fn settings(&self) -> Result<Settings> {
+        Ok(self.array::<Settings>(maps::SETTINGS)?.get(&0, 0)?)
+    }
+
+    /// Every interface slot that has been used (its counters persist).
+    pub fn iface_slots(&self) -> Result<Vec<(u32, IfaceInfo)>> {
+        let map = self.array::<IfaceInfo>(maps::IFACE_INFO)?;
+        let mut out = Vec::new();
+        for slot in 0..MAX_IFACES {
+            let info = map.get(&slot, 0)?;
+            if info.name[0] != 0 {
+                out.push((slot, info));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn rules(&self) -> Result<Vec<(u32, RuleInfo)>> {
+        let map = self.array::<RuleInfo>(maps::RULE_INFO)?;
+        let mut out = Vec::new();
+        for slot in 0..MAX_RULES {
+            let info = map.get(&slot, 0)?;
+            if info.in_use != 0 {
+                out.push((slot, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sum over CPUs of one per-CPU counter.
+    pub fn counter_sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {
+        let values = map.get(&index, 0)?;
+        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+
+    pub fn list_v4(&self, name: &str) -> Result<Vec<IpNet>> {
+        let map = self.lpm::<[u8; 4]>(name)?;
+        map.iter()
+            .map(|entry| {
+                let (key, _) = entry?;
+                Ok(IpNet::new(
+                    std::net::Ipv4Addr::from(key.data()).into(),
+                    key.prefix_len() as u8,
+                )?)
+            })
+            .collect()
+    }
+
+    pub fn list_v6(&self, name: &str) -> Result<Vec<IpNet>> {
+        let map = self.lpm::<[u8; 16]>(name)?;
+        map.iter()
+            .map(|entry| {
+                let (key, _) = entry?;
+                Ok(IpNet::new(
+                    std::net::Ipv6Addr::from(key.data()).into(),
+                    key.prefix_len() as u8,
+                )?)
+            })
+            .collect()
+    }
+}
+
+/// Writes a policy into the maps: rule slots (stable across reloads),
+/// the port table, the lists and the settings.
+pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
+    let mut rule_info = maps.array::<RuleInfo>(maps::RULE_INFO)?;
+    let mut port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
+    let mut counters = maps.per_cpu_array::<Counter>(maps::RULE_COUNTERS)?;
+
+    let mut slots: Vec<RuleInfo> = (0..MAX_RULES)
+        .map(|s| rule_info.get(&s, 0))
+        .collect::<Result<_, _>>()?;
+    let same = |info: &RuleInfo, rule: &Rule| {
+        info.protocol == rule.protocol as u8 && info.port == rule.port
+    };
+
+    // Retire slots whose rule is gone from the policy.
+    for (slot, info) in slots.iter_mut().enumerate() {
+        if info.in_use != 0 && !policy.rules.iter().any(|r| same(info, r)) {
+            info.in_use = 0;
+            rule_info.set(slot as u32, *info, 0)?;
+            let protocol = if info.protocol == 0 {
+                netwatch_common::Protocol::Udp
+            } else {
+                netwatch_common::Protocol::Tcp
+            };
+            port_rules.set(port_rule_index(protocol, info.port), PortRule::default(), 0)?;
+        }
+    }
+    for rule in &policy.rules {
+        let slot = match slots.iter().position(|i| i.in_use != 0 && same(i, rule)) {
+            Some(slot) => slot,
+            None => {
+                // Prefer the slot this rule had before, so its counters continue.
+                let slot = slots
+                    .iter()
+                    .position(|i| i.in_use == 0 && same(i, rule))
+                    .or_else(|| slots.iter().position(|i| i.in_use == 0))
+                    .ok_or_else(|| anyhow!("more than {MAX_RULES} rules"))?;
+                if !same(&slots[slot], rule) {
+                    zero_rule_counters(&mut counters, slot as u32)?;
+                }
+                slot
+            }
+        };
+        let info = RuleInfo {
+            in_use: 1,
+            protocol: rule.protocol as u8,
+            port: rule.port,
+            action: rule.action,
+            _pad: [0; 2],
+        };
+        slots[slot] = info;
+        rule_info.set(slot as u32, info, 0)?;
+        let entry = PortRule {
+            id: slot as u16 + 1,
+            action: rule.action,
+        };
+        port_rules.set(port_rule_index(rule.protocol, rule.port), entry, 0)?;
+    }
+
+    sync_lists(maps, maps::ALLOW_V4, maps::ALLOW_V6, &policy.allowlist)?;
+    sync_lists(maps, maps::BLOCK_V4, maps::BLOCK_V6, &policy.blocklist)?;
+
+    let settings = Settings {
+        mode: policy.mode.as_u32(),
+        allowlist_active: !policy.allowlist.is_empty() as u32,
+        blocklist_active: !policy.blocklist.is_empty() as u32,
+        _pad: 0,
+    };
+    maps.array::<Settings>(maps::SETTINGS)?
+        .set(0, settings, 0)?;
+    Ok(())
+}
+
+fn zero_rule_counters(counters: &mut PerCpuArray<MapData, Counter>, slot: u32) -> Result<()> {
+    let cpus = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+    for iface in 0..MAX_IFACES {
+        for dir in 0..DIRECTIONS {
+            for outcome in 0..OUTCOMES {
+                let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
+                counters.set(rule_counter_index(iface, dir, slot, outcome), zeros, 0)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the two LPM tries hold exactly `nets`.
+fn sync_lists(maps: &PinnedMaps, v4_name: &str, v6_name: &str, nets: &[IpNet]) -> Result<()> {
+    let mut v4 = maps.lpm::<[u8; 4]>(v4_name)?;
+    let mut v6 = maps.lpm::<[u8; 16]>(v6_name)?;
+    let old: Vec<IpNet> = maps
+        .list_v4(v4_name)?
+        .into_iter()
+        .chain(maps.list_v6(v6_name)?)
+        .collect();
+    for net in old.iter().filter(|n| !nets.contains(n)) {
+        match net {
+            IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))?,
+            IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))?,
+        }
+    }
+    for net in nets.iter().filter(|n| !old.contains(n)) {
+        match net {
+            IpNet::V4(n) => {
+                v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 1, 0)?
+            }
+            IpNet::V6(n) => {
+                v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 1, 0)?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finds the slot an interface had before (by name), or a free one.
+pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32) -> Result<u32> {
+    let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
+    let infos: Vec<IfaceInfo> = (0..MAX_IFACES)
+        .map(|s| map.get(&s, 0))
+        .collect::<Result<_, _>>()?;
+    let name_bytes = iface_name_bytes(name)?;
+    let slot = infos
+        .iter()
+        .position(|i| i.name == name_bytes)
+        .or_else(|| {
+            infos
+                .iter()
+                .position(|i| i.in_use == 0 && i.name == [0; 16])
+        })
+        .or_else(|| infos.iter().position(|i| i.in_use == 0))
+        .ok_or_else(|| anyhow!("more than {MAX_IFACES} interfaces"))? as u32;
+    let mut info = infos[slot as usize];
+    if info.name != name_bytes {
+        info = IfaceInfo::default();
+    }
+    info.in_use = 1;
+    info.role = role.as_u32();
+    info.ifindex = ifindex;
+    info.name = name_bytes;
+    map.set(slot, info, 0)?;
+    Ok(slot)
+}
+
+pub fn update_iface(maps: &PinnedMaps, slot: u32, f: impl FnOnce(&mut IfaceInfo)) -> Result<()> {
+    let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
+    let mut info = map.get(&slot, 0)?;
+    f(&mut info);
+    map.set(slot, info, 0)?;
+    Ok(())
+}
+
+fn iface_name_bytes(name: &str) -> Result<[u8; 16]> {
+    let mut out = [0u8; 16];
+    if name.is_empty() || name.len() > 15 {
+        bail!("interface name {name:?} must be 1 to 15 bytes");
+    }
+    out[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(out)
+}
+
+pub fn iface_name(info: &IfaceInfo) -> String {
+    let end = info
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.name.len());
+    String::from_utf8_lossy(&info.name[..end]).into_owned()
+}
+
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {name:?} does not exist in this network namespace");
+    }
+    Ok(index)
+}
+
+fn link_pin(pin_dir: &Path, hook: &str, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{hook}_{iface}"))
+}
+
+/// The programs this controller has attached. Dropping it leaves the
+/// pinned links in place; [`Attachments::detach`] removes them.
+pub struct Attachments {
+    pin_dir: PathBuf,
+    /// Program instances and the link pins they own.
+    instances: Vec<(Ebpf, PathBuf)>,
+}
+
+impl Attachments {
+    pub fn new(pin_dir: &Path) -> Self {
+        Self {
+            pin_dir: pin_dir.to_path_buf(),
+            instances: Vec::new(),
+        }
+    }
+
+    /// Attaches XDP to `iface`, natively if the driver can, else in generic
+    /// mode. A link left pinned by an earlier run is re-adopted: the new
+    /// program replaces the old one atomically, with no gap in counting.
+    /// Returns the mode, or `None` when an earlier run's link was re-adopted
+    /// (its mode is unchanged).
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        slot: u32,
+        direction: Direction,
+        force_generic: bool,
+    ) -> Result<Option<XdpAttachMode>> {
+        let mut ebpf = load_instance(&self.pin_dir, slot, direction)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .context("XDP program missing from object")?
+            .try_into()?;
+        program
+            .load()
+            .context("loading the XDP program (verifier)")?;
+        let pin = link_pin(&self.pin_dir, "xdp", iface);
+        let mode = match readopt(&pin)? {
+            Some(old) => {
+                let link = XdpLink::try_from(old)?;
+                program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the XDP program on {iface}"))?;
+                info!("{iface}: re-adopted the XDP link pinned by an earlier run");
+                None
+            }
+            None => {
+                let index = ifindex(iface)?;
+                let native = if force_generic {
+                    Err(anyhow!("generic mode requested"))
+                } else {
+                    program
+                        .attach_to_if_index(index, XdpMode::Driver)
+                        .map_err(anyhow::Error::from)
+                };
+                let (id, mode) = match native {
+                    Ok(id) => (id, XdpAttachMode::Native),
+                    Err(err) => {
+                        if !force_generic {
+                            info!(
+                                "{iface}: native XDP not available ({err:#}); attaching in generic (SKB) mode"
+                            );
+                        }
+                        let id = program
+                            .attach_to_if_index(index, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP to {iface}"))?;
+                        (id, XdpAttachMode::Generic)
+                    }
+                };
+                let link = FdLink::try_from(program.take_link(id)?).with_context(|| {
+                    format!("{iface}: XDP attached through netlink, not a BPF link")
+                })?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
+                Some(mode)
+            }
+        };
+        self.instances.push((ebpf, pin));
+        Ok(mode)
+    }
+
+    /// Attaches the TC egress program to `iface` (TCX).
+    pub fn attach_tc_egress(&mut self, iface: &str, slot: u32) -> Result<()> {
+        let mut ebpf = load_instance(&self.pin_dir, slot, Direction::Outbound)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .context("TC program missing from object")?
+            .try_into()?;
+        program
+            .load()
+            .context("loading the TC program (verifier)")?;
+        let pin = link_pin(&self.pin_dir, "tc", iface);
+        match readopt(&pin)? {
+            Some(old) => {
+                let link = SchedClassifierLink::try_from(old)?;
+                program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the TC program on {iface}"))?;
+                info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
+            }
+            None => {
+                ifindex(iface)?;
+                let id = program
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Egress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching TC egress to {iface}"))?;
+                let link = FdLink::try_from(program.take_link(id)?)?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning TC link at {}", pin.display()))?;
+            }
+        }
+        self.instances.push((ebpf, pin));
+        Ok(())
+    }
+
+    /// Detaches every program this controller attached (by removing the
+    /// link pins); maps stay pinned, so counters continue next run.
+    pub fn detach(self) {
+        for (_, pin) in &self.instances {
+            if let Err(err) = fs::remove_file(pin) {
+                warn!("removing link pin {}: {err}", pin.display());
+            }
+        }
+    }
+}
+
+/// Opens a link pinned by an earlier run, if any.
+fn readopt(pin: &Path) -> Result<Option<FdLink>> {
+    match PinnedLink::from_pin(pin) {
+        Ok(pinned) => Ok(Some(FdLink::from(pinned))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(err).with_context(|| format!("opening pinned link {}", pin.display())),
+    }
+}
+
+/// Removes every program, link and map netwatch pinned under `pin_dir`.
+/// Returns the number of pins removed.
+pub fn detach_all(pin_dir: &Path) -> Result<usize> {
+    if !pin_dir.exists() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    let links = pin_dir.join("links");
+    if links.exists() {
+        for entry in fs::read_dir(&links)? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            debug!("removed link pin {}", path.display());
+            removed += 1;
+        }
+        fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for name in maps::ALL {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    fs::remove_dir(pin_dir).with_context(|| {
+        format!(
+            "removing {} (it holds files netwatch did not make; left in place)",
+            pin_dir.display()
+        )
+    })?;
+    Ok(removed)
+}
+
+/// Marks what is attached to an interface slot, for `status`.
+/// `xdp` is `Some(None)` for a re-adopted XDP link, whose mode is as
+/// recorded before.
+pub fn mark_attached(
+    maps: &PinnedMaps,
+    slot: u32,
+    xdp: Option<Option<XdpAttachMode>>,
+    tc: bool,
+) -> Result<()> {
+    update_iface(maps, slot, |info| {
+        if let Some(mode) = xdp {
+            info.attached |= ATTACHED_XDP;
+            if let Some(mode) = mode {
+                info.xdp_generic = (mode == XdpAttachMode::Generic) as u8;
+            }
+        }
+        if tc {
+            info.attached |= ATTACHED_TC;
+        }
+    })
+}
+
+/// Clears the attached bits of every slot (the controller is going away).
+pub fn mark_all_detached(maps: &PinnedMaps) -> Result<()> {
+    for slot in 0..MAX_IFACES {
+        update_iface(maps, slot, |info| {
+            info.attached = 0;
+            info.in_use = 0;
+            info.ifindex = 0;
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The netwatch controller: loads and attaches the datapath, keeps its
+//! maps in step with the configuration, and reports what it counted.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod datapath;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod snapshot;

@@ -1,0 +1,179 @@
+//! Prometheus exposition, built from a [`Snapshot`] at scrape time.
+//!
+//! No per-source-IP labels: label values come only from the interfaces,
+//! rules and fixed enumerations, so the series count is bounded.
+
+use anyhow::Result;
+use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::snapshot::Snapshot;
+
+/// Controller-side facts that do not live in the maps.
+#[derive(Debug, Default, Clone)]
+pub struct ControllerStats {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub last_reload_ok: bool,
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// Renders the text exposition format.
+pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result<String> {
+    let registry = Registry::new();
+    let rule_labels = ["interface", "direction", "rule", "action"];
+    let packets = counter_vec(
+        &registry,
+        "netwatch_packets_total",
+        "Packets that matched a rule, by interface, direction, rule and what was done with them.",
+        &rule_labels,
+    )?;
+    let bytes = counter_vec(
+        &registry,
+        "netwatch_bytes_total",
+        "Bytes of packets that matched a rule.",
+        &rule_labels,
+    )?;
+    for c in &snapshot.rule_counters {
+        let labels = [c.interface.as_str(), c.direction, c.rule.as_str(), c.action];
+        packets.with_label_values(&labels).inc_by(c.packets);
+        bytes.with_label_values(&labels).inc_by(c.bytes);
+    }
+
+    let if_labels = ["interface", "direction"];
+    let unmatched = counter_vec(
+        &registry,
+        "netwatch_unmatched_packets_total",
+        "IP packets that matched no rule (passed at minimal cost).",
+        &if_labels,
+    )?;
+    let unmatched_bytes = counter_vec(
+        &registry,
+        "netwatch_unmatched_bytes_total",
+        "Bytes of IP packets that matched no rule.",
+        &if_labels,
+    )?;
+    let fragments = counter_vec(
+        &registry,
+        "netwatch_fragments_total",
+        "Non-first IP fragments: they carry no ports, so they are counted and passed, never matched.",
+        &if_labels,
+    )?;
+    let non_ip = counter_vec(
+        &registry,
+        "netwatch_non_ip_packets_total",
+        "Frames that are not IPv4 or IPv6 (ARP, LLDP, ...).",
+        &if_labels,
+    )?;
+    let malformed = counter_vec(
+        &registry,
+        "netwatch_malformed_packets_total",
+        "Truncated or malformed frames, passed untouched, by reason.",
+        &["interface", "direction", "reason"],
+    )?;
+    for c in &snapshot.class_counters {
+        let labels = [c.interface.as_str(), c.direction];
+        match (c.class, c.reason) {
+            ("unmatched", _) => {
+                unmatched.with_label_values(&labels).inc_by(c.packets);
+                unmatched_bytes.with_label_values(&labels).inc_by(c.bytes);
+            }
+            ("fragment", _) => fragments.with_label_values(&labels).inc_by(c.packets),
+            ("non_ip", _) => non_ip.with_label_values(&labels).inc_by(c.packets),
+            (_, Some(reason)) => malformed
+                .with_label_values(&[labels[0], labels[1], reason])
+                .inc_by(c.packets),
+            _ => {}
+        }
+    }
+
+    let info = gauge_vec(
+        &registry,
+        "netwatch_info",
+        "netwatch version and mode (always 1).",
+        &["version", "mode"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), snapshot.mode])
+        .set(1);
+    let rules = gauge_vec(
+        &registry,
+        "netwatch_rule_info",
+        "Configured rules and their action per direction (always 1).",
+        &["rule", "inbound", "outbound"],
+    )?;
+    for r in &snapshot.rules {
+        rules
+            .with_label_values(&[r.rule.as_str(), r.inbound, r.outbound])
+            .set(1);
+    }
+    let attached = gauge_vec(
+        &registry,
+        "netwatch_interface_attached",
+        "1 when a netwatch program is attached to the interface at this hook (xdp, tc_egress).",
+        &["interface", "role", "hook", "mode"],
+    )?;
+    for i in &snapshot.interfaces {
+        attached
+            .with_label_values(&[i.name.as_str(), i.role, "xdp", i.xdp.unwrap_or("none")])
+            .set(i.xdp.is_some() as i64);
+        attached
+            .with_label_values(&[i.name.as_str(), i.role, "tc_egress", "tcx"])
+            .set(i.tc_egress as i64);
+    }
+    let lists = gauge_vec(
+        &registry,
+        "netwatch_list_entries",
+        "Entries on the allowlist and blocklist.",
+        &["list"],
+    )?;
+    lists
+        .with_label_values(&["allowlist"])
+        .set(snapshot.allowlist.len() as i64);
+    lists
+        .with_label_values(&["blocklist"])
+        .set(snapshot.blocklist.len() as i64);
+
+    if let Some(stats) = controller {
+        let reloads = counter_vec(
+            &registry,
+            "netwatch_config_reloads_total",
+            "Configuration reloads (SIGHUP) by result.",
+            &["result"],
+        )?;
+        reloads
+            .with_label_values(&["success"])
+            .inc_by(stats.reloads_ok);
+        reloads
+            .with_label_values(&["failure"])
+            .inc_by(stats.reloads_failed);
+        let last = gauge_vec(
+            &registry,
+            "netwatch_config_last_reload_successful",
+            "1 if the last configuration reload succeeded (or none was tried).",
+            &[],
+        )?;
+        last.with_label_values::<&str>(&[])
+            .set(stats.last_reload_ok as i64);
+    }
+
+    let mut families = registry.gather();
+    families.extend(prometheus::gather());
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&families, &mut out)?;
+    Ok(String::from_utf8(out)?)
+}

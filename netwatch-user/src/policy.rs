@@ -1,0 +1,327 @@
+//! What the datapath enforces: rules, lists and mode, validated.
+
+use std::{fmt, str::FromStr};
+
+use anyhow::{Result, anyhow, bail};
+use ipnet::IpNet;
+use netwatch_common::{
+    ACTION_COUNT, ACTION_DROP, MAX_CIDRS, MAX_RULES, MODE_ENFORCE, MODE_MONITOR, Protocol,
+    ROLE_HOST, ROLE_LAN, ROLE_WAN,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Count only; never drop.
+    #[default]
+    Monitor,
+    /// Apply drop actions and the blocklist.
+    Enforce,
+}
+
+impl Mode {
+    pub fn as_u32(self) -> u32 {
+        match self {
+            Mode::Monitor => MODE_MONITOR,
+            Mode::Enforce => MODE_ENFORCE,
+        }
+    }
+    pub fn from_u32(v: u32) -> Self {
+        if v == MODE_ENFORCE {
+            Mode::Enforce
+        } else {
+            Mode::Monitor
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Monitor => "monitor",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+/// Where an interface sits; decides the direction XDP sees on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Router uplink: XDP sees inbound traffic.
+    Wan,
+    /// Router LAN side: XDP sees traffic from inside on its way out,
+    /// with internal (pre-NAT) addresses.
+    Lan,
+    /// A host's own interface: XDP sees inbound traffic.
+    Host,
+}
+
+impl Role {
+    pub fn as_u32(self) -> u32 {
+        match self {
+            Role::Wan => ROLE_WAN,
+            Role::Lan => ROLE_LAN,
+            Role::Host => ROLE_HOST,
+        }
+    }
+    pub fn from_u32(v: u32) -> Self {
+        match v {
+            ROLE_LAN => Role::Lan,
+            ROLE_HOST => Role::Host,
+            _ => Role::Wan,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Wan => "wan",
+            Role::Lan => "lan",
+            Role::Host => "host",
+        }
+    }
+    /// Direction of the traffic XDP sees on an interface of this role.
+    pub fn xdp_direction(self) -> netwatch_common::Direction {
+        match self {
+            Role::Lan => netwatch_common::Direction::Outbound,
+            Role::Wan | Role::Host => netwatch_common::Direction::Inbound,
+        }
+    }
+}
+
+/// `IFACE[:wan|lan|host]`, as given to `--iface` and `interfaces = [...]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IfaceSpec {
+    pub name: String,
+    pub role: Role,
+}
+
+impl FromStr for IfaceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, role) = match s.split_once(':') {
+            None => (s, Role::Host),
+            Some((name, "wan")) => (name, Role::Wan),
+            Some((name, "lan")) => (name, Role::Lan),
+            Some((name, "host")) => (name, Role::Host),
+            Some((_, role)) => bail!("interface {s:?}: role {role:?} is not one of wan, lan, host"),
+        };
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            bail!(
+                "interface {s:?}: {name:?} is not a valid interface name (1-15 bytes, no '/' or space)"
+            );
+        }
+        Ok(IfaceSpec {
+            name: name.to_string(),
+            role,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Count,
+    Drop,
+}
+
+impl Action {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Action::Count => ACTION_COUNT,
+            Action::Drop => ACTION_DROP,
+        }
+    }
+    pub fn from_u8(v: u8) -> Self {
+        if v == ACTION_DROP {
+            Action::Drop
+        } else {
+            Action::Count
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Count => "count",
+            Action::Drop => "drop",
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "count" => Ok(Action::Count),
+            "drop" => Ok(Action::Drop),
+            _ => bail!("action {s:?} is not one of count, drop"),
+        }
+    }
+}
+
+/// A (protocol, destination port) rule with an action per direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub protocol: Protocol,
+    pub port: u16,
+    /// `ACTION_*` indexed by `Direction`.
+    pub action: [u8; 2],
+}
+
+impl Rule {
+    pub fn new(protocol: Protocol, port: u16, inbound: Action, outbound: Action) -> Result<Self> {
+        if port == 0 {
+            bail!("{}/0: port must be 1-65535", protocol.label());
+        }
+        Ok(Rule {
+            protocol,
+            port,
+            action: [inbound.as_u8(), outbound.as_u8()],
+        })
+    }
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.protocol.label(), self.port)
+    }
+    pub fn inbound(&self) -> Action {
+        Action::from_u8(self.action[0])
+    }
+    pub fn outbound(&self) -> Action {
+        Action::from_u8(self.action[1])
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} inbound={} outbound={}",
+            self.label(),
+            self.inbound().label(),
+            self.outbound().label()
+        )
+    }
+}
+
+pub fn parse_protocol(s: &str) -> Result<Protocol> {
+    match s {
+        "udp" => Ok(Protocol::Udp),
+        "tcp" => Ok(Protocol::Tcp),
+        _ => bail!("protocol {s:?} is not one of udp, tcp"),
+    }
+}
+
+pub fn parse_port(s: &str) -> Result<u16> {
+    let port: u32 = s
+        .parse()
+        .map_err(|_| anyhow!("port {s:?} is not a number"))?;
+    if !(1..=65535).contains(&port) {
+        bail!("port {port} is out of range 1-65535");
+    }
+    Ok(port as u16)
+}
+
+/// `PROTO/PORT[=ACTION | =INBOUND,OUTBOUND]`, as given to `--rule`.
+/// Without an action the rule drops both ways (in enforce mode).
+impl FromStr for Rule {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let wrap = |e: anyhow::Error| {
+            anyhow!(
+                "rule {s:?}: {e:#} (expected PROTO/PORT[=ACTION|=INBOUND,OUTBOUND], e.g. udp/138=drop or tcp/445=count,drop)"
+            )
+        };
+        let (target, actions) = s.split_once('=').unwrap_or((s, "drop"));
+        let (proto, port) = target
+            .split_once('/')
+            .ok_or_else(|| wrap(anyhow!("missing '/'")))?;
+        let protocol = parse_protocol(proto).map_err(wrap)?;
+        let port = parse_port(port).map_err(wrap)?;
+        let (inbound, outbound) = match actions.split_once(',') {
+            Some((i, o)) => (i.parse().map_err(wrap)?, o.parse().map_err(wrap)?),
+            None => {
+                let a: Action = actions.parse().map_err(wrap)?;
+                (a, a)
+            }
+        };
+        Rule::new(protocol, port, inbound, outbound).map_err(wrap)
+    }
+}
+
+/// The defaults: NetBIOS name service and AOL/ICQ OSCAR, dropped both
+/// ways when the mode is `enforce`.
+pub fn default_rules() -> Vec<Rule> {
+    vec![
+        Rule {
+            protocol: Protocol::Udp,
+            port: 137,
+            action: [ACTION_DROP, ACTION_DROP],
+        },
+        Rule {
+            protocol: Protocol::Tcp,
+            port: 5190,
+            action: [ACTION_DROP, ACTION_DROP],
+        },
+    ]
+}
+
+/// Parses a CIDR (or a bare address, taken as /32 or /128) and insists on
+/// a network address, so `198.18.0.1/24` is caught as a likely typo.
+pub fn parse_cidr(s: &str) -> Result<IpNet> {
+    let net: IpNet = match s.parse() {
+        Ok(net) => net,
+        Err(_) => match s.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => {
+                bail!("{s:?} is not a CIDR (e.g. 198.18.0.0/24, 2001:db8::/32) or an IP address")
+            }
+        },
+    };
+    if net.trunc() != net {
+        bail!("{s:?} has host bits set; did you mean {}?", net.trunc());
+    }
+    Ok(net)
+}
+
+/// Rules, lists and mode: everything that a reload may change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+    pub allowlist: Vec<IpNet>,
+    pub blocklist: Vec<IpNet>,
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<()> {
+        if self.rules.len() > MAX_RULES as usize {
+            bail!(
+                "{} rules given; at most {MAX_RULES} are supported",
+                self.rules.len()
+            );
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if self.rules[..i]
+                .iter()
+                .any(|r| r.protocol == rule.protocol && r.port == rule.port)
+            {
+                bail!("rule {} is given twice", rule.label());
+            }
+        }
+        for (name, list) in [
+            ("allowlist", &self.allowlist),
+            ("blocklist", &self.blocklist),
+        ] {
+            let v4 = list.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
+            if v4 > MAX_CIDRS as usize || list.len() - v4 > MAX_CIDRS as usize {
+                bail!("{name} has more than {MAX_CIDRS} entries per address family");
+            }
+            for (i, net) in list.iter().enumerate() {
+                if list[..i].contains(net) {
+                    bail!("{name} lists {net} twice");
+                }
+            }
+        }
+        if let Some(both) = self.allowlist.iter().find(|n| self.blocklist.contains(n)) {
+            bail!(
+                "{both} is on both the allowlist and the blocklist; the allowlist would always win, so remove one"
+            );
+        }
+        Ok(())
+    }
+}
