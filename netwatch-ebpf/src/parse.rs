@@ -155,6 +155,9 @@ fn parse_ipv6(start: usize, end: usize, offset: usize) -> Parsed {
             _ => return parse_l4(start, end, offset, next, addrs),
         };
         offset += len;
+        if start + offset > end {
+            return Err(Class::Ipv6ExtTruncated);
+        }
     }
     match next {
         IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {

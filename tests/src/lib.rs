@@ -1,1 +1,47 @@
-pub fn placeholder() {}
+//! Shared helpers of the netwatch tests: frame builders, a harness that
+//! runs the real, verified datapath through BPF_PROG_TEST_RUN, network
+//! namespaces, and the real `netwatch` binary.
+
+pub mod daemon;
+pub mod frames;
+pub mod harness;
+pub mod netns;
+
+/// Whether BPF and namespaces are usable. Without them a test skips,
+/// unless `NETWATCH_REQUIRE_PRIVILEGED=1` (CI), where it fails.
+pub fn privileged() -> bool {
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("NETWATCH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!(
+            "this test needs root (BPF, network namespaces) and NETWATCH_REQUIRE_PRIVILEGED=1 forbids skipping"
+        );
+    }
+    eprintln!("skipping: needs root for BPF and network namespaces");
+    false
+}
+
+/// Returns early from a test when it cannot run here.
+#[macro_export]
+macro_rules! require_privileged {
+    () => {
+        if !$crate::privileged() {
+            return;
+        }
+    };
+}
+
+/// A name unique to this test process, for pin directories and namespaces.
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "nwt{}{}{}",
+        std::process::id() % 100_000,
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

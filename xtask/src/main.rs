@@ -1,1 +1,114 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | run | test`.
+//!
+//! `setup` makes a fresh machine ready (rust-src for the nightly,
+//! bpf-linker built against the nightly's own LLVM into `.tools/`, the
+//! Debian packages the tests drive); `run` and `test` call it first, so
+//! the README's two commands work on a fresh machine.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing netwatch needs (idempotent).
+    Setup,
+    /// Build netwatch (release) and run it. Without arguments it runs the
+    /// namespace lab demo (`netwatch lab`); otherwise the arguments are
+    /// passed to netwatch, e.g. `cargo xtask run -- run --iface eth0:wan`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, BPF program tests and namespace tests.
+    /// Extra arguments go to cargo-nextest (e.g. a test name filter).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::setup(&root),
+        Task::Run { args } => {
+            setup::setup(&root)?;
+            run(&root, &args)
+        }
+        Task::Test { args } => {
+            setup::setup(&root)?;
+            test(&root, &args)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    status(cargo(root).args(["build", "--release", "--bin", "netwatch"]))?;
+    let bin = root.join("target/release/netwatch");
+    let args: Vec<String> = if args.is_empty() {
+        vec!["lab".into()]
+    } else {
+        args.to_vec()
+    };
+    status(Command::new(bin).args(&args))
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    // The namespace tests drive the real binary.
+    status(cargo(root).args(["build", "--bin", "netwatch"]))?;
+    let bin = root.join("target/debug/netwatch");
+    let nextest = cargo(root)
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut cmd = cargo(root);
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    cmd.args(args).env("NETWATCH_BIN", &bin);
+    if !nextest {
+        // Kernel state (namespaces, pins) is shared: one test at a time.
+        cmd.args(["--", "--test-threads=1"]);
+    }
+    status(&mut cmd)
+}

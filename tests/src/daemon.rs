@@ -1,0 +1,171 @@
+//! The real `netwatch` binary, run inside a test namespace.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+pub const METRICS_ADDR: &str = "127.0.0.1:9737";
+
+/// Path of the binary under test: `NETWATCH_BIN` (set by `cargo xtask
+/// test`), else the debug build next to the test executable.
+pub fn bin() -> PathBuf {
+    if let Ok(path) = std::env::var("NETWATCH_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join("netwatch");
+    assert!(
+        path.exists(),
+        "{} missing: build it with `cargo build --bin netwatch` or run `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// Runs `netwatch ARGS` to completion (outside any namespace).
+pub fn netwatch(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run netwatch")
+}
+
+/// A `netwatch run` in a namespace; stopped and detached when dropped.
+pub struct Netwatch {
+    child: Option<Child>,
+    ns_name: String,
+    pub pin_dir: String,
+    log: PathBuf,
+}
+
+impl Netwatch {
+    /// Starts `netwatch run ARGS` in `ns` with its own pin directory and
+    /// waits until `/metrics` answers.
+    pub fn start(ns: &Netns, pin_dir: &str, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique("log")));
+        let child = Self::spawn(ns, pin_dir, args, &log);
+        let mut nw = Netwatch {
+            child: Some(child),
+            ns_name: ns.name.clone(),
+            pin_dir: pin_dir.to_string(),
+            log,
+        };
+        nw.wait_ready(ns);
+        nw
+    }
+
+    fn spawn(ns: &Netns, pin_dir: &str, args: &[&str], log: &Path) -> Child {
+        let file = std::fs::File::create(log).expect("log file");
+        ns.command(bin().to_str().unwrap())
+            .args(["run", "--pin-dir", pin_dir, "--metrics-addr", METRICS_ADDR])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn netwatch run")
+    }
+
+    fn wait_ready(&mut self, ns: &Netns) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("netwatch run exited early ({status}):\n{}", self.log());
+            }
+            if ns.run(|| http_get(METRICS_ADDR, "/metrics")).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "netwatch run did not serve /metrics in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("netwatch run ignored SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn metrics(&self, ns: &Netns) -> String {
+        assert_eq!(ns.name, self.ns_name);
+        ns.run(|| http_get(METRICS_ADDR, "/metrics"))
+            .expect("GET /metrics")
+    }
+}
+
+impl Drop for Netwatch {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A tiny HTTP/1.0 GET; returns the body of a 200 response.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("{head}\n{body}")));
+    }
+    Ok(body.to_string())
+}
+
+/// The value of the sample `name{labels}` in a text exposition (labels
+/// must all match; others may be present), or 0 when absent.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

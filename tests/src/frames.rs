@@ -1,0 +1,246 @@
+//! Builds Ethernet frames for BPF_PROG_TEST_RUN: VLAN tags, IPv4 with
+//! options and fragments, IPv6 with extension headers, UDP and TCP.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const UDP: u8 = 17;
+pub const TCP: u8 = 6;
+pub const ICMP: u8 = 1;
+
+/// IPv6 extension headers to put between the fixed header and L4.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    /// Fragment header with this offset (in 8-octet units).
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
+}
+
+impl Ext {
+    fn proto(self) -> u8 {
+        match self {
+            Ext::HopByHop => 0,
+            Ext::Routing => 43,
+            Ext::DestOpts => 60,
+            Ext::Fragment { .. } => 44,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum L3 {
+    V4 {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        /// Option bytes (padded to 4), making IHL > 5.
+        options: Vec<u8>,
+        /// Fragment offset in 8-octet units.
+        frag_offset: u16,
+        more_fragments: bool,
+    },
+    V6 {
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        ext: Vec<Ext>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Frame {
+    /// Ethertypes of VLAN tags, outermost first (0x8100 or 0x88a8).
+    pub vlans: Vec<u16>,
+    pub l3: L3,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload: usize,
+}
+
+impl Frame {
+    pub fn udp4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Self {
+        Frame {
+            vlans: vec![],
+            l3: L3::V4 {
+                src: src.into(),
+                dst: dst.into(),
+                options: vec![],
+                frag_offset: 0,
+                more_fragments: false,
+            },
+            proto: UDP,
+            src_port,
+            dst_port,
+            payload: 50,
+        }
+    }
+
+    pub fn tcp4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Self {
+        Frame {
+            proto: TCP,
+            ..Self::udp4(src, dst, src_port, dst_port)
+        }
+    }
+
+    pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Self {
+        Frame {
+            l3: L3::V6 {
+                src,
+                dst,
+                ext: vec![],
+            },
+            ..Self::udp4([0; 4], [0; 4], src_port, dst_port)
+        }
+    }
+
+    pub fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Self {
+        Frame {
+            proto: TCP,
+            ..Self::udp6(src, dst, src_port, dst_port)
+        }
+    }
+
+    pub fn vlan(mut self, tags: &[u16]) -> Self {
+        self.vlans = tags.to_vec();
+        self
+    }
+
+    pub fn proto(mut self, proto: u8) -> Self {
+        self.proto = proto;
+        self
+    }
+
+    pub fn ipv4_options(mut self, len: usize) -> Self {
+        if let L3::V4 { options, .. } = &mut self.l3 {
+            // NOP options, then End of Options.
+            *options = vec![1; len];
+            if len > 0 {
+                options[len - 1] = 0;
+            }
+        }
+        self
+    }
+
+    pub fn ipv4_fragment(mut self, offset: u16, more: bool) -> Self {
+        if let L3::V4 {
+            frag_offset,
+            more_fragments,
+            ..
+        } = &mut self.l3
+        {
+            *frag_offset = offset;
+            *more_fragments = more;
+        }
+        self
+    }
+
+    pub fn ipv6_ext(mut self, headers: &[Ext]) -> Self {
+        if let L3::V6 { ext, .. } = &mut self.l3 {
+            *ext = headers.to_vec();
+        }
+        self
+    }
+
+    pub fn payload(mut self, len: usize) -> Self {
+        self.payload = len;
+        self
+    }
+
+    /// The frame's bytes.
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&self.src_port.to_be_bytes());
+        l4.extend_from_slice(&self.dst_port.to_be_bytes());
+        match self.proto {
+            UDP => {
+                l4.extend_from_slice(&((8 + self.payload) as u16).to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+            }
+            TCP => {
+                l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            }
+            _ => l4.extend_from_slice(&[0; 4]),
+        }
+        l4.extend(std::iter::repeat_n(0xab, self.payload));
+
+        let mut out = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        for tag in &self.vlans {
+            out.extend_from_slice(&tag.to_be_bytes());
+            out.extend_from_slice(&[0, 0x0a]); // VLAN id 10
+        }
+        match &self.l3 {
+            L3::V4 {
+                src,
+                dst,
+                options,
+                frag_offset,
+                more_fragments,
+            } => {
+                let mut options = options.clone();
+                while options.len() % 4 != 0 {
+                    options.push(0);
+                }
+                let ihl = 5 + options.len() / 4;
+                let total = (ihl * 4 + l4.len()) as u16;
+                out.extend_from_slice(&[0x08, 0x00]);
+                out.push(0x40 | ihl as u8);
+                out.push(0);
+                out.extend_from_slice(&total.to_be_bytes());
+                out.extend_from_slice(&[0x12, 0x34]);
+                let flags = (*frag_offset & 0x1fff) | if *more_fragments { 0x2000 } else { 0 };
+                out.extend_from_slice(&flags.to_be_bytes());
+                out.push(64);
+                out.push(self.proto);
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&src.octets());
+                out.extend_from_slice(&dst.octets());
+                out.extend_from_slice(&options);
+            }
+            L3::V6 { src, dst, ext } => {
+                let mut ext_bytes = Vec::new();
+                for (i, e) in ext.iter().enumerate() {
+                    let next = ext.get(i + 1).map(|n| n.proto()).unwrap_or(self.proto);
+                    match e {
+                        Ext::Fragment { offset, more } => {
+                            let field = (offset << 3) | *more as u16;
+                            ext_bytes.extend_from_slice(&[next, 0]);
+                            ext_bytes.extend_from_slice(&field.to_be_bytes());
+                            ext_bytes.extend_from_slice(&[0, 0, 0, 7]);
+                        }
+                        // 16-byte option headers (length field 1) to exercise the length arithmetic.
+                        _ => {
+                            ext_bytes.extend_from_slice(&[next, 1]);
+                            ext_bytes.extend_from_slice(&[1, 12]);
+                            ext_bytes.extend_from_slice(&[0; 12]);
+                        }
+                    }
+                }
+                let first = ext.first().map(|e| e.proto()).unwrap_or(self.proto);
+                out.extend_from_slice(&[0x86, 0xdd]);
+                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&((ext_bytes.len() + l4.len()) as u16).to_be_bytes());
+                out.push(first);
+                out.push(64);
+                out.extend_from_slice(&src.octets());
+                out.extend_from_slice(&dst.octets());
+                out.extend_from_slice(&ext_bytes);
+            }
+        }
+        out.extend_from_slice(&l4);
+        out
+    }
+}
+
+/// An ARP request: not IP.
+pub fn arp() -> Vec<u8> {
+    let mut out = vec![0xff; 6];
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 198, 18, 0, 1]);
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&[198, 18, 0, 2]);
+    out
+}

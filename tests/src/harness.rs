@@ -1,0 +1,181 @@
+//! The real datapath object, loaded and verified by the kernel, fed with
+//! crafted frames through BPF_PROG_TEST_RUN.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use netwatch_common::Direction;
+use netwatch_user::{
+    datapath::{self, PinnedMaps, TC_PROGRAM, XDP_PROGRAM},
+    policy::{Policy, Role},
+    snapshot::Snapshot,
+};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_DROP: u32 = 1;
+pub const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// Which program to run frames through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp(Direction),
+    TcEgress,
+}
+
+/// A loaded datapath with its own pin directory, removed on drop.
+pub struct Harness {
+    pub pin_dir: PathBuf,
+    pub maps: PinnedMaps,
+    xdp: [Ebpf; 2],
+    tc: Ebpf,
+}
+
+pub const IFACE: &str = "test0";
+
+impl Harness {
+    pub fn new(policy: &Policy) -> Self {
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique("h"));
+        datapath::prepare_pin_dir(&pin_dir).expect("pin dir");
+        let load = |direction| {
+            let mut ebpf = datapath::load_instance(&pin_dir, 0, direction).expect("load object");
+            let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
+            xdp.load().expect("XDP program passes the verifier");
+            ebpf
+        };
+        let xdp = [load(Direction::Inbound), load(Direction::Outbound)];
+        let mut tc =
+            datapath::load_instance(&pin_dir, 0, Direction::Outbound).expect("load object");
+        let prog: &mut SchedClassifier = tc.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
+        prog.load().expect("TC program passes the verifier");
+        let maps = PinnedMaps::open(&pin_dir).expect("open pins");
+        datapath::claim_iface_slot(&maps, IFACE, Role::Host, 1).expect("slot");
+        datapath::apply_policy(&maps, policy).expect("apply policy");
+        Harness {
+            pin_dir,
+            maps,
+            xdp,
+            tc,
+        }
+    }
+
+    pub fn apply(&self, policy: &Policy) {
+        datapath::apply_policy(&self.maps, policy).expect("apply policy");
+    }
+
+    /// Runs one frame; returns the program's return value.
+    pub fn run(&self, hook: Hook, frame: &[u8]) -> u32 {
+        self.run_repeat(hook, frame, 1)
+    }
+
+    pub fn run_repeat(&self, hook: Hook, frame: &[u8], repeat: u32) -> u32 {
+        self.try_run(hook, frame, repeat)
+            .expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Like [`Harness::run_repeat`], but returns the kernel's refusal
+    /// (e.g. an skb test run with a truncated L3 header) as an error.
+    pub fn try_run(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<u32, aya::programs::ProgramError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let result = match hook {
+            Hook::Xdp(dir) => {
+                let prog: &Xdp = self.xdp[dir as usize]
+                    .program(XDP_PROGRAM)
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                prog.test_run(opts)
+            }
+            Hook::TcEgress => {
+                let prog: &SchedClassifier =
+                    self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
+                prog.test_run(opts)
+            }
+        };
+        result.map(|r| r.return_value)
+    }
+
+    /// Whether the program dropped the frame.
+    pub fn dropped(&self, hook: Hook, frame: &[u8]) -> bool {
+        let rv = self.run(hook, frame);
+        match hook {
+            Hook::Xdp(_) => {
+                assert!(rv == XDP_PASS || rv == XDP_DROP, "XDP verdict {rv}");
+                rv == XDP_DROP
+            }
+            Hook::TcEgress => {
+                assert!(rv == TC_ACT_UNSPEC || rv == TC_ACT_SHOT, "TC verdict {rv}");
+                rv == TC_ACT_SHOT
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::read(&self.maps).expect("snapshot")
+    }
+
+    /// Packets counted for (direction, rule, action), e.g. ("inbound", "udp/137", "dropped").
+    pub fn rule_packets(&self, direction: &str, rule: &str, action: &str) -> u64 {
+        self.snapshot()
+            .rule_counters
+            .iter()
+            .filter(|c| c.direction == direction && c.rule == rule && c.action == action)
+            .map(|c| c.packets)
+            .sum()
+    }
+
+    /// Packets counted in a non-rule class; `class` is `unmatched`,
+    /// `non_ip`, `fragment` or a malformed reason.
+    pub fn class_packets(&self, direction: &str, class: &str) -> u64 {
+        self.snapshot()
+            .class_counters
+            .iter()
+            .filter(|c| c.direction == direction && (c.class == class || c.reason == Some(class)))
+            .map(|c| c.packets)
+            .sum()
+    }
+
+    /// Every packet counted anywhere, in one direction.
+    pub fn total_packets(&self, direction: &str) -> u64 {
+        let s = self.snapshot();
+        s.rule_counters
+            .iter()
+            .filter(|c| c.direction == direction)
+            .map(|c| c.packets)
+            .sum::<u64>()
+            + s.class_counters
+                .iter()
+                .filter(|c| c.direction == direction)
+                .map(|c| c.packets)
+                .sum::<u64>()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = datapath::detach_all(&self.pin_dir);
+    }
+}
+
+pub fn policy(mode: netwatch_user::policy::Mode, rules: &[&str]) -> Policy {
+    Policy {
+        mode,
+        rules: rules.iter().map(|r| r.parse().unwrap()).collect(),
+        allowlist: vec![],
+        blocklist: vec![],
+    }
+}
