@@ -117,6 +117,25 @@ fn mount_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// Holds an exclusive lock on the pin directory while `run` is running,
+/// so two controllers never fight over the same maps and links.
+pub struct PinDirLock {
+    _file: fs::File,
+}
+
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
+    use std::os::fd::AsRawFd as _;
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `netwatch run` is using {}; stop it first, or give this one its own --pin-dir",
+            pin_dir.display()
+        );
+    }
+    Ok(PinDirLock { _file: dir })
+}
+
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {

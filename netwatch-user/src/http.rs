@@ -18,12 +18,21 @@ pub struct AppState {
     pub stats: Arc<Mutex<ControllerStats>>,
 }
 
-/// Binds the listener now, so a bad `--metrics-addr` fails start-up with
-/// a clear error, and serves it in the background.
-pub async fn serve(addr: SocketAddr, state: AppState) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+/// Binds the endpoint's socket; done before anything is attached, so a
+/// bad or busy `--metrics-addr` fails start-up cleanly.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the metrics endpoint to {addr} (--metrics-addr)"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the endpoint in the background (inside a tokio runtime).
+pub fn serve(
+    listener: std::net::TcpListener,
+    state: AppState,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_handler))

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod frames;
 pub mod harness;
+pub mod lab;
 pub mod netns;
 
 /// Whether BPF and namespaces are usable. Without them a test skips,

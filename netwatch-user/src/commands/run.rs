@@ -52,7 +52,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         datapath::ifindex(name)?;
     }
 
+    let listener = http::bind(config.metrics_addr)?;
     datapath::prepare_pin_dir(&config.pin_dir)?;
+    let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
     // Loading an instance creates (or re-opens) the pinned maps.
     drop(datapath::load_instance(
         &config.pin_dir,
@@ -83,7 +85,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve_until_signal(&args, &config, &maps));
+    let result = runtime.block_on(serve_until_signal(&args, &config, &maps, listener));
 
     if args.keep_attached {
         info!("leaving programs attached (--keep-attached); `netwatch detach` removes them");
@@ -140,7 +142,12 @@ fn attach_all(
     Ok(())
 }
 
-async fn serve_until_signal(args: &RunArgs, config: &RunConfig, maps: &PinnedMaps) -> Result<()> {
+async fn serve_until_signal(
+    args: &RunArgs,
+    config: &RunConfig,
+    maps: &PinnedMaps,
+    listener: std::net::TcpListener,
+) -> Result<()> {
     let stats = Arc::new(Mutex::new(ControllerStats {
         last_reload_ok: true,
         ..Default::default()
@@ -149,7 +156,7 @@ async fn serve_until_signal(args: &RunArgs, config: &RunConfig, maps: &PinnedMap
         pin_dir: config.pin_dir.clone(),
         stats: stats.clone(),
     };
-    let server = http::serve(config.metrics_addr, state).await?;
+    let server = http::serve(listener, state)?;
     info!("metrics at http://{}/metrics", config.metrics_addr);
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -1,0 +1,96 @@
+//! A two-host lab for the namespace tests: a scanner and a victim joined
+//! by a veth pair, with a scan target range local to the victim.
+
+use std::{
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Netns, veth};
+
+pub const SCANNER_IP: &str = "198.18.0.1";
+pub const VICTIM_IP: &str = "198.18.0.2";
+/// Every address of this range belongs to the victim.
+pub const TARGET_RANGE: &str = "198.18.1.0/24";
+pub const SCANNER_IF: &str = "nw-scan0";
+pub const VICTIM_IF: &str = "nw-vic0";
+
+pub struct Lab {
+    pub scanner: Netns,
+    pub victim: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let scanner = Netns::new("s");
+        let victim = Netns::new("v");
+        veth(
+            &scanner,
+            SCANNER_IF,
+            "198.18.0.1/24",
+            &victim,
+            VICTIM_IF,
+            "198.18.0.2/24",
+        );
+        victim.local_range(TARGET_RANGE);
+        scanner.ip(&["route", "add", TARGET_RANGE, "via", VICTIM_IP]);
+        Lab { scanner, victim }
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sends `count` UDP datagrams from `ns` to `dst`; returns how many the
+/// kernel accepted.
+pub fn send_udp(ns: &Netns, dst: &str, count: usize) -> usize {
+    let dst: SocketAddr = dst.parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        (0..count)
+            .filter(|_| socket.send_to(b"netwatch-test", dst).is_ok())
+            .count()
+    })
+}
+
+/// Opens a UDP socket in `ns` on `port` and counts what arrives until
+/// `quiet` passes without a datagram.
+pub fn udp_listener(ns: &Netns, port: u16) -> UdpSocket {
+    ns.run(|| {
+        let socket = UdpSocket::bind(("0.0.0.0", port)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        socket
+    })
+}
+
+pub fn count_received(socket: &UdpSocket) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while socket.recv_from(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// One TCP connection attempt from `ns`; true if it connected.
+pub fn tcp_connect(ns: &Netns, dst: &str, timeout: Duration) -> bool {
+    let dst: SocketAddr = dst.parse().unwrap();
+    ns.run(|| TcpStream::connect_timeout(&dst, timeout).is_ok())
+}
+
+/// Polls `f` until it returns `want` or `within` passes; returns the last value.
+pub fn eventually<T: PartialEq + Copy>(want: T, within: Duration, mut f: impl FnMut() -> T) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = f();
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,664 @@
+//! The real `netwatch` binary attached in network namespaces, driven by
+//! real clients (nbtscan, nmap, plain sockets).
+
+use std::{process::Command, time::Duration};
+
+use netwatch_tests::{
+    daemon::{Netwatch, netwatch, sample},
+    lab::*,
+    netns::{Netns, veth},
+    require_privileged, unique,
+};
+
+fn pin_dir() -> String {
+    format!("/sys/fs/bpf/{}", unique("p"))
+}
+
+const WAIT: Duration = Duration::from_secs(3);
+
+fn packets(
+    nw: &Netwatch,
+    ns: &Netns,
+    iface: &str,
+    direction: &str,
+    rule: &str,
+    action: &str,
+) -> f64 {
+    let m = nw.metrics(ns);
+    sample(
+        &m,
+        "netwatch_packets_total",
+        &[
+            ("interface", iface),
+            ("direction", direction),
+            ("rule", rule),
+            ("action", action),
+        ],
+    )
+}
+
+/// nbtscan sweeping a /24, nmap against tcp/5190, and plain sockets: the
+/// metrics count exactly what was sent, in the right direction.
+#[test]
+fn counts_real_scanners_exactly() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &[
+            "--iface",
+            &format!("{VICTIM_IF}:host"),
+            "--egress",
+            VICTIM_IF,
+        ],
+    );
+
+    // nbtscan probes every address of the /24 once: 256 datagrams.
+    let out = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", TARGET_RANGE])
+        .output()
+        .expect("nbtscan");
+    assert!(
+        out.status.success(),
+        "nbtscan: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = eventually(256.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed")
+    });
+    assert_eq!(got, 256.0);
+
+    // nmap connect scan of 16 addresses on tcp/5190: one SYN each (RST back).
+    let out = lab
+        .scanner
+        .command("nmap")
+        .args(["-n", "-Pn", "-sT", "-p", "5190", "198.18.1.0/28"])
+        .output()
+        .expect("nmap");
+    assert!(
+        out.status.success(),
+        "nmap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = eventually(16.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "tcp/5190", "passed")
+    });
+    assert_eq!(got, 16.0);
+
+    // 37 more udp/137 from a socket, and 11 to a port without a rule.
+    assert_eq!(send_udp(&lab.scanner, "198.18.1.77:137", 37), 37);
+    assert_eq!(send_udp(&lab.scanner, "198.18.1.77:138", 11), 11);
+    let got = eventually(293.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed")
+    });
+    assert_eq!(got, 293.0);
+    let m = nw.metrics(&lab.victim);
+    assert!(
+        sample(
+            &m,
+            "netwatch_unmatched_packets_total",
+            &[("interface", VICTIM_IF), ("direction", "inbound")]
+        ) >= 11.0
+    );
+
+    // The victim itself sends 5 NetBIOS lookups: TC egress counts them outbound.
+    assert_eq!(send_udp(&lab.victim, "198.18.0.1:137", 5), 5);
+    let got = eventually(5.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "outbound", "udp/137", "passed")
+    });
+    assert_eq!(got, 5.0);
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "dropped"),
+        0.0,
+        "monitor mode dropped"
+    );
+
+    // promtool accepts the exposition without a single complaint.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    use std::io::Write as _;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(nw.metrics(&lab.victim).as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}"
+    );
+}
+
+/// Enforce mode on real sockets: probes never reach the listener, other
+/// ports do; the IIS-style outbound lookups are dropped on egress.
+#[test]
+fn enforce_drops_probes_before_the_stack() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &[
+            "--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce", "--rule", "udp/137",
+            "--rule", "tcp/5190",
+        ],
+    );
+    let nb = udp_listener(&lab.victim, 137);
+    let dgm = udp_listener(&lab.victim, 138);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 20), 20);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:138", 20), 20);
+    assert_eq!(
+        count_received(&nb),
+        0,
+        "udp/137 reached the socket in enforce mode"
+    );
+    assert_eq!(count_received(&dgm), 20, "udp/138 (no rule) was disturbed");
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "dropped"),
+        20.0
+    );
+
+    let _listener = lab
+        .victim
+        .run(|| std::net::TcpListener::bind("0.0.0.0:5190").unwrap());
+    assert!(
+        !tcp_connect(&lab.scanner, "198.18.0.2:5190", Duration::from_millis(300)),
+        "tcp/5190 connected in enforce mode"
+    );
+    assert!(
+        packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "tcp/5190",
+            "dropped"
+        ) >= 1.0
+    );
+
+    // Outbound lookups from the host itself are stopped at TC egress.
+    let scanner_nb = udp_listener(&lab.scanner, 137);
+    assert_eq!(send_udp(&lab.victim, "198.18.0.1:137", 9), 9);
+    assert_eq!(
+        count_received(&scanner_nb),
+        0,
+        "outbound udp/137 left the host"
+    );
+    assert_eq!(
+        packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "outbound",
+            "udp/137",
+            "dropped"
+        ),
+        9.0
+    );
+}
+
+/// Stop and start: the totals continue. `detach` removes every program,
+/// link and pin.
+#[test]
+fn counters_survive_restart_and_detach_removes_everything() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF];
+    let mut nw = Netwatch::start(&lab.victim, &pins, &args);
+    send_udp(&lab.scanner, "198.18.0.2:137", 5);
+    assert_eq!(
+        eventually(5.0, WAIT, || packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "passed"
+        )),
+        5.0
+    );
+    assert!(nw.stop().success(), "unclean exit:\n{}", nw.log());
+
+    // While stopped: nothing attached, counters still readable.
+    let link = lab.victim.ip(&["-d", "link", "show", VICTIM_IF]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP left attached after SIGTERM"
+    );
+    let status = netwatch(&["status", "--json", "--pin-dir", &pins]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let counted: u64 = json["rule_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["rule"] == "udp/137" && c["direction"] == "inbound")
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 5);
+    assert_eq!(json["interfaces"][0]["xdp"], serde_json::Value::Null);
+
+    let nw2 = Netwatch::start(&lab.victim, &pins, &args);
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(
+        eventually(8.0, WAIT, || packets(
+            &nw2,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "passed"
+        )),
+        8.0
+    );
+    let link = lab.victim.ip(&["-d", "link", "show", VICTIM_IF]);
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP not attached while running"
+    );
+
+    // A second controller on the same pins is refused and harms nothing.
+    let second = lab
+        .victim
+        .command(netwatch_tests::daemon::bin().to_str().unwrap())
+        .args([
+            "run",
+            "--iface",
+            VICTIM_IF,
+            "--pin-dir",
+            &pins,
+            "--metrics-addr",
+            "127.0.0.1:9738",
+        ])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another `netwatch run` is using"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    send_udp(&lab.scanner, "198.18.0.2:137", 1);
+    assert_eq!(
+        eventually(9.0, WAIT, || packets(
+            &nw2,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "passed"
+        )),
+        9.0
+    );
+
+    drop(nw2); // kill -9 and `netwatch detach`
+    assert!(
+        !std::path::Path::new(&pins).exists(),
+        "pin directory left behind"
+    );
+    let link = lab.victim.ip(&["-d", "link", "show", VICTIM_IF]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP left attached after detach"
+    );
+    let status = netwatch(&["status", "--pin-dir", &pins]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("no netwatch state in"));
+}
+
+/// SIGHUP applies a new config without losing a counter; a broken one is
+/// rejected and the running config stays in force.
+#[test]
+fn sighup_reloads_and_rejects_broken_config() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    let write = |text: &str| std::fs::write(&config, text).unwrap();
+    write(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n"
+    ));
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.to_str().unwrap()],
+    );
+    send_udp(&lab.scanner, "198.18.0.2:137", 4);
+    assert_eq!(
+        eventually(4.0, WAIT, || packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "passed"
+        )),
+        4.0
+    );
+
+    write(&format!(
+        "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n\n[[rule]]\nprotocol = \"udp\"\nport = 138\ninbound = \"count\"\n"
+    ));
+    nw.signal(libc::SIGHUP);
+    let reloaded = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, reloaded), 1.0);
+    send_udp(&lab.scanner, "198.18.0.2:137", 2);
+    send_udp(&lab.scanner, "198.18.0.2:138", 3);
+    assert_eq!(
+        eventually(2.0, WAIT, || packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "dropped"
+        )),
+        2.0
+    );
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed"),
+        4.0,
+        "counter lost on reload"
+    );
+    assert_eq!(
+        eventually(3.0, WAIT, || packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/138",
+            "passed"
+        )),
+        3.0
+    );
+
+    // Broken: an out-of-range port on line 5.
+    write("mode = \"monitor\"\n\n[[rule]]\nprotocol = \"udp\"\nport = 70000\n");
+    nw.signal(libc::SIGHUP);
+    let failed = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "failure")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, failed), 1.0);
+    send_udp(&lab.scanner, "198.18.0.2:137", 1);
+    assert_eq!(
+        eventually(3.0, WAIT, || packets(
+            &nw,
+            &lab.victim,
+            VICTIM_IF,
+            "inbound",
+            "udp/137",
+            "dropped"
+        )),
+        3.0,
+        "old config not kept"
+    );
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_info", &[("mode", "enforce")]), 1.0);
+    assert_eq!(
+        sample(&m, "netwatch_config_last_reload_successful", &[]),
+        0.0
+    );
+    assert!(
+        nw.log().contains("port 70000 is out of range 1-65535"),
+        "{}",
+        nw.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A router: XDP on the LAN side sees an infected inside host's probes
+/// on their way out, before NAT, and enforce mode stops them there.
+#[test]
+fn router_lan_side_counts_and_stops_outbound_probes() {
+    require_privileged!();
+    let inside = Netns::new("in");
+    let router = Netns::new("rt");
+    let internet = Netns::new("net");
+    veth(
+        &inside,
+        "nw-lanhost",
+        "198.18.10.2/24",
+        &router,
+        "nw-lan",
+        "198.18.10.1/24",
+    );
+    veth(
+        &router,
+        "nw-wan",
+        "198.18.0.1/24",
+        &internet,
+        "nw-up",
+        "198.18.0.2/24",
+    );
+    inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
+    internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
+    internet.local_range(TARGET_RANGE);
+    let out = router
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let nw = Netwatch::start(
+        &router,
+        &pin_dir(),
+        &[
+            "--iface",
+            "nw-lan:lan",
+            "--iface",
+            "nw-wan:wan",
+            "--mode",
+            "enforce",
+        ],
+    );
+    let far = udp_listener(&internet, 137);
+    assert_eq!(send_udp(&inside, "198.18.1.9:137", 12), 12);
+    assert_eq!(count_received(&far), 0, "probes crossed the router");
+    assert_eq!(
+        packets(&nw, &router, "nw-lan", "outbound", "udp/137", "dropped"),
+        12.0
+    );
+    assert_eq!(
+        packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"),
+        0.0
+    );
+
+    // Inbound probes from outside are stopped on the WAN side.
+    let inner = udp_listener(&inside, 137);
+    assert_eq!(send_udp(&internet, "198.18.10.2:137", 6), 6);
+    assert_eq!(count_received(&inner), 0);
+    assert_eq!(
+        packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"),
+        6.0
+    );
+}
+
+/// Bad flags and files: a clear error naming the problem, nothing attached.
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    require_privileged!();
+    let ns = Netns::new("bad");
+    let pins = pin_dir();
+    let dir = std::env::temp_dir().join(unique("bad"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--iface".into(), "nw-nosuch0".into()],
+            "interface \"nw-nosuch0\" does not exist",
+        ),
+        (
+            vec!["--iface".into(), "lo:dmz".into()],
+            "role \"dmz\" is not one of wan, lan, host",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--rule".into(),
+                "udp/0".into(),
+            ],
+            "port 0 is out of range",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--rule".into(),
+                "icmp/1".into(),
+            ],
+            "protocol \"icmp\" is not one of udp, tcp",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--rule".into(),
+                "udp/137=reject".into(),
+            ],
+            "action \"reject\" is not one of count, drop",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--allow".into(),
+                "198.18.0.1/24".into(),
+            ],
+            "has host bits set; did you mean 198.18.0.0/24",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--allow".into(),
+                "198.18.0.0/33".into(),
+            ],
+            "is not a CIDR",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--allow".into(),
+                "198.18.5.0/24".into(),
+                "--block".into(),
+                "198.18.5.0/24".into(),
+            ],
+            "on both the allowlist and the blocklist",
+        ),
+        (
+            vec![
+                "--iface".into(),
+                "lo".into(),
+                "--metrics-addr".into(),
+                "localhost".into(),
+            ],
+            "--metrics-addr",
+        ),
+        (vec![], "no interface to attach to"),
+        (
+            vec![
+                "--config".into(),
+                file("unknown.toml", "mode = \"monitor\"\nportz = 1\n"),
+            ],
+            "unknown field `portz`",
+        ),
+        (
+            vec!["--config".into(), file("type.toml", "mode = 3\n")],
+            "line 1",
+        ),
+        (
+            vec!["--config".into(), file("mode.toml", "mode = \"block\"\n")],
+            "unknown variant `block`",
+        ),
+        (
+            vec![
+                "--config".into(),
+                file("syntax.toml", "[[rule]\nprotocol = \"udp\"\n"),
+            ],
+            "line 1",
+        ),
+        (
+            vec![
+                "--config".into(),
+                file(
+                    "dup.toml",
+                    "[[rule]]\nprotocol = \"udp\"\nport = 137\n[[rule]]\nprotocol = \"udp\"\nport = 137\n",
+                ),
+            ],
+            "rule udp/137 is given twice",
+        ),
+        (
+            vec![
+                "--config".into(),
+                file("port.toml", "[[rule]]\nprotocol = \"tcp\"\nport = -5\n"),
+            ],
+            "rule[0] (tcp/-5)",
+        ),
+        (
+            vec![
+                "--config".into(),
+                dir.join("missing.toml").to_str().unwrap().to_string(),
+            ],
+            "reading config file",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = ns
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .arg("run")
+            .args(["--pin-dir", &pins])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: error does not say {needle:?}:\n{stderr}"
+        );
+        let link = ns.ip(&["-d", "link", "show", "lo"]);
+        assert!(
+            !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+            "{args:?} left XDP attached"
+        );
+    }
+    let _ = netwatch(&["detach", "--pin-dir", &pins]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
