@@ -147,51 +147,60 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// The shape of a map: what must agree between a pin and this build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapLayout {
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "key {} B, value {} B, {} entries",
+            self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
 /// Refuses pins whose layout differs from this build's maps (a foreign
 /// object, or an incompatible older netwatch), instead of reading garbage.
 fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
-    let object = aya_obj_maps()?;
-    for (name, (key_size, value_size, max_entries)) in object {
-        let path = pin_dir.join(&name);
+    let object =
+        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
+    for name in maps::ALL {
+        let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
+        let m = object
+            .maps
+            .get(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        let expected = MapLayout {
+            key_size: m.key_size(),
+            value_size: m.value_size(),
+            max_entries: m.max_entries(),
+        };
         let info = aya::maps::MapInfo::from_pin(&path)
             .with_context(|| format!("{} exists but is not a pinned BPF map", path.display()))?;
-        let pinned = (info.key_size(), info.value_size(), info.max_entries());
-        if pinned != (key_size, value_size, max_entries) {
+        let pinned = MapLayout {
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if pinned != expected {
             bail!(
-                "pinned map {} has layout (key {} B, value {} B, {} entries) but this netwatch expects (key {} B, value {} B, {} entries); \
-                 it was made by another program or an incompatible netwatch version — run `netwatch detach --pin-dir {}` to remove it",
+                "pinned map {} has layout ({pinned}) but this netwatch expects ({expected}); it was made by another \
+                 program or an incompatible netwatch version: run `netwatch detach --pin-dir {}` to remove it",
                 path.display(),
-                pinned.0,
-                pinned.1,
-                pinned.2,
-                key_size,
-                value_size,
-                max_entries,
                 pin_dir.display()
             );
         }
     }
     Ok(())
-}
-
-/// Key size, value size and max entries of every map in the object.
-fn aya_obj_maps() -> Result<Vec<(String, (u32, u32, u32))>> {
-    let obj =
-        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
-    Ok(obj
-        .maps
-        .iter()
-        .filter(|(name, _)| maps::ALL.contains(&name.as_str()))
-        .map(|(name, m)| {
-            (
-                name.clone(),
-                (m.key_size(), m.value_size(), m.max_entries()),
-            )
-        })
-        .collect())
 }
 
 /// Handle on the pinned maps, for the controller and the query commands.

@@ -33,6 +33,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// cargo clippy -D warnings on the host crates and on the eBPF crate
+    /// (for its BPF target).
+    Lint,
     /// Run every test: unit tests, BPF program tests and namespace tests.
     /// Extra arguments go to cargo-nextest (e.g. a test name filter).
     Test {
@@ -49,6 +52,10 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup::setup(&root)?;
             run(&root, &args)
+        }
+        Task::Lint => {
+            setup::setup(&root)?;
+            lint(&root)
         }
         Task::Test { args } => {
             setup::setup(&root)?;
@@ -88,6 +95,35 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
         args.to_vec()
     };
     status(Command::new(bin).args(&args))
+}
+
+fn lint(root: &Path) -> Result<()> {
+    status(cargo(root).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "netwatch-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    status(
+        Command::new("cargo")
+            .current_dir(root.join("netwatch-ebpf"))
+            .args([
+                "+nightly",
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("PATH", setup::path_with_tools(root)),
+    )
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {

@@ -35,6 +35,15 @@ pub fn setup(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// PATH with the project's tools folder first.
+pub fn path_with_tools(root: &Path) -> std::ffi::OsString {
+    let mut paths = vec![root.join(".tools/bin")];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(paths).expect("PATH")
+}
+
 struct Nightly {
     /// e.g. `1.97.0-nightly`
     release: String,
