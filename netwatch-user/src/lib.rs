@@ -7,5 +7,6 @@ pub mod config;
 pub mod datapath;
 pub mod http;
 pub mod metrics;
+pub mod netns;
 pub mod policy;
 pub mod snapshot;

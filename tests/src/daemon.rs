@@ -1,8 +1,7 @@
 //! The real `netwatch` binary, run inside a test namespace.
 
+pub use netwatch_user::netns::http_get;
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -136,20 +135,6 @@ impl Drop for Netwatch {
         let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// A tiny HTTP/1.0 GET; returns the body of a 200 response.
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("{head}\n{body}")));
-    }
-    Ok(body.to_string())
 }
 
 /// The value of the sample `name{labels}` in a text exposition (labels

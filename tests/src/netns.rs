@@ -1,10 +1,6 @@
 //! Network namespaces made by a test, removed when dropped.
 
-use std::{
-    fs::File,
-    os::fd::AsRawFd as _,
-    process::{Command, Output},
-};
+use std::process::{Command, Output};
 
 pub struct Netns {
     pub name: String,
@@ -47,18 +43,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = File::open(&path).expect("open netns");
-                // SAFETY: setns on this thread only, with a valid fd.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread in netns")
-        })
+        netwatch_user::netns::run_in(&self.name, f).expect("enter network namespace")
     }
 
     /// Makes `addr/len` a local range of this namespace, so probes to any

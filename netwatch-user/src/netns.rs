@@ -1,0 +1,45 @@
+//! Small helpers for work inside a named network namespace (the lab and
+//! the tests): run a closure on a thread that entered it, and a plain
+//! HTTP GET for the metrics endpoint there.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Runs `f` on a thread that has entered `/run/netns/NAME`; the calling
+/// thread's namespace is untouched.
+pub fn run_in<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only, with a valid fd.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("entering {path}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .expect("thread in network namespace")
+    })
+}
+
+/// A minimal HTTP/1.0 GET; returns the body of a 200 response.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let addr_parsed = addr.parse().map_err(std::io::Error::other)?;
+    let mut stream = TcpStream::connect_timeout(&addr_parsed, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("{head}\n{body}")));
+    }
+    Ok(body.to_string())
+}
