@@ -137,9 +137,10 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .unwrap_or(false);
     let mut cmd = cargo(root);
     if nextest {
-        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        // Default members: the eBPF crate only builds for its BPF target.
+        cmd.args(["nextest", "run", "--no-fail-fast"]);
     } else {
-        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        cmd.args(["test", "--no-fail-fast"]);
     }
     cmd.args(args).env("NETWATCH_BIN", &bin);
     if !nextest {
