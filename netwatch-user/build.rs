@@ -11,10 +11,7 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let workspace = manifest_dir.parent().context("workspace root")?;
     let tools_bin = workspace.join(".tools/bin");
-    println!(
-        "cargo:rerun-if-changed={}",
-        tools_bin.join("bpf-linker").display()
-    );
+    println!("cargo:rerun-if-changed={}", tools_bin.join("bpf-linker").display());
     if !tools_bin.join("bpf-linker").exists() && which_bpf_linker().is_none() {
         return Err(anyhow!(
             "bpf-linker not found in {} nor on PATH: run `cargo xtask setup` first",

@@ -4,6 +4,8 @@
 //! `#[repr(C)]` and has no implicit padding, so both sides agree on the
 //! layout byte for byte. The `user` feature adds `aya::Pod` impls.
 #![no_std]
+#[cfg(feature = "user")]
+extern crate std;
 
 /// Interface slots: counters are indexed by a small stable slot number
 /// rather than the kernel ifindex, which is unbounded.
@@ -83,16 +85,35 @@ pub const PORT_RULE_ENTRIES: u32 = 2 << 16;
 pub const ACTION_COUNT: u8 = 0;
 pub const ACTION_DROP: u8 = 1;
 
-/// Hot-path view of a rule: the value of `PORT_RULES[port_rule_index]`.
-/// `id == 0` means "no rule"; a rule with slot `n` is stored as `n + 1`, so
-/// the zero-initialised array means "no rules" without any set-up.
+/// Hot-path view of a (protocol, port): the value of
+/// `PORT_RULES[port_rule_index]`. `id == 0` means "no rule"; a rule with
+/// slot `n` is stored as `n + 1`, so the zero-initialised array means "no
+/// rules" without any set-up. `flags` marks web ports (whose inbound SYNs
+/// record visitors) even where no rule is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRule {
     pub id: u16,
     /// `ACTION_*` for inbound and outbound packets.
     pub action: [u8; 2],
+    /// `PORT_*` bits.
+    pub flags: u32,
+    /// Distinct destinations within the window that flag a source. Up
+    /// to [`SKETCH_LIST_LEN`] this is an exact count; above, it is
+    /// compared with the bits set in the sketch's bitmap (`flag_bits`).
+    pub threshold: u32,
+    /// Bitmap bits set that correspond to `threshold` (see
+    /// [`bitmap_bits_for`]).
+    pub flag_bits: u32,
+    pub window_secs: u32,
+    /// Auto-block duration once flagged (0 = auto-block off).
+    pub block_secs: u32,
 }
+
+/// A TCP SYN to this port from outside records the sender as a visitor.
+pub const PORT_WEB: u32 = 1;
+/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
+pub const PORT_REVERSE_LOOKUP: u32 = 2;
 
 impl PortRule {
     #[inline(always)]
@@ -146,8 +167,13 @@ pub struct Settings {
     /// datapath can skip LPM lookups when a list is empty.
     pub allowlist_active: u32,
     pub blocklist_active: u32,
-    pub _pad: u32,
+    /// How long a web visitor is remembered for reverse-lookup matching.
+    pub visitor_secs: u32,
+    /// The web ports in force (0 = unused), so the controller can clear
+    /// them on reload; the datapath reads `PORT_WEB` in `PORT_RULES`.
+    pub web_ports: [u16; MAX_WEB_PORTS],
 }
+pub const MAX_WEB_PORTS: usize = 8;
 
 /// Packet and byte counter. Per-CPU, summed by the controller.
 #[repr(C)]
@@ -237,6 +263,143 @@ pub const fn class_counter_index(iface: u32, dir: u32, class: u32) -> u32 {
 }
 pub const CLASS_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * CLASSES;
 
+/// Per-source tracking: entries of the LRU map.
+pub const MAX_SOURCES: u32 = 1 << 20;
+/// Remembered web visitors (LRU).
+pub const MAX_VISITORS: u32 = 1 << 16;
+
+/// The sketch of distinct destinations: while `distinct <=
+/// SKETCH_LIST_LEN` it is an exact list of destination hashes; on the
+/// next new destination it becomes a bitmap of `SKETCH_BITS` bits
+/// (linear counting), and `distinct` counts bits set.
+pub const SKETCH_WORDS: usize = 32;
+pub const SKETCH_LIST_LEN: u32 = SKETCH_WORDS as u32;
+pub const SKETCH_BITS: u32 = SKETCH_WORDS as u32 * 32;
+
+pub const SOURCE_BITMAP: u64 = 1;
+pub const SOURCE_FLAGGED: u64 = 2;
+
+/// `kind` of a tracked source.
+pub const KIND_PROBE: u8 = 0;
+pub const KIND_REVERSE_LOOKUP: u8 = 1;
+
+/// Key of the per-source map: who, on which rule, which way, and whether
+/// these are probes or reverse lookups.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// IPv4 in the first 4 bytes (rest zero), or IPv6.
+    pub addr: [u8; 16],
+    /// 4 or 6.
+    pub family: u8,
+    pub rule: u8,
+    pub direction: u8,
+    pub kind: u8,
+}
+
+/// What the kernel knows of a source. Times are seconds of
+/// CLOCK_BOOTTIME.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceState {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `SOURCE_*` bits; 64-bit so the datapath can fetch-or it atomically
+    /// with the instruction set bpf-linker targets.
+    pub flags: u64,
+    pub first_seen: u32,
+    pub last_seen: u32,
+    pub window_start: u32,
+    pub blocked_until: u32,
+    /// Exact count (list) or bits set (bitmap), within the window.
+    pub distinct: u32,
+    /// Interface slot the source was last seen on.
+    pub iface: u32,
+    pub sketch: [u32; SKETCH_WORDS],
+}
+
+impl Default for SourceState {
+    fn default() -> Self {
+        SourceState {
+            packets: 0,
+            bytes: 0,
+            flags: 0,
+            first_seen: 0,
+            last_seen: 0,
+            window_start: 0,
+            blocked_until: 0,
+            distinct: 0,
+            iface: 0,
+            sketch: [0; SKETCH_WORDS],
+        }
+    }
+}
+
+/// Sent on the ring buffer once when a source crosses its threshold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlagEvent {
+    pub key: SourceKey,
+    pub iface: u32,
+    pub distinct: u32,
+    pub first_seen: u32,
+    pub last_seen: u32,
+    pub blocked_until: u32,
+    /// `SOURCE_*` bits (tells whether `distinct` is exact or bits set).
+    pub flags: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Datapath-wide counters (per-CPU array indices).
+pub const STAT_SOURCES_CREATED: u32 = 0;
+pub const STAT_EVENTS_LOST: u32 = 1;
+pub const STAT_AUTO_BLOCKED: u32 = 2;
+pub const STAT_VISITORS_RECORDED: u32 = 3;
+pub const STATS: u32 = 4;
+
+/// Index of `FLAG_COUNTERS` (flags raised per rule and direction).
+#[inline(always)]
+pub const fn flag_counter_index(rule: u32, dir: u32) -> u32 {
+    rule * DIRECTIONS + dir
+}
+pub const FLAG_COUNTER_ENTRIES: u32 = MAX_RULES * DIRECTIONS;
+
+/// Value of the allow and block LPM tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListEntry {
+    /// CLOCK_BOOTTIME second at which the entry stops applying; 0 = never.
+    pub expires: u32,
+    /// `ORIGIN_*`: entries from the config are replaced on reload,
+    /// entries from the CLI (`netwatch block/allow`) are kept.
+    pub origin: u32,
+}
+pub const ORIGIN_CONFIG: u32 = 0;
+pub const ORIGIN_CLI: u32 = 1;
+
+/// Bits set in a `SKETCH_BITS` bitmap expected after `n` distinct
+/// insertions, `m (1 - e^(-n/m))` rounded up: the datapath flags a
+/// bitmap-mode source when its bits reach this.
+#[cfg(feature = "user")]
+pub fn bitmap_bits_for(n: u32) -> u32 {
+    let m = SKETCH_BITS as f64;
+    let bits = (m * (1.0 - (-(n as f64) / m).exp())).ceil() as u32;
+    bits.min(SKETCH_BITS)
+}
+
+/// Linear-counting estimate of distinct destinations from the sketch:
+/// exact in list mode, `-m ln(zeros / m)` in bitmap mode.
+#[cfg(feature = "user")]
+pub fn estimate_distinct(distinct: u32, flags: u64) -> u32 {
+    if flags & SOURCE_BITMAP == 0 {
+        return distinct;
+    }
+    let m = SKETCH_BITS as f64;
+    let zeros = (SKETCH_BITS - distinct.min(SKETCH_BITS - 1)) as f64;
+    (-m * (zeros / m).ln()).round() as u32
+}
+
 /// Names of the maps, shared so the controller and the pin directory
 /// agree with the object file.
 pub mod maps {
@@ -250,7 +413,13 @@ pub mod maps {
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const BLOCK_V4: &str = "BLOCK_V4";
     pub const BLOCK_V6: &str = "BLOCK_V6";
-    pub const ALL: [&str; 10] = [
+    pub const SOURCES: &str = "SOURCES";
+    pub const VISITORS: &str = "VISITORS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const STATS: &str = "STATS";
+    pub const FLAG_COUNTERS: &str = "FLAG_COUNTERS";
+    pub const REVERSE_COUNTERS: &str = "REVERSE_COUNTERS";
+    pub const ALL: [&str; 16] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -261,6 +430,12 @@ pub mod maps {
         ALLOW_V6,
         BLOCK_V4,
         BLOCK_V6,
+        SOURCES,
+        VISITORS,
+        EVENTS,
+        STATS,
+        FLAG_COUNTERS,
+        REVERSE_COUNTERS,
     ];
 }
 
@@ -281,4 +456,8 @@ mod pod {
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for SourceState {}
+    unsafe impl aya::Pod for FlagEvent {}
+    unsafe impl aya::Pod for ListEntry {}
 }

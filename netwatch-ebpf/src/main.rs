@@ -3,9 +3,13 @@
 //! one classification core in [`verdict`].
 #![no_std]
 #![no_main]
+// For the atomic fetch-or in track.rs (nightly builds this crate).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod maps;
 mod parse;
+mod track;
 mod verdict;
 
 use aya_ebpf::{

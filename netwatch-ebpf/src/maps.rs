@@ -4,11 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, IfaceInfo, MAX_CIDRS, MAX_IFACES, MAX_RULES, PORT_RULE_ENTRIES,
-    PortRule, RULE_COUNTER_ENTRIES, RuleInfo, Settings,
+    CLASS_COUNTER_ENTRIES, Counter, FLAG_COUNTER_ENTRIES, IfaceInfo, ListEntry, MAX_CIDRS, MAX_IFACES, MAX_RULES,
+    MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES,
+    Settings, SourceKey, SourceState,
 };
 
 #[map]
@@ -28,20 +29,43 @@ pub static RULE_INFO: Array<RuleInfo> = Array::with_max_entries(MAX_RULES, 0);
 pub static IFACE_INFO: Array<IfaceInfo> = Array::with_max_entries(MAX_IFACES, 0);
 
 #[map]
-pub static RULE_COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
+pub static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
 
 #[map]
-pub static CLASS_COUNTERS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(CLASS_COUNTER_ENTRIES, 0);
+pub static CLASS_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(CLASS_COUNTER_ENTRIES, 0);
 
 #[map]
-pub static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+pub static ALLOW_V4: LpmTrie<[u8; 4], ListEntry> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
 #[map]
-pub static ALLOW_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+pub static ALLOW_V6: LpmTrie<[u8; 16], ListEntry> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
 #[map]
-pub static BLOCK_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+pub static BLOCK_V4: LpmTrie<[u8; 4], ListEntry> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
 #[map]
-pub static BLOCK_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+pub static BLOCK_V6: LpmTrie<[u8; 16], ListEntry> = LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+
+/// Per-source state of traffic that matched a rule. LRU: a flood of new
+/// sources evicts the least recently seen.
+#[map]
+pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+
+/// Peers that recently opened a TCP connection to a web port (only the
+/// address and family of the key are set), value: CLOCK_BOOTTIME second.
+#[map]
+pub static VISITORS: LruHashMap<SourceKey, u32> = LruHashMap::with_max_entries(MAX_VISITORS, 0);
+
+/// One `FlagEvent` per source crossing its threshold.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// `STAT_*` counters.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_ENTRIES, 0);
+
+/// Sources flagged, per rule and direction.
+#[map]
+pub static FLAG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLAG_COUNTER_ENTRIES, 0);
+
+/// Reverse lookups (udp/137 towards a recent web visitor), indexed like
+/// `RULE_COUNTERS`.
+#[map]
+pub static REVERSE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);

@@ -30,22 +30,21 @@ const TCP_HLEN: usize = 20;
 /// lookup needs them.
 #[derive(Clone, Copy)]
 pub enum Addrs {
-    V4 {
-        src: *const [u8; 4],
-        dst: *const [u8; 4],
-    },
-    V6 {
-        src: *const [u8; 16],
-        dst: *const [u8; 16],
-    },
+    V4 { src: *const [u8; 4], dst: *const [u8; 4] },
+    V6 { src: *const [u8; 16], dst: *const [u8; 16] },
 }
 
 /// A packet that carries a UDP or TCP destination port.
 pub struct Packet {
     pub protocol: Protocol,
     pub dst_port: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
     pub addrs: Addrs,
 }
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Outcome of parsing: a packet with ports, or the class it counts under.
 pub type Parsed = Result<Packet, Class>;
@@ -180,9 +179,15 @@ fn parse_l4(start: usize, end: usize, offset: usize, proto: u8, addrs: Addrs) ->
     }
     // SAFETY: the ports are inside the packet.
     let ports = unsafe { *ports };
+    let tcp_flags = match protocol {
+        // SAFETY: the whole TCP header is inside the packet (checked above).
+        Protocol::Tcp => unsafe { *((start + offset + 13) as *const u8) },
+        Protocol::Udp => 0,
+    };
     Ok(Packet {
         protocol,
         dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+        tcp_flags,
         addrs,
     })
 }

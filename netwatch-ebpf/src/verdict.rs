@@ -1,17 +1,24 @@
 //! The classification core shared by the XDP and TC programs: parse,
-//! look the destination port up in the rule table, count, decide.
+//! look the destination port up in the rule table, track the source,
+//! count, decide.
 
-use aya_ebpf::maps::{LpmTrie, lpm_trie::Key};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_boot_ns,
+    maps::{LpmTrie, lpm_trie::Key},
+};
 use netwatch_common::{
-    ACTION_DROP, Class, Counter, MODE_ENFORCE, Outcome, class_counter_index, port_rule_index,
+    ACTION_DROP, Class, Counter, Direction, KIND_PROBE, KIND_REVERSE_LOOKUP, ListEntry, MODE_ENFORCE, Outcome,
+    PORT_REVERSE_LOOKUP, PORT_WEB, STAT_VISITORS_RECORDED, SourceKey, class_counter_index, port_rule_index,
     rule_counter_index,
 };
 
 use crate::{
     maps::{
-        ALLOW_V4, ALLOW_V6, BLOCK_V4, BLOCK_V6, CLASS_COUNTERS, PORT_RULES, RULE_COUNTERS, SETTINGS,
+        ALLOW_V4, ALLOW_V6, BLOCK_V4, BLOCK_V6, CLASS_COUNTERS, PORT_RULES, REVERSE_COUNTERS, RULE_COUNTERS, SETTINGS,
+        STATS, VISITORS,
     },
-    parse::{Addrs, parse},
+    parse::{Addrs, Packet, TCP_ACK, TCP_SYN, parse},
+    track::{bump_stat, mix, track},
 };
 
 #[inline(always)]
@@ -23,6 +30,13 @@ fn bump(counter: Option<*mut Counter>, bytes: u64) {
             (*counter).bytes += bytes;
         }
     }
+}
+
+/// Seconds of CLOCK_BOOTTIME (the controller converts to wall time).
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: helper without arguments.
+    (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32
 }
 
 /// Classifies the packet in `[start, end)` seen on interface slot `iface`
@@ -38,65 +52,153 @@ pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -
         }
     };
     let rule = match PORT_RULES.get(port_rule_index(packet.protocol, packet.dst_port)) {
-        Some(rule) if rule.id != 0 => *rule,
-        _ => {
-            let index = class_counter_index(iface, dir, Class::Unmatched as u32);
-            bump(CLASS_COUNTERS.get_ptr_mut(index), bytes);
-            return false;
-        }
+        Some(rule) => rule,
+        None => return false,
     };
+    if rule.flags & PORT_WEB != 0 {
+        record_visitor(&packet, dir);
+    }
+    if rule.id == 0 {
+        let index = class_counter_index(iface, dir, Class::Unmatched as u32);
+        bump(CLASS_COUNTERS.get_ptr_mut(index), bytes);
+        return false;
+    }
 
-    let drop = match SETTINGS.get(0) {
-        Some(settings) if settings.mode == MODE_ENFORCE => {
-            // A branch, not `action[dir]`: LLVM turns a variable index into
-            // pointer arithmetic on the stack that the verifier rejects.
-            let action = if dir == 0 {
-                rule.action[0]
-            } else {
-                rule.action[1]
-            };
-            let wanted = action == ACTION_DROP
-                || (settings.blocklist_active != 0
-                    && source_listed(&packet.addrs, &BLOCK_V4, &BLOCK_V6));
-            // The allowlist always wins, for either end of the packet.
-            wanted && !(settings.allowlist_active != 0 && either_listed(&packet.addrs))
-        }
-        _ => false,
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
     };
-    let outcome = if drop {
-        Outcome::Dropped
-    } else {
-        Outcome::Passed
-    };
+    let now = now_secs();
+    let enforce = settings.mode == MODE_ENFORCE;
+    let allowlisted = enforce && settings.allowlist_active != 0 && either_listed(&packet.addrs, now);
+
+    // udp/137 towards a peer that just visited a web port: a reverse
+    // lookup (IIS), tracked apart and never flagged as a scan.
+    let reverse = rule.flags & PORT_REVERSE_LOOKUP != 0
+        && dir == Direction::Outbound as u32
+        && recent_visitor(&packet.addrs, now, settings.visitor_secs);
+    let (src_key, dst_hash) = source_key(&packet.addrs, rule.slot(), dir, reverse);
+    let tracked = track(&src_key, rule, dst_hash, iface, bytes, now, enforce && !allowlisted);
+
+    let action = if dir == 0 { rule.action[0] } else { rule.action[1] };
+    // `action[dir]` would be compiled to pointer arithmetic on the stack
+    // that the verifier rejects; hence the branch above.
+    let drop = enforce
+        && !allowlisted
+        && (action == ACTION_DROP
+            || tracked.blocked
+            || (settings.blocklist_active != 0 && source_blocklisted(&packet.addrs, now)));
+    let outcome = if drop { Outcome::Dropped } else { Outcome::Passed };
     let index = rule_counter_index(iface, dir, rule.slot(), outcome as u32);
     bump(RULE_COUNTERS.get_ptr_mut(index), bytes);
+    if reverse {
+        bump(REVERSE_COUNTERS.get_ptr_mut(index), bytes);
+    }
     drop
 }
 
+/// The per-source key for the packet's source, and the hash of its
+/// destination.
 #[inline(always)]
-fn listed_v4(addr: *const [u8; 4], trie: &LpmTrie<[u8; 4], u8>) -> bool {
-    // SAFETY: the parser checked the address lies inside the packet.
-    trie.get(Key::new(32, unsafe { *addr })).is_some()
+fn source_key(addrs: &Addrs, rule: u32, dir: u32, reverse: bool) -> (SourceKey, u32) {
+    let mut key = SourceKey {
+        rule: rule as u8,
+        direction: dir as u8,
+        kind: if reverse { KIND_REVERSE_LOOKUP } else { KIND_PROBE },
+        ..SourceKey::default()
+    };
+    // SAFETY: the parser checked the addresses lie inside the packet.
+    let hash = unsafe {
+        match *addrs {
+            Addrs::V4 { src, dst } => {
+                let s = *src;
+                key.addr = [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                key.family = 4;
+                u32::from_ne_bytes(*dst)
+            }
+            Addrs::V6 { src, dst } => {
+                key.addr = *src;
+                key.family = 6;
+                let d = *dst;
+                u32::from_ne_bytes([d[0], d[1], d[2], d[3]])
+                    ^ u32::from_ne_bytes([d[4], d[5], d[6], d[7]])
+                    ^ u32::from_ne_bytes([d[8], d[9], d[10], d[11]])
+                    ^ u32::from_ne_bytes([d[12], d[13], d[14], d[15]])
+            }
+        }
+    };
+    (key, mix(hash))
 }
 
+/// The map key of an address alone (for `VISITORS`).
 #[inline(always)]
-fn listed_v6(addr: *const [u8; 16], trie: &LpmTrie<[u8; 16], u8>) -> bool {
-    // SAFETY: the parser checked the address lies inside the packet.
-    trie.get(Key::new(128, unsafe { *addr })).is_some()
+fn addr_key(addrs: &Addrs, use_src: bool) -> SourceKey {
+    let mut key = SourceKey::default();
+    // SAFETY: the parser checked the addresses lie inside the packet.
+    unsafe {
+        match *addrs {
+            Addrs::V4 { src, dst } => {
+                let a = if use_src { *src } else { *dst };
+                key.addr = [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                key.family = 4;
+            }
+            Addrs::V6 { src, dst } => {
+                key.addr = if use_src { *src } else { *dst };
+                key.family = 6;
+            }
+        }
+    }
+    key
 }
 
+/// An inbound TCP SYN to a web port: remember who is visiting.
 #[inline(always)]
-fn source_listed(addrs: &Addrs, v4: &LpmTrie<[u8; 4], u8>, v6: &LpmTrie<[u8; 16], u8>) -> bool {
-    match *addrs {
-        Addrs::V4 { src, .. } => listed_v4(src, v4),
-        Addrs::V6 { src, .. } => listed_v6(src, v6),
+fn record_visitor(packet: &Packet, dir: u32) {
+    if dir == Direction::Inbound as u32
+        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && VISITORS.insert(addr_key(&packet.addrs, true), now_secs(), 0).is_ok()
+    {
+        bump_stat(&STATS, STAT_VISITORS_RECORDED);
     }
 }
 
 #[inline(always)]
-fn either_listed(addrs: &Addrs) -> bool {
+fn recent_visitor(addrs: &Addrs, now: u32, window: u32) -> bool {
+    match VISITORS.get_ptr(addr_key(addrs, false)) {
+        // SAFETY: a map value.
+        Some(seen) => now.wrapping_sub(unsafe { *seen }) <= window,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn active(entry: Option<&ListEntry>, now: u32) -> bool {
+    matches!(entry, Some(e) if e.expires == 0 || e.expires > now)
+}
+
+#[inline(always)]
+fn listed_v4(addr: *const [u8; 4], trie: &LpmTrie<[u8; 4], ListEntry>, now: u32) -> bool {
+    // SAFETY: the parser checked the address lies inside the packet.
+    active(trie.get(Key::new(32, unsafe { *addr })), now)
+}
+
+#[inline(always)]
+fn listed_v6(addr: *const [u8; 16], trie: &LpmTrie<[u8; 16], ListEntry>, now: u32) -> bool {
+    // SAFETY: the parser checked the address lies inside the packet.
+    active(trie.get(Key::new(128, unsafe { *addr })), now)
+}
+
+#[inline(always)]
+fn source_blocklisted(addrs: &Addrs, now: u32) -> bool {
     match *addrs {
-        Addrs::V4 { src, dst } => listed_v4(src, &ALLOW_V4) || listed_v4(dst, &ALLOW_V4),
-        Addrs::V6 { src, dst } => listed_v6(src, &ALLOW_V6) || listed_v6(dst, &ALLOW_V6),
+        Addrs::V4 { src, .. } => listed_v4(src, &BLOCK_V4, now),
+        Addrs::V6 { src, .. } => listed_v6(src, &BLOCK_V6, now),
+    }
+}
+
+#[inline(always)]
+fn either_listed(addrs: &Addrs, now: u32) -> bool {
+    match *addrs {
+        Addrs::V4 { src, dst } => listed_v4(src, &ALLOW_V4, now) || listed_v4(dst, &ALLOW_V4, now),
+        Addrs::V6 { src, dst } => listed_v6(src, &ALLOW_V6, now) || listed_v6(dst, &ALLOW_V6, now),
     }
 }

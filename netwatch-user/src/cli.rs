@@ -1,12 +1,15 @@
 //! Command-line interface.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
-    config::DEFAULT_PIN_DIR,
+    config::{DEFAULT_PIN_DIR, DEFAULT_STATE_DIR},
     policy::{IfaceSpec, Mode, Rule, parse_cidr},
 };
 
@@ -27,6 +30,19 @@ pub enum Command {
     /// Show attached interfaces, mode, rules and counters from the pinned
     /// maps (works while `run` is running, and after it stopped).
     Status(StatusArgs),
+    /// Every incident of an IP address, newest first, and what the kernel
+    /// tracks about it right now (also for sources not flagged).
+    Lookup(LookupArgs),
+    /// The busiest sources the kernel tracks right now.
+    Top(TopArgs),
+    /// Drop a source CIDR on rule ports (enforce mode), live.
+    Block(BlockArgs),
+    /// Remove a CIDR from the blocklist and lift auto-blocks inside it.
+    Unblock(ListArgs),
+    /// Never drop traffic from or to a CIDR, live.
+    Allow(BlockArgs),
+    /// Remove a CIDR from the allowlist.
+    Disallow(ListArgs),
     /// Remove every program, link and pinned map netwatch made.
     Detach(PinDirArg),
     /// Build a throwaway network-namespace lab, run netwatch and a real
@@ -39,6 +55,59 @@ pub struct PinDirArg {
     /// bpffs directory holding netwatch's pinned maps and links.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR, env = "NETWATCH_PIN_DIR")]
     pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StateDirArg {
+    /// Directory of the incident database.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, env = "NETWATCH_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    /// IPv4 or IPv6 address.
+    pub ip: IpAddr,
+    #[command(flatten)]
+    pub pin_dir: PinDirArg,
+    #[command(flatten)]
+    pub state_dir: StateDirArg,
+    /// Print JSON: {"ip", "incidents": [...], "tracked": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub pin_dir: PinDirArg,
+    /// How many sources to show.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Print JSON: {"sources": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BlockArgs {
+    /// CIDR or address.
+    #[arg(value_parser = parse_net)]
+    pub cidr: IpNet,
+    /// How long the entry applies, e.g. `30m`, `2h`, `7d`; none = until removed.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub pin_dir: PinDirArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// CIDR or address.
+    #[arg(value_parser = parse_net)]
+    pub cidr: IpNet,
+    #[command(flatten)]
+    pub pin_dir: PinDirArg,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +145,9 @@ pub struct RunArgs {
     /// bpffs directory for pinned maps and links. [default: /sys/fs/bpf/netwatch]
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+    /// Directory of the incident database. [default: /var/lib/netwatch]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Attach XDP in generic (SKB) mode without trying native mode first.
     #[arg(long)]
     pub xdp_generic: bool,

@@ -30,9 +30,12 @@ use aya::{
 };
 use ipnet::IpNet;
 use log::{debug, info, warn};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, IfaceInfo, MAX_IFACES, MAX_RULES,
-    OUTCOMES, PortRule, RuleInfo, Settings, globals, maps, port_rule_index, rule_counter_index,
+    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, IfaceInfo, ListEntry, MAX_IFACES, MAX_RULES,
+    MAX_WEB_PORTS, ORIGIN_CONFIG, OUTCOMES, PORT_REVERSE_LOOKUP, PORT_WEB, PortRule, Protocol, RuleInfo, Settings,
+    bitmap_bits_for, flag_counter_index, globals, maps, port_rule_index, rule_counter_index,
 };
 
 use crate::policy::{Policy, Role, Rule};
@@ -85,8 +88,7 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
         );
     }
     for dir in [pin_dir.to_path_buf(), pin_dir.join("links")] {
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating pin directory {}", dir.display()))?;
+        fs::create_dir_all(&dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting permissions of {}", dir.display()))?;
     }
@@ -100,15 +102,7 @@ fn mount_bpffs() -> Result<()> {
     let target = std::ffi::CString::new(BPFFS_ROOT)?;
     let fstype = std::ffi::CString::new("bpf")?;
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         bail!("{BPFFS_ROOT} is not a BPF filesystem and mounting one there failed: {err}");
@@ -168,8 +162,7 @@ impl std::fmt::Display for MapLayout {
 /// Refuses pins whose layout differs from this build's maps (a foreign
 /// object, or an incompatible older netwatch), instead of reading garbage.
 fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
-    let object =
-        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
     for name in maps::ALL {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -218,32 +211,29 @@ impl PinnedMaps {
             );
         }
         check_pinned_layout(dir)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn map(&self, name: &str) -> Result<Map> {
+    pub fn map_by_name(&self, name: &str) -> Result<Map> {
         let path = self.dir.join(name);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
         Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
     }
 
     pub fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
-        Ok(Array::try_from(self.map(name)?)?)
+        Ok(Array::try_from(self.map_by_name(name)?)?)
     }
 
     pub fn per_cpu_array<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
-        Ok(PerCpuArray::try_from(self.map(name)?)?)
+        Ok(PerCpuArray::try_from(self.map_by_name(name)?)?)
     }
 
-    pub fn lpm<K: aya::Pod>(&self, name: &str) -> Result<LpmTrie<MapData, K, u8>> {
-        Ok(LpmTrie::try_from(self.map(name)?)?)
+    pub fn lpm<K: aya::Pod>(&self, name: &str) -> Result<LpmTrie<MapData, K, ListEntry>> {
+        Ok(LpmTrie::try_from(self.map_by_name(name)?)?)
     }
 
     pub fn settings(&self) -> Result<Settings> {
@@ -283,61 +273,41 @@ impl PinnedMaps {
             bytes: acc.bytes + c.bytes,
         }))
     }
-
-    pub fn list_v4(&self, name: &str) -> Result<Vec<IpNet>> {
-        let map = self.lpm::<[u8; 4]>(name)?;
-        map.iter()
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok(IpNet::new(
-                    std::net::Ipv4Addr::from(key.data()).into(),
-                    key.prefix_len() as u8,
-                )?)
-            })
-            .collect()
-    }
-
-    pub fn list_v6(&self, name: &str) -> Result<Vec<IpNet>> {
-        let map = self.lpm::<[u8; 16]>(name)?;
-        map.iter()
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok(IpNet::new(
-                    std::net::Ipv6Addr::from(key.data()).into(),
-                    key.prefix_len() as u8,
-                )?)
-            })
-            .collect()
-    }
 }
 
 /// Writes a policy into the maps: rule slots (stable across reloads),
-/// the port table, the lists and the settings.
+/// the port table, web ports, the lists and the settings.
 pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
     let mut rule_info = maps.array::<RuleInfo>(maps::RULE_INFO)?;
     let mut port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
-    let mut counters = maps.per_cpu_array::<Counter>(maps::RULE_COUNTERS)?;
+    let old_settings = maps.settings()?;
 
-    let mut slots: Vec<RuleInfo> = (0..MAX_RULES)
-        .map(|s| rule_info.get(&s, 0))
-        .collect::<Result<_, _>>()?;
-    let same = |info: &RuleInfo, rule: &Rule| {
-        info.protocol == rule.protocol as u8 && info.port == rule.port
-    };
+    let mut slots: Vec<RuleInfo> = (0..MAX_RULES).map(|s| rule_info.get(&s, 0)).collect::<Result<_, _>>()?;
+    let same = |info: &RuleInfo, rule: &Rule| info.protocol == rule.protocol as u8 && info.port == rule.port;
 
-    // Retire slots whose rule is gone from the policy.
+    // Retire rules gone from the policy and web ports no longer wanted.
     for (slot, info) in slots.iter_mut().enumerate() {
         if info.in_use != 0 && !policy.rules.iter().any(|r| same(info, r)) {
             info.in_use = 0;
             rule_info.set(slot as u32, *info, 0)?;
-            let protocol = if info.protocol == 0 {
-                netwatch_common::Protocol::Udp
-            } else {
-                netwatch_common::Protocol::Tcp
-            };
-            port_rules.set(port_rule_index(protocol, info.port), PortRule::default(), 0)?;
+            port_rules.set(
+                port_rule_index(protocol_of(info.protocol), info.port),
+                PortRule::default(),
+                0,
+            )?;
         }
     }
+    for port in old_settings
+        .web_ports
+        .iter()
+        .filter(|p| **p != 0 && !policy.web_ports.contains(p))
+    {
+        let index = port_rule_index(Protocol::Tcp, *port);
+        let mut entry = port_rules.get(&index, 0)?;
+        entry.flags &= !PORT_WEB;
+        port_rules.set(index, entry, 0)?;
+    }
+
     for rule in &policy.rules {
         let slot = match slots.iter().position(|i| i.in_use != 0 && same(i, rule)) {
             Some(slot) => slot,
@@ -349,7 +319,7 @@ pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
                     .or_else(|| slots.iter().position(|i| i.in_use == 0))
                     .ok_or_else(|| anyhow!("more than {MAX_RULES} rules"))?;
                 if !same(&slots[slot], rule) {
-                    zero_rule_counters(&mut counters, slot as u32)?;
+                    zero_rule_counters(maps, slot as u32)?;
                 }
                 slot
             }
@@ -363,83 +333,209 @@ pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
         };
         slots[slot] = info;
         rule_info.set(slot as u32, info, 0)?;
+        let d = &rule.detection;
+        let mut flags = if rule.is_netbios_ns() { PORT_REVERSE_LOOKUP } else { 0 };
+        if rule.protocol == Protocol::Tcp && policy.web_ports.contains(&rule.port) {
+            flags |= PORT_WEB;
+        }
         let entry = PortRule {
             id: slot as u16 + 1,
             action: rule.action,
+            flags,
+            threshold: d.threshold,
+            flag_bits: bitmap_bits_for(d.threshold),
+            window_secs: d.window_secs,
+            block_secs: d.block_secs.unwrap_or(0),
         };
         port_rules.set(port_rule_index(rule.protocol, rule.port), entry, 0)?;
     }
+    for port in &policy.web_ports {
+        let index = port_rule_index(Protocol::Tcp, *port);
+        let mut entry = port_rules.get(&index, 0)?;
+        entry.flags |= PORT_WEB;
+        port_rules.set(index, entry, 0)?;
+    }
 
-    sync_lists(maps, maps::ALLOW_V4, maps::ALLOW_V6, &policy.allowlist)?;
-    sync_lists(maps, maps::BLOCK_V4, maps::BLOCK_V6, &policy.blocklist)?;
-
+    for (kind, nets) in [
+        (ListKind::Allow, &policy.allowlist),
+        (ListKind::Block, &policy.blocklist),
+    ] {
+        sync_config_list(maps, kind, nets)?;
+    }
+    let mut web_ports = [0u16; MAX_WEB_PORTS];
+    web_ports[..policy.web_ports.len()].copy_from_slice(&policy.web_ports);
     let settings = Settings {
         mode: policy.mode.as_u32(),
-        allowlist_active: !policy.allowlist.is_empty() as u32,
-        blocklist_active: !policy.blocklist.is_empty() as u32,
-        _pad: 0,
+        allowlist_active: 0,
+        blocklist_active: 0,
+        visitor_secs: policy.visitor_secs,
+        web_ports,
     };
-    maps.array::<Settings>(maps::SETTINGS)?
-        .set(0, settings, 0)?;
-    Ok(())
+    maps.array::<Settings>(maps::SETTINGS)?.set(0, settings, 0)?;
+    refresh_list_flags(maps)
 }
 
-fn zero_rule_counters(counters: &mut PerCpuArray<MapData, Counter>, slot: u32) -> Result<()> {
+fn protocol_of(raw: u8) -> Protocol {
+    if raw == Protocol::Tcp as u8 {
+        Protocol::Tcp
+    } else {
+        Protocol::Udp
+    }
+}
+
+/// Counters of a rule slot handed to a different rule start from zero.
+fn zero_rule_counters(maps: &PinnedMaps, slot: u32) -> Result<()> {
     let cpus = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    for iface in 0..MAX_IFACES {
-        for dir in 0..DIRECTIONS {
-            for outcome in 0..OUTCOMES {
-                let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
-                counters.set(rule_counter_index(iface, dir, slot, outcome), zeros, 0)?;
+    for name in [maps::RULE_COUNTERS, maps::REVERSE_COUNTERS] {
+        let mut counters = maps.per_cpu_array::<Counter>(name)?;
+        for iface in 0..MAX_IFACES {
+            for dir in 0..DIRECTIONS {
+                for outcome in 0..OUTCOMES {
+                    let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
+                    counters.set(rule_counter_index(iface, dir, slot, outcome), zeros, 0)?;
+                }
             }
         }
     }
+    let mut flags = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
+    for dir in 0..DIRECTIONS {
+        flags.set(
+            flag_counter_index(slot, dir),
+            PerCpuValues::try_from(vec![0u64; cpus])?,
+            0,
+        )?;
+    }
     Ok(())
 }
 
-/// Makes the two LPM tries hold exactly `nets`.
-fn sync_lists(maps: &PinnedMaps, v4_name: &str, v6_name: &str, nets: &[IpNet]) -> Result<()> {
-    let mut v4 = maps.lpm::<[u8; 4]>(v4_name)?;
-    let mut v6 = maps.lpm::<[u8; 16]>(v6_name)?;
-    let old: Vec<IpNet> = maps
-        .list_v4(v4_name)?
-        .into_iter()
-        .chain(maps.list_v6(v6_name)?)
-        .collect();
-    for net in old.iter().filter(|n| !nets.contains(n)) {
-        match net {
-            IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))?,
-            IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len() as u32, n.network().octets()))?,
+/// The allowlist or the blocklist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListKind {
+    Allow,
+    Block,
+}
+
+impl ListKind {
+    fn maps(self) -> (&'static str, &'static str) {
+        match self {
+            ListKind::Allow => (maps::ALLOW_V4, maps::ALLOW_V6),
+            ListKind::Block => (maps::BLOCK_V4, maps::BLOCK_V6),
         }
     }
-    for net in nets.iter().filter(|n| !old.contains(n)) {
+    pub fn label(self) -> &'static str {
+        match self {
+            ListKind::Allow => "allowlist",
+            ListKind::Block => "blocklist",
+        }
+    }
+}
+
+/// An entry of the allowlist or blocklist as stored in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListItem {
+    pub net: IpNet,
+    pub entry: ListEntry,
+}
+
+impl PinnedMaps {
+    /// Every entry of a list, expired ones included.
+    pub fn list(&self, kind: ListKind) -> Result<Vec<ListItem>> {
+        let (v4, v6) = kind.maps();
+        let mut out = Vec::new();
+        for entry in self.lpm::<[u8; 4]>(v4)?.iter() {
+            let (key, entry) = entry?;
+            out.push(ListItem {
+                net: IpNet::new(Ipv4Addr::from(key.data()).into(), key.prefix_len() as u8)?,
+                entry,
+            });
+        }
+        for entry in self.lpm::<[u8; 16]>(v6)?.iter() {
+            let (key, entry) = entry?;
+            out.push(ListItem {
+                net: IpNet::new(Ipv6Addr::from(key.data()).into(), key.prefix_len() as u8)?,
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds or replaces one entry.
+    pub fn list_insert(&self, kind: ListKind, net: IpNet, entry: ListEntry) -> Result<()> {
+        let (v4, v6) = kind.maps();
         match net {
             IpNet::V4(n) => {
-                v4.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 1, 0)?
+                self.lpm::<[u8; 4]>(v4)?
+                    .insert(&Key::new(n.prefix_len() as u32, n.network().octets()), entry, 0)?
             }
             IpNet::V6(n) => {
-                v6.insert(&Key::new(n.prefix_len() as u32, n.network().octets()), 1, 0)?
+                self.lpm::<[u8; 16]>(v6)?
+                    .insert(&Key::new(n.prefix_len() as u32, n.network().octets()), entry, 0)?
             }
         }
+        Ok(())
     }
+
+    /// Removes one entry; false if it was not there.
+    pub fn list_remove(&self, kind: ListKind, net: IpNet) -> Result<bool> {
+        let (v4, v6) = kind.maps();
+        let result = match net {
+            IpNet::V4(n) => self
+                .lpm::<[u8; 4]>(v4)?
+                .remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+            IpNet::V6(n) => self
+                .lpm::<[u8; 16]>(v6)?
+                .remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Makes the config-origin entries of a list exactly `nets`; entries
+/// added from the command line (`netwatch block/allow`) stay.
+fn sync_config_list(maps: &PinnedMaps, kind: ListKind, nets: &[IpNet]) -> Result<()> {
+    let old = maps.list(kind)?;
+    for item in old
+        .iter()
+        .filter(|i| i.entry.origin == ORIGIN_CONFIG && !nets.contains(&i.net))
+    {
+        maps.list_remove(kind, item.net)?;
+    }
+    for net in nets.iter().filter(|n| !old.iter().any(|i| i.net == **n)) {
+        maps.list_insert(
+            kind,
+            *net,
+            ListEntry {
+                expires: 0,
+                origin: ORIGIN_CONFIG,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Sets the datapath's "list is non-empty" flags from the lists' contents,
+/// so empty lists cost no lookup.
+pub fn refresh_list_flags(maps: &PinnedMaps) -> Result<()> {
+    let mut settings = maps.settings()?;
+    settings.allowlist_active = !maps.list(ListKind::Allow)?.is_empty() as u32;
+    settings.blocklist_active = !maps.list(ListKind::Block)?.is_empty() as u32;
+    maps.array::<Settings>(maps::SETTINGS)?.set(0, settings, 0)?;
     Ok(())
 }
 
 /// Finds the slot an interface had before (by name), or a free one.
 pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32) -> Result<u32> {
     let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
-    let infos: Vec<IfaceInfo> = (0..MAX_IFACES)
-        .map(|s| map.get(&s, 0))
-        .collect::<Result<_, _>>()?;
+    let infos: Vec<IfaceInfo> = (0..MAX_IFACES).map(|s| map.get(&s, 0)).collect::<Result<_, _>>()?;
     let name_bytes = iface_name_bytes(name)?;
     let slot = infos
         .iter()
         .position(|i| i.name == name_bytes)
-        .or_else(|| {
-            infos
-                .iter()
-                .position(|i| i.in_use == 0 && i.name == [0; 16])
-        })
+        .or_else(|| infos.iter().position(|i| i.in_use == 0 && i.name == [0; 16]))
         .or_else(|| infos.iter().position(|i| i.in_use == 0))
         .ok_or_else(|| anyhow!("more than {MAX_IFACES} interfaces"))? as u32;
     let mut info = infos[slot as usize];
@@ -472,17 +568,12 @@ fn iface_name_bytes(name: &str) -> Result<[u8; 16]> {
 }
 
 pub fn iface_name(info: &IfaceInfo) -> String {
-    let end = info
-        .name
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(info.name.len());
+    let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
     String::from_utf8_lossy(&info.name[..end]).into_owned()
 }
 
 pub fn ifindex(name: &str) -> Result<u32> {
-    let c_name = std::ffi::CString::new(name)
-        .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
+    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
     // SAFETY: valid C string.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
@@ -528,9 +619,7 @@ impl Attachments {
             .program_mut(XDP_PROGRAM)
             .context("XDP program missing from object")?
             .try_into()?;
-        program
-            .load()
-            .context("loading the XDP program (verifier)")?;
+        program.load().context("loading the XDP program (verifier)")?;
         let pin = link_pin(&self.pin_dir, "xdp", iface);
         let mode = match readopt(&pin)? {
             Some(old) => {
@@ -554,9 +643,7 @@ impl Attachments {
                     Ok(id) => (id, XdpAttachMode::Native),
                     Err(err) => {
                         if !force_generic {
-                            info!(
-                                "{iface}: native XDP not available ({err:#}); attaching in generic (SKB) mode"
-                            );
+                            info!("{iface}: native XDP not available ({err:#}); attaching in generic (SKB) mode");
                         }
                         let id = program
                             .attach_to_if_index(index, XdpMode::Skb)
@@ -564,9 +651,8 @@ impl Attachments {
                         (id, XdpAttachMode::Generic)
                     }
                 };
-                let link = FdLink::try_from(program.take_link(id)?).with_context(|| {
-                    format!("{iface}: XDP attached through netlink, not a BPF link")
-                })?;
+                let link = FdLink::try_from(program.take_link(id)?)
+                    .with_context(|| format!("{iface}: XDP attached through netlink, not a BPF link"))?;
                 link.pin(&pin)
                     .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
                 Some(mode)
@@ -583,9 +669,7 @@ impl Attachments {
             .program_mut(TC_PROGRAM)
             .context("TC program missing from object")?
             .try_into()?;
-        program
-            .load()
-            .context("loading the TC program (verifier)")?;
+        program.load().context("loading the TC program (verifier)")?;
         let pin = link_pin(&self.pin_dir, "tc", iface);
         match readopt(&pin)? {
             Some(old) => {
@@ -673,12 +757,7 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
 /// Marks what is attached to an interface slot, for `status`.
 /// `xdp` is `Some(None)` for a re-adopted XDP link, whose mode is as
 /// recorded before.
-pub fn mark_attached(
-    maps: &PinnedMaps,
-    slot: u32,
-    xdp: Option<Option<XdpAttachMode>>,
-    tc: bool,
-) -> Result<()> {
+pub fn mark_attached(maps: &PinnedMaps, slot: u32, xdp: Option<Option<XdpAttachMode>>, tc: bool) -> Result<()> {
     update_iface(maps, slot, |info| {
         if let Some(mode) = xdp {
             info.attached |= ATTACHED_XDP;

@@ -15,6 +15,7 @@ use crate::{datapath::PinnedMaps, metrics, metrics::ControllerStats, snapshot::S
 #[derive(Clone)]
 pub struct AppState {
     pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
     pub stats: Arc<Mutex<ControllerStats>>,
 }
 
@@ -28,14 +29,15 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 }
 
 /// Serves the endpoint in the background (inside a tokio runtime).
-pub fn serve(
-    listener: std::net::TcpListener,
-    state: AppState,
-) -> Result<tokio::task::JoinHandle<()>> {
+pub fn serve(listener: std::net::TcpListener, state: AppState) -> Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics_handler))
+        .route("/api/status", get(api_status))
+        .route("/api/lookup/{ip}", get(api_lookup))
+        .route("/api/top", get(api_top))
+        .route("/api/incidents", get(api_incidents))
         .with_state(state);
     Ok(tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
@@ -45,7 +47,58 @@ pub fn serve(
 }
 
 async fn index() -> &'static str {
-    "netwatch\n  /metrics  Prometheus metrics\n"
+    "netwatch (read-only)\n  /metrics            Prometheus metrics\n  /api/status         interfaces, rules, lists, counters\n  /api/lookup/IP      incidents and tracked state of an address\n  /api/top?limit=N    busiest tracked sources\n  /api/incidents?limit=N  most recent incidents\n"
+}
+
+#[derive(serde::Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+/// Runs a blocking read and answers it as JSON (500 with the error).
+async fn json<T: serde::Serialize + Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> axum::response::Response {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => axum::Json(value).into_response(),
+        Ok(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}\n")).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}
+
+async fn api_status(State(state): State<AppState>) -> axum::response::Response {
+    json(move || Snapshot::read(&PinnedMaps::open(&state.pin_dir)?)).await
+}
+
+async fn api_lookup(
+    State(state): State<AppState>,
+    axum::extract::Path(ip): axum::extract::Path<String>,
+) -> axum::response::Response {
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return (StatusCode::BAD_REQUEST, format!("{ip:?} is not an IP address\n")).into_response();
+    };
+    json(move || crate::commands::query::lookup_report(&state.pin_dir, &state.state_dir, ip)).await
+}
+
+async fn api_top(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<Limit>,
+) -> axum::response::Response {
+    json(move || crate::commands::query::top_report(&state.pin_dir, q.limit.unwrap_or(10).min(1000))).await
+}
+
+async fn api_incidents(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<Limit>,
+) -> axum::response::Response {
+    json(move || {
+        let incidents = match crate::incidents::Store::open_read_only(&state.state_dir)? {
+            Some(store) => store.recent(q.limit.unwrap_or(100).min(10_000))?,
+            None => Vec::new(),
+        };
+        Ok(serde_json::json!({ "incidents": incidents }))
+    })
+    .await
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {

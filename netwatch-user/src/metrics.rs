@@ -6,6 +6,8 @@
 use anyhow::Result;
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use netwatch_common::MAX_SOURCES;
+
 use crate::snapshot::Snapshot;
 
 /// Controller-side facts that do not live in the maps.
@@ -14,14 +16,16 @@ pub struct ControllerStats {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_reload_ok: bool,
+    /// Sources in the kernel's map at the last count (counted in the
+    /// background, never at scrape time); `None` before the first count.
+    pub sources_tracked: Option<u64>,
+    /// Sources auto-blocked right now (open incidents).
+    pub sources_blocked: u64,
+    /// Incident database writes that failed.
+    pub incident_errors: u64,
 }
 
-fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec> {
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -102,6 +106,51 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
         }
     }
 
+    let d = &snapshot.detection;
+    let flagged = counter_vec(
+        &registry,
+        "netwatch_scanners_flagged_total",
+        "Sources flagged as scanning (distinct destinations reached the rule's threshold within its window).",
+        &["rule", "direction"],
+    )?;
+    for f in &d.flagged {
+        flagged
+            .with_label_values(&[f.rule.as_str(), f.direction])
+            .inc_by(f.flagged);
+    }
+    let reverse = counter_vec(
+        &registry,
+        "netwatch_reverse_lookups_total",
+        "Outbound packets on a rule port (udp/137) towards a recent web visitor: IIS-style reverse lookups, not scans. A subset of netwatch_packets_total.",
+        &["interface", "rule", "action"],
+    )?;
+    for c in &d.reverse_lookups {
+        reverse
+            .with_label_values(&[c.interface.as_str(), c.rule.as_str(), c.action])
+            .inc_by(c.packets);
+    }
+    let created = counter_vec(
+        &registry,
+        "netwatch_sources_created_total",
+        "Source records the kernel created (a source seen on a rule, per rule, direction and kind).",
+        &[],
+    )?;
+    created.with_label_values::<&str>(&[]).inc_by(d.sources_created);
+    let lost = counter_vec(
+        &registry,
+        "netwatch_events_lost_total",
+        "Flag events dropped because the ring buffer to the controller was full.",
+        &[],
+    )?;
+    lost.with_label_values::<&str>(&[]).inc_by(d.events_lost);
+    let auto = counter_vec(
+        &registry,
+        "netwatch_auto_blocks_total",
+        "Sources auto-blocked by the kernel when flagged.",
+        &[],
+    )?;
+    auto.with_label_values::<&str>(&[]).inc_by(d.auto_blocks);
+
     let info = gauge_vec(
         &registry,
         "netwatch_info",
@@ -155,20 +204,47 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
             "Configuration reloads (SIGHUP) by result.",
             &["result"],
         )?;
-        reloads
-            .with_label_values(&["success"])
-            .inc_by(stats.reloads_ok);
-        reloads
-            .with_label_values(&["failure"])
-            .inc_by(stats.reloads_failed);
+        reloads.with_label_values(&["success"]).inc_by(stats.reloads_ok);
+        reloads.with_label_values(&["failure"]).inc_by(stats.reloads_failed);
         let last = gauge_vec(
             &registry,
             "netwatch_config_last_reload_successful",
             "1 if the last configuration reload succeeded (or none was tried).",
             &[],
         )?;
-        last.with_label_values::<&str>(&[])
-            .set(stats.last_reload_ok as i64);
+        last.with_label_values::<&str>(&[]).set(stats.last_reload_ok as i64);
+        if let Some(n) = stats.sources_tracked {
+            let g = gauge_vec(
+                &registry,
+                "netwatch_sources_tracked",
+                &format!("Sources in the kernel's per-source map (LRU, capacity {MAX_SOURCES}), counted every 30 s."),
+                &[],
+            )?;
+            g.with_label_values::<&str>(&[]).set(n as i64);
+            let evicted = counter_vec(
+                &registry,
+                "netwatch_sources_evicted_total",
+                "Source records the LRU map evicted to make room for new ones (created minus tracked, as of the last count).",
+                &[],
+            )?;
+            evicted
+                .with_label_values::<&str>(&[])
+                .inc_by(d.sources_created.saturating_sub(n));
+        }
+        let blocked = gauge_vec(
+            &registry,
+            "netwatch_sources_blocked",
+            "Sources auto-blocked right now.",
+            &[],
+        )?;
+        blocked.with_label_values::<&str>(&[]).set(stats.sources_blocked as i64);
+        let errors = counter_vec(
+            &registry,
+            "netwatch_incident_store_errors_total",
+            "Failed writes to the incident database (full disk, permissions).",
+            &[],
+        )?;
+        errors.with_label_values::<&str>(&[]).inc_by(stats.incident_errors);
     }
 
     let mut families = registry.gather();

@@ -5,8 +5,8 @@ use std::{fmt, str::FromStr};
 use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use netwatch_common::{
-    ACTION_COUNT, ACTION_DROP, MAX_CIDRS, MAX_RULES, MODE_ENFORCE, MODE_MONITOR, Protocol,
-    ROLE_HOST, ROLE_LAN, ROLE_WAN,
+    ACTION_COUNT, ACTION_DROP, MAX_CIDRS, MAX_RULES, MODE_ENFORCE, MODE_MONITOR, Protocol, ROLE_HOST, ROLE_LAN,
+    ROLE_WAN,
 };
 use serde::{Deserialize, Serialize};
 
@@ -104,9 +104,7 @@ impl FromStr for IfaceSpec {
             Some((_, role)) => bail!("interface {s:?}: role {role:?} is not one of wan, lan, host"),
         };
         if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-            bail!(
-                "interface {s:?}: {name:?} is not a valid interface name (1-15 bytes, no '/' or space)"
-            );
+            bail!("interface {s:?}: {name:?} is not a valid interface name (1-15 bytes, no '/' or space)");
         }
         Ok(IfaceSpec {
             name: name.to_string(),
@@ -130,11 +128,7 @@ impl Action {
         }
     }
     pub fn from_u8(v: u8) -> Self {
-        if v == ACTION_DROP {
-            Action::Drop
-        } else {
-            Action::Count
-        }
+        if v == ACTION_DROP { Action::Drop } else { Action::Count }
     }
     pub fn label(self) -> &'static str {
         match self {
@@ -155,6 +149,58 @@ impl FromStr for Action {
     }
 }
 
+/// Scan detection of a rule: a source is flagged when it reaches
+/// `threshold` distinct destinations within `window_secs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Detection {
+    pub threshold: u32,
+    pub window_secs: u32,
+    /// Auto-block a flagged source on this rule's port for this long
+    /// (enforce mode only); `None` = off (the default).
+    pub block_secs: Option<u32>,
+}
+
+/// 20 distinct destinations in 5 minutes: Zeek's address-scan window
+/// (25 hosts in 5 min), bro-simple-scan's knock-knock count (20 hosts),
+/// between psad's danger level 1 (10) and Zeek's 25.
+pub const DEFAULT_THRESHOLD: u32 = 20;
+pub const DEFAULT_WINDOW_SECS: u32 = 300;
+pub const DEFAULT_BLOCK_SECS: u32 = 3600;
+/// Thresholds above this are beyond the sketch's stated accuracy.
+pub const MAX_THRESHOLD: u32 = 2000;
+pub const MAX_WINDOW_SECS: u32 = 86_400;
+pub const MAX_BLOCK_SECS: u32 = 7 * 86_400;
+
+impl Default for Detection {
+    fn default() -> Self {
+        Detection {
+            threshold: DEFAULT_THRESHOLD,
+            window_secs: DEFAULT_WINDOW_SECS,
+            block_secs: None,
+        }
+    }
+}
+
+impl Detection {
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=MAX_THRESHOLD).contains(&self.threshold) {
+            bail!(
+                "threshold {} is out of range 2-{MAX_THRESHOLD} distinct destinations",
+                self.threshold
+            );
+        }
+        if !(1..=MAX_WINDOW_SECS).contains(&self.window_secs) {
+            bail!("window_secs {} is out of range 1-{MAX_WINDOW_SECS}", self.window_secs);
+        }
+        if let Some(ttl) = self.block_secs
+            && !(1..=MAX_BLOCK_SECS).contains(&ttl)
+        {
+            bail!("block_secs {ttl} is out of range 1-{MAX_BLOCK_SECS} (auto-blocks always expire)");
+        }
+        Ok(())
+    }
+}
+
 /// A (protocol, destination port) rule with an action per direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -162,6 +208,7 @@ pub struct Rule {
     pub port: u16,
     /// `ACTION_*` indexed by `Direction`.
     pub action: [u8; 2],
+    pub detection: Detection,
 }
 
 impl Rule {
@@ -173,6 +220,7 @@ impl Rule {
             protocol,
             port,
             action: [inbound.as_u8(), outbound.as_u8()],
+            detection: Detection::default(),
         })
     }
     pub fn label(&self) -> String {
@@ -183,6 +231,10 @@ impl Rule {
     }
     pub fn outbound(&self) -> Action {
         Action::from_u8(self.action[1])
+    }
+    /// udp/137 towards a recent web visitor is a reverse lookup.
+    pub fn is_netbios_ns(&self) -> bool {
+        self.protocol == Protocol::Udp && self.port == 137
     }
 }
 
@@ -207,9 +259,7 @@ pub fn parse_protocol(s: &str) -> Result<Protocol> {
 }
 
 pub fn parse_port(s: &str) -> Result<u16> {
-    let port: u32 = s
-        .parse()
-        .map_err(|_| anyhow!("port {s:?} is not a number"))?;
+    let port: u32 = s.parse().map_err(|_| anyhow!("port {s:?} is not a number"))?;
     if !(1..=65535).contains(&port) {
         bail!("port {port} is out of range 1-65535");
     }
@@ -227,9 +277,7 @@ impl FromStr for Rule {
             )
         };
         let (target, actions) = s.split_once('=').unwrap_or((s, "drop"));
-        let (proto, port) = target
-            .split_once('/')
-            .ok_or_else(|| wrap(anyhow!("missing '/'")))?;
+        let (proto, port) = target.split_once('/').ok_or_else(|| wrap(anyhow!("missing '/'")))?;
         let protocol = parse_protocol(proto).map_err(wrap)?;
         let port = parse_port(port).map_err(wrap)?;
         let (inbound, outbound) = match actions.split_once(',') {
@@ -247,18 +295,14 @@ impl FromStr for Rule {
 /// ways when the mode is `enforce`.
 pub fn default_rules() -> Vec<Rule> {
     vec![
-        Rule {
-            protocol: Protocol::Udp,
-            port: 137,
-            action: [ACTION_DROP, ACTION_DROP],
-        },
-        Rule {
-            protocol: Protocol::Tcp,
-            port: 5190,
-            action: [ACTION_DROP, ACTION_DROP],
-        },
+        Rule::new(Protocol::Udp, 137, Action::Drop, Action::Drop).expect("valid"),
+        Rule::new(Protocol::Tcp, 5190, Action::Drop, Action::Drop).expect("valid"),
     ]
 }
+
+pub const DEFAULT_WEB_PORTS: [u16; 2] = [80, 443];
+pub const MAX_WEB_PORTS: usize = netwatch_common::MAX_WEB_PORTS;
+pub const DEFAULT_VISITOR_SECS: u32 = 120;
 
 /// Parses a CIDR (or a bare address, taken as /32 or /128) and insists on
 /// a network address, so `198.18.0.1/24` is caught as a likely typo.
@@ -285,15 +329,30 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub allowlist: Vec<IpNet>,
     pub blocklist: Vec<IpNet>,
+    /// TCP ports whose visitors' NetBIOS reverse lookups are not scans.
+    pub web_ports: Vec<u16>,
+    /// How long a visitor is remembered.
+    pub visitor_secs: u32,
+}
+
+impl Policy {
+    /// The given rules and mode, no lists, default web ports.
+    pub fn new(mode: Mode, rules: Vec<Rule>) -> Self {
+        Policy {
+            mode,
+            rules,
+            allowlist: vec![],
+            blocklist: vec![],
+            web_ports: DEFAULT_WEB_PORTS.to_vec(),
+            visitor_secs: DEFAULT_VISITOR_SECS,
+        }
+    }
 }
 
 impl Policy {
     pub fn validate(&self) -> Result<()> {
         if self.rules.len() > MAX_RULES as usize {
-            bail!(
-                "{} rules given; at most {MAX_RULES} are supported",
-                self.rules.len()
-            );
+            bail!("{} rules given; at most {MAX_RULES} are supported", self.rules.len());
         }
         for (i, rule) in self.rules.iter().enumerate() {
             if self.rules[..i]
@@ -303,10 +362,7 @@ impl Policy {
                 bail!("rule {} is given twice", rule.label());
             }
         }
-        for (name, list) in [
-            ("allowlist", &self.allowlist),
-            ("blocklist", &self.blocklist),
-        ] {
+        for (name, list) in [("allowlist", &self.allowlist), ("blocklist", &self.blocklist)] {
             let v4 = list.iter().filter(|n| matches!(n, IpNet::V4(_))).count();
             if v4 > MAX_CIDRS as usize || list.len() - v4 > MAX_CIDRS as usize {
                 bail!("{name} has more than {MAX_CIDRS} entries per address family");
@@ -318,9 +374,7 @@ impl Policy {
             }
         }
         if let Some(both) = self.allowlist.iter().find(|n| self.blocklist.contains(n)) {
-            bail!(
-                "{both} is on both the allowlist and the blocklist; the allowlist would always win, so remove one"
-            );
+            bail!("{both} is on both the allowlist and the blocklist; the allowlist would always win, so remove one");
         }
         Ok(())
     }

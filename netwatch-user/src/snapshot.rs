@@ -3,13 +3,15 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, Protocol, class_counter_index,
-    maps, rule_counter_index,
+    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, ORIGIN_CLI, Outcome, PortRule, Protocol, STAT_AUTO_BLOCKED,
+    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps,
+    port_rule_index, rule_counter_index,
 };
 use serde::Serialize;
 
 use crate::{
-    datapath::{PinnedMaps, iface_name},
+    clock::{boot_rfc3339, boot_secs},
+    datapath::{ListKind, PinnedMaps, iface_name},
     policy::{Action, Mode, Role},
 };
 
@@ -18,10 +20,42 @@ pub struct Snapshot {
     pub mode: &'static str,
     pub interfaces: Vec<InterfaceState>,
     pub rules: Vec<RuleState>,
-    pub allowlist: Vec<String>,
-    pub blocklist: Vec<String>,
+    pub allowlist: Vec<ListView>,
+    pub blocklist: Vec<ListView>,
     pub rule_counters: Vec<RuleCounter>,
     pub class_counters: Vec<ClassCounter>,
+    pub detection: DetectionStats,
+}
+
+/// An active allowlist or blocklist entry.
+#[derive(Debug, Serialize)]
+pub struct ListView {
+    pub cidr: String,
+    /// `config` (replaced on reload) or `cli` (`netwatch block/allow`).
+    pub origin: &'static str,
+    /// RFC 3339, or null for no expiry.
+    pub expires: Option<String>,
+}
+
+/// What scan detection has done, from the datapath's counters.
+#[derive(Debug, Serialize)]
+pub struct DetectionStats {
+    /// New (source, rule, direction, kind) records created.
+    pub sources_created: u64,
+    /// Flag events the ring buffer had no room for.
+    pub events_lost: u64,
+    pub auto_blocks: u64,
+    pub visitors_recorded: u64,
+    pub flagged: Vec<FlagCount>,
+    /// Outbound rule traffic to recent web visitors (subset of the rule counters).
+    pub reverse_lookups: Vec<RuleCounter>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlagCount {
+    pub rule: String,
+    pub direction: &'static str,
+    pub flagged: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,6 +75,11 @@ pub struct RuleState {
     pub rule: String,
     pub inbound: &'static str,
     pub outbound: &'static str,
+    /// Distinct destinations within `window_secs` that flag a source.
+    pub threshold: u32,
+    pub window_secs: u32,
+    /// Auto-block duration, or null when auto-block is off.
+    pub block_secs: Option<u32>,
     #[serde(skip)]
     pub slot: u32,
 }
@@ -65,6 +104,10 @@ pub struct ClassCounter {
     pub reason: Option<&'static str>,
     pub packets: u64,
     pub bytes: u64,
+}
+
+pub fn protocol_label(raw: u8) -> &'static str {
+    if raw == Protocol::Tcp as u8 { "tcp" } else { "udp" }
 }
 
 pub fn class_label(class: Class) -> &'static str {
@@ -97,23 +140,25 @@ impl Snapshot {
                 slot,
             })
             .collect();
-        let rules: Vec<RuleState> = maps
-            .rules()?
-            .into_iter()
-            .map(|(slot, info)| {
-                let protocol = if info.protocol == Protocol::Tcp as u8 {
-                    Protocol::Tcp
-                } else {
-                    Protocol::Udp
-                };
-                RuleState {
-                    rule: format!("{}/{}", protocol.label(), info.port),
-                    inbound: Action::from_u8(info.action[0]).label(),
-                    outbound: Action::from_u8(info.action[1]).label(),
-                    slot,
-                }
-            })
-            .collect();
+        let port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
+        let mut rules = Vec::new();
+        for (slot, info) in maps.rules()? {
+            let protocol = if info.protocol == Protocol::Tcp as u8 {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            };
+            let params = port_rules.get(&port_rule_index(protocol, info.port), 0)?;
+            rules.push(RuleState {
+                rule: format!("{}/{}", protocol.label(), info.port),
+                inbound: Action::from_u8(info.action[0]).label(),
+                outbound: Action::from_u8(info.action[1]).label(),
+                threshold: params.threshold,
+                window_secs: params.window_secs,
+                block_secs: (params.block_secs != 0).then_some(params.block_secs),
+                slot,
+            });
+        }
 
         let rule_map = maps.per_cpu_array::<Counter>(maps::RULE_COUNTERS)?;
         let class_map = maps.per_cpu_array::<Counter>(maps::CLASS_COUNTERS)?;
@@ -123,8 +168,7 @@ impl Snapshot {
             for dir in Direction::ALL {
                 for rule in &rules {
                     for outcome in Outcome::ALL {
-                        let index =
-                            rule_counter_index(iface.slot, dir as u32, rule.slot, outcome as u32);
+                        let index = rule_counter_index(iface.slot, dir as u32, rule.slot, outcome as u32);
                         let c = PinnedMaps::counter_sum(&rule_map, index)?;
                         rule_counters.push(RuleCounter {
                             interface: iface.name.clone(),
@@ -137,10 +181,8 @@ impl Snapshot {
                     }
                 }
                 for class in Class::ALL {
-                    let c = PinnedMaps::counter_sum(
-                        &class_map,
-                        class_counter_index(iface.slot, dir as u32, class as u32),
-                    )?;
+                    let c =
+                        PinnedMaps::counter_sum(&class_map, class_counter_index(iface.slot, dir as u32, class as u32))?;
                     class_counters.push(ClassCounter {
                         interface: iface.name.clone(),
                         direction: dir.label(),
@@ -152,22 +194,73 @@ impl Snapshot {
                 }
             }
         }
-        let list = |v4, v6| -> Result<Vec<String>> {
+        let now = boot_secs();
+        let list = |kind| -> Result<Vec<ListView>> {
             Ok(maps
-                .list_v4(v4)?
+                .list(kind)?
                 .into_iter()
-                .chain(maps.list_v6(v6)?)
-                .map(|n| n.to_string())
+                .filter(|i| i.entry.expires == 0 || i.entry.expires > now)
+                .map(|i| ListView {
+                    cidr: i.net.to_string(),
+                    origin: if i.entry.origin == ORIGIN_CLI { "cli" } else { "config" },
+                    expires: (i.entry.expires != 0).then(|| boot_rfc3339(i.entry.expires)),
+                })
                 .collect())
+        };
+        let stats = maps.per_cpu_array::<u64>(maps::STATS)?;
+        let stat = |index| -> Result<u64> { Ok(stats.get(&index, 0)?.iter().sum()) };
+        let flag_map = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
+        let mut flagged = Vec::new();
+        for rule in &rules {
+            for dir in Direction::ALL {
+                let n: u64 = flag_map
+                    .get(&flag_counter_index(rule.slot, dir as u32), 0)?
+                    .iter()
+                    .sum();
+                flagged.push(FlagCount {
+                    rule: rule.rule.clone(),
+                    direction: dir.label(),
+                    flagged: n,
+                });
+            }
+        }
+        let reverse_map = maps.per_cpu_array::<Counter>(maps::REVERSE_COUNTERS)?;
+        let mut reverse_lookups = Vec::new();
+        for iface in &interfaces {
+            for rule in &rules {
+                for outcome in Outcome::ALL {
+                    let index = rule_counter_index(iface.slot, Direction::Outbound as u32, rule.slot, outcome as u32);
+                    let c = PinnedMaps::counter_sum(&reverse_map, index)?;
+                    if c.packets > 0 {
+                        reverse_lookups.push(RuleCounter {
+                            interface: iface.name.clone(),
+                            direction: Direction::Outbound.label(),
+                            rule: rule.rule.clone(),
+                            action: outcome.label(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                        });
+                    }
+                }
+            }
+        }
+        let detection = DetectionStats {
+            sources_created: stat(STAT_SOURCES_CREATED)?,
+            events_lost: stat(STAT_EVENTS_LOST)?,
+            auto_blocks: stat(STAT_AUTO_BLOCKED)?,
+            visitors_recorded: stat(STAT_VISITORS_RECORDED)?,
+            flagged,
+            reverse_lookups,
         };
         Ok(Snapshot {
             mode: Mode::from_u32(settings.mode).label(),
             interfaces,
             rules,
-            allowlist: list(maps::ALLOW_V4, maps::ALLOW_V6)?,
-            blocklist: list(maps::BLOCK_V4, maps::BLOCK_V6)?,
+            allowlist: list(ListKind::Allow)?,
+            blocklist: list(ListKind::Block)?,
             rule_counters,
             class_counters,
+            detection,
         })
     }
 }

@@ -30,10 +30,7 @@ pub fn bin() -> PathBuf {
 
 /// Runs `netwatch ARGS` to completion (outside any namespace).
 pub fn netwatch(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run netwatch")
+    Command::new(bin()).args(args).output().expect("run netwatch")
 }
 
 /// A `netwatch run` in a namespace; stopped and detached when dropped.
@@ -41,6 +38,8 @@ pub struct Netwatch {
     child: Option<Child>,
     ns_name: String,
     pub pin_dir: String,
+    /// The incident database's directory (a fresh temporary one).
+    pub state_dir: PathBuf,
     log: PathBuf,
 }
 
@@ -121,8 +120,7 @@ impl Netwatch {
 
     pub fn metrics(&self, ns: &Netns) -> String {
         assert_eq!(ns.name, self.ns_name);
-        ns.run(|| http_get(METRICS_ADDR, "/metrics"))
-            .expect("GET /metrics")
+        ns.run(|| http_get(METRICS_ADDR, "/metrics")).expect("GET /metrics")
     }
 }
 
@@ -134,6 +132,7 @@ impl Drop for Netwatch {
         }
         let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -146,11 +145,8 @@ pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
+            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }

@@ -87,11 +87,7 @@ impl Frame {
 
     pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, src_port: u16, dst_port: u16) -> Self {
         Frame {
-            l3: L3::V6 {
-                src,
-                dst,
-                ext: vec![],
-            },
+            l3: L3::V6 { src, dst, ext: vec![] },
             ..Self::udp4([0; 4], [0; 4], src_port, dst_port)
         }
     }

@@ -47,19 +47,13 @@ impl Harness {
             ebpf
         };
         let xdp = [load(Direction::Inbound), load(Direction::Outbound)];
-        let mut tc =
-            datapath::load_instance(&pin_dir, 0, Direction::Outbound).expect("load object");
+        let mut tc = datapath::load_instance(&pin_dir, 0, Direction::Outbound).expect("load object");
         let prog: &mut SchedClassifier = tc.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
         prog.load().expect("TC program passes the verifier");
         let maps = PinnedMaps::open(&pin_dir).expect("open pins");
         datapath::claim_iface_slot(&maps, IFACE, Role::Host, 1).expect("slot");
         datapath::apply_policy(&maps, policy).expect("apply policy");
-        Harness {
-            pin_dir,
-            maps,
-            xdp,
-            tc,
-        }
+        Harness { pin_dir, maps, xdp, tc }
     }
 
     pub fn apply(&self, policy: &Policy) {
@@ -72,18 +66,12 @@ impl Harness {
     }
 
     pub fn run_repeat(&self, hook: Hook, frame: &[u8], repeat: u32) -> u32 {
-        self.try_run(hook, frame, repeat)
-            .expect("BPF_PROG_TEST_RUN")
+        self.try_run(hook, frame, repeat).expect("BPF_PROG_TEST_RUN")
     }
 
     /// Like [`Harness::run_repeat`], but returns the kernel's refusal
     /// (e.g. an skb test run with a truncated L3 header) as an error.
-    pub fn try_run(
-        &self,
-        hook: Hook,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<u32, aya::programs::ProgramError> {
+    pub fn try_run(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<u32, aya::programs::ProgramError> {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
@@ -93,16 +81,11 @@ impl Harness {
         };
         let result = match hook {
             Hook::Xdp(dir) => {
-                let prog: &Xdp = self.xdp[dir as usize]
-                    .program(XDP_PROGRAM)
-                    .unwrap()
-                    .try_into()
-                    .unwrap();
+                let prog: &Xdp = self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap();
                 prog.test_run(opts)
             }
             Hook::TcEgress => {
-                let prog: &SchedClassifier =
-                    self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
+                let prog: &SchedClassifier = self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
                 prog.test_run(opts)
             }
         };
@@ -172,10 +155,5 @@ impl Drop for Harness {
 }
 
 pub fn policy(mode: netwatch_user::policy::Mode, rules: &[&str]) -> Policy {
-    Policy {
-        mode,
-        rules: rules.iter().map(|r| r.parse().unwrap()).collect(),
-        allowlist: vec![],
-        blocklist: vec![],
-    }
+    Policy::new(mode, rules.iter().map(|r| r.parse().unwrap()).collect())
 }

@@ -61,9 +61,7 @@ pub fn send_udp(ns: &Netns, dst: &str, count: usize) -> usize {
 pub fn udp_listener(ns: &Netns, port: u16) -> UdpSocket {
     ns.run(|| {
         let socket = UdpSocket::bind(("0.0.0.0", port)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
         socket
     })
 }

@@ -17,9 +17,7 @@ pub fn privileged() -> bool {
         return true;
     }
     if std::env::var("NETWATCH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!(
-            "this test needs root (BPF, network namespaces) and NETWATCH_REQUIRE_PRIVILEGED=1 forbids skipping"
-        );
+        panic!("this test needs root (BPF, network namespaces) and NETWATCH_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
     eprintln!("skipping: needs root for BPF and network namespaces");
     false

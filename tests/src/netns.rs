@@ -7,9 +7,7 @@ pub struct Netns {
 }
 
 fn check(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -36,8 +34,7 @@ impl Netns {
     /// namespace, and so bpffs, stay the test's).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.name))
-            .arg(program);
+        cmd.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
         cmd
     }
 
@@ -55,17 +52,14 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
 /// A veth pair between two namespaces, with an address on each end.
 pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: &str) {
     check(Command::new("ip").args([
-        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
-        &b.name,
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name,
     ]));
     for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
         ns.ip(&["addr", "add", addr, "dev", ifname]);

@@ -30,11 +30,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
     let udp137 = Frame::udp4(A, B, 40000, 137);
     vec![
         ("udp/137", udp137.build(), Rule("udp/137")),
-        (
-            "tcp/5190",
-            Frame::tcp4(A, B, 40001, 5190).build(),
-            Rule("tcp/5190"),
-        ),
+        ("tcp/5190", Frame::tcp4(A, B, 40001, 5190).build(), Rule("tcp/5190")),
         // Source port 137 to an ephemeral port: a reply, not a probe.
         (
             "udp sport 137",
@@ -56,21 +52,13 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Frame::tcp4(A, B, 40000, 137).build(),
             Class("unmatched"),
         ),
-        (
-            "udp/138",
-            Frame::udp4(A, B, 138, 138).build(),
-            Class("unmatched"),
-        ),
+        ("udp/138", Frame::udp4(A, B, 138, 138).build(), Class("unmatched")),
         (
             "icmp",
             Frame::udp4(A, B, 0, 137).proto(ICMP).build(),
             Class("unmatched"),
         ),
-        (
-            "802.1Q",
-            udp137.clone().vlan(&[0x8100]).build(),
-            Rule("udp/137"),
-        ),
+        ("802.1Q", udp137.clone().vlan(&[0x8100]).build(), Rule("udp/137")),
         (
             "802.1ad + 802.1Q",
             udp137.clone().vlan(&[0x88a8, 0x8100]).build(),
@@ -118,10 +106,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
                     Ext::HopByHop,
                     Ext::Routing,
                     Ext::DestOpts,
-                    Ext::Fragment {
-                        offset: 0,
-                        more: true,
-                    },
+                    Ext::Fragment { offset: 0, more: true },
                 ])
                 .build(),
             Rule("tcp/5190"),
@@ -250,31 +235,16 @@ fn frames_are_classified_and_counted_once() {
                 continue;
             }
             fed += 1;
-            assert!(
-                !h.dropped(hook, &frame),
-                "{hook:?} {name}: dropped in monitor mode"
-            );
+            assert!(!h.dropped(hook, &frame), "{hook:?} {name}: dropped in monitor mode");
             let counted = match expect {
                 Expect::Rule(rule) => h.rule_packets(dir, rule, "passed"),
                 Expect::Class(class) => h.class_packets(dir, class),
             };
             assert!(counted >= 1, "{hook:?} {name}: not counted as {expect:?}");
-            assert_eq!(
-                h.total_packets(dir),
-                fed,
-                "{hook:?} {name}: counted more than once"
-            );
+            assert_eq!(h.total_packets(dir), fed, "{hook:?} {name}: counted more than once");
         }
-        let other = if dir == "inbound" {
-            "outbound"
-        } else {
-            "inbound"
-        };
-        assert_eq!(
-            h.total_packets(other),
-            0,
-            "{hook:?}: counted in the wrong direction"
-        );
+        let other = if dir == "inbound" { "outbound" } else { "inbound" };
+        assert_eq!(h.total_packets(other), 0, "{hook:?}: counted in the wrong direction");
     }
 }
 
@@ -303,12 +273,7 @@ fn enforce_drops_rule_ports_only() {
             "{hook:?} udp/137"
         );
         assert!(
-            h.dropped(
-                hook,
-                &Frame::tcp6(v6(1), v6(2), 40000, 5190)
-                    .vlan(&[0x8100])
-                    .build()
-            ),
+            h.dropped(hook, &Frame::tcp6(v6(1), v6(2), 40000, 5190).vlan(&[0x8100]).build()),
             "{hook:?} tcp/5190"
         );
         assert!(
@@ -320,12 +285,7 @@ fn enforce_drops_rule_ports_only() {
             "{hook:?} udp/53"
         );
         assert!(
-            !h.dropped(
-                hook,
-                &Frame::udp4(A, B, 40000, 137)
-                    .ipv4_fragment(10, false)
-                    .build()
-            ),
+            !h.dropped(hook, &Frame::udp4(A, B, 40000, 137).ipv4_fragment(10, false).build()),
             "{hook:?} fragment"
         );
     }
@@ -339,10 +299,7 @@ fn enforce_drops_rule_ports_only() {
 fn actions_apply_per_direction() {
     require_privileged!();
     // IIS host: count inbound NetBIOS, drop the outbound lookups.
-    let h = Harness::new(&policy(
-        Mode::Enforce,
-        &["udp/137=count,drop", "tcp/445=drop,count"],
-    ));
+    let h = Harness::new(&policy(Mode::Enforce, &["udp/137=count,drop", "tcp/445=drop,count"]));
     let nb = Frame::udp4(A, B, 137, 137).build();
     let smb = Frame::tcp4(A, B, 50000, 445).build();
     assert!(!h.dropped(Hook::Xdp(Inbound), &nb));
@@ -404,10 +361,7 @@ fn reload_keeps_counters_of_kept_rules() {
     assert_eq!(h.rule_packets("inbound", "udp/137", "passed"), 7);
     assert!(!h.dropped(Hook::Xdp(Inbound), &nb));
     assert_eq!(h.rule_packets("inbound", "udp/137", "passed"), 8);
-    assert!(
-        !h.dropped(Hook::Xdp(Inbound), &aol),
-        "removed rule still matches"
-    );
+    assert!(!h.dropped(Hook::Xdp(Inbound), &aol), "removed rule still matches");
     assert_eq!(h.class_packets("inbound", "unmatched"), 1);
     assert_eq!(
         h.rule_packets("inbound", "tcp/445", "passed"),

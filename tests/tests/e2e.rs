@@ -16,14 +16,7 @@ fn pin_dir() -> String {
 
 const WAIT: Duration = Duration::from_secs(3);
 
-fn packets(
-    nw: &Netwatch,
-    ns: &Netns,
-    iface: &str,
-    direction: &str,
-    rule: &str,
-    action: &str,
-) -> f64 {
+fn packets(nw: &Netwatch, ns: &Netns, iface: &str, direction: &str, rule: &str, action: &str) -> f64 {
     let m = nw.metrics(ns);
     sample(
         &m,
@@ -46,12 +39,7 @@ fn counts_real_scanners_exactly() {
     let nw = Netwatch::start(
         &lab.victim,
         &pin_dir(),
-        &[
-            "--iface",
-            &format!("{VICTIM_IF}:host"),
-            "--egress",
-            VICTIM_IF,
-        ],
+        &["--iface", &format!("{VICTIM_IF}:host"), "--egress", VICTIM_IF],
     );
 
     // nbtscan probes every address of the /24 once: 256 datagrams.
@@ -78,11 +66,7 @@ fn counts_real_scanners_exactly() {
         .args(["-n", "-Pn", "-sT", "-p", "5190", "198.18.1.0/28"])
         .output()
         .expect("nmap");
-    assert!(
-        out.status.success(),
-        "nmap: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "nmap: {}", String::from_utf8_lossy(&out.stderr));
     let got = eventually(16.0, WAIT, || {
         packets(&nw, &lab.victim, VICTIM_IF, "inbound", "tcp/5190", "passed")
     });
@@ -153,60 +137,33 @@ fn enforce_drops_probes_before_the_stack() {
         &lab.victim,
         &pin_dir(),
         &[
-            "--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce", "--rule", "udp/137",
-            "--rule", "tcp/5190",
+            "--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce", "--rule", "udp/137", "--rule", "tcp/5190",
         ],
     );
     let nb = udp_listener(&lab.victim, 137);
     let dgm = udp_listener(&lab.victim, 138);
     assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 20), 20);
     assert_eq!(send_udp(&lab.scanner, "198.18.0.2:138", 20), 20);
-    assert_eq!(
-        count_received(&nb),
-        0,
-        "udp/137 reached the socket in enforce mode"
-    );
+    assert_eq!(count_received(&nb), 0, "udp/137 reached the socket in enforce mode");
     assert_eq!(count_received(&dgm), 20, "udp/138 (no rule) was disturbed");
     assert_eq!(
         packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "dropped"),
         20.0
     );
 
-    let _listener = lab
-        .victim
-        .run(|| std::net::TcpListener::bind("0.0.0.0:5190").unwrap());
+    let _listener = lab.victim.run(|| std::net::TcpListener::bind("0.0.0.0:5190").unwrap());
     assert!(
         !tcp_connect(&lab.scanner, "198.18.0.2:5190", Duration::from_millis(300)),
         "tcp/5190 connected in enforce mode"
     );
-    assert!(
-        packets(
-            &nw,
-            &lab.victim,
-            VICTIM_IF,
-            "inbound",
-            "tcp/5190",
-            "dropped"
-        ) >= 1.0
-    );
+    assert!(packets(&nw, &lab.victim, VICTIM_IF, "inbound", "tcp/5190", "dropped") >= 1.0);
 
     // Outbound lookups from the host itself are stopped at TC egress.
     let scanner_nb = udp_listener(&lab.scanner, 137);
     assert_eq!(send_udp(&lab.victim, "198.18.0.1:137", 9), 9);
+    assert_eq!(count_received(&scanner_nb), 0, "outbound udp/137 left the host");
     assert_eq!(
-        count_received(&scanner_nb),
-        0,
-        "outbound udp/137 left the host"
-    );
-    assert_eq!(
-        packets(
-            &nw,
-            &lab.victim,
-            VICTIM_IF,
-            "outbound",
-            "udp/137",
-            "dropped"
-        ),
+        packets(&nw, &lab.victim, VICTIM_IF, "outbound", "udp/137", "dropped"),
         9.0
     );
 }
@@ -241,11 +198,7 @@ fn counters_survive_restart_and_detach_removes_everything() {
         "XDP left attached after SIGTERM"
     );
     let status = netwatch(&["status", "--json", "--pin-dir", &pins]);
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let counted: u64 = json["rule_counters"]
         .as_array()
@@ -311,10 +264,7 @@ fn counters_survive_restart_and_detach_removes_everything() {
     );
 
     drop(nw2); // kill -9 and `netwatch detach`
-    assert!(
-        !std::path::Path::new(&pins).exists(),
-        "pin directory left behind"
-    );
+    assert!(!std::path::Path::new(&pins).exists(), "pin directory left behind");
     let link = lab.victim.ip(&["-d", "link", "show", VICTIM_IF]);
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
@@ -338,11 +288,7 @@ fn sighup_reloads_and_rejects_broken_config() {
     write(&format!(
         "mode = \"monitor\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n"
     ));
-    let nw = Netwatch::start(
-        &lab.victim,
-        &pin_dir(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
     send_udp(&lab.scanner, "198.18.0.2:137", 4);
     assert_eq!(
         eventually(4.0, WAIT, || packets(
@@ -424,15 +370,8 @@ fn sighup_reloads_and_rejects_broken_config() {
     );
     let m = nw.metrics(&lab.victim);
     assert_eq!(sample(&m, "netwatch_info", &[("mode", "enforce")]), 1.0);
-    assert_eq!(
-        sample(&m, "netwatch_config_last_reload_successful", &[]),
-        0.0
-    );
-    assert!(
-        nw.log().contains("port 70000 is out of range 1-65535"),
-        "{}",
-        nw.log()
-    );
+    assert_eq!(sample(&m, "netwatch_config_last_reload_successful", &[]), 0.0);
+    assert!(nw.log().contains("port 70000 is out of range 1-65535"), "{}", nw.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -452,14 +391,7 @@ fn router_lan_side_counts_and_stops_outbound_probes() {
         "nw-lan",
         "198.18.10.1/24",
     );
-    veth(
-        &router,
-        "nw-wan",
-        "198.18.0.1/24",
-        &internet,
-        "nw-up",
-        "198.18.0.2/24",
-    );
+    veth(&router, "nw-wan", "198.18.0.1/24", &internet, "nw-up", "198.18.0.2/24");
     inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
     internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
     internet.local_range(TARGET_RANGE);
@@ -473,35 +405,19 @@ fn router_lan_side_counts_and_stops_outbound_probes() {
     let nw = Netwatch::start(
         &router,
         &pin_dir(),
-        &[
-            "--iface",
-            "nw-lan:lan",
-            "--iface",
-            "nw-wan:wan",
-            "--mode",
-            "enforce",
-        ],
+        &["--iface", "nw-lan:lan", "--iface", "nw-wan:wan", "--mode", "enforce"],
     );
     let far = udp_listener(&internet, 137);
     assert_eq!(send_udp(&inside, "198.18.1.9:137", 12), 12);
     assert_eq!(count_received(&far), 0, "probes crossed the router");
-    assert_eq!(
-        packets(&nw, &router, "nw-lan", "outbound", "udp/137", "dropped"),
-        12.0
-    );
-    assert_eq!(
-        packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"),
-        0.0
-    );
+    assert_eq!(packets(&nw, &router, "nw-lan", "outbound", "udp/137", "dropped"), 12.0);
+    assert_eq!(packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"), 0.0);
 
     // Inbound probes from outside are stopped on the WAN side.
     let inner = udp_listener(&inside, 137);
     assert_eq!(send_udp(&internet, "198.18.10.2:137", 6), 6);
     assert_eq!(count_received(&inner), 0);
-    assert_eq!(
-        packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"),
-        6.0
-    );
+    assert_eq!(packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"), 6.0);
 }
 
 /// Bad flags and files: a clear error naming the problem, nothing attached.
@@ -527,48 +443,23 @@ fn bad_input_is_refused_with_a_clear_error() {
             "role \"dmz\" is not one of wan, lan, host",
         ),
         (
-            vec![
-                "--iface".into(),
-                "lo".into(),
-                "--rule".into(),
-                "udp/0".into(),
-            ],
+            vec!["--iface".into(), "lo".into(), "--rule".into(), "udp/0".into()],
             "port 0 is out of range",
         ),
         (
-            vec![
-                "--iface".into(),
-                "lo".into(),
-                "--rule".into(),
-                "icmp/1".into(),
-            ],
+            vec!["--iface".into(), "lo".into(), "--rule".into(), "icmp/1".into()],
             "protocol \"icmp\" is not one of udp, tcp",
         ),
         (
-            vec![
-                "--iface".into(),
-                "lo".into(),
-                "--rule".into(),
-                "udp/137=reject".into(),
-            ],
+            vec!["--iface".into(), "lo".into(), "--rule".into(), "udp/137=reject".into()],
             "action \"reject\" is not one of count, drop",
         ),
         (
-            vec![
-                "--iface".into(),
-                "lo".into(),
-                "--allow".into(),
-                "198.18.0.1/24".into(),
-            ],
+            vec!["--iface".into(), "lo".into(), "--allow".into(), "198.18.0.1/24".into()],
             "has host bits set; did you mean 198.18.0.0/24",
         ),
         (
-            vec![
-                "--iface".into(),
-                "lo".into(),
-                "--allow".into(),
-                "198.18.0.0/33".into(),
-            ],
+            vec!["--iface".into(), "lo".into(), "--allow".into(), "198.18.0.0/33".into()],
             "is not a CIDR",
         ),
         (
@@ -599,19 +490,13 @@ fn bad_input_is_refused_with_a_clear_error() {
             ],
             "unknown field `portz`",
         ),
-        (
-            vec!["--config".into(), file("type.toml", "mode = 3\n")],
-            "line 1",
-        ),
+        (vec!["--config".into(), file("type.toml", "mode = 3\n")], "line 1"),
         (
             vec!["--config".into(), file("mode.toml", "mode = \"block\"\n")],
             "unknown variant `block`",
         ),
         (
-            vec![
-                "--config".into(),
-                file("syntax.toml", "[[rule]\nprotocol = \"udp\"\n"),
-            ],
+            vec!["--config".into(), file("syntax.toml", "[[rule]\nprotocol = \"udp\"\n")],
             "line 1",
         ),
         (

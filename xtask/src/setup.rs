@@ -38,9 +38,7 @@ pub fn setup(root: &Path) -> Result<()> {
 /// PATH with the project's tools folder first.
 pub fn path_with_tools(root: &Path) -> std::ffi::OsString {
     let mut paths = vec![root.join(".tools/bin")];
-    paths.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
     std::env::join_paths(paths).expect("PATH")
 }
 
@@ -89,11 +87,7 @@ fn nightly_info() -> Result<Nightly> {
 }
 
 fn ensure_rust_src(nightly: &Nightly) -> Result<()> {
-    if nightly
-        .sysroot
-        .join("lib/rustlib/src/rust/library/core")
-        .exists()
-    {
+    if nightly.sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         return Ok(());
     }
     println!("setup: adding rust-src to the nightly toolchain");
@@ -138,19 +132,11 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<()> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
-        .with_context(|| {
-            format!(
-                "no libLLVM.so.* in {} (the nightly's own LLVM)",
-                lib_dir.display()
-            )
-        })?;
+        .with_context(|| format!("no libLLVM.so.* in {} (the nightly's own LLVM)", lib_dir.display()))?;
     let prefix = tools.join("llvm");
     let prefix_lib = prefix.join("lib");
     fs::create_dir_all(&prefix_lib)?;
-    for name in [
-        "libLLVM.so".into(),
-        libllvm.file_name().unwrap().to_os_string(),
-    ] {
+    for name in ["libLLVM.so".into(), libllvm.file_name().unwrap().to_os_string()] {
         let link = prefix_lib.join(&name);
         let _ = fs::remove_file(&link);
         symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
@@ -161,13 +147,7 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<()> {
     );
     status(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--no-default-features",
-            ])
+            .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features"])
             .args(["--version", BPF_LINKER_VERSION])
             .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
             .arg("--root")

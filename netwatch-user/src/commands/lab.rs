@@ -26,10 +26,7 @@ fn step(msg: &str) {
 fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -71,9 +68,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     drop(Lab { netwatch: None });
     let mut lab = Lab { netwatch: None };
 
-    step(
-        "making namespaces: scanner 198.18.0.1 <-veth-> protected host 198.18.0.2 (owns 198.18.1.0/24)",
-    );
+    step("making namespaces: scanner 198.18.0.1 <-veth-> protected host 198.18.0.2 (owns 198.18.1.0/24)");
     ip(&["netns", "add", SCANNER])?;
     ip(&["netns", "add", HOST])?;
     ip(&[
@@ -98,29 +93,10 @@ pub fn lab(args: &LabArgs) -> Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
     }
-    ip(&[
-        "-n",
-        HOST,
-        "route",
-        "add",
-        "local",
-        "198.18.1.0/24",
-        "dev",
-        "lo",
-    ])?;
-    ip(&[
-        "-n",
-        SCANNER,
-        "route",
-        "add",
-        "198.18.1.0/24",
-        "via",
-        "198.18.0.2",
-    ])?;
+    ip(&["-n", HOST, "route", "add", "local", "198.18.1.0/24", "dev", "lo"])?;
+    ip(&["-n", SCANNER, "route", "add", "198.18.1.0/24", "via", "198.18.0.2"])?;
 
-    step(
-        "starting `netwatch run --iface lab-host0:host --egress lab-host0 --mode enforce` on the protected host",
-    );
+    step("starting `netwatch run --iface lab-host0:host --egress lab-host0 --mode enforce` on the protected host");
     let child = in_ns(HOST, exe)
         .args([
             "run",
@@ -145,16 +121,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
         Err(err) => println!("    (nbtscan not run: {err:#}; `cargo xtask setup` installs it)"),
     }
     step("scanner: nmap connect scan of 198.18.1.0/28 on tcp/5190 (AOL/ICQ)");
-    match sh(in_ns(SCANNER, "nmap").args([
-        "-n",
-        "-Pn",
-        "-sT",
-        "-p",
-        "5190",
-        "--max-retries",
-        "0",
-        "198.18.1.0/28",
-    ])) {
+    match sh(in_ns(SCANNER, "nmap").args(["-n", "-Pn", "-sT", "-p", "5190", "--max-retries", "0", "198.18.1.0/28"])) {
         Ok(_) => {}
         Err(err) => println!("    (nmap not run: {err:#})"),
     }
@@ -163,10 +130,7 @@ pub fn lab(args: &LabArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
 
     step("what netwatch saw (`netwatch status`):");
-    print!(
-        "{}",
-        sh(Command::new(exe).args(["status", "--pin-dir", PIN_DIR]))?
-    );
+    print!("{}", sh(Command::new(exe).args(["status", "--pin-dir", PIN_DIR]))?);
     step(&format!(
         "a few lines of http://{METRICS}/metrics (inside the host namespace):"
     ));
@@ -216,9 +180,7 @@ fn send_from_ns(ns: &str, dst: &str, count: usize) -> Result<()> {
 }
 
 fn scrape() -> Result<String> {
-    Ok(netns::run_in(HOST, || {
-        netns::http_get(METRICS, "/metrics")
-    })??)
+    Ok(netns::run_in(HOST, || netns::http_get(METRICS, "/metrics"))??)
 }
 
 fn wait_for_ctrl_c() {

@@ -1,6 +1,13 @@
 //! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::maps::RingBuf;
+use netwatch_common::maps;
+use tokio::io::{Interest, unix::AsyncFd};
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
@@ -11,9 +18,11 @@ use crate::{
     cli::RunArgs,
     config::{ConfigFile, Overrides, RunConfig},
     datapath::{self, Attachments, PinnedMaps},
+    detector::{Detector, parse_event},
     http::{self, AppState},
     metrics::ControllerStats,
     policy::Role,
+    sources,
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
@@ -21,6 +30,7 @@ fn overrides(args: &RunArgs) -> Overrides {
         mode: args.mode,
         metrics_addr: args.metrics_addr,
         pin_dir: args.pin_dir.clone(),
+        state_dir: args.state_dir.clone(),
         interfaces: args.interfaces.clone(),
         egress: args.egress.clone(),
         rules: args.rules.clone(),
@@ -43,12 +53,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     // Check every interface before attaching anything.
-    for name in config
-        .interfaces
-        .iter()
-        .map(|i| &i.name)
-        .chain(&config.egress)
-    {
+    for name in config.interfaces.iter().map(|i| &i.name).chain(&config.egress) {
         datapath::ifindex(name)?;
     }
 
@@ -56,11 +61,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     datapath::prepare_pin_dir(&config.pin_dir)?;
     let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
     // Loading an instance creates (or re-opens) the pinned maps.
-    drop(datapath::load_instance(
-        &config.pin_dir,
-        0,
-        Direction::Inbound,
-    )?);
+    drop(datapath::load_instance(&config.pin_dir, 0, Direction::Inbound)?);
     let maps = PinnedMaps::open(&config.pin_dir)?;
     datapath::apply_policy(&maps, &config.policy)?;
     info!(
@@ -82,9 +83,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         return Err(err);
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(serve_until_signal(&args, &config, &maps, listener));
 
     if args.keep_attached {
@@ -93,25 +92,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         attachments.detach();
         datapath::mark_all_detached(&maps)?;
-        info!(
-            "detached; counters stay pinned in {}",
-            config.pin_dir.display()
-        );
+        info!("detached; counters stay pinned in {}", config.pin_dir.display());
     }
     result
 }
 
-fn attach_all(
-    config: &RunConfig,
-    maps: &PinnedMaps,
-    attachments: &mut Attachments,
-    xdp_generic: bool,
-) -> Result<()> {
+fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachments, xdp_generic: bool) -> Result<()> {
     for iface in &config.interfaces {
         let index = datapath::ifindex(&iface.name)?;
         let slot = datapath::claim_iface_slot(maps, &iface.name, iface.role, index)?;
-        let mode =
-            attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
+        let mode = attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
         let tc = config.egress.contains(&iface.name);
         if tc {
             attachments.attach_tc_egress(&iface.name, slot)?;
@@ -142,22 +132,42 @@ fn attach_all(
     Ok(())
 }
 
+/// How often open incidents are brought up to date from the kernel.
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How often the tracked sources are counted (a walk of the map's keys;
+/// never done at scrape time).
+const COUNT_EVERY: Duration = Duration::from_secs(30);
+
 async fn serve_until_signal(
     args: &RunArgs,
     config: &RunConfig,
     maps: &PinnedMaps,
     listener: std::net::TcpListener,
 ) -> Result<()> {
+    let mut detector = Detector::open(maps, &config.state_dir)?;
     let stats = Arc::new(Mutex::new(ControllerStats {
         last_reload_ok: true,
         ..Default::default()
     }));
     let state = AppState {
         pin_dir: config.pin_dir.clone(),
+        state_dir: config.state_dir.clone(),
         stats: stats.clone(),
     };
     let server = http::serve(listener, state)?;
-    info!("metrics at http://{}/metrics", config.metrics_addr);
+    info!(
+        "metrics at http://{}/metrics, incidents in {}",
+        config.metrics_addr,
+        config.state_dir.display()
+    );
+
+    let events = RingBuf::try_from(maps.map_by_name(maps::EVENTS)?)?;
+    // SAFETY: the ring buffer owns its fd and is only moved into AsyncFd,
+    // which keeps it until it is dropped.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE)? };
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    let mut count = tokio::time::interval(COUNT_EVERY);
+    let mut counting: Option<tokio::task::JoinHandle<Result<u64>>> = None;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -181,6 +191,40 @@ async fn serve_until_signal(
                         s.last_reload_ok = false;
                         error!("reload rejected, the previous configuration stays in force: {err:#}");
                     }
+                }
+            }
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                let mut batch = Vec::new();
+                while let Some(item) = ring.next() {
+                    batch.extend(parse_event(&item));
+                }
+                guard.clear_ready();
+                for event in &batch {
+                    if let Err(err) = detector.on_event(event) {
+                        stats.lock().expect("stats lock").incident_errors += 1;
+                        error!("recording an incident failed (the kernel keeps counting; retried on refresh): {err:#}");
+                    }
+                }
+            }
+            _ = refresh.tick() => {
+                if let Err(err) = detector.refresh() {
+                    stats.lock().expect("stats lock").incident_errors += 1;
+                    error!("updating open incidents failed: {err:#}");
+                }
+                stats.lock().expect("stats lock").sources_blocked = detector.blocked_now() as u64;
+            }
+            _ = count.tick(), if counting.is_none() => {
+                let pin_dir = config.pin_dir.clone();
+                counting = Some(tokio::task::spawn_blocking(move || sources::count(&PinnedMaps::open(&pin_dir)?)));
+            }
+            done = async { counting.as_mut().expect("guarded").await }, if counting.is_some() => {
+                counting = None;
+                match done {
+                    Ok(Ok(n)) => stats.lock().expect("stats lock").sources_tracked = Some(n),
+                    Ok(Err(err)) => warn!("counting tracked sources: {err:#}"),
+                    Err(err) => warn!("counting tracked sources: {err}"),
                 }
             }
         }

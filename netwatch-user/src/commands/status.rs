@@ -1,6 +1,12 @@
+use std::fmt::Write as _;
+
 use anyhow::Result;
 
-use crate::{cli::StatusArgs, datapath::PinnedMaps, snapshot::Snapshot};
+use crate::{
+    cli::StatusArgs,
+    datapath::PinnedMaps,
+    snapshot::{ListView, Snapshot},
+};
 
 pub fn status(args: &StatusArgs) -> Result<()> {
     let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
@@ -13,8 +19,20 @@ pub fn status(args: &StatusArgs) -> Result<()> {
     Ok(())
 }
 
+fn list(v: &[ListView]) -> String {
+    if v.is_empty() {
+        return "(empty)".to_string();
+    }
+    v.iter()
+        .map(|l| match &l.expires {
+            Some(t) => format!("{} ({}, until {t})", l.cidr, l.origin),
+            None => format!("{} ({})", l.cidr, l.origin),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn render_text(s: &Snapshot) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "mode: {}", s.mode);
     let _ = writeln!(out, "interfaces:");
@@ -33,24 +51,23 @@ pub fn render_text(s: &Snapshot) -> String {
     for r in &s.rules {
         let _ = writeln!(
             out,
-            "  {:<10} inbound {:<5} outbound {}",
-            r.rule, r.inbound, r.outbound
+            "  {:<10} inbound {:<5} outbound {:<5} flag at {} destinations in {} s{}",
+            r.rule,
+            r.inbound,
+            r.outbound,
+            r.threshold,
+            r.window_secs,
+            r.block_secs.map(|t| format!(", auto-block {t} s")).unwrap_or_default()
         );
     }
-    let list = |v: &Vec<String>| {
-        if v.is_empty() {
-            "(empty)".to_string()
-        } else {
-            v.join(", ")
-        }
-    };
     let _ = writeln!(out, "allowlist: {}", list(&s.allowlist));
     let _ = writeln!(out, "blocklist: {}", list(&s.blocklist));
     let _ = writeln!(out, "rule counters:");
+    let header = ("INTERFACE", "DIRECTION", "RULE", "ACTION", "PACKETS", "BYTES");
     let _ = writeln!(
         out,
         "  {:<16} {:<9} {:<10} {:<8} {:>12} {:>14}",
-        "INTERFACE", "DIRECTION", "RULE", "ACTION", "PACKETS", "BYTES"
+        header.0, header.1, header.2, header.3, header.4, header.5
     );
     for c in s.rule_counters.iter().filter(|c| c.packets > 0) {
         let _ = writeln!(
@@ -76,5 +93,26 @@ pub fn render_text(s: &Snapshot) -> String {
             c.interface, c.direction, class, c.packets, c.bytes
         );
     }
+    let d = &s.detection;
+    let flagged: Vec<String> = d
+        .flagged
+        .iter()
+        .filter(|f| f.flagged > 0)
+        .map(|f| format!("{} {} {}", f.rule, f.direction, f.flagged))
+        .collect();
+    let _ = writeln!(
+        out,
+        "detection: {} sources tracked so far, flagged: {}, auto-blocks: {}, events lost: {}",
+        d.sources_created,
+        if flagged.is_empty() {
+            "none".to_string()
+        } else {
+            flagged.join(", ")
+        },
+        d.auto_blocks,
+        d.events_lost
+    );
+    let reverse: u64 = d.reverse_lookups.iter().map(|c| c.packets).sum();
+    let _ = writeln!(out, "reverse lookups (udp/137 to recent web visitors): {reverse}");
     out
 }

@@ -1,0 +1,178 @@
+//! Per-source tracking of matched traffic: packets, bytes, first and
+//! last seen, distinct destinations in the current window, and the one
+//! flag event when a source crosses its rule's threshold.
+
+use core::intrinsics::{AtomicOrdering, atomic_or};
+
+use aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP;
+use netwatch_common::{
+    FlagEvent, KIND_PROBE, PortRule, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
+    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+};
+
+use crate::maps::{EVENTS, FLAG_COUNTERS, SOURCES, STATS};
+
+#[inline(always)]
+pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
+    if let Some(v) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU value.
+        unsafe { *v += 1 };
+    }
+}
+
+/// Murmur3's finaliser: spreads an address over 32 bits.
+#[inline(always)]
+pub fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
+/// Adds a destination hash to the sketch; updates `distinct`.
+#[inline(always)]
+fn add_destination(state: &mut SourceState, hash: u32) {
+    if state.flags & SOURCE_BITMAP == 0 {
+        let len = state.distinct;
+        for i in 0..SKETCH_WORDS {
+            if (i as u32) < len && state.sketch[i] == hash {
+                return;
+            }
+        }
+        if len < SKETCH_LIST_LEN {
+            if let Some(slot) = state.sketch.get_mut(len as usize) {
+                *slot = hash;
+                state.distinct = len + 1;
+            }
+            return;
+        }
+        // The list is full: turn it into a bitmap holding the same hashes.
+        let list = state.sketch;
+        state.sketch = [0; SKETCH_WORDS];
+        state.distinct = 0;
+        state.flags |= SOURCE_BITMAP;
+        for h in list {
+            set_bit(state, h);
+        }
+    }
+    set_bit(state, hash);
+}
+
+#[inline(always)]
+fn set_bit(state: &mut SourceState, hash: u32) {
+    let bit = hash >> 22; // top 10 bits: 0..1024
+    let word = (bit >> 5) as usize & (SKETCH_WORDS - 1);
+    let mask = 1u32 << (bit & 31);
+    if state.sketch[word] & mask == 0 {
+        state.sketch[word] |= mask;
+        state.distinct += 1;
+    }
+}
+
+/// Whether the source has reached its rule's threshold in this window.
+#[inline(always)]
+fn crossed(state: &SourceState, rule: &PortRule) -> bool {
+    if state.flags & SOURCE_BITMAP == 0 {
+        state.distinct >= rule.threshold
+    } else {
+        state.distinct >= rule.flag_bits
+    }
+}
+
+/// What tracking decided about the packet's source.
+pub struct Tracked {
+    /// The source is auto-blocked on this rule right now.
+    pub blocked: bool,
+}
+
+/// Records one packet from `key`'s source to the destination `dst_hash`.
+/// `may_block`: auto-block is on for this rule, the mode is enforce and
+/// the source is not allowlisted.
+#[inline(always)]
+pub fn track(
+    key: &SourceKey,
+    rule: &PortRule,
+    dst_hash: u32,
+    iface: u32,
+    bytes: u64,
+    now: u32,
+    may_block: bool,
+) -> Tracked {
+    let state = match SOURCES.get_ptr_mut(key) {
+        Some(state) => state,
+        None => {
+            let fresh = SourceState {
+                first_seen: now,
+                window_start: now,
+                ..SourceState::default()
+            };
+            // BPF_NOEXIST: another CPU may have created it meanwhile.
+            if SOURCES.insert(key, fresh, 1).is_ok() {
+                bump_stat(&STATS, STAT_SOURCES_CREATED);
+            }
+            match SOURCES.get_ptr_mut(key) {
+                Some(state) => state,
+                None => return Tracked { blocked: false },
+            }
+        }
+    };
+    // SAFETY: a map value; concurrent updates of one source from several
+    // CPUs may lose an increment, never corrupt memory.
+    let state = unsafe { &mut *state };
+    if now.wrapping_sub(state.window_start) >= rule.window_secs {
+        state.window_start = now;
+        state.distinct = 0;
+        state.sketch = [0; SKETCH_WORDS];
+        state.flags &= !(SOURCE_BITMAP | SOURCE_FLAGGED);
+    }
+    state.packets += 1;
+    state.bytes += bytes;
+    state.last_seen = now;
+    state.iface = iface;
+    add_destination(state, dst_hash);
+
+    if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED == 0 && crossed(state, rule) {
+        // An atomic fetch-or (BPF v3), so that when two CPUs cross the
+        // threshold together only one of them reports it. Rust's BPF
+        // target has no AtomicU32, hence the intrinsic.
+        // SAFETY: `flags` is an aligned u64 inside the map value.
+        let old = unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags, SOURCE_FLAGGED) };
+        if old & SOURCE_FLAGGED == 0 {
+            if may_block && rule.block_secs != 0 {
+                state.blocked_until = now + rule.block_secs;
+                bump_stat(&STATS, STAT_AUTO_BLOCKED);
+            }
+            bump_stat(
+                &FLAG_COUNTERS,
+                flag_counter_index(key.rule as u32, key.direction as u32),
+            );
+            emit(key, state);
+        }
+    }
+    Tracked {
+        blocked: state.blocked_until > now,
+    }
+}
+
+#[inline(always)]
+fn emit(key: &SourceKey, state: &SourceState) {
+    match EVENTS.reserve::<FlagEvent>(0) {
+        Some(mut entry) => {
+            entry.write(FlagEvent {
+                key: *key,
+                iface: state.iface,
+                distinct: state.distinct,
+                first_seen: state.first_seen,
+                last_seen: state.last_seen,
+                blocked_until: state.blocked_until,
+                flags: state.flags,
+                packets: state.packets,
+                bytes: state.bytes,
+            });
+            // Flags are rare: wake the controller now, not at the next batch.
+            entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+        }
+        None => bump_stat(&STATS, STAT_EVENTS_LOST),
+    }
+}

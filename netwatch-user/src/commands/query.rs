@@ -1,0 +1,129 @@
+//! `lookup` and `top`: what netwatch knows about sources.
+
+use std::{fmt::Write as _, net::IpAddr, path::Path};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    cli::{LookupArgs, TopArgs},
+    clock::rfc3339,
+    datapath::PinnedMaps,
+    incidents::{Incident, Store},
+    sources::{self, Names, SourceView},
+};
+
+/// The answer to `lookup IP`, as printed with `--json` and served at
+/// `/api/lookup/IP`.
+#[derive(Debug, Serialize)]
+pub struct LookupReport {
+    pub ip: IpAddr,
+    /// Newest first.
+    pub incidents: Vec<Incident>,
+    /// What the kernel tracks about the address right now.
+    pub tracked: Vec<SourceView>,
+}
+
+pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
+    let incidents = match Store::open_read_only(state_dir)? {
+        Some(store) => store.by_source(ip)?,
+        None => Vec::new(),
+    };
+    // Pins may be gone (after `detach`): incidents still answer.
+    let tracked = match PinnedMaps::open(pin_dir) {
+        Ok(maps) => sources::lookup(&maps, &Names::read(&maps)?, ip)?,
+        Err(_) => Vec::new(),
+    };
+    Ok(LookupReport { ip, incidents, tracked })
+}
+
+pub fn lookup(args: &LookupArgs) -> Result<()> {
+    let report = lookup_report(&args.pin_dir.pin_dir, &args.state_dir.state_dir, args.ip)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", report.ip);
+    if report.incidents.is_empty() {
+        let _ = writeln!(out, "incidents: none");
+    } else {
+        let _ = writeln!(out, "incidents (newest first):");
+    }
+    for i in &report.incidents {
+        let blocked = match (i.blocked, i.blocked_until) {
+            (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}",
+            i.id,
+            i.classification.label(),
+            i.rule,
+            i.direction,
+            i.interface,
+            i.packets,
+            i.distinct_destinations,
+            rfc3339(i.first_seen),
+            rfc3339(i.last_seen),
+            blocked
+        );
+    }
+    if report.tracked.is_empty() {
+        let _ = writeln!(out, "tracked now: nothing");
+    } else {
+        let _ = writeln!(out, "tracked now:");
+        for s in &report.tracked {
+            let _ = writeln!(out, "  {}", describe(s));
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn describe(s: &SourceView) -> String {
+    format!(
+        "{} {} {} on {}: {} packets, {} bytes, {} distinct destinations this window{}{}, last seen {}",
+        s.rule,
+        s.direction,
+        s.classification.label(),
+        s.interface,
+        s.packets,
+        s.bytes,
+        s.distinct_destinations,
+        if s.flagged { ", FLAGGED" } else { "" },
+        s.blocked_until
+            .as_ref()
+            .map(|t| format!(", blocked until {t}"))
+            .unwrap_or_default(),
+        s.last_seen
+    )
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopReport {
+    pub sources: Vec<SourceView>,
+}
+
+pub fn top_report(pin_dir: &Path, limit: usize) -> Result<TopReport> {
+    let maps = PinnedMaps::open(pin_dir)?;
+    Ok(TopReport {
+        sources: sources::top(&maps, &Names::read(&maps)?, limit)?,
+    })
+}
+
+pub fn top(args: &TopArgs) -> Result<()> {
+    let report = top_report(&args.pin_dir.pin_dir, args.limit)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if report.sources.is_empty() {
+        println!("no tracked sources");
+    }
+    for s in &report.sources {
+        println!("{:<40} {}", s.source, describe(s));
+    }
+    Ok(())
+}

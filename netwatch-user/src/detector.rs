@@ -1,0 +1,184 @@
+//! The controller's half of scan detection: turns the datapath's flag
+//! events into incidents, and keeps open incidents up to date with what
+//! the kernel keeps counting.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use log::{info, warn};
+use netwatch_common::{Direction, FlagEvent, SourceKey, SourceState, estimate_distinct, maps};
+
+use crate::{
+    clock::{boot_secs, to_system},
+    datapath::PinnedMaps,
+    incidents::{Classification, Observation, Store},
+    sources::{Names, addr_of, classification_of, key_for},
+};
+
+/// A flag within this long of an incident's last sighting updates it
+/// instead of opening a new one.
+pub const REOPEN_AFTER: Duration = Duration::from_secs(3600);
+/// Open incidents followed at most (the rest still get their flag events).
+const MAX_FOLLOWED: usize = 10_000;
+
+pub struct Detector {
+    store: Store,
+    sources: BpfHashMap<MapData, SourceKey, SourceState>,
+    maps_dir: std::path::PathBuf,
+    names: Names,
+    /// Flagged sources whose incidents are still open, with when they were
+    /// last seen moving.
+    followed: HashMap<SourceKey, Instant>,
+}
+
+impl Detector {
+    pub fn open(maps: &PinnedMaps, state_dir: &Path) -> Result<Self> {
+        let store = Store::open(state_dir)?;
+        let names = Names::read(maps)?;
+        let sources = BpfHashMap::try_from(maps.map_by_name(maps::SOURCES)?)?;
+        let mut detector = Detector {
+            store,
+            sources,
+            maps_dir: maps.dir().to_path_buf(),
+            names,
+            followed: HashMap::new(),
+        };
+        detector.follow_open_incidents()?;
+        Ok(detector)
+    }
+
+    /// After a restart, keep following the incidents that are still open.
+    fn follow_open_incidents(&mut self) -> Result<()> {
+        let now = std::time::SystemTime::now();
+        for incident in self.store.recent(MAX_FOLLOWED)? {
+            if now.duration_since(incident.last_seen).unwrap_or_default() > REOPEN_AFTER {
+                continue;
+            }
+            let direction = if incident.direction == "inbound" {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            let kind = match incident.classification {
+                Classification::Scan => netwatch_common::KIND_PROBE,
+                Classification::ReverseLookup => netwatch_common::KIND_REVERSE_LOOKUP,
+            };
+            if let Some(rule) = self.names.rule_slots().find(|s| self.names.rule(*s) == incident.rule) {
+                self.followed
+                    .insert(key_for(incident.source, rule, direction, kind), Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    fn observation(&self, key: &SourceKey, state: &SourceState) -> Observation {
+        let now = boot_secs();
+        Observation {
+            source: addr_of(key),
+            rule: self.names.rule(key.rule),
+            direction: if key.direction == Direction::Inbound as u8 {
+                "inbound"
+            } else {
+                "outbound"
+            }
+            .to_string(),
+            interface: self.names.iface(state.iface),
+            classification: classification_of(key.kind),
+            first_seen: to_system(state.first_seen),
+            last_seen: to_system(state.last_seen),
+            packets: state.packets,
+            distinct_destinations: estimate_distinct(state.distinct, state.flags),
+            blocked_until: (state.blocked_until > now).then(|| to_system(state.blocked_until)),
+        }
+    }
+
+    /// A flag event from the datapath: record the incident.
+    pub fn on_event(&mut self, event: &FlagEvent) -> Result<()> {
+        if self.names.rule_slots().all(|s| s != event.key.rule) {
+            // A rule added by a reload since we last looked.
+            let maps = PinnedMaps::open(&self.maps_dir)?;
+            self.names = Names::read(&maps)?;
+        }
+        let state = SourceState {
+            packets: event.packets,
+            bytes: event.bytes,
+            flags: event.flags,
+            first_seen: event.first_seen,
+            last_seen: event.last_seen,
+            blocked_until: event.blocked_until,
+            distinct: event.distinct,
+            iface: event.iface,
+            ..SourceState::default()
+        };
+        let obs = self.observation(&event.key, &state);
+        let id = self.store.record(&obs, REOPEN_AFTER)?;
+        info!(
+            "flagged {} ({} {} {} on {}): {} distinct destinations, {} packets{} — incident #{id}",
+            obs.source,
+            obs.classification.label(),
+            obs.rule,
+            obs.direction,
+            obs.interface,
+            obs.distinct_destinations,
+            obs.packets,
+            obs.blocked_until
+                .map(|t| format!(", auto-blocked until {}", crate::clock::rfc3339(t)))
+                .unwrap_or_default()
+        );
+        self.followed.insert(event.key, Instant::now());
+        if self.followed.len() > MAX_FOLLOWED
+            && let Some(oldest) = self.followed.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k)
+        {
+            self.followed.remove(&oldest);
+        }
+        Ok(())
+    }
+
+    /// Brings open incidents up to date (packets, last seen, blocks) with
+    /// one map lookup each; stops following those gone quiet.
+    pub fn refresh(&mut self) -> Result<()> {
+        let mut quiet = Vec::new();
+        let keys: Vec<SourceKey> = self.followed.keys().copied().collect();
+        for key in keys {
+            match self.sources.get(&key, 0) {
+                Ok(state) => {
+                    let obs = self.observation(&key, &state);
+                    self.store.record(&obs, REOPEN_AFTER)?;
+                    if boot_secs().saturating_sub(state.last_seen) as u64 > REOPEN_AFTER.as_secs() {
+                        quiet.push(key);
+                    }
+                }
+                // Evicted by the LRU: the incident keeps its last values.
+                Err(_) => quiet.push(key),
+            }
+        }
+        for key in quiet {
+            self.followed.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Sources currently auto-blocked, from the open incidents.
+    pub fn blocked_now(&self) -> usize {
+        let now = boot_secs();
+        self.followed
+            .keys()
+            .filter(|k| self.sources.get(k, 0).is_ok_and(|s| s.blocked_until > now))
+            .count()
+    }
+}
+
+/// Reads a flag event out of a ring buffer record.
+pub fn parse_event(bytes: &[u8]) -> Option<FlagEvent> {
+    if bytes.len() < std::mem::size_of::<FlagEvent>() {
+        warn!("short ring buffer record ({} bytes)", bytes.len());
+        return None;
+    }
+    // SAFETY: FlagEvent is plain data; read_unaligned copes with alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const FlagEvent) })
+}

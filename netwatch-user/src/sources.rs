@@ -1,0 +1,209 @@
+//! Reading the kernel's per-source map: a source's record (`lookup`),
+//! the busiest sources (`top`), and how many are tracked.
+
+use std::{
+    collections::{BinaryHeap, HashMap as StdHashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::Result;
+use aya::maps::{HashMap, MapData};
+use netwatch_common::{
+    Direction, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, maps,
+};
+use serde::Serialize;
+
+use crate::{
+    clock::boot_rfc3339,
+    datapath::{PinnedMaps, iface_name},
+    incidents::Classification,
+};
+
+/// A tracked source as the CLI and the HTTP API show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceView {
+    pub source: IpAddr,
+    pub rule: String,
+    pub direction: &'static str,
+    pub interface: String,
+    pub classification: Classification,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Distinct destinations in the current window (exact up to 32, an
+    /// estimate above).
+    pub distinct_destinations: u32,
+    pub flagged: bool,
+    pub blocked_until: Option<String>,
+}
+
+pub fn key_for(addr: IpAddr, rule: u8, direction: Direction, kind: u8) -> SourceKey {
+    let mut key = SourceKey {
+        rule,
+        direction: direction as u8,
+        kind,
+        ..SourceKey::default()
+    };
+    match addr {
+        IpAddr::V4(a) => {
+            key.addr[..4].copy_from_slice(&a.octets());
+            key.family = 4;
+        }
+        IpAddr::V6(a) => {
+            key.addr = a.octets();
+            key.family = 6;
+        }
+    }
+    key
+}
+
+pub fn addr_of(key: &SourceKey) -> IpAddr {
+    if key.family == 4 {
+        IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    }
+}
+
+/// Names of rule slots and interface slots, to label keys.
+pub struct Names {
+    rules: StdHashMap<u8, String>,
+    ifaces: StdHashMap<u32, String>,
+}
+
+impl Names {
+    pub fn read(maps: &PinnedMaps) -> Result<Self> {
+        let rules = maps
+            .rules()?
+            .into_iter()
+            .map(|(slot, info)| {
+                (
+                    slot as u8,
+                    format!("{}/{}", crate::snapshot::protocol_label(info.protocol), info.port),
+                )
+            })
+            .collect();
+        let ifaces = maps
+            .iface_slots()?
+            .into_iter()
+            .map(|(slot, info)| (slot, iface_name(&info)))
+            .collect();
+        Ok(Names { rules, ifaces })
+    }
+
+    pub fn rule(&self, slot: u8) -> String {
+        self.rules.get(&slot).cloned().unwrap_or_else(|| format!("rule#{slot}"))
+    }
+
+    pub fn iface(&self, slot: u32) -> String {
+        self.ifaces.get(&slot).cloned().unwrap_or_else(|| format!("if#{slot}"))
+    }
+
+    pub fn rule_slots(&self) -> impl Iterator<Item = u8> + '_ {
+        self.rules.keys().copied()
+    }
+}
+
+pub fn classification_of(kind: u8) -> Classification {
+    if kind == KIND_REVERSE_LOOKUP {
+        Classification::ReverseLookup
+    } else {
+        Classification::Scan
+    }
+}
+
+pub fn view(names: &Names, key: &SourceKey, state: &SourceState) -> SourceView {
+    let now = crate::clock::boot_secs();
+    SourceView {
+        source: addr_of(key),
+        rule: names.rule(key.rule),
+        direction: if key.direction == Direction::Inbound as u8 {
+            "inbound"
+        } else {
+            "outbound"
+        },
+        interface: names.iface(state.iface),
+        classification: classification_of(key.kind),
+        first_seen: boot_rfc3339(state.first_seen),
+        last_seen: boot_rfc3339(state.last_seen),
+        packets: state.packets,
+        bytes: state.bytes,
+        distinct_destinations: estimate_distinct(state.distinct, state.flags),
+        flagged: state.flags & SOURCE_FLAGGED != 0,
+        blocked_until: (state.blocked_until > now).then(|| boot_rfc3339(state.blocked_until)),
+    }
+}
+
+fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceState>> {
+    Ok(HashMap::try_from(maps.map_by_name(maps::SOURCES)?)?)
+}
+
+/// Everything the kernel tracks about `addr`, by direct lookups (one per
+/// rule, direction and kind), never a walk of the map.
+pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<SourceView>> {
+    let map = sources_map(maps)?;
+    let mut out = Vec::new();
+    for rule in names.rule_slots() {
+        for dir in Direction::ALL {
+            for kind in [KIND_PROBE, KIND_REVERSE_LOOKUP] {
+                let key = key_for(addr, rule, dir, kind);
+                if let Ok(state) = map.get(&key, 0) {
+                    out.push(view(names, &key, &state));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    Ok(out)
+}
+
+/// The `limit` sources with the most packets (walks the map).
+pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceView>> {
+    let map = sources_map(maps)?;
+    // A min-heap of the best `limit` so far: memory stays O(limit).
+    let mut heap: BinaryHeap<(std::cmp::Reverse<u64>, Vec<u8>)> = BinaryHeap::new();
+    let mut states = StdHashMap::new();
+    for item in map.iter() {
+        let Ok((key, state)) = item else { continue };
+        let raw = key_bytes(&key);
+        heap.push((std::cmp::Reverse(state.packets), raw.clone()));
+        states.insert(raw, (key, state));
+        if heap.len() > limit {
+            if let Some((_, evicted)) = heap.pop() {
+                states.remove(&evicted);
+            }
+        }
+    }
+    let mut out: Vec<SourceView> = states.values().map(|(k, s)| view(names, k, s)).collect();
+    out.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
+    Ok(out)
+}
+
+fn key_bytes(key: &SourceKey) -> Vec<u8> {
+    let mut v = key.addr.to_vec();
+    v.extend_from_slice(&[key.family, key.rule, key.direction, key.kind]);
+    v
+}
+
+/// Number of tracked sources (walks the keys only).
+pub fn count(maps: &PinnedMaps) -> Result<u64> {
+    Ok(sources_map(maps)?.keys().filter(|k| k.is_ok()).count() as u64)
+}
+
+/// Ends the auto-blocks of every tracked source inside `net` (walks the
+/// map: an operator's command, not a hot path). Returns how many.
+pub fn lift_auto_blocks(maps: &PinnedMaps, net: ipnet::IpNet) -> Result<usize> {
+    let mut map = sources_map(maps)?;
+    let now = crate::clock::boot_secs();
+    let blocked: Vec<(SourceKey, SourceState)> = map
+        .iter()
+        .filter_map(|item| item.ok())
+        .filter(|(key, state)| state.blocked_until > now && net.contains(&addr_of(key)))
+        .collect();
+    for (key, mut state) in blocked.iter().copied() {
+        state.blocked_until = 0;
+        map.insert(key, state, 0)?;
+    }
+    Ok(blocked.len())
+}
