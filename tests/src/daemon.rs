@@ -47,27 +47,34 @@ impl Netwatch {
     /// Starts `netwatch run ARGS` in `ns` with its own pin directory and
     /// waits until `/metrics` answers.
     pub fn start(ns: &Netns, pin_dir: &str, args: &[&str]) -> Self {
-        let log = std::env::temp_dir().join(format!("{}.log", crate::unique("log")));
-        let child = Self::spawn(ns, pin_dir, args, &log);
-        let mut nw = Netwatch {
-            child: Some(child),
-            ns_name: ns.name.clone(),
-            pin_dir: pin_dir.to_string(),
-            log,
-        };
-        nw.wait_ready(ns);
-        nw
+        let state_dir = std::env::temp_dir().join(crate::unique("state"));
+        Self::start_with_state(ns, pin_dir, &state_dir, args)
     }
 
-    fn spawn(ns: &Netns, pin_dir: &str, args: &[&str], log: &Path) -> Child {
-        let file = std::fs::File::create(log).expect("log file");
-        ns.command(bin().to_str().unwrap())
+    /// Like [`Netwatch::start`], with a given state directory (to restart
+    /// on the same incident database).
+    pub fn start_with_state(ns: &Netns, pin_dir: &str, state_dir: &Path, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique("log")));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = ns
+            .command(bin().to_str().unwrap())
             .args(["run", "--pin-dir", pin_dir, "--metrics-addr", METRICS_ADDR])
+            .arg("--state-dir")
+            .arg(state_dir)
             .args(args)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .expect("spawn netwatch run")
+            .expect("spawn netwatch run");
+        let mut nw = Netwatch {
+            child: Some(child),
+            ns_name: ns.name.clone(),
+            pin_dir: pin_dir.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            log,
+        };
+        nw.wait_ready(ns);
+        nw
     }
 
     fn wait_ready(&mut self, ns: &Netns) {
