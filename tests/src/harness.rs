@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf,
+    maps::{MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use netwatch_common::Direction;
+use netwatch_common::{Direction, FlagEvent};
 use netwatch_user::{
     datapath::{self, PinnedMaps, TC_PROGRAM, XDP_PROGRAM},
     policy::{Policy, Role},
     snapshot::Snapshot,
+    sources::{self, Names, SourceView},
 };
 
 pub const XDP_PASS: u32 = 2;
@@ -32,6 +34,7 @@ pub struct Harness {
     pub maps: PinnedMaps,
     xdp: [Ebpf; 2],
     tc: Ebpf,
+    events: std::cell::RefCell<RingBuf<MapData>>,
 }
 
 pub const IFACE: &str = "test0";
@@ -53,7 +56,14 @@ impl Harness {
         let maps = PinnedMaps::open(&pin_dir).expect("open pins");
         datapath::claim_iface_slot(&maps, IFACE, Role::Host, 1).expect("slot");
         datapath::apply_policy(&maps, policy).expect("apply policy");
-        Harness { pin_dir, maps, xdp, tc }
+        let events = RingBuf::try_from(maps.map_by_name(netwatch_common::maps::EVENTS).unwrap()).unwrap();
+        Harness {
+            pin_dir,
+            maps,
+            xdp,
+            tc,
+            events: events.into(),
+        }
     }
 
     pub fn apply(&self, policy: &Policy) {
@@ -105,6 +115,22 @@ impl Harness {
                 rv == TC_ACT_SHOT
             }
         }
+    }
+
+    /// Flag events the datapath emitted since the last call.
+    pub fn events(&self) -> Vec<FlagEvent> {
+        let mut ring = self.events.borrow_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.extend(netwatch_user::detector::parse_event(&item));
+        }
+        out
+    }
+
+    /// What the kernel tracks for `addr` (every rule, direction, kind).
+    pub fn tracked(&self, addr: std::net::IpAddr) -> Vec<SourceView> {
+        let names = Names::read(&self.maps).unwrap();
+        sources::lookup(&self.maps, &names, addr).unwrap()
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -1,0 +1,262 @@
+//! Scan detection in the kernel, through BPF_PROG_TEST_RUN: threshold
+//! crossing, one event per flag, windows, auto-block with TTL, the
+//! allowlist, the distinct-destination sketch, and reverse lookups.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use netwatch_common::Direction::{Inbound, Outbound};
+use netwatch_tests::{
+    frames::Frame,
+    harness::{Harness, Hook},
+    require_privileged,
+};
+use netwatch_user::policy::{Mode, Policy, Rule, parse_cidr};
+
+const SCANNER: [u8; 4] = [198, 18, 0, 66];
+
+fn target(i: u32) -> [u8; 4] {
+    let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i);
+    a.octets()
+}
+
+fn rule(spec: &str, threshold: u32, window_secs: u32, block_secs: Option<u32>) -> Rule {
+    let mut r: Rule = spec.parse().unwrap();
+    r.detection.threshold = threshold;
+    r.detection.window_secs = window_secs;
+    r.detection.block_secs = block_secs;
+    r
+}
+
+fn probe(h: &Harness, src: [u8; 4], i: u32) -> bool {
+    h.dropped(Hook::Xdp(Inbound), &Frame::udp4(src, target(i), 40000, 137).build())
+}
+
+#[test]
+fn flags_at_exactly_the_threshold_once() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 5, 300, None)]));
+    for i in 0..4 {
+        probe(&h, SCANNER, i);
+        // Repeats to a destination already seen add nothing.
+        h.run_repeat(Hook::Xdp(Inbound), &Frame::udp4(SCANNER, target(i), 1, 137).build(), 50);
+    }
+    assert!(h.events().is_empty(), "flagged below the threshold");
+    probe(&h, SCANNER, 4);
+    let events = h.events();
+    assert_eq!(events.len(), 1, "one event at the 5th distinct destination");
+    let e = events[0];
+    assert_eq!(&e.key.addr[..4], &SCANNER);
+    assert_eq!((e.key.family, e.key.direction, e.distinct), (4, Inbound as u8, 5));
+    assert_eq!(e.packets, 5 + 4 * 50);
+
+    // A flood afterwards, to new and old destinations: no second event.
+    for i in 5..200 {
+        probe(&h, SCANNER, i);
+    }
+    h.run_repeat(
+        Hook::Xdp(Inbound),
+        &Frame::udp4(SCANNER, target(3), 1, 137).build(),
+        1_000_000,
+    );
+    assert!(h.events().is_empty(), "a flood raised more events");
+    let s = h.snapshot();
+    let flagged: u64 = s.detection.flagged.iter().map(|f| f.flagged).sum();
+    assert_eq!(flagged, 1);
+    let tracked = h.tracked(IpAddr::from(SCANNER));
+    assert_eq!(tracked.len(), 1);
+    assert!(tracked[0].flagged);
+    assert_eq!(tracked[0].packets, 5 + 4 * 50 + 195 + 1_000_000);
+    assert_eq!(s.detection.events_lost, 0);
+}
+
+#[test]
+fn window_expiry_restarts_the_count() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 5, 1, None)]));
+    for i in 0..4 {
+        probe(&h, SCANNER, i);
+    }
+    std::thread::sleep(Duration::from_millis(2100));
+    for i in 4..8 {
+        probe(&h, SCANNER, i);
+    }
+    assert!(h.events().is_empty(), "destinations of an expired window still counted");
+    probe(&h, SCANNER, 8);
+    assert_eq!(h.events().len(), 1);
+    // In a new window the same source can be flagged again (the incident
+    // store folds it into the open incident).
+    std::thread::sleep(Duration::from_millis(2100));
+    for i in 100..105 {
+        probe(&h, SCANNER, i);
+    }
+    assert_eq!(h.events().len(), 1);
+}
+
+#[test]
+fn auto_block_drops_the_flagged_source_on_its_port_until_the_ttl() {
+    require_privileged!();
+    let other = [198, 18, 0, 77];
+    // The rule itself only counts: every drop below is the auto-block.
+    let h = Harness::new(&Policy::new(
+        Mode::Enforce,
+        vec![rule("udp/137=count", 3, 300, Some(2))],
+    ));
+    assert!(!probe(&h, SCANNER, 0));
+    assert!(!probe(&h, SCANNER, 1));
+    // The probe that crosses the threshold is the first one dropped.
+    assert!(probe(&h, SCANNER, 2), "threshold-crossing probe not dropped");
+    let e = h.events();
+    assert_eq!(e.len(), 1);
+    assert!(e[0].blocked_until > 0);
+    assert!(probe(&h, SCANNER, 3), "flagged source not blocked");
+    assert!(probe(&h, SCANNER, 0));
+    assert!(!probe(&h, other, 0), "another source was blocked");
+    // Only the probed port: the scanner's other traffic passes.
+    assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::udp4(SCANNER, target(1), 1, 53).build()));
+    assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::tcp4(SCANNER, target(1), 1, 5190).build()));
+    assert_eq!(h.snapshot().detection.auto_blocks, 1);
+    std::thread::sleep(Duration::from_millis(3100));
+    assert!(!probe(&h, SCANNER, 4), "block outlived its TTL");
+}
+
+#[test]
+fn monitor_mode_never_auto_blocks() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(
+        Mode::Monitor,
+        vec![rule("udp/137=count", 3, 300, Some(60))],
+    ));
+    for i in 0..10 {
+        assert!(!probe(&h, SCANNER, i));
+    }
+    let e = h.events();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].blocked_until, 0);
+}
+
+#[test]
+fn allowlist_beats_auto_block_even_for_spoofed_sources() {
+    require_privileged!();
+    let gateway = [198, 18, 0, 1];
+    let mut policy = Policy::new(Mode::Enforce, vec![rule("udp/137=count", 3, 300, Some(600))]);
+    policy.allowlist = vec![parse_cidr("198.18.0.1/32").unwrap()];
+    let h = Harness::new(&policy);
+    // Probes "from" the gateway: flagged (it is scanning, or spoofed), never blocked.
+    for i in 0..10 {
+        assert!(!probe(&h, gateway, i), "allowlisted source dropped");
+    }
+    let e = h.events();
+    assert_eq!(e.len(), 1, "allowlisted sources are still reported");
+    assert_eq!(e[0].blocked_until, 0, "allowlisted source auto-blocked");
+    assert_eq!(h.snapshot().detection.auto_blocks, 0);
+}
+
+/// Distinct destinations counted by the sketch against the truth: exact
+/// up to 32, within 10 % up to 3000, a floor above (see README).
+#[test]
+fn sketch_accuracy_across_one_to_ten_thousand_destinations() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 2000, 3600, None)]));
+    let mut worst_within_3000 = 0.0f64;
+    let counts: Vec<u32> = (1..=40)
+        .chain([50, 64, 100, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 10_000])
+        .collect();
+    for (n_index, &n) in counts.iter().enumerate() {
+        let src = [198, 18, 3, n_index as u8];
+        // IPv6 destinations for every other count, to cover the v6 hash.
+        let v6 = n_index % 2 == 1;
+        for i in 0..n {
+            let frame = if v6 {
+                let dst = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, (i >> 16) as u16, i as u16);
+                Frame::udp6(Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, n_index as u16), dst, 1, 137)
+            } else {
+                Frame::udp4(src, target(i), 1, 137)
+            };
+            h.run(Hook::Xdp(Inbound), &frame.build());
+        }
+        let addr: IpAddr = if v6 {
+            Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, n_index as u16).into()
+        } else {
+            src.into()
+        };
+        let tracked = h.tracked(addr);
+        assert_eq!(tracked.len(), 1);
+        let est = tracked[0].distinct_destinations;
+        let err = (est as f64 - n as f64).abs() / n as f64;
+        eprintln!("n={n:>6} estimate={est:>6} error={:.2}%", err * 100.0);
+        if n <= 32 {
+            assert_eq!(est, n, "not exact at {n}");
+        } else if n <= 3000 {
+            assert!(err <= 0.10, "estimate {est} for {n} is off by more than 10%");
+            worst_within_3000 = worst_within_3000.max(err);
+        } else {
+            assert!(est >= 2700, "estimate {est} for {n} is below the stated floor");
+        }
+    }
+    eprintln!("worst relative error up to 3000: {:.2}%", worst_within_3000 * 100.0);
+}
+
+/// Threshold above the exact range: the bitmap's bit count flags it.
+#[test]
+fn large_thresholds_flag_from_the_bitmap() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 500, 3600, None)]));
+    let mut flagged_at = None;
+    for i in 0..700 {
+        probe(&h, SCANNER, i);
+        if flagged_at.is_none() && !h.events().is_empty() {
+            flagged_at = Some(i + 1);
+        }
+    }
+    let at = flagged_at.expect("never flagged");
+    assert!(
+        (450..=550).contains(&at),
+        "flagged at {at} distinct destinations, threshold 500"
+    );
+}
+
+/// An IIS-style host: 40 visitors each looked up once on udp/137 is not
+/// a scan; 40 lookups of hosts that never visited is.
+#[test]
+fn reverse_lookups_of_web_visitors_are_not_scans() {
+    require_privileged!();
+    let web = [198, 18, 0, 80];
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
+    for i in 0..40 {
+        let visitor = target(i);
+        // The visitor opens a connection to port 80 (SYN, inbound)...
+        let syn = Frame::tcp4(visitor, web, 50000, 80).build();
+        h.run(Hook::Xdp(Inbound), &syn);
+        // ...and the server looks it up by NetBIOS (outbound).
+        assert!(!h.dropped(Hook::TcEgress, &Frame::udp4(web, visitor, 137, 137).build()));
+    }
+    assert!(h.events().is_empty(), "reverse lookups flagged as a scan");
+    let s = h.snapshot();
+    let reverse: u64 = s.detection.reverse_lookups.iter().map(|c| c.packets).sum();
+    assert_eq!(reverse, 40);
+    assert_eq!(s.detection.visitors_recorded, 40);
+    let tracked = h.tracked(IpAddr::from(web));
+    assert_eq!(tracked.len(), 1);
+    assert_eq!(tracked[0].classification.label(), "reverse-lookup");
+    assert!(!tracked[0].flagged);
+
+    // The same host sweeping 40 addresses that never visited: a scan.
+    for i in 1000..1040 {
+        h.run(Hook::TcEgress, &Frame::udp4(web, target(i), 137, 137).build());
+    }
+    let events = h.events();
+    assert_eq!(events.len(), 1, "outbound sweep not flagged");
+    assert_eq!((events[0].key.direction, events[0].distinct), (Outbound as u8, 20));
+    // A SYN-ACK (the server answering) does not make a visitor.
+    let synack = {
+        let mut f = Frame::tcp4([198, 18, 9, 9], web, 80, 50000).build();
+        let l4 = f.len() - 50 - 20;
+        f[l4 + 13] = 0x12;
+        f
+    };
+    h.run(Hook::Xdp(Inbound), &synack);
+    assert_eq!(h.snapshot().detection.visitors_recorded, 40);
+}
