@@ -489,6 +489,11 @@ impl PinnedMaps {
         match result {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e.into()),
         }
     }

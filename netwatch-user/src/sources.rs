@@ -169,10 +169,10 @@ pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceV
         let raw = key_bytes(&key);
         heap.push((std::cmp::Reverse(state.packets), raw.clone()));
         states.insert(raw, (key, state));
-        if heap.len() > limit {
-            if let Some((_, evicted)) = heap.pop() {
-                states.remove(&evicted);
-            }
+        if heap.len() > limit
+            && let Some((_, evicted)) = heap.pop()
+        {
+            states.remove(&evicted);
         }
     }
     let mut out: Vec<SourceView> = states.values().map(|(k, s)| view(names, k, s)).collect();

@@ -38,8 +38,10 @@ pub struct Netwatch {
     child: Option<Child>,
     ns_name: String,
     pub pin_dir: String,
-    /// The incident database's directory (a fresh temporary one).
+    /// The incident database's directory.
     pub state_dir: PathBuf,
+    /// Whether `start` made the state directory (and removes it).
+    owns_state: bool,
     log: PathBuf,
 }
 
@@ -48,7 +50,9 @@ impl Netwatch {
     /// waits until `/metrics` answers.
     pub fn start(ns: &Netns, pin_dir: &str, args: &[&str]) -> Self {
         let state_dir = std::env::temp_dir().join(crate::unique("state"));
-        Self::start_with_state(ns, pin_dir, &state_dir, args)
+        let mut nw = Self::start_with_state(ns, pin_dir, &state_dir, args);
+        nw.owns_state = true;
+        nw
     }
 
     /// Like [`Netwatch::start`], with a given state directory (to restart
@@ -71,6 +75,7 @@ impl Netwatch {
             ns_name: ns.name.clone(),
             pin_dir: pin_dir.to_string(),
             state_dir: state_dir.to_path_buf(),
+            owns_state: false,
             log,
         };
         nw.wait_ready(ns);
@@ -125,6 +130,42 @@ impl Netwatch {
         }
     }
 
+    /// `netwatch lookup IP --json` against this run's pins and database.
+    pub fn lookup(&self, ip: &str) -> serde_json::Value {
+        let out = netwatch(&[
+            "lookup",
+            ip,
+            "--json",
+            "--pin-dir",
+            &self.pin_dir,
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "lookup {ip}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("lookup JSON")
+    }
+
+    /// Waits until `ip` has at least one incident; returns the lookup.
+    pub fn wait_for_incident(&self, ip: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let report = self.lookup(ip);
+            if !report["incidents"].as_array().unwrap().is_empty() {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no incident for {ip}:\n{report:#}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn metrics(&self, ns: &Netns) -> String {
         assert_eq!(ns.name, self.ns_name);
         ns.run(|| http_get(METRICS_ADDR, "/metrics")).expect("GET /metrics")
@@ -139,7 +180,9 @@ impl Drop for Netwatch {
         }
         let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
         let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_dir_all(&self.state_dir);
+        if self.owns_state {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
     }
 }
 

@@ -1,0 +1,357 @@
+//! Scan detection end to end: real scanners in namespaces, the real
+//! binary, incidents looked up by IP address.
+
+use std::{
+    io::Read as _,
+    net::{TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use netwatch_tests::{
+    daemon::{Netwatch, netwatch, sample},
+    lab::*,
+    netns::{Netns, veth},
+    require_privileged, unique,
+};
+
+fn pin_dir() -> String {
+    format!("/sys/fs/bpf/{}", unique("p"))
+}
+
+fn incidents(report: &serde_json::Value) -> &Vec<serde_json::Value> {
+    report["incidents"].as_array().unwrap()
+}
+
+/// nbtscan sweeping a /24 local to the victim is flagged once and can be
+/// looked up; so is nmap against tcp/5190. Incidents survive a restart
+/// and a new flag updates the open incident instead of duplicating it.
+#[test]
+fn real_scanners_are_flagged_and_looked_up() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = std::env::temp_dir().join(unique("state"));
+    let args = ["--iface", VICTIM_IF];
+    let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+
+    let out = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", TARGET_RANGE])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report = nw.wait_for_incident(SCANNER_IP);
+    assert_eq!(report["ip"], SCANNER_IP);
+    let i = &incidents(&report)[0];
+    assert_eq!(i["rule"], "udp/137");
+    assert_eq!(i["direction"], "inbound");
+    assert_eq!(i["interface"], VICTIM_IF);
+    assert_eq!(i["classification"], "scan");
+    assert_eq!(i["blocked"], false);
+    assert!(i["first_seen"].as_str().unwrap().ends_with('Z'), "not RFC 3339: {i}");
+    assert!(i["distinct_destinations"].as_u64().unwrap() >= 20);
+    // The refresh brings the incident up to the full sweep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = nw.lookup(SCANNER_IP);
+        if incidents(&r)[0]["packets"].as_u64().unwrap() == 256 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "incident not refreshed: {r:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tracked = &report["tracked"].as_array().unwrap()[0];
+    assert_eq!(tracked["flagged"], true);
+
+    let out = lab
+        .scanner
+        .command("nmap")
+        .args(["-n", "-Pn", "-sT", "-p", "5190", "198.18.1.0/27"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let report = loop {
+        let r = nw.lookup(SCANNER_IP);
+        if incidents(&r).len() == 2 {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nmap not flagged: {r:#}\n{}",
+            nw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(incidents(&report)[0]["rule"], "tcp/5190", "newest first");
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(
+        sample(
+            &m,
+            "netwatch_scanners_flagged_total",
+            &[("rule", "udp/137"), ("direction", "inbound")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "netwatch_scanners_flagged_total",
+            &[("rule", "tcp/5190"), ("direction", "inbound")]
+        ),
+        1.0
+    );
+    assert!(!m.contains(SCANNER_IP), "per-IP label in the exposition");
+
+    // Restart on the same database: incidents are still there, and a new
+    // sweep updates the open incident rather than adding one.
+    assert!(nw.stop().success());
+    drop(nw);
+    let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &state, &args);
+    assert_eq!(
+        incidents(&nw.lookup(SCANNER_IP)).len(),
+        2,
+        "incidents lost across a restart"
+    );
+    lab.scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", "198.18.1.0/26"])
+        .output()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_scanners_flagged_total",
+        &[("rule", "udp/137")],
+    ) < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "second sweep not flagged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        incidents(&nw.lookup(SCANNER_IP)).len(),
+        2,
+        "an open incident was duplicated"
+    );
+
+    // A source tracked but not flagged also answers.
+    send_udp(&lab.scanner, "198.18.1.5:137", 3);
+    let quiet = "198.18.0.1";
+    let r = nw.lookup(quiet);
+    assert!(!r["tracked"].as_array().unwrap().is_empty());
+    let unknown = nw.lookup("198.18.99.99");
+    assert!(incidents(&unknown).is_empty() && unknown["tracked"].as_array().unwrap().is_empty());
+    drop(nw);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// An IIS-like host (HTTP server that looks up every visitor on udp/137)
+/// visited by 40 clients is not a scanner; the same host sending udp/137
+/// to 40 addresses that never visited is.
+#[test]
+fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
+    require_privileged!();
+    let web = Netns::new("web");
+    let clients = Netns::new("cli");
+    veth(
+        &web,
+        "nw-web0",
+        "198.18.0.80/24",
+        &clients,
+        "nw-cli0",
+        "198.18.0.100/24",
+    );
+    for i in 101..140 {
+        clients.ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", "nw-cli0"]);
+    }
+    clients.local_range("198.18.2.0/24");
+    web.ip(&["route", "add", "198.18.2.0/24", "via", "198.18.0.100"]);
+    let nw = Netwatch::start(&web, &pin_dir(), &["--iface", "nw-web0:host", "--egress", "nw-web0"]);
+
+    // The web server: accept, look the visitor up on udp/137, answer.
+    let (listener, lookup) = web.run(|| {
+        (
+            TcpListener::bind("198.18.0.80:80").unwrap(),
+            UdpSocket::bind("0.0.0.0:0").unwrap(),
+        )
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..40 {
+            let (mut conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+        }
+    });
+    for i in 100..140 {
+        clients.run(|| {
+            let socket = socket2_connect(&format!("198.18.0.{i}"), "198.18.0.80:80");
+            drop(socket);
+        });
+    }
+    server.join().unwrap();
+    let m = eventually_metric(&nw, &web, "netwatch_reverse_lookups_total", 40.0);
+    assert_eq!(m, 40.0);
+    let m = nw.metrics(&web);
+    assert_eq!(
+        sample(&m, "netwatch_scanners_flagged_total", &[]),
+        0.0,
+        "reverse lookups flagged as a scan"
+    );
+    let report = nw.lookup("198.18.0.80");
+    assert!(incidents(&report).is_empty());
+    assert_eq!(report["tracked"][0]["classification"], "reverse-lookup");
+
+    // Now a sweep of 40 addresses that never visited.
+    assert_eq!(send_udp_many(&web, "198.18.2.", 1..41, 137), 40);
+    let report = nw.wait_for_incident("198.18.0.80");
+    let i = &incidents(&report)[0];
+    assert_eq!(i["classification"], "scan");
+    assert_eq!(i["direction"], "outbound");
+    assert_eq!(i["rule"], "udp/137");
+}
+
+/// A router's LAN side names the infected machine by its internal
+/// address; enforce mode with auto-block stops it within a few probes.
+#[test]
+fn lan_side_names_the_infected_host_behind_nat() {
+    require_privileged!();
+    let inside = Netns::new("in");
+    let router = Netns::new("rt");
+    let internet = Netns::new("net");
+    veth(
+        &inside,
+        "nw-lanhost",
+        "198.18.10.2/24",
+        &router,
+        "nw-lan",
+        "198.18.10.1/24",
+    );
+    veth(&router, "nw-wan", "198.18.0.1/24", &internet, "nw-up", "198.18.0.2/24");
+    inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
+    internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
+    internet.local_range(TARGET_RANGE);
+    router.ip(&["route", "add", TARGET_RANGE, "via", "198.18.0.2"]);
+    assert!(
+        router
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    std::fs::write(
+        &config,
+        "mode = \"enforce\"\ninterfaces = [\"nw-lan:lan\", \"nw-wan:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nthreshold = 10\nauto_block = true\nblock_secs = 600\n",
+    )
+    .unwrap();
+    let nw = Netwatch::start(&router, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let far = udp_listener(&internet, 137);
+    assert_eq!(send_udp_many(&inside, "198.18.1.", 1..101, 137), 100);
+    let arrived = count_received(&far);
+    assert_eq!(arrived, 9, "auto-block should stop the sweep at the 10th probe");
+    let report = nw.wait_for_incident("198.18.10.2");
+    let i = &incidents(&report)[0];
+    assert_eq!(i["interface"], "nw-lan");
+    assert_eq!(i["direction"], "outbound");
+    assert_eq!(i["rule"], "udp/137");
+    assert_eq!(i["blocked"], true);
+    let m = nw.metrics(&router);
+    assert_eq!(sample(&m, "netwatch_auto_blocks_total", &[]), 1.0);
+
+    // `netwatch unblock` lifts it at once.
+    let out = netwatch(&["unblock", "198.18.10.2", "--pin-dir", &nw.pin_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(send_udp(&inside, "198.18.1.200:137", 2), 2);
+    assert_eq!(count_received(&far), 2, "unblock did not lift the auto-block");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `block`, `allow` and `unblock` change enforcement live.
+#[test]
+fn block_and_allow_from_the_command_line() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", VICTIM_IF, "--mode", "enforce", "--rule", "udp/137=count"],
+    );
+    let nb = udp_listener(&lab.victim, 137);
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 3);
+    let out = netwatch(&["block", "198.18.0.0/24", "--ttl", "1h", "--pin-dir", &nw.pin_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 0, "block did not apply");
+    let out = netwatch(&["allow", "198.18.0.1", "--pin-dir", &nw.pin_dir]);
+    assert!(out.status.success());
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 3, "allow did not win over block");
+    let status = netwatch(&["status", "--json", "--pin-dir", &nw.pin_dir]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["blocklist"][0]["cidr"], "198.18.0.0/24");
+    assert_eq!(json["blocklist"][0]["origin"], "cli");
+    assert!(json["blocklist"][0]["expires"].is_string());
+    let out = netwatch(&["unblock", "198.18.7.0/24", "--pin-dir", &nw.pin_dir]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("198.18.7.0/24 is not on the blocklist"), "{stderr}");
+    // The JSON API serves the same data, read-only.
+    let body = lab
+        .victim
+        .run(|| netwatch_user::netns::http_get(netwatch_tests::daemon::METRICS_ADDR, "/api/status"))
+        .unwrap();
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(api["blocklist"], json["blocklist"]);
+}
+
+fn socket2_connect(local: &str, remote: &str) -> TcpStream {
+    // std cannot bind before connect; use a raw socket for the source address.
+    use std::os::fd::FromRawFd as _;
+    let local: std::net::SocketAddrV4 = format!("{local}:0").parse().unwrap();
+    let remote: std::net::SocketAddrV4 = remote.parse().unwrap();
+    // SAFETY: plain socket calls with valid sockaddr_in structures.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let l = sa(local);
+        let r = sa(remote);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        assert_eq!(libc::bind(fd, &l as *const _ as *const libc::sockaddr, len), 0);
+        assert_eq!(
+            libc::connect(fd, &r as *const _ as *const libc::sockaddr, len),
+            0,
+            "connect from {local}"
+        );
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u16) -> usize {
+    ns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        range
+            .filter(|i| socket.send_to(b"probe", format!("{prefix}{i}:{port}")).is_ok())
+            .count()
+    })
+}
+
+fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> f64 {
+    eventually(want, Duration::from_secs(3), || sample(&nw.metrics(ns), name, &[]))
+}
