@@ -272,12 +272,14 @@ pub const MAX_VISITORS: u32 = 1 << 16;
 /// SKETCH_LIST_LEN` it is an exact list of destination hashes; on the
 /// next new destination it becomes a bitmap of `SKETCH_BITS` bits
 /// (linear counting), and `distinct` counts bits set.
-pub const SKETCH_WORDS: usize = 32;
+/// 30 words keep a source record at 160 bytes, so a million of them fit
+/// in 248 MiB of kernel memory.
+pub const SKETCH_WORDS: usize = 30;
 pub const SKETCH_LIST_LEN: u32 = SKETCH_WORDS as u32;
 pub const SKETCH_BITS: u32 = SKETCH_WORDS as u32 * 32;
 
-pub const SOURCE_BITMAP: u64 = 1;
-pub const SOURCE_FLAGGED: u64 = 2;
+pub const SOURCE_BITMAP: u32 = 1;
+pub const SOURCE_FLAGGED: u32 = 2;
 
 /// `kind` of a tracked source.
 pub const KIND_PROBE: u8 = 0;
@@ -304,17 +306,19 @@ pub struct SourceKey {
 pub struct SourceState {
     pub packets: u64,
     pub bytes: u64,
-    /// `SOURCE_*` bits; 64-bit so the datapath can fetch-or it atomically
-    /// with the instruction set bpf-linker targets.
-    pub flags: u64,
+    /// `SOURCE_*` bits. With `distinct` and `iface` it fills one aligned
+    /// 64-bit word, which the datapath fetch-ors atomically to set
+    /// `SOURCE_FLAGGED` exactly once (the BPF instruction set bpf-linker
+    /// targets has 64-bit atomics only).
+    pub flags: u32,
+    /// Exact count (list) or bits set (bitmap), within the window.
+    pub distinct: u16,
+    /// Interface slot the source was last seen on.
+    pub iface: u16,
     pub first_seen: u32,
     pub last_seen: u32,
     pub window_start: u32,
     pub blocked_until: u32,
-    /// Exact count (list) or bits set (bitmap), within the window.
-    pub distinct: u32,
-    /// Interface slot the source was last seen on.
-    pub iface: u32,
     pub sketch: [u32; SKETCH_WORDS],
 }
 
@@ -324,12 +328,12 @@ impl Default for SourceState {
             packets: 0,
             bytes: 0,
             flags: 0,
+            distinct: 0,
+            iface: 0,
             first_seen: 0,
             last_seen: 0,
             window_start: 0,
             blocked_until: 0,
-            distinct: 0,
-            iface: 0,
             sketch: [0; SKETCH_WORDS],
         }
     }
@@ -346,7 +350,8 @@ pub struct FlagEvent {
     pub last_seen: u32,
     pub blocked_until: u32,
     /// `SOURCE_*` bits (tells whether `distinct` is exact or bits set).
-    pub flags: u64,
+    pub flags: u32,
+    pub _pad: u32,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -391,7 +396,7 @@ pub fn bitmap_bits_for(n: u32) -> u32 {
 /// Linear-counting estimate of distinct destinations from the sketch:
 /// exact in list mode, `-m ln(zeros / m)` in bitmap mode.
 #[cfg(feature = "user")]
-pub fn estimate_distinct(distinct: u32, flags: u64) -> u32 {
+pub fn estimate_distinct(distinct: u32, flags: u32) -> u32 {
     if flags & SOURCE_BITMAP == 0 {
         return distinct;
     }

@@ -6,8 +6,8 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP;
 use netwatch_common::{
-    FlagEvent, KIND_PROBE, PortRule, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
-    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    FlagEvent, KIND_PROBE, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED,
+    STAT_AUTO_BLOCKED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
 };
 
 use crate::maps::{EVENTS, FLAG_COUNTERS, SOURCES, STATS};
@@ -34,7 +34,7 @@ pub fn mix(mut x: u32) -> u32 {
 #[inline(always)]
 fn add_destination(state: &mut SourceState, hash: u32) {
     if state.flags & SOURCE_BITMAP == 0 {
-        let len = state.distinct;
+        let len = state.distinct as u32;
         for i in 0..SKETCH_WORDS {
             if (i as u32) < len && state.sketch[i] == hash {
                 return;
@@ -43,7 +43,7 @@ fn add_destination(state: &mut SourceState, hash: u32) {
         if len < SKETCH_LIST_LEN {
             if let Some(slot) = state.sketch.get_mut(len as usize) {
                 *slot = hash;
-                state.distinct = len + 1;
+                state.distinct = len as u16 + 1;
             }
             return;
         }
@@ -61,11 +61,17 @@ fn add_destination(state: &mut SourceState, hash: u32) {
 
 #[inline(always)]
 fn set_bit(state: &mut SourceState, hash: u32) {
-    let bit = hash >> 22; // top 10 bits: 0..1024
-    let word = (bit >> 5) as usize & (SKETCH_WORDS - 1);
+    // Multiply-shift maps the hash onto 0..SKETCH_BITS without a division.
+    let bit = ((hash as u64 * SKETCH_BITS as u64) >> 32) as u32;
     let mask = 1u32 << (bit & 31);
-    if state.sketch[word] & mask == 0 {
-        state.sketch[word] |= mask;
+    // LLVM proves the word index < SKETCH_WORDS and drops the bounds
+    // check, but the verifier's range for it is looser; black_box keeps
+    // an explicit check the verifier can follow.
+    let index = core::hint::black_box(bit >> 5) as usize;
+    if let Some(word) = state.sketch.get_mut(index)
+        && *word & mask == 0
+    {
+        *word |= mask;
         state.distinct += 1;
     }
 }
@@ -74,11 +80,17 @@ fn set_bit(state: &mut SourceState, hash: u32) {
 #[inline(always)]
 fn crossed(state: &SourceState, rule: &PortRule) -> bool {
     if state.flags & SOURCE_BITMAP == 0 {
-        state.distinct >= rule.threshold
+        state.distinct as u32 >= rule.threshold
     } else {
-        state.distinct >= rule.flag_bits
+        state.distinct as u32 >= rule.flag_bits
     }
 }
+
+/// `SOURCE_FLAGGED` where it sits in the 64-bit word starting at `flags`.
+#[cfg(target_endian = "little")]
+const FLAGGED_IN_WORD: u64 = SOURCE_FLAGGED as u64;
+#[cfg(target_endian = "big")]
+const FLAGGED_IN_WORD: u64 = (SOURCE_FLAGGED as u64) << 32;
 
 /// What tracking decided about the packet's source.
 pub struct Tracked {
@@ -129,16 +141,21 @@ pub fn track(
     state.packets += 1;
     state.bytes += bytes;
     state.last_seen = now;
-    state.iface = iface;
+    state.iface = iface as u16;
     add_destination(state, dst_hash);
 
     if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED == 0 && crossed(state, rule) {
-        // An atomic fetch-or (BPF v3), so that when two CPUs cross the
-        // threshold together only one of them reports it. Rust's BPF
-        // target has no AtomicU32, hence the intrinsic.
-        // SAFETY: `flags` is an aligned u64 inside the map value.
-        let old = unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags, SOURCE_FLAGGED) };
-        if old & SOURCE_FLAGGED == 0 {
+        // An atomic fetch-or, so that when two CPUs cross the threshold
+        // together only one of them reports it. Rust's BPF target has no
+        // atomic types, hence the intrinsic, and 64 bits because that is
+        // what the instruction set bpf-linker targets offers.
+        // SAFETY: `flags` starts an 8-byte-aligned word of the map value
+        // (see `SourceState`); the OR only touches the flag bit.
+        let old = unsafe {
+            let word = &mut state.flags as *mut u32 as *mut u64;
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, FLAGGED_IN_WORD)
+        };
+        if old & FLAGGED_IN_WORD == 0 {
             if may_block && rule.block_secs != 0 {
                 state.blocked_until = now + rule.block_secs;
                 bump_stat(&STATS, STAT_AUTO_BLOCKED);
@@ -161,12 +178,13 @@ fn emit(key: &SourceKey, state: &SourceState) {
         Some(mut entry) => {
             entry.write(FlagEvent {
                 key: *key,
-                iface: state.iface,
-                distinct: state.distinct,
+                iface: state.iface as u32,
+                distinct: state.distinct as u32,
                 first_seen: state.first_seen,
                 last_seen: state.last_seen,
                 blocked_until: state.blocked_until,
                 flags: state.flags,
+                _pad: 0,
                 packets: state.packets,
                 bytes: state.bytes,
             });

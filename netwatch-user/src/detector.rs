@@ -87,12 +87,12 @@ impl Detector {
                 "outbound"
             }
             .to_string(),
-            interface: self.names.iface(state.iface),
+            interface: self.names.iface(state.iface as u32),
             classification: classification_of(key.kind),
             first_seen: to_system(state.first_seen),
             last_seen: to_system(state.last_seen),
             packets: state.packets,
-            distinct_destinations: estimate_distinct(state.distinct, state.flags),
+            distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
             blocked_until: (state.blocked_until > now).then(|| to_system(state.blocked_until)),
         }
     }
@@ -111,8 +111,8 @@ impl Detector {
             first_seen: event.first_seen,
             last_seen: event.last_seen,
             blocked_until: event.blocked_until,
-            distinct: event.distinct,
-            iface: event.iface,
+            distinct: event.distinct as u16,
+            iface: event.iface as u16,
             ..SourceState::default()
         };
         let obs = self.observation(&event.key, &state);

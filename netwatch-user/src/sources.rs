@@ -123,13 +123,13 @@ pub fn view(names: &Names, key: &SourceKey, state: &SourceState) -> SourceView {
         } else {
             "outbound"
         },
-        interface: names.iface(state.iface),
+        interface: names.iface(state.iface as u32),
         classification: classification_of(key.kind),
         first_seen: boot_rfc3339(state.first_seen),
         last_seen: boot_rfc3339(state.last_seen),
         packets: state.packets,
         bytes: state.bytes,
-        distinct_destinations: estimate_distinct(state.distinct, state.flags),
+        distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
         flagged: state.flags & SOURCE_FLAGGED != 0,
         blocked_until: (state.blocked_until > now).then(|| boot_rfc3339(state.blocked_until)),
     }
