@@ -354,6 +354,9 @@ pub struct FlagEvent {
     pub _pad: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// CLOCK_BOOTTIME nanoseconds when the flag was raised, so the
+    /// controller can measure how late it hears of it.
+    pub flagged_ns: u64,
 }
 
 /// Datapath-wide counters (per-CPU array indices).

@@ -187,6 +187,8 @@ fn emit(key: &SourceKey, state: &SourceState) {
                 _pad: 0,
                 packets: state.packets,
                 bytes: state.bytes,
+                // SAFETY: helper without arguments.
+                flagged_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() },
             });
             // Flags are rare: wake the controller now, not at the next batch.
             entry.submit(BPF_RB_FORCE_WAKEUP as u64);

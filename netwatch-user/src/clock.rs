@@ -10,6 +10,11 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Now, in CLOCK_BOOTTIME nanoseconds (as `bpf_ktime_get_boot_ns`).
+pub fn boot_nanos() -> u64 {
+    clock(libc::CLOCK_BOOTTIME).as_nanos() as u64
+}
+
 /// Now, in the datapath's seconds.
 pub fn boot_secs() -> u32 {
     clock(libc::CLOCK_BOOTTIME).as_secs() as u32

@@ -11,8 +11,10 @@ use netwatch_common::MAX_SOURCES;
 use crate::snapshot::Snapshot;
 
 /// Controller-side facts that do not live in the maps.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct ControllerStats {
+    /// Delay from the kernel raising a flag to the controller reading it.
+    pub flag_delay: prometheus::Histogram,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_reload_ok: bool,
@@ -23,6 +25,25 @@ pub struct ControllerStats {
     pub sources_blocked: u64,
     /// Incident database writes that failed.
     pub incident_errors: u64,
+}
+
+impl Default for ControllerStats {
+    fn default() -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "netwatch_flag_event_delay_seconds",
+            "Time from the kernel flagging a source to the controller receiving the event.",
+        )
+        .buckets(vec![0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1.0]);
+        ControllerStats {
+            flag_delay: prometheus::Histogram::with_opts(opts).expect("valid histogram"),
+            reloads_ok: 0,
+            reloads_failed: 0,
+            last_reload_ok: true,
+            sources_tracked: None,
+            sources_blocked: 0,
+            incident_errors: 0,
+        }
+    }
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
@@ -198,6 +219,7 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
         .set(snapshot.blocklist.len() as i64);
 
     if let Some(stats) = controller {
+        registry.register(Box::new(stats.flag_delay.clone()))?;
         let reloads = counter_vec(
             &registry,
             "netwatch_config_reloads_total",

@@ -102,6 +102,22 @@ impl Harness {
         result.map(|r| r.return_value)
     }
 
+    /// Mean cost of one run, as the kernel measures it over `repeat` runs.
+    pub fn time(&self, hook: Hook, frame: &[u8], repeat: u32) -> std::time::Duration {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let prog: &Xdp = match hook {
+            Hook::Xdp(dir) => self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap(),
+            Hook::TcEgress => panic!("timing runs XDP"),
+        };
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").duration
+    }
+
     /// Whether the program dropped the frame.
     pub fn dropped(&self, hook: Hook, frame: &[u8]) -> bool {
         let rv = self.run(hook, frame);

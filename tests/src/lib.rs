@@ -2,6 +2,7 @@
 //! runs the real, verified datapath through BPF_PROG_TEST_RUN, network
 //! namespaces, and the real `netwatch` binary.
 
+pub mod bench;
 pub mod daemon;
 pub mod frames;
 pub mod harness;

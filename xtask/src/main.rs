@@ -36,6 +36,13 @@ enum Task {
     /// cargo clippy -D warnings on the host crates and on the eBPF crate
     /// (for its BPF target).
     Lint,
+    /// Benchmarks: per-packet cost, flood drop rate, controller at scale,
+    /// time to flag, each beside its baselines. `--quick` is the small
+    /// version CI runs; part names (`cost`, `flood`, `scale`) select parts.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run every test: unit tests, BPF program tests and namespace tests.
     /// Extra arguments go to cargo-nextest (e.g. a test name filter).
     Test {
@@ -52,6 +59,11 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup::setup(&root)?;
             run(&root, &args)
+        }
+        Task::Bench { args } => {
+            setup::setup(&root)?;
+            setup::ensure_debian_packages(setup::BENCH_PACKAGES)?;
+            bench(&root, &args)
         }
         Task::Lint => {
             setup::setup(&root)?;
@@ -95,6 +107,15 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
         args.to_vec()
     };
     status(Command::new(bin).args(&args))
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    status(cargo(root).args(["build", "--release", "--bin", "netwatch", "--bin", "netwatch-bench"]))?;
+    status(
+        Command::new(root.join("target/release/netwatch-bench"))
+            .args(args)
+            .env("NETWATCH_BIN", root.join("target/release/netwatch")),
+    )
 }
 
 fn lint(root: &Path) -> Result<()> {

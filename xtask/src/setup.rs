@@ -27,11 +27,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
 ];
 
+/// What the benchmarks compare netwatch with, and bpftool to read map
+/// memory.
+pub const BENCH_PACKAGES: &[&str] = &["xdp-tools", "bpftool", "nftables", "iptables"];
+
 pub fn setup(root: &Path) -> Result<()> {
     let nightly = nightly_info()?;
     ensure_rust_src(&nightly)?;
     ensure_bpf_linker(root, &nightly)?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_PACKAGES)?;
     Ok(())
 }
 
@@ -160,8 +164,8 @@ fn ensure_bpf_linker(root: &Path, nightly: &Nightly) -> Result<()> {
     Ok(())
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {

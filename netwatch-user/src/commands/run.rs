@@ -145,10 +145,7 @@ async fn serve_until_signal(
     listener: std::net::TcpListener,
 ) -> Result<()> {
     let mut detector = Detector::open(maps, &config.state_dir)?;
-    let stats = Arc::new(Mutex::new(ControllerStats {
-        last_reload_ok: true,
-        ..Default::default()
-    }));
+    let stats = Arc::new(Mutex::new(ControllerStats::default()));
     let state = AppState {
         pin_dir: config.pin_dir.clone(),
         state_dir: config.state_dir.clone(),
@@ -201,7 +198,10 @@ async fn serve_until_signal(
                     batch.extend(parse_event(&item));
                 }
                 guard.clear_ready();
+                let now = crate::clock::boot_nanos();
                 for event in &batch {
+                    let delay = now.saturating_sub(event.flagged_ns) as f64 / 1e9;
+                    stats.lock().expect("stats lock").flag_delay.observe(delay);
                     if let Err(err) = detector.on_event(event) {
                         stats.lock().expect("stats lock").incident_errors += 1;
                         error!("recording an incident failed (the kernel keeps counting; retried on refresh): {err:#}");

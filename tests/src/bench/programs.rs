@@ -1,0 +1,188 @@
+//! The programs the benchmarks run: netwatch's (through the test
+//! harness), xdp-tools' xdp-filter as its users load it, a bare
+//! `XDP_DROP`, and the live-frames generator.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::Array,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use aya_obj::programs::XdpAttachType;
+use netwatch_user::datapath::BENCH_GEN_OBJECT;
+
+use crate::{bench::sh, netns::Netns};
+
+/// An XDP program that can be timed with BPF_PROG_TEST_RUN.
+pub trait Timed {
+    fn program(&self) -> &Xdp;
+
+    /// Mean ns per run over `repeat` runs (the kernel's own figure).
+    fn ns_per_run(&self, frame: &[u8], repeat: u32) -> f64 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let r = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        r.duration.as_nanos() as f64
+    }
+
+    fn verdict(&self, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
+        self.program().test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+}
+
+/// The bench object: the bare `XDP_DROP` program and the generator.
+pub struct BenchObject {
+    ebpf: Ebpf,
+}
+
+pub const GEN: &str = "netwatch_bench_gen";
+pub const DROP: &str = "netwatch_bench_drop";
+
+impl BenchObject {
+    pub fn load() -> Self {
+        let mut ebpf = Ebpf::load(BENCH_GEN_OBJECT).expect("load bench object");
+        for name in [GEN, DROP] {
+            let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            p.load().expect("bench program verifies");
+        }
+        BenchObject { ebpf }
+    }
+
+    pub fn drop_program(&self) -> &Xdp {
+        self.ebpf.program(DROP).unwrap().try_into().unwrap()
+    }
+
+    /// Attaches the bare XDP_DROP program to `dev` in `ns` (native mode).
+    pub fn attach_drop(&mut self, ns: &Netns, dev: &str) -> aya::programs::xdp::XdpLinkId {
+        let index = ifindex_in(ns, dev);
+        let p: &mut Xdp = self.ebpf.program_mut(DROP).unwrap().try_into().unwrap();
+        p.attach_to_if_index(index, XdpMode::Driver).expect("attach XDP_DROP")
+    }
+
+    pub fn detach_drop(&mut self, id: aya::programs::xdp::XdpLinkId) {
+        let p: &mut Xdp = self.ebpf.program_mut(DROP).unwrap().try_into().unwrap();
+        p.detach(id).expect("detach XDP_DROP");
+    }
+
+    /// Sets how many distinct source addresses the generator cycles
+    /// through (0: leave frames as they are).
+    pub fn set_sources(&mut self, sources: u32, base: std::net::Ipv4Addr) {
+        let mut map: Array<_, [u32; 4]> = Array::try_from(self.ebpf.map_mut("GEN").unwrap()).unwrap();
+        map.set(0, [0, sources, u32::from(base), 0], 0).unwrap();
+    }
+
+    /// Transmits `frames` copies of `frame` out of `dev` in `ns` (they
+    /// arrive at its veth peer) with the live-frames generator; returns
+    /// the wall time it took.
+    pub fn flood(&self, ns: &Netns, dev: &str, frame: &[u8], frames: u32) -> Duration {
+        let index = ifindex_in(ns, dev);
+        let program: &Xdp = self.ebpf.program(GEN).unwrap().try_into().unwrap();
+        ns.run(|| {
+            super::pin_to_cpu0();
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+            let mut ctx = [0u8; 24];
+            ctx[12..16].copy_from_slice(&index.to_ne_bytes());
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: frames,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            };
+            let start = Instant::now();
+            program.test_run(opts).expect("live-frames generator");
+            start.elapsed()
+        })
+    }
+}
+
+impl Timed for Xdp {
+    fn program(&self) -> &Xdp {
+        self
+    }
+}
+
+pub struct DropProgram<'a>(pub &'a BenchObject);
+
+impl Timed for DropProgram<'_> {
+    fn program(&self) -> &Xdp {
+        self.0.drop_program()
+    }
+}
+
+pub fn ifindex_in(ns: &Netns, dev: &str) -> u32 {
+    let dev = dev.to_string();
+    ns.run(move || netwatch_user::datapath::ifindex(&dev).expect("interface"))
+}
+
+/// xdp-filter loaded on `dev` in `ns` with `features`, dropping udp/137
+/// and tcp/5190; unloaded on drop.
+pub struct XdpFilter {
+    ns_name: String,
+    dev: String,
+    pin: PathBuf,
+    program: Xdp,
+}
+
+impl XdpFilter {
+    pub fn load(ns: &Netns, dev: &str, features: &str) -> Self {
+        sh(ns
+            .command("xdp-filter")
+            .args(["load", dev, "-m", "native", "-f", features]));
+        if features.contains("udp") || features == "all" {
+            sh(ns.command("xdp-filter").args(["port", "137", "-p", "udp"]));
+        }
+        if features.contains("tcp") || features == "all" {
+            sh(ns.command("xdp-filter").args(["port", "5190", "-p", "tcp"]));
+        }
+        let link: serde_json::Value =
+            serde_json::from_str(&sh(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", dev]))).unwrap();
+        let id = link[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .expect("xdp-filter attached a program");
+        let pin = PathBuf::from("/sys/fs/bpf").join(crate::unique("xdpf"));
+        sh(Command::new("bpftool")
+            .args(["prog", "pin", "id", &id.to_string()])
+            .arg(&pin));
+        let program = Xdp::from_pin(&pin, XdpAttachType::Interface).expect("open xdp-filter's program");
+        XdpFilter {
+            ns_name: ns.name.clone(),
+            dev: dev.to_string(),
+            pin,
+            program,
+        }
+    }
+}
+
+impl Timed for XdpFilter {
+    fn program(&self) -> &Xdp {
+        &self.program
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns_name))
+            .args(["xdp-filter", "unload", &self.dev])
+            .output();
+    }
+}
