@@ -300,7 +300,7 @@ pub struct SourceKey {
 }
 
 /// What the kernel knows of a source. Times are seconds of
-/// CLOCK_BOOTTIME.
+/// CLOCK_MONOTONIC.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceState {
@@ -354,7 +354,7 @@ pub struct FlagEvent {
     pub _pad: u32,
     pub packets: u64,
     pub bytes: u64,
-    /// CLOCK_BOOTTIME nanoseconds when the flag was raised, so the
+    /// CLOCK_MONOTONIC nanoseconds when the flag was raised, so the
     /// controller can measure how late it hears of it.
     pub flagged_ns: u64,
 }
@@ -377,7 +377,7 @@ pub const FLAG_COUNTER_ENTRIES: u32 = MAX_RULES * DIRECTIONS;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListEntry {
-    /// CLOCK_BOOTTIME second at which the entry stops applying; 0 = never.
+    /// CLOCK_MONOTONIC second at which the entry stops applying; 0 = never.
     pub expires: u32,
     /// `ORIGIN_*`: entries from the config are replaced on reload,
     /// entries from the CLI (`netwatch block/allow`) are kept.

@@ -49,7 +49,7 @@ pub static BLOCK_V6: LpmTrie<[u8; 16], ListEntry> = LpmTrie::with_max_entries(MA
 pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
 
 /// Peers that recently opened a TCP connection to a web port (only the
-/// address and family of the key are set), value: CLOCK_BOOTTIME second.
+/// address and family of the key are set), value: CLOCK_MONOTONIC second.
 #[map]
 pub static VISITORS: LruHashMap<SourceKey, u32> = LruHashMap::with_max_entries(MAX_VISITORS, 0);
 

@@ -36,7 +36,10 @@ fn add_destination(state: &mut SourceState, hash: u32) {
     if state.flags & SOURCE_BITMAP == 0 {
         let len = state.distinct as u32;
         for i in 0..SKETCH_WORDS {
-            if (i as u32) < len && state.sketch[i] == hash {
+            if i as u32 >= len {
+                break;
+            }
+            if state.sketch[i] == hash {
                 return;
             }
         }
@@ -187,8 +190,10 @@ fn emit(key: &SourceKey, state: &SourceState) {
                 _pad: 0,
                 packets: state.packets,
                 bytes: state.bytes,
+                // The precise clock, once per flag (the hot path uses the
+                // coarse one).
                 // SAFETY: helper without arguments.
-                flagged_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_boot_ns() },
+                flagged_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
             });
             // Flags are rare: wake the controller now, not at the next batch.
             entry.submit(BPF_RB_FORCE_WAKEUP as u64);

@@ -3,7 +3,7 @@
 //! count, decide.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     maps::{LpmTrie, lpm_trie::Key},
 };
 use netwatch_common::{
@@ -32,11 +32,14 @@ fn bump(counter: Option<*mut Counter>, bytes: u64) {
     }
 }
 
-/// Seconds of CLOCK_BOOTTIME (the controller converts to wall time).
+/// Seconds of CLOCK_MONOTONIC (the controller converts to wall time),
+/// from the coarse clock: a jiffy of precision is plenty for windows and
+/// TTLs, and it costs far less than reading the clocksource (in a VM
+/// especially).
 #[inline(always)]
 fn now_secs() -> u32 {
     // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 /// Classifies the packet in `[start, end)` seen on interface slot `iface`

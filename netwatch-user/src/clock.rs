@@ -1,5 +1,5 @@
-//! The datapath stamps times in seconds of CLOCK_BOOTTIME; people read
-//! wall-clock RFC 3339.
+//! The datapath stamps times in seconds of CLOCK_MONOTONIC (flag events
+//! in its nanoseconds); people read wall-clock RFC 3339.
 
 use std::time::{Duration, SystemTime};
 
@@ -10,19 +10,19 @@ fn clock(id: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Now, in CLOCK_BOOTTIME nanoseconds (as `bpf_ktime_get_boot_ns`).
+/// Now, in CLOCK_MONOTONIC nanoseconds (as `bpf_ktime_get_ns`).
 pub fn boot_nanos() -> u64 {
-    clock(libc::CLOCK_BOOTTIME).as_nanos() as u64
+    clock(libc::CLOCK_MONOTONIC).as_nanos() as u64
 }
 
 /// Now, in the datapath's seconds.
 pub fn boot_secs() -> u32 {
-    clock(libc::CLOCK_BOOTTIME).as_secs() as u32
+    clock(libc::CLOCK_MONOTONIC).as_secs() as u32
 }
 
 /// Wall-clock time of a datapath timestamp.
 pub fn to_system(boot: u32) -> SystemTime {
-    let now_boot = clock(libc::CLOCK_BOOTTIME);
+    let now_boot = clock(libc::CLOCK_MONOTONIC);
     let now = SystemTime::now();
     let stamp = Duration::from_secs(boot as u64);
     if stamp <= now_boot {

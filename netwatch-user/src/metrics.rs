@@ -150,6 +150,13 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
             .with_label_values(&[c.interface.as_str(), c.rule.as_str(), c.action])
             .inc_by(c.packets);
     }
+    let capacity = gauge_vec(
+        &registry,
+        "netwatch_sources_capacity",
+        "Capacity of the kernel's per-source map.",
+        &[],
+    )?;
+    capacity.with_label_values::<&str>(&[]).set(MAX_SOURCES as i64);
     let created = counter_vec(
         &registry,
         "netwatch_sources_created_total",

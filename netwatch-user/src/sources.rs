@@ -158,49 +158,120 @@ pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<Sour
     Ok(out)
 }
 
-/// The `limit` sources with the most packets (walks the map).
+/// Entries fetched per BPF_MAP_LOOKUP_BATCH call.
+const BATCH: usize = 4096;
+
+/// Visits every record of the per-source map with BPF_MAP_LOOKUP_BATCH:
+/// a few hundred syscalls for a million records instead of two million,
+/// and a fixed buffer of `BATCH` records.
+pub fn for_each(maps: &PinnedMaps, mut f: impl FnMut(&SourceKey, &SourceState)) -> Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let map = maps.map_by_name(maps::SOURCES)?;
+    let aya::maps::Map::LruHashMap(data) = &map else {
+        anyhow::bail!("pinned SOURCES is not an LRU hash map");
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut keys = vec![SourceKey::default(); BATCH];
+    let mut values = vec![SourceState::default(); BATCH];
+    // Opaque batch cursors (a bucket index for hash maps).
+    let mut cursor = [0u64; 2];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { cursor.as_ptr() as u64 },
+            out_batch: cursor[1..].as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of BATCH keys and values
+        // that outlive the call, and at the cursor words.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let done = matches!(&err, Some(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(e) = err
+            && !done
+        {
+            return Err(anyhow::Error::from(e).context("BPF_MAP_LOOKUP_BATCH on the per-source map"));
+        }
+        for i in 0..attr.count as usize {
+            f(&keys[i], &values[i]);
+        }
+        if done {
+            return Ok(());
+        }
+        cursor[0] = cursor[1];
+        first = false;
+    }
+}
+
+/// The `limit` sources with the most packets (walks the map in batches).
 pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceView>> {
-    let map = sources_map(maps)?;
     // A min-heap of the best `limit` so far: memory stays O(limit).
-    let mut heap: BinaryHeap<(std::cmp::Reverse<u64>, Vec<u8>)> = BinaryHeap::new();
+    let mut heap: BinaryHeap<std::cmp::Reverse<(u64, u64, [u8; 20])>> = BinaryHeap::new();
     let mut states = StdHashMap::new();
-    for item in map.iter() {
-        let Ok((key, state)) = item else { continue };
-        let raw = key_bytes(&key);
-        heap.push((std::cmp::Reverse(state.packets), raw.clone()));
-        states.insert(raw, (key, state));
+    for_each(maps, |key, state| {
+        let raw = key_bytes(key);
+        heap.push(std::cmp::Reverse((state.packets, state.bytes, raw)));
+        states.insert(raw, (*key, *state));
         if heap.len() > limit
-            && let Some((_, evicted)) = heap.pop()
+            && let Some(std::cmp::Reverse((_, _, evicted))) = heap.pop()
         {
             states.remove(&evicted);
         }
-    }
+    })?;
     let mut out: Vec<SourceView> = states.values().map(|(k, s)| view(names, k, s)).collect();
     out.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
     Ok(out)
 }
 
-fn key_bytes(key: &SourceKey) -> Vec<u8> {
-    let mut v = key.addr.to_vec();
-    v.extend_from_slice(&[key.family, key.rule, key.direction, key.kind]);
+fn key_bytes(key: &SourceKey) -> [u8; 20] {
+    let mut v = [0u8; 20];
+    v[..16].copy_from_slice(&key.addr);
+    v[16..].copy_from_slice(&[key.family, key.rule, key.direction, key.kind]);
     v
 }
 
-/// Number of tracked sources (walks the keys only).
+/// Number of tracked sources.
 pub fn count(maps: &PinnedMaps) -> Result<u64> {
-    Ok(sources_map(maps)?.keys().filter(|k| k.is_ok()).count() as u64)
+    let mut n = 0;
+    for_each(maps, |_, _| n += 1)?;
+    Ok(n)
 }
 
 /// Ends the auto-blocks of every tracked source inside `net` (walks the
 /// map: an operator's command, not a hot path). Returns how many.
 pub fn lift_auto_blocks(maps: &PinnedMaps, net: ipnet::IpNet) -> Result<usize> {
-    let mut map = sources_map(maps)?;
     let now = crate::clock::boot_secs();
-    let blocked: Vec<(SourceKey, SourceState)> = map
-        .iter()
-        .filter_map(|item| item.ok())
-        .filter(|(key, state)| state.blocked_until > now && net.contains(&addr_of(key)))
-        .collect();
+    let mut blocked = Vec::new();
+    for_each(maps, |key, state| {
+        if state.blocked_until > now && net.contains(&addr_of(key)) {
+            blocked.push((*key, *state));
+        }
+    })?;
+    let mut map = sources_map(maps)?;
     for (key, mut state) in blocked.iter().copied() {
         state.blocked_until = 0;
         map.insert(key, state, 0)?;

@@ -120,10 +120,26 @@ pub fn run(size: Size) -> Vec<Row> {
     // Stack-side filters need the frames delivered without XDP: GRO on.
     rig.gro(true);
     {
-        let table = format!(
-            "table netdev netwatch_bench {{ chain ingress {{ type filter hook ingress device \"{DUT_IF}\" priority -500; udp dport 137 drop; }} }}"
-        );
-        sh(rig.dut.command("nft").args([table.as_str()]));
+        sh(rig
+            .dut
+            .command("nft")
+            .args(["add", "table", "netdev", "netwatch_bench"]));
+        let chain = format!("{{ type filter hook ingress device \"{DUT_IF}\" priority -500 ; }}");
+        sh(rig
+            .dut
+            .command("nft")
+            .args(["add", "chain", "netdev", "netwatch_bench", "ingress", chain.as_str()]));
+        sh(rig.dut.command("nft").args([
+            "add",
+            "rule",
+            "netdev",
+            "netwatch_bench",
+            "ingress",
+            "udp",
+            "dport",
+            "137",
+            "drop",
+        ]));
         row("nftables netdev ingress drop", rig.rate(&rig.probe, size));
         sh(rig
             .dut

@@ -73,7 +73,9 @@ impl BenchObject {
     pub fn attach_drop(&mut self, ns: &Netns, dev: &str) -> aya::programs::xdp::XdpLinkId {
         let index = ifindex_in(ns, dev);
         let p: &mut Xdp = self.ebpf.program_mut(DROP).unwrap().try_into().unwrap();
-        p.attach_to_if_index(index, XdpMode::Driver).expect("attach XDP_DROP")
+        // The ifindex means something only inside the namespace.
+        ns.run(|| p.attach_to_if_index(index, XdpMode::Driver))
+            .expect("attach XDP_DROP")
     }
 
     pub fn detach_drop(&mut self, id: aya::programs::xdp::XdpLinkId) {
@@ -97,7 +99,9 @@ impl BenchObject {
         ns.run(|| {
             super::pin_to_cpu0();
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+            // (the kernel wants data_end == the frame's length).
             let mut ctx = [0u8; 24];
+            ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
             ctx[12..16].copy_from_slice(&index.to_ne_bytes());
             let opts = TestRunOptions {
                 data_in: Some(frame),

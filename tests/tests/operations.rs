@@ -1,0 +1,624 @@
+//! What operators get: the Grafana dashboard, the alert rules, a real
+//! Prometheus scraping a real `netwatch run`, the systemd unit's
+//! capability set, and complete `--help`.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{
+    daemon::{METRICS_ADDR, Netwatch, netwatch},
+    lab::*,
+    netns::Netns,
+    require_privileged, unique,
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/netwatch.json")).unwrap()).unwrap()
+}
+
+/// Every PromQL expression of the dashboard, with Grafana's variables
+/// replaced by what a real query would carry.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let d = dashboard();
+    let mut out = Vec::new();
+    for panel in d["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            out.push((
+                panel["title"].as_str().unwrap().to_string(),
+                target["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+fn substitute(expr: &str) -> String {
+    expr.replace("$__rate_interval", "30s")
+        .replace("$__range", "5m")
+        .replace("$job", "netwatch")
+        .replace("$instance", ".*")
+        .replace("$interface", ".*")
+        .replace("$rule", ".*")
+        .replace("$direction", ".*")
+}
+
+/// Metric names an expression uses (ours, the process collector's, `up`).
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i].is_ascii_alphabetic() || bytes[i] == b'_' {
+            let start = i;
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            let word = &expr[start..i];
+            let quoted = start > 0 && matches!(bytes[start - 1], b'"' | b'$');
+            if !quoted && (word.starts_with("netwatch_") || word.starts_with("process_") || word == "up") {
+                names.insert(word.to_string());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+fn alert_rules() -> Vec<(String, String)> {
+    // The rules file is small, regular YAML: take `alert:` and `expr:`
+    // (inline or `|` block) pairs.
+    let text = std::fs::read_to_string(repo().join("deploy/prometheus/netwatch.rules.yml")).unwrap();
+    let mut rules = Vec::new();
+    let mut lines = text.lines().peekable();
+    let mut name = String::new();
+    while let Some(line) = lines.next() {
+        let t = line.trim();
+        if let Some(n) = t.strip_prefix("- alert:") {
+            name = n.trim().to_string();
+        } else if let Some(e) = t.strip_prefix("expr:") {
+            let e = e.trim();
+            let expr = if e == "|" {
+                let mut block = Vec::new();
+                while let Some(next) = lines.peek() {
+                    if next.trim().is_empty() || !next.starts_with("          ") {
+                        break;
+                    }
+                    block.push(lines.next().unwrap().trim().to_string());
+                }
+                block.join(" ")
+            } else {
+                e.to_string()
+            };
+            rules.push((name.clone(), expr));
+        }
+    }
+    rules
+}
+
+#[test]
+fn dashboard_is_importable_and_every_panel_has_a_query() {
+    let d = dashboard();
+    assert_eq!(d["uid"], "netwatch");
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for needed in ["datasource", "interface", "rule", "direction"] {
+        assert!(vars.contains(&needed), "dashboard lacks the ${needed} variable");
+    }
+    let datasource = &d["templating"]["list"][0];
+    assert_eq!(
+        (datasource["type"].as_str(), datasource["query"].as_str()),
+        (Some("datasource"), Some("prometheus"))
+    );
+    let panels = d["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    let mut ids = BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate panel id");
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "panel {} not on the datasource variable",
+            p["title"]
+        );
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(
+                !expr.trim().is_empty() && !metric_names(expr).is_empty(),
+                "panel {}: {expr:?}",
+                p["title"]
+            );
+        }
+    }
+    // The main questions have panels.
+    let titles: Vec<&str> = panels.iter().map(|p| p["title"].as_str().unwrap()).collect();
+    for t in [
+        "Packets by rule",
+        "Dropped vs passed",
+        "Scanners flagged",
+        "Tracked and blocked",
+        "Reverse lookups",
+        "Malformed",
+        "Program health",
+    ] {
+        assert!(titles.iter().any(|x| x.starts_with(t)), "no panel {t:?}");
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool_unit_tests() {
+    let dir = repo().join("deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "netwatch.rules.yml"],
+        vec!["test", "rules", "netwatch.rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool (Debian package prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let names: Vec<String> = alert_rules().into_iter().map(|(n, _)| n).collect();
+    for needed in [
+        "NetwatchScannerFlagged",
+        "NetwatchOutboundScanning",
+        "NetwatchDropRateSpike",
+        "NetwatchSourceMapNearFull",
+        "NetwatchEventsLost",
+        "NetwatchDown",
+    ] {
+        assert!(names.iter().any(|n| n == needed), "no alert {needed}");
+    }
+}
+
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const PROM_ADDR: &str = "127.0.0.1:9090";
+
+fn start_prometheus(ns: &Netns) -> Prometheus {
+    let dir = std::env::temp_dir().join(unique("prom"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = repo().join("deploy/prometheus/netwatch.rules.yml");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: netwatch\n    static_configs:\n      - targets: ['{METRICS_ADDR}']\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let child = ns
+        .command("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={PROM_ADDR}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("log")).unwrap())
+        .spawn()
+        .expect("prometheus (Debian package prometheus)");
+    let prom = Prometheus { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ns
+        .run(|| netwatch_user::netns::http_get(PROM_ADDR, "/-/ready"))
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus not ready:\n{}",
+            std::fs::read_to_string(prom.dir.join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    prom
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn query(ns: &Netns, q: &str) -> serde_json::Value {
+    let body = ns
+        .run(|| netwatch_user::netns::http_get(PROM_ADDR, &format!("/api/v1/query?query={}", encode(q))))
+        .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "success", "{q}: {v}");
+    v
+}
+
+/// A real Prometheus scrapes a live `netwatch run` carrying real traffic;
+/// every query of the dashboard and every alert rule runs against it.
+#[test]
+fn real_prometheus_answers_every_dashboard_and_alert_query() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &format!("/sys/fs/bpf/{}", unique("p")),
+        &[
+            "--iface",
+            &format!("{VICTIM_IF}:host"),
+            "--egress",
+            VICTIM_IF,
+            "--mode",
+            "enforce",
+        ],
+    );
+    let prom = start_prometheus(&lab.victim);
+    // Counters must be seen at zero first, or increase() has no baseline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query(&lab.victim, "count_over_time(netwatch_info[1m])")["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(Instant::now() < deadline, "prometheus did not scrape netwatch");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // Traffic for every panel: a sweep (inbound flag), an outbound sweep
+    // from the host, a web visitor looked up (reverse lookup), a datagram
+    // too large for one frame (fragments), and plenty of unmatched.
+    let _ = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", TARGET_RANGE])
+        .output()
+        .unwrap();
+    lab.scanner.local_range("198.18.2.0/24");
+    lab.victim.ip(&["route", "add", "198.18.2.0/24", "via", SCANNER_IP]);
+    lab.victim.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 1..=30 {
+            let _ = s.send_to(b"nb", format!("198.18.2.{i}:137"));
+        }
+    });
+    let _ = tcp_connect(&lab.scanner, "198.18.0.2:80", Duration::from_millis(200));
+    send_udp(&lab.victim, "198.18.0.1:137", 1);
+    lab.scanner.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let _ = s.send_to(&[0u8; 4000], "198.18.0.2:5000");
+    });
+    for _ in 0..5 {
+        send_udp(&lab.scanner, "198.18.0.2:53", 20);
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+
+    // Wait until Prometheus has a few scrapes of everything.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = query(&lab.victim, "count_over_time(netwatch_info[1m])");
+        if v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            >= 5.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prometheus did not scrape netwatch: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    for (title, expr) in dashboard_queries() {
+        let q = substitute(&expr);
+        let v = query(&lab.victim, &q);
+        assert!(
+            !v["data"]["result"].as_array().unwrap().is_empty(),
+            "dashboard panel {title:?}: query returned no data: {q}"
+        );
+    }
+    for (name, expr) in alert_rules() {
+        // The condition must parse and run; its inputs must have data
+        // (when each fires is what the promtool unit tests check).
+        query(&lab.victim, &expr);
+        for metric in metric_names(&expr) {
+            let v = query(&lab.victim, &format!("count({metric})"));
+            assert!(
+                !v["data"]["result"].as_array().unwrap().is_empty(),
+                "alert {name}: no data for {metric}"
+            );
+        }
+    }
+    // The two flags of this run made their alerts fire for real.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for alert in ["NetwatchScannerFlagged", "NetwatchOutboundScanning"] {
+        loop {
+            let v = query(
+                &lab.victim,
+                &format!("ALERTS{{alertname=\"{alert}\", alertstate=\"firing\"}}"),
+            );
+            if !v["data"]["result"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{alert} did not fire");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    drop(prom);
+    drop(nw);
+}
+
+/// The systemd unit's capability set is enough: netwatch runs, attaches,
+/// counts and serves with exactly those capabilities.
+#[test]
+fn runs_with_only_the_capabilities_of_the_systemd_unit() {
+    require_privileged!();
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap()
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let set = format!("-all,{}", caps.join(","));
+    let lab = Lab::new();
+    let pins = format!("/sys/fs/bpf/{}", unique("cap"));
+    let state = std::env::temp_dir().join(unique("capstate"));
+    let log = std::env::temp_dir().join(unique("caplog"));
+    let mut child = lab
+        .victim
+        .command("setpriv")
+        .args(["--bounding-set", &set, "--inh-caps", "-all", "--"])
+        .arg(netwatch_tests::daemon::bin())
+        .args([
+            "run",
+            "--iface",
+            VICTIM_IF,
+            "--egress",
+            VICTIM_IF,
+            "--pin-dir",
+            &pins,
+            "--metrics-addr",
+            METRICS_ADDR,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "netwatch exited with capabilities {set}: {status}\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        if let Ok(m) = lab
+            .victim
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap().to_string();
+    assert!(eff.ends_with("000000c000001000"), "unexpected capabilities: {eff}");
+    assert!(metrics.contains("netwatch_interface_attached{hook=\"tc_egress\""));
+    send_udp(&lab.scanner, "198.18.0.2:137", 4);
+    let counted = eventually(4.0, Duration::from_secs(3), || {
+        let m = lab
+            .victim
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .unwrap();
+        netwatch_tests::daemon::sample(
+            &m,
+            "netwatch_packets_total",
+            &[("rule", "udp/137"), ("direction", "inbound")],
+        )
+    });
+    assert_eq!(counted, 4.0);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(
+        child.wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let _ = netwatch(&["detach", "--pin-dir", &pins]);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn every_command_and_flag_has_help() {
+    let out = netwatch(&["--help"]);
+    assert!(out.status.success());
+    let top = String::from_utf8_lossy(&out.stdout).to_string();
+    for cmd in [
+        "run", "status", "lookup", "top", "block", "unblock", "allow", "disallow", "detach", "lab",
+    ] {
+        assert!(top.contains(cmd), "--help does not list {cmd}");
+        let out = netwatch(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        // Every option line carries a description.
+        let is_option = |l: &str| {
+            let t = l.trim_start();
+            t.starts_with("--") || (t.starts_with('-') && t.as_bytes().get(1).is_some_and(|b| b.is_ascii_alphabetic()))
+        };
+        for line in help.lines().filter(|l| is_option(l)) {
+            let described = line.trim().split("  ").filter(|s| !s.trim().is_empty()).count() >= 2;
+            let next_described = help
+                .lines()
+                .skip_while(|l| *l != line)
+                .nth(1)
+                .is_some_and(|n| n.starts_with("          "));
+            assert!(described || next_described, "{cmd}: option without help: {line:?}");
+        }
+    }
+}
+
+fn keys(v: &serde_json::Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    k.sort();
+    k
+}
+
+/// The JSON of `status`, `top` and `lookup` keeps the documented keys.
+#[test]
+fn json_output_keeps_its_documented_schema() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &format!("/sys/fs/bpf/{}", unique("p")),
+        &["--iface", VICTIM_IF, "--egress", VICTIM_IF],
+    );
+    let _ = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", TARGET_RANGE])
+        .output()
+        .unwrap();
+    let lookup = nw.wait_for_incident(SCANNER_IP);
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = netwatch(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = run(&["status", "--json", "--pin-dir", &nw.pin_dir]);
+    assert_eq!(
+        keys(&status),
+        [
+            "allowlist",
+            "blocklist",
+            "class_counters",
+            "detection",
+            "interfaces",
+            "mode",
+            "rule_counters",
+            "rules"
+        ]
+    );
+    assert_eq!(
+        keys(&status["interfaces"][0]),
+        ["ifindex", "name", "role", "tc_egress", "xdp"]
+    );
+    assert_eq!(
+        keys(&status["rules"][0]),
+        ["block_secs", "inbound", "outbound", "rule", "threshold", "window_secs"]
+    );
+    assert_eq!(
+        keys(&status["rule_counters"][0]),
+        ["action", "bytes", "direction", "interface", "packets", "rule"]
+    );
+    assert_eq!(
+        keys(&status["class_counters"][0]),
+        ["bytes", "class", "direction", "interface", "packets", "reason"]
+    );
+    assert_eq!(
+        keys(&status["detection"]),
+        [
+            "auto_blocks",
+            "events_lost",
+            "flagged",
+            "reverse_lookups",
+            "sources_created",
+            "visitors_recorded"
+        ]
+    );
+    assert_eq!(
+        keys(&status["detection"]["flagged"][0]),
+        ["direction", "flagged", "rule"]
+    );
+    let source_keys = [
+        "blocked_until",
+        "bytes",
+        "classification",
+        "direction",
+        "distinct_destinations",
+        "first_seen",
+        "flagged",
+        "interface",
+        "last_seen",
+        "packets",
+        "rule",
+        "source",
+    ];
+    let top = run(&["top", "--json", "--limit", "3", "--pin-dir", &nw.pin_dir]);
+    assert_eq!(keys(&top), ["sources"]);
+    assert_eq!(keys(&top["sources"][0]), source_keys);
+    assert_eq!(keys(&lookup), ["incidents", "ip", "tracked"]);
+    assert_eq!(
+        keys(&lookup["incidents"][0]),
+        [
+            "blocked",
+            "blocked_until",
+            "classification",
+            "direction",
+            "distinct_destinations",
+            "first_seen",
+            "id",
+            "interface",
+            "last_seen",
+            "packets",
+            "rule",
+            "source",
+        ]
+    );
+    assert_eq!(keys(&lookup["tracked"][0]), source_keys);
+    // The HTTP API serves the same shapes.
+    let api: serde_json::Value = serde_json::from_str(
+        &lab.victim
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, &format!("/api/lookup/{SCANNER_IP}")))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(keys(&api), keys(&lookup));
+}
