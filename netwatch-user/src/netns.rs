@@ -43,3 +43,36 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     }
     Ok(body.to_string())
 }
+
+/// A TCP connection from a chosen local IPv4 address (std cannot bind
+/// before connecting): how the lab and the tests make many distinct web
+/// visitors from one namespace.
+pub fn tcp_connect_from(local: std::net::Ipv4Addr, remote: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a descriptor we own, with valid
+    // sockaddr_in structures.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let l = sockaddr(local, 0);
+        let r = sockaddr(*remote.ip(), remote.port());
+        if libc::bind(fd, &l as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &r as *const _ as *const libc::sockaddr, len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}

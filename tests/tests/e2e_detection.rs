@@ -3,7 +3,7 @@
 
 use std::{
     io::Read as _,
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, UdpSocket},
     time::Duration,
 };
 
@@ -187,8 +187,8 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     });
     for i in 100..140 {
         clients.run(|| {
-            let socket = socket2_connect(&format!("198.18.0.{i}"), "198.18.0.80:80");
-            drop(socket);
+            let local = std::net::Ipv4Addr::new(198, 18, 0, i as u8);
+            drop(netwatch_user::netns::tcp_connect_from(local, "198.18.0.80:80".parse().unwrap()).expect("visit"));
         });
     }
     server.join().unwrap();
@@ -311,36 +311,6 @@ fn block_and_allow_from_the_command_line() {
         .unwrap();
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api["blocklist"], json["blocklist"]);
-}
-
-fn socket2_connect(local: &str, remote: &str) -> TcpStream {
-    // std cannot bind before connect; use a raw socket for the source address.
-    use std::os::fd::FromRawFd as _;
-    let local: std::net::SocketAddrV4 = format!("{local}:0").parse().unwrap();
-    let remote: std::net::SocketAddrV4 = remote.parse().unwrap();
-    // SAFETY: plain socket calls with valid sockaddr_in structures.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let l = sa(local);
-        let r = sa(remote);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-        assert_eq!(libc::bind(fd, &l as *const _ as *const libc::sockaddr, len), 0);
-        assert_eq!(
-            libc::connect(fd, &r as *const _ as *const libc::sockaddr, len),
-            0,
-            "connect from {local}"
-        );
-        TcpStream::from_raw_fd(fd)
-    }
 }
 
 fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u16) -> usize {
