@@ -359,6 +359,25 @@ pub struct FlagEvent {
     pub flagged_ns: u64,
 }
 
+/// Per-CPU memo of the last (source, destination) a CPU tracked. A flood
+/// repeats one tuple: those packets only bump `pending_*` here, folded into
+/// the source record when the tuple changes, the second changes, or
+/// `FLOOD_CACHE_FLUSH` packets have piled up. Readers add the pending
+/// counts of a matching key (see the controller's `sources::lookup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodCache {
+    pub key: SourceKey,
+    pub dst_hash: u32,
+    /// The second the memo was made (it never outlives it).
+    pub second: u32,
+    /// The source's `blocked_until` when memoised.
+    pub blocked_until: u32,
+    pub pending_packets: u32,
+    pub pending_bytes: u32,
+}
+pub const FLOOD_CACHE_FLUSH: u32 = 64;
+
 /// Datapath-wide counters (per-CPU array indices).
 pub const STAT_SOURCES_CREATED: u32 = 0;
 pub const STAT_EVENTS_LOST: u32 = 1;
@@ -427,7 +446,8 @@ pub mod maps {
     pub const STATS: &str = "STATS";
     pub const FLAG_COUNTERS: &str = "FLAG_COUNTERS";
     pub const REVERSE_COUNTERS: &str = "REVERSE_COUNTERS";
-    pub const ALL: [&str; 16] = [
+    pub const FLOOD_CACHE: &str = "FLOOD_CACHE";
+    pub const ALL: [&str; 17] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -444,6 +464,7 @@ pub mod maps {
         STATS,
         FLAG_COUNTERS,
         REVERSE_COUNTERS,
+        FLOOD_CACHE,
     ];
 }
 
@@ -468,4 +489,5 @@ mod pod {
     unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for FlagEvent {}
     unsafe impl aya::Pod for ListEntry {}
+    unsafe impl aya::Pod for FloodCache {}
 }

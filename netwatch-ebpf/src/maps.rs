@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, FLAG_COUNTER_ENTRIES, IfaceInfo, ListEntry, MAX_CIDRS, MAX_IFACES, MAX_RULES,
-    MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES,
-    Settings, SourceKey, SourceState,
+    CLASS_COUNTER_ENTRIES, Counter, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry, MAX_CIDRS, MAX_IFACES,
+    MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule, RULE_COUNTER_ENTRIES, RuleInfo,
+    STATS as STAT_ENTRIES, Settings, SourceKey, SourceState,
 };
 
 #[map]
@@ -69,3 +69,7 @@ pub static FLAG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLAG_
 /// `RULE_COUNTERS`.
 #[map]
 pub static REVERSE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
+
+/// One `FloodCache` per CPU.
+#[map]
+pub static FLOOD_CACHE: PerCpuArray<FloodCache> = PerCpuArray::with_max_entries(1, 0);

@@ -6,11 +6,12 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP;
 use netwatch_common::{
-    FlagEvent, KIND_PROBE, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED,
-    STAT_AUTO_BLOCKED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    FLOOD_CACHE_FLUSH, FlagEvent, KIND_PROBE, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP,
+    SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState,
+    flag_counter_index,
 };
 
-use crate::maps::{EVENTS, FLAG_COUNTERS, SOURCES, STATS};
+use crate::maps::{EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
 
 #[inline(always)]
 pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
@@ -114,6 +115,41 @@ pub fn track(
     now: u32,
     may_block: bool,
 ) -> Tracked {
+    let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
+        return Tracked { blocked: false };
+    };
+    // SAFETY: per-CPU map value, ours while we run.
+    let cache = unsafe { &mut *cache };
+    // A flood repeats one tuple: nothing about the source can change but
+    // its counts, so count here and skip the per-source map.
+    if cache.second == now
+        && cache.dst_hash == dst_hash
+        && cache.pending_packets < FLOOD_CACHE_FLUSH
+        && cache.key == *key
+    {
+        cache.pending_packets += 1;
+        cache.pending_bytes += bytes as u32;
+        return Tracked {
+            blocked: cache.blocked_until > now,
+        };
+    }
+    // Fold what the memo holds into its record: here if it is this
+    // source's, else with a lookup of its own.
+    let (pending_packets, pending_bytes) = (cache.pending_packets as u64, cache.pending_bytes as u64);
+    cache.pending_packets = 0;
+    cache.pending_bytes = 0;
+    let same_source = cache.key == *key;
+    if pending_packets != 0
+        && !same_source
+        && let Some(other) = SOURCES.get_ptr_mut(cache.key)
+    {
+        // SAFETY: a map value.
+        unsafe {
+            (*other).packets += pending_packets;
+            (*other).bytes += pending_bytes;
+        }
+    }
+
     let state = match SOURCES.get_ptr_mut(key) {
         Some(state) => state,
         None => {
@@ -143,6 +179,10 @@ pub fn track(
     }
     state.packets += 1;
     state.bytes += bytes;
+    if same_source {
+        state.packets += pending_packets;
+        state.bytes += pending_bytes;
+    }
     state.last_seen = now;
     state.iface = iface as u16;
     add_destination(state, dst_hash);
@@ -170,6 +210,10 @@ pub fn track(
             emit(key, state);
         }
     }
+    cache.key = *key;
+    cache.dst_hash = dst_hash;
+    cache.second = now;
+    cache.blocked_until = state.blocked_until;
     Tracked {
         blocked: state.blocked_until > now,
     }

@@ -9,7 +9,8 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use netwatch_common::{
-    Direction, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, maps,
+    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct,
+    maps,
 };
 use serde::Serialize;
 
@@ -143,12 +144,23 @@ fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceSt
 /// rule, direction and kind), never a walk of the map.
 pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<SourceView>> {
     let map = sources_map(maps)?;
+    // Counts of a flood still held in the CPUs' memos belong to the record.
+    let memos: Vec<FloodCache> = maps
+        .per_cpu_array::<FloodCache>(maps::FLOOD_CACHE)?
+        .get(&0, 0)?
+        .iter()
+        .copied()
+        .collect();
     let mut out = Vec::new();
     for rule in names.rule_slots() {
         for dir in Direction::ALL {
             for kind in [KIND_PROBE, KIND_REVERSE_LOOKUP] {
                 let key = key_for(addr, rule, dir, kind);
-                if let Ok(state) = map.get(&key, 0) {
+                if let Ok(mut state) = map.get(&key, 0) {
+                    for memo in memos.iter().filter(|m| m.key == key) {
+                        state.packets += memo.pending_packets as u64;
+                        state.bytes += memo.pending_bytes as u64;
+                    }
                     out.push(view(names, &key, &state));
                 }
             }
