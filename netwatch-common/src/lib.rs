@@ -380,10 +380,30 @@ pub const FLOOD_CACHE_FLUSH: u32 = 64;
 
 /// Datapath-wide counters (per-CPU array indices).
 pub const STAT_SOURCES_CREATED: u32 = 0;
+/// Flag events not delivered: ring buffer full, or over the rate limit.
 pub const STAT_EVENTS_LOST: u32 = 1;
 pub const STAT_AUTO_BLOCKED: u32 = 2;
 pub const STAT_VISITORS_RECORDED: u32 = 3;
-pub const STATS: u32 = 4;
+/// Auto-blocks not set because `MAX_AUTO_BLOCKS` were in force.
+pub const STAT_AUTO_BLOCKS_CAPPED: u32 = 4;
+pub const STATS: u32 = 5;
+
+/// Flag events a CPU may send per second; a flood of flags (a million
+/// spoofed scanners) reaches the controller at this rate at most, the
+/// rest counted as lost (the flags themselves are still counted).
+pub const MAX_EVENTS_PER_CPU_SECOND: u32 = 2000;
+
+/// Per-CPU budget for flag events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub second: u32,
+    pub sent: u32,
+}
+
+/// Auto-blocks in force at once, at most: spoofed probes can make netwatch
+/// block innocent sources, but never more than this many.
+pub const MAX_AUTO_BLOCKS: u32 = 1024;
 
 /// Index of `FLAG_COUNTERS` (flags raised per rule and direction).
 #[inline(always)]
@@ -447,7 +467,9 @@ pub mod maps {
     pub const FLAG_COUNTERS: &str = "FLAG_COUNTERS";
     pub const REVERSE_COUNTERS: &str = "REVERSE_COUNTERS";
     pub const FLOOD_CACHE: &str = "FLOOD_CACHE";
-    pub const ALL: [&str; 17] = [
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    pub const AUTO_BLOCKS: &str = "AUTO_BLOCKS";
+    pub const ALL: [&str; 19] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -465,6 +487,8 @@ pub mod maps {
         FLAG_COUNTERS,
         REVERSE_COUNTERS,
         FLOOD_CACHE,
+        EVENT_BUDGET,
+        AUTO_BLOCKS,
     ];
 }
 
@@ -490,4 +514,5 @@ mod pod {
     unsafe impl aya::Pod for FlagEvent {}
     unsafe impl aya::Pod for ListEntry {}
     unsafe impl aya::Pod for FloodCache {}
+    unsafe impl aya::Pod for EventBudget {}
 }

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry, MAX_CIDRS, MAX_IFACES,
-    MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule, RULE_COUNTER_ENTRIES, RuleInfo,
-    STATS as STAT_ENTRIES, Settings, SourceKey, SourceState,
+    CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry,
+    MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule,
+    RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey, SourceState,
 };
 
 #[map]
@@ -73,3 +73,12 @@ pub static REVERSE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entrie
 /// One `FloodCache` per CPU.
 #[map]
 pub static FLOOD_CACHE: PerCpuArray<FloodCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// One `EventBudget` per CPU.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Expiry (CLOCK_MONOTONIC second) of each auto-block in force: a slot is
+/// free once its time has passed, so at most `MAX_AUTO_BLOCKS` hold at once.
+#[map]
+pub static AUTO_BLOCKS: Array<u32> = Array::with_max_entries(MAX_AUTO_BLOCKS, 0);

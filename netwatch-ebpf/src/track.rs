@@ -6,12 +6,12 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP;
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FlagEvent, KIND_PROBE, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP,
-    SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState,
-    flag_counter_index,
+    FLOOD_CACHE_FLUSH, FlagEvent, KIND_PROBE, MAX_AUTO_BLOCKS, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS,
+    SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED,
+    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
 };
 
-use crate::maps::{EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
+use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
 
 #[inline(always)]
 pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
@@ -200,14 +200,23 @@ pub fn track(
         };
         if old & FLAGGED_IN_WORD == 0 {
             if may_block && rule.block_secs != 0 {
-                state.blocked_until = now + rule.block_secs;
-                bump_stat(&STATS, STAT_AUTO_BLOCKED);
+                let until = now + rule.block_secs;
+                if claim_block_slot(now, until) {
+                    state.blocked_until = until;
+                    bump_stat(&STATS, STAT_AUTO_BLOCKED);
+                } else {
+                    bump_stat(&STATS, STAT_AUTO_BLOCKS_CAPPED);
+                }
             }
             bump_stat(
                 &FLAG_COUNTERS,
                 flag_counter_index(key.rule as u32, key.direction as u32),
             );
-            emit(key, state);
+            if within_event_budget(now) {
+                emit(key, state);
+            } else {
+                bump_stat(&STATS, STAT_EVENTS_LOST);
+            }
         }
     }
     cache.key = *key;
@@ -217,6 +226,41 @@ pub fn track(
     Tracked {
         blocked: state.blocked_until > now,
     }
+}
+
+/// Takes a free auto-block slot (one whose block has expired) until
+/// `until`; false when `MAX_AUTO_BLOCKS` are in force. Runs once per flag,
+/// never per packet.
+#[inline(always)]
+fn claim_block_slot(now: u32, until: u32) -> bool {
+    for i in 0..MAX_AUTO_BLOCKS {
+        if let Some(slot) = AUTO_BLOCKS.get_ptr_mut(i) {
+            // SAFETY: a map value. Two CPUs claiming one slot at the same
+            // instant can only under-count blocks in force by one.
+            unsafe {
+                if *slot <= now {
+                    *slot = until;
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn within_event_budget(now: u32) -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU map value.
+    let budget = unsafe { &mut *budget };
+    if budget.second != now {
+        budget.second = now;
+        budget.sent = 0;
+    }
+    budget.sent += 1;
+    budget.sent <= MAX_EVENTS_PER_CPU_SECOND
 }
 
 #[inline(always)]

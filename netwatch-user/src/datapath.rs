@@ -208,6 +208,7 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     /// Opens the pin directory of a netwatch that has run at least once.
     pub fn open(dir: &Path) -> Result<Self> {
+        ensure_accessible(dir)?;
         if !dir.join(maps::SETTINGS).exists() {
             bail!(
                 "no netwatch state in {}: is `netwatch run` running (or did it ever run) with this --pin-dir?",
@@ -730,9 +731,21 @@ fn readopt(pin: &Path) -> Result<Option<FdLink>> {
     }
 }
 
+/// The pin directory is root-only (0700): say so rather than "not found".
+fn ensure_accessible(dir: &Path) -> Result<()> {
+    match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied reading {}: netwatch's pinned maps are root-only; run this as root",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Removes every program, link and map netwatch pinned under `pin_dir`.
 /// Returns the number of pins removed.
 pub fn detach_all(pin_dir: &Path) -> Result<usize> {
+    ensure_accessible(pin_dir)?;
     if !pin_dir.exists() {
         return Ok(0);
     }
@@ -778,6 +791,22 @@ pub fn mark_attached(maps: &PinnedMaps, slot: u32, xdp: Option<Option<XdpAttachM
             info.attached |= ATTACHED_TC;
         }
     })
+}
+
+/// Notices interfaces that went away (or were replaced) while attached:
+/// the kernel detached their programs; mark them so, keep their counters.
+pub fn check_interfaces(maps: &PinnedMaps) -> Result<()> {
+    for (slot, info) in maps.iface_slots()? {
+        if info.attached == 0 {
+            continue;
+        }
+        let name = iface_name(&info);
+        if ifindex(&name).ok() != Some(info.ifindex) {
+            warn!("interface {name} disappeared while attached: its programs are gone, its counters are kept");
+            update_iface(maps, slot, |i| i.attached = 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// Clears the attached bits of every slot (the controller is going away).

@@ -116,6 +116,9 @@ impl Detector {
             ..SourceState::default()
         };
         let obs = self.observation(&event.key, &state);
+        // Follow first: if the write fails (a full disk), the refresh
+        // retries it from the kernel's record, so the incident is not lost.
+        self.follow(event.key);
         let id = self.store.record(&obs, REOPEN_AFTER)?;
         info!(
             "flagged {} ({} {} {} on {}): {} distinct destinations, {} packets{} — incident #{id}",
@@ -130,13 +133,16 @@ impl Detector {
                 .map(|t| format!(", auto-blocked until {}", crate::clock::rfc3339(t)))
                 .unwrap_or_default()
         );
-        self.followed.insert(event.key, Instant::now());
+        Ok(())
+    }
+
+    fn follow(&mut self, key: SourceKey) {
+        self.followed.insert(key, Instant::now());
         if self.followed.len() > MAX_FOLLOWED
             && let Some(oldest) = self.followed.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k)
         {
             self.followed.remove(&oldest);
         }
-        Ok(())
     }
 
     /// Brings open incidents up to date (packets, last seen, blocks) with
@@ -144,11 +150,15 @@ impl Detector {
     pub fn refresh(&mut self) -> Result<()> {
         let mut quiet = Vec::new();
         let keys: Vec<SourceKey> = self.followed.keys().copied().collect();
+        let mut failed = None;
         for key in keys {
             match self.sources.get(&key, 0) {
                 Ok(state) => {
                     let obs = self.observation(&key, &state);
-                    self.store.record(&obs, REOPEN_AFTER)?;
+                    if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
+                        failed.get_or_insert(err);
+                        continue;
+                    }
                     if boot_secs().saturating_sub(state.last_seen) as u64 > REOPEN_AFTER.as_secs() {
                         quiet.push(key);
                     }
@@ -160,7 +170,7 @@ impl Detector {
         for key in quiet {
             self.followed.remove(&key);
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Sources currently auto-blocked, from the open incidents.

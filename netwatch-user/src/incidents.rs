@@ -99,6 +99,8 @@ impl Store {
             .with_context(|| format!("restricting permissions of {}", state_dir.display()))?;
         let path = state_dir.join(DB_FILE);
         let conn = Connection::open(&path).with_context(|| format!("opening incident database {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting permissions of {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use netwatch_common::MAX_SOURCES;
+use netwatch_common::{MAX_AUTO_BLOCKS, MAX_SOURCES};
 
 use crate::snapshot::Snapshot;
 
@@ -167,7 +167,7 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
     let lost = counter_vec(
         &registry,
         "netwatch_events_lost_total",
-        "Flag events dropped because the ring buffer to the controller was full.",
+        "Flag events not delivered to the controller: ring buffer full or over the per-CPU rate limit.",
         &[],
     )?;
     lost.with_label_values::<&str>(&[]).inc_by(d.events_lost);
@@ -178,6 +178,13 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
         &[],
     )?;
     auto.with_label_values::<&str>(&[]).inc_by(d.auto_blocks);
+    let capped = counter_vec(
+        &registry,
+        "netwatch_auto_blocks_capped_total",
+        &format!("Flagged sources not auto-blocked because {MAX_AUTO_BLOCKS} blocks were in force."),
+        &[],
+    )?;
+    capped.with_label_values::<&str>(&[]).inc_by(d.auto_blocks_capped);
 
     let info = gauge_vec(
         &registry,

@@ -371,10 +371,17 @@ impl Policy {
                 if list[..i].contains(net) {
                     bail!("{name} lists {net} twice");
                 }
+                if let Some(wider) = list.iter().find(|other| *other != net && other.contains(net)) {
+                    bail!("{name}: {net} overlaps {wider}, which already covers it; list one of them");
+                }
             }
         }
-        if let Some(both) = self.allowlist.iter().find(|n| self.blocklist.contains(n)) {
-            bail!("{both} is on both the allowlist and the blocklist; the allowlist would always win, so remove one");
+        for block in &self.blocklist {
+            if let Some(allow) = self.allowlist.iter().find(|a| a.contains(block)) {
+                bail!(
+                    "blocklist entry {block} is covered by allowlist entry {allow}; the allowlist always wins, so it would never apply"
+                );
+            }
         }
         Ok(())
     }

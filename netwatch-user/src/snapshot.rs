@@ -4,8 +4,8 @@
 use anyhow::Result;
 use netwatch_common::{
     ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, ORIGIN_CLI, Outcome, PortRule, Protocol, STAT_AUTO_BLOCKED,
-    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps,
-    port_rule_index, rule_counter_index,
+    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index,
+    flag_counter_index, maps, port_rule_index, rule_counter_index,
 };
 use serde::Serialize;
 
@@ -45,6 +45,8 @@ pub struct DetectionStats {
     /// Flag events the ring buffer had no room for.
     pub events_lost: u64,
     pub auto_blocks: u64,
+    /// Auto-blocks not set because the cap was reached.
+    pub auto_blocks_capped: u64,
     pub visitors_recorded: u64,
     pub flagged: Vec<FlagCount>,
     /// Outbound rule traffic to recent web visitors (subset of the rule counters).
@@ -248,6 +250,7 @@ impl Snapshot {
             sources_created: stat(STAT_SOURCES_CREATED)?,
             events_lost: stat(STAT_EVENTS_LOST)?,
             auto_blocks: stat(STAT_AUTO_BLOCKED)?,
+            auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
             visitors_recorded: stat(STAT_VISITORS_RECORDED)?,
             flagged,
             reverse_lookups,

@@ -42,6 +42,8 @@ pub struct Netwatch {
     pub state_dir: PathBuf,
     /// Whether `start` made the state directory (and removes it).
     owns_state: bool,
+    /// Whether dropping removes the pins (`netwatch detach`).
+    detach_on_drop: bool,
     log: PathBuf,
 }
 
@@ -76,6 +78,7 @@ impl Netwatch {
             pin_dir: pin_dir.to_string(),
             state_dir: state_dir.to_path_buf(),
             owns_state: false,
+            detach_on_drop: true,
             log,
         };
         nw.wait_ready(ns);
@@ -166,6 +169,20 @@ impl Netwatch {
         }
     }
 
+    /// SIGKILL, and leave the pins (links included) for a restart.
+    pub fn kill_and_keep_pins(mut self) {
+        self.signal(libc::SIGKILL);
+        let mut child = self.child.take().expect("running");
+        let _ = child.wait();
+        self.detach_on_drop = false;
+    }
+
+    /// SIGTERM, a clean exit, and leave the pins for a restart.
+    pub fn stop_and_keep_pins(mut self) {
+        assert!(self.stop().success(), "unclean exit:\n{}", self.log());
+        self.detach_on_drop = false;
+    }
+
     pub fn metrics(&self, ns: &Netns) -> String {
         assert_eq!(ns.name, self.ns_name);
         ns.run(|| http_get(METRICS_ADDR, "/metrics")).expect("GET /metrics")
@@ -178,7 +195,9 @@ impl Drop for Netwatch {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
+        if self.detach_on_drop {
+            let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
+        }
         let _ = std::fs::remove_file(&self.log);
         if self.owns_state {
             let _ = std::fs::remove_dir_all(&self.state_dir);

@@ -8,6 +8,7 @@ pub mod frames;
 pub mod harness;
 pub mod lab;
 pub mod netns;
+pub mod reference;
 
 /// Whether BPF and namespaces are usable. Without them a test skips,
 /// unless `NETWATCH_REQUIRE_PRIVILEGED=1` (CI), where it fails.

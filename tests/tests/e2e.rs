@@ -420,6 +420,10 @@ fn router_lan_side_counts_and_stops_outbound_probes() {
     assert_eq!(packets(&nw, &router, "nw-wan", "inbound", "udp/137", "dropped"), 6.0);
 }
 
+fn cfg(file: &dyn Fn(&str, &str) -> String, name: &str, text: &str) -> Vec<String> {
+    vec!["--config".into(), file(name, text)]
+}
+
 /// Bad flags and files: a clear error naming the problem, nothing attached.
 #[test]
 fn bad_input_is_refused_with_a_clear_error() {
@@ -471,7 +475,7 @@ fn bad_input_is_refused_with_a_clear_error() {
                 "--block".into(),
                 "198.18.5.0/24".into(),
             ],
-            "on both the allowlist and the blocklist",
+            "would never apply",
         ),
         (
             vec![
@@ -523,8 +527,66 @@ fn bad_input_is_refused_with_a_clear_error() {
             ],
             "reading config file",
         ),
+        (
+            cfg(
+                &file,
+                "zero.toml",
+                "[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 0\n",
+            ),
+            "threshold 0 is out of range 2-2000",
+        ),
+        (
+            cfg(
+                &file,
+                "absurd.toml",
+                "[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 100000000\n",
+            ),
+            "threshold 100000000 is out of range",
+        ),
+        (
+            cfg(
+                &file,
+                "window.toml",
+                "[[rule]]\nprotocol = \"udp\"\nport = 137\nwindow_secs = 0\n",
+            ),
+            "window_secs 0 is out of range",
+        ),
+        (
+            cfg(
+                &file,
+                "ttl.toml",
+                "[[rule]]\nprotocol = \"udp\"\nport = 137\nblock_secs = 60\n",
+            ),
+            "block_secs is set but auto_block is not",
+        ),
+        (
+            cfg(
+                &file,
+                "neg.toml",
+                "[[rule]]\nprotocol = \"udp\"\nport = 137\nwindow_secs = -1\n",
+            ),
+            "window_secs = -1 is out of range",
+        ),
+        (
+            cfg(
+                &file,
+                "overlap.toml",
+                "allowlist = [\"198.18.0.0/16\", \"198.18.4.0/24\"]\n",
+            ),
+            "198.18.4.0/24 overlaps 198.18.0.0/16",
+        ),
+        (
+            cfg(&file, "cidr.toml", "blocklist = [\"198.18.0.0/40\"]\n"),
+            "blocklist[0]",
+        ),
+        (cfg(&file, "webports.toml", "web_ports = [0]\n"), "web_ports[0]"),
+        (
+            cfg(&file, "iface.toml", "interfaces = [\"eth0:core\"]\n"),
+            "interfaces[0]",
+        ),
     ];
     for (args, needle) in cases {
+        let args: Vec<String> = args;
         let out = ns
             .command(netwatch_tests::daemon::bin().to_str().unwrap())
             .arg("run")

@@ -33,6 +33,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The packet fuzzer, longer than CI's million frames: every frame runs
+    /// through the attached programs and is checked against the reference
+    /// classifier.
+    Fuzz {
+        /// Frames to feed.
+        #[arg(long, default_value_t = 20_000_000)]
+        frames: u64,
+        /// Seed (a failing run prints the one that reproduces it).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// cargo clippy -D warnings on the host crates and on the eBPF crate
     /// (for its BPF target).
     Lint,
@@ -64,6 +75,18 @@ fn main() -> Result<()> {
             setup::setup(&root)?;
             setup::ensure_debian_packages(setup::BENCH_PACKAGES)?;
             bench(&root, &args)
+        }
+        Task::Fuzz { frames, seed } => {
+            setup::setup(&root)?;
+            status(cargo(&root).args(["build", "--bin", "netwatch"]))?;
+            let mut cmd = cargo(&root);
+            cmd.args(["nextest", "run", "--test", "fuzz", "--no-capture"])
+                .env("NETWATCH_FUZZ_FRAMES", frames.to_string())
+                .env("NETWATCH_BIN", root.join("target/debug/netwatch"));
+            if let Some(seed) = seed {
+                cmd.env("NETWATCH_FUZZ_SEED", seed.to_string());
+            }
+            status(&mut cmd)
         }
         Task::Lint => {
             setup::setup(&root)?;

@@ -214,6 +214,9 @@ async fn serve_until_signal(
                     error!("updating open incidents failed: {err:#}");
                 }
                 stats.lock().expect("stats lock").sources_blocked = detector.blocked_now() as u64;
+                if let Err(err) = datapath::check_interfaces(maps) {
+                    warn!("checking interfaces: {err:#}");
+                }
             }
             _ = count.tick(), if counting.is_none() => {
                 let pin_dir = config.pin_dir.clone();

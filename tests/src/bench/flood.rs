@@ -27,6 +27,9 @@ pub struct Rig {
     pub probe: Vec<u8>,
     /// A udp/53 frame (matches no rule).
     pub unmatched: Vec<u8>,
+    /// An IPv6 udp/137 frame, 2001:db8:1:: -> 2001:db8::2: the generator
+    /// varies the low 32 bits of its source for floods of distinct sources.
+    pub probe6: Vec<u8>,
 }
 
 impl Rig {
@@ -49,12 +52,21 @@ impl Rig {
             f[..6].copy_from_slice(&mac);
             f
         };
+        let mut probe6 = Frame::udp6(
+            std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0),
+            std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+            40000,
+            137,
+        )
+        .build();
+        probe6[..6].copy_from_slice(&mac);
         Rig {
             gen_ns,
             dut,
             bench: BenchObject::load(),
             probe: frame(137),
             unmatched: frame(53),
+            probe6,
         }
     }
 

@@ -85,9 +85,21 @@ impl BenchObject {
 
     /// Sets how many distinct source addresses the generator cycles
     /// through (0: leave frames as they are).
-    pub fn set_sources(&mut self, sources: u32, base: std::net::Ipv4Addr) {
+    pub fn set_sources(&mut self, sources: u32, base: u32) {
+        self.set_rotation(0, sources, base);
+    }
+
+    /// Sets how many distinct destination addresses the generator cycles
+    /// through: one source scanning at full rate.
+    pub fn set_destinations(&mut self, destinations: u32, base: u32) {
+        self.set_rotation(1, destinations, base);
+    }
+
+    /// `base` is the first IPv4 address, or the low 32 bits of the first
+    /// IPv6 address, as a host-order integer.
+    fn set_rotation(&mut self, field: u32, count: u32, base: u32) {
         let mut map: Array<_, [u32; 4]> = Array::try_from(self.ebpf.map_mut("GEN").unwrap()).unwrap();
-        map.set(0, [0, sources, u32::from(base), 0], 0).unwrap();
+        map.set(0, [0, count, base, field], 0).unwrap();
     }
 
     /// Transmits `frames` copies of `frame` out of `dev` in `ns` (they

@@ -92,9 +92,9 @@ pub fn run(size: Size) -> Report {
     let pid = nw.pid();
     let baseline_metrics_ms = scrape_ms(&rig, 20);
 
-    // Fill: every frame from a new source address.
-    rig.bench.set_sources(size.sources, Ipv4Addr::new(10, 0, 0, 0));
-    rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe, size.sources);
+    // Fill: every frame from a new source address (2001:db8:1::/96).
+    rig.bench.set_sources(size.sources, 0);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe6, size.sources);
     let m = nw.metrics(&rig.dut);
     let created = sample(&m, "netwatch_sources_created_total", &[]);
     // The background count runs every 30 s; wait for one after the fill.
@@ -119,7 +119,7 @@ pub fn run(size: Size) -> Report {
     assert!(out.status.success());
     let top_ms = ms(t.elapsed());
     let t = Instant::now();
-    nw.lookup("10.0.0.7");
+    nw.lookup("2001:db8:1::7");
     let lookup_ms = ms(t.elapsed());
     let rss = rss_mib(pid);
 
@@ -129,10 +129,10 @@ pub fn run(size: Size) -> Report {
         || {},
     );
     // A flood of new sources (the next range of addresses) while measuring.
-    rig.bench.set_sources(size.sources, Ipv4Addr::new(11, 0, 0, 0));
+    rig.bench.set_sources(size.sources, 0x1000_0000);
     let mut flood_mpps = 0.0;
     let cpu_flood_pct = cpu_percent(pid, Duration::from_secs(5), || {
-        let t = rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe, size.flood_frames);
+        let t = rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe6, size.flood_frames);
         flood_mpps = size.flood_frames as f64 / t.as_secs_f64() / 1e6;
     });
     let rss_mib_after = rss_mib(pid).max(rss);

@@ -1,0 +1,490 @@
+//! Hostile conditions: floods of spoofed sources, a scanner at full rate,
+//! spoofed probes from an allowlisted gateway, SIGKILL and restarts, a
+//! controller gap, bad state on disk, and who may change what.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{
+    bench::flood::{DUT_IF, GEN_IF, Rig},
+    daemon::{METRICS_ADDR, Netwatch, netwatch, sample},
+    lab::*,
+    require_privileged, unique,
+};
+
+fn pin_dir() -> String {
+    format!("/sys/fs/bpf/{}", unique("p"))
+}
+
+fn write_config(text: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("netwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    (dir, p)
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1024.0
+}
+
+fn metric(nw: &Netwatch, rig: &Rig, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(&nw.metrics(&rig.dut), name, labels)
+}
+
+/// 1.5 million distinct spoofed sources (the Opaserv figure), the last
+/// half million seen again on a second destination: the LRU evicts,
+/// counters stay exact, the
+/// controller's memory stays bounded, /metrics keeps answering, and the
+/// flood of flags reaches userspace only at the rate limit, the rest
+/// counted as lost.
+#[test]
+fn a_flood_of_spoofed_sources_is_absorbed() {
+    require_privileged!();
+    const SOURCES: u32 = 1_500_000;
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 2\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let pid = nw.pid();
+
+    let mut scrape_ms = Vec::new();
+    // Pass 1: every source once. Pass 2: the last third again, towards
+    // another destination: those are still tracked (the LRU evicted the
+    // oldest), so each is flagged.
+    const AGAIN: u32 = SOURCES / 3;
+    for (pass, base, count) in [(0u8, 0, SOURCES), (1, SOURCES - AGAIN, AGAIN)] {
+        let mut frame = rig.probe6.clone();
+        frame[14 + 24 + 15] = 2 + pass;
+        rig.bench.set_sources(count, base);
+        std::thread::scope(|s| {
+            let flood = s.spawn(|| rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, count));
+            while !flood.is_finished() {
+                let t = Instant::now();
+                rig.dut
+                    .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+                    .expect("/metrics under flood");
+                scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+    // Counters exact: every frame counted once.
+    let counted = metric(
+        &nw,
+        &rig,
+        "netwatch_packets_total",
+        &[("rule", "udp/137"), ("direction", "inbound")],
+    );
+    assert_eq!(
+        counted,
+        (SOURCES + AGAIN) as f64,
+        "rule counter not exact under the flood"
+    );
+    let created = metric(&nw, &rig, "netwatch_sources_created_total", &[]);
+    assert!(created >= SOURCES as f64, "sources created {created}");
+    // Flags: every source still tracked at its second destination is
+    // flagged in the kernel; events reach userspace at most at the rate
+    // limit, the rest counted as lost.
+    let flagged = metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]);
+    let lost = metric(&nw, &rig, "netwatch_events_lost_total", &[]);
+    assert_eq!(flagged, AGAIN as f64, "every source seen twice is flagged, once");
+    assert!(lost > 0.0 && lost < flagged, "lost {lost} of {flagged}");
+    // The LRU evicted: tracked never exceeds capacity (counted every 30 s,
+    // the first time at start-up, before the flood).
+    let deadline = Instant::now() + Duration::from_secs(75);
+    let tracked = loop {
+        let tracked = metric(&nw, &rig, "netwatch_sources_tracked", &[]);
+        if tracked > 0.0 {
+            break tracked;
+        }
+        assert!(Instant::now() < deadline, "sources never counted");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let capacity = metric(&nw, &rig, "netwatch_sources_capacity", &[]);
+    assert!(
+        tracked <= capacity && tracked > capacity * 0.5,
+        "tracked {tracked} of {capacity}"
+    );
+    assert!(metric(&nw, &rig, "netwatch_sources_evicted_total", &[]) > 0.0);
+    let rss = rss_mib(pid);
+    scrape_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = scrape_ms[scrape_ms.len() / 2];
+    eprintln!(
+        "flood of {SOURCES} sources (+{AGAIN} again): counted {counted}, created {created}, tracked {tracked}, flagged {flagged}, events lost {lost}, \
+         controller RSS {rss:.1} MiB, /metrics median {median:.2} ms over {} scrapes during the flood",
+        scrape_ms.len()
+    );
+    assert!(rss < 64.0, "controller resident memory {rss:.1} MiB");
+    assert!(median < 50.0, "/metrics median {median:.1} ms under the flood");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One scanner at full rate over thousands of destinations: exactly one
+/// flag event, one incident.
+#[test]
+fn one_source_at_full_rate_raises_exactly_one_event() {
+    require_privileged!();
+    let mut rig = Rig::new();
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--iface", DUT_IF]);
+    rig.bench.set_destinations(50_000, 0);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe6, 2_000_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = nw.metrics(&rig.dut);
+    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 1.0);
+    assert_eq!(
+        sample(&m, "netwatch_flag_event_delay_seconds_count", &[]),
+        1.0,
+        "events delivered"
+    );
+    assert_eq!(sample(&m, "netwatch_events_lost_total", &[]), 0.0);
+    let report = nw.lookup("2001:db8:1::");
+    assert_eq!(report["incidents"].as_array().unwrap().len(), 1);
+}
+
+/// Spoofed probes "from" an allowlisted gateway flag it but never block
+/// it; auto-blocks of spoofed sources stop at the cap.
+#[test]
+fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
+    require_privileged!();
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\nallowlist = [\"198.18.0.1/32\"]\n\
+         [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    // The gateway (198.18.0.1, the generator side's own address) "scans".
+    rig.bench
+        .set_destinations(100, u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)));
+    rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 1.0);
+    assert_eq!(
+        metric(&nw, &rig, "netwatch_auto_blocks_total", &[]),
+        0.0,
+        "allowlisted gateway auto-blocked"
+    );
+    let listener = udp_listener(&rig.dut, 137);
+    assert_eq!(send_udp(&rig.gen_ns, "198.18.0.2:137", 5), 5);
+    assert_eq!(count_received(&listener), 5, "the gateway's real traffic was blocked");
+
+    // 3000 spoofed scanners: each flagged, at most MAX_AUTO_BLOCKS blocked.
+    for dst in 0..3u8 {
+        let mut frame = rig.probe6.clone();
+        frame[14 + 24 + 15] = 10 + dst;
+        rig.bench.set_sources(3000, 0);
+        rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, 3000);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let blocks = metric(&nw, &rig, "netwatch_auto_blocks_total", &[]);
+    let capped = metric(&nw, &rig, "netwatch_auto_blocks_capped_total", &[]);
+    assert_eq!(blocks, netwatch_common::MAX_AUTO_BLOCKS as f64);
+    assert_eq!(blocks + capped, 3000.0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// XDP programs on `dev` in `ns`, and netwatch TC (TCX) links anywhere:
+/// namespace tests run one at a time, so those are this test's. (bpftool
+/// 7.1 does not show TCX attachments per device.)
+fn programs_on(ns: &str, dev: &str) -> (usize, usize) {
+    let json =
+        |cmd: &mut Command| -> serde_json::Value { serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap() };
+    let net = json(Command::new("nsenter").args([&format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]));
+    let xdp = net[0]["xdp"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|e| e["devname"] == dev).count());
+    let progs = json(Command::new("bpftool").args(["-j", "prog", "show"]));
+    let tc_ids: Vec<u64> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "netwatch_tc")
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let links = json(Command::new("bpftool").args(["-j", "link", "show"]));
+    let tc = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| tc_ids.contains(&id)))
+        .count();
+    (xdp, tc)
+}
+
+/// SIGKILL: the programs stay attached (their links are pinned) and keep
+/// counting and enforcing through the gap; the restart re-adopts them
+/// (no duplicates), and counters and incidents continue.
+#[test]
+fn sigkill_and_restart_lose_nothing() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = std::env::temp_dir().join(unique("state"));
+    let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    let _ = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", "198.18.1.0/26"])
+        .output()
+        .unwrap();
+    nw.wait_for_incident(SCANNER_IP);
+    nw.kill_and_keep_pins();
+
+    // The gap: enforcement and counting go on.
+    let listener = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 7), 7);
+    assert_eq!(
+        count_received(&listener),
+        0,
+        "not enforced while the controller was dead"
+    );
+    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF), (1, 1));
+
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    assert!(nw.log().contains("re-adopted the XDP link"), "{}", nw.log());
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF),
+        (1, 1),
+        "programs duplicated on restart"
+    );
+    let m = nw.metrics(&lab.victim);
+    let dropped = sample(
+        &m,
+        "netwatch_packets_total",
+        &[("rule", "udp/137"), ("direction", "inbound"), ("action", "dropped")],
+    );
+    assert_eq!(dropped, 64.0 + 7.0, "counts lost across SIGKILL");
+    assert_eq!(
+        nw.lookup(SCANNER_IP)["incidents"].as_array().unwrap().len(),
+        1,
+        "incident lost"
+    );
+    drop(nw);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// `--keep-attached`: a clean stop leaves enforcement in place for the
+/// gap; the next run re-adopts; a run without it detaches on exit.
+#[test]
+fn keep_attached_covers_a_controller_upgrade() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let args = ["--iface", VICTIM_IF, "--mode", "enforce", "--keep-attached"];
+    let nw = Netwatch::start(&lab.victim, &pins, &args);
+    nw.stop_and_keep_pins();
+    let listener = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 5), 5);
+    assert_eq!(count_received(&listener), 0, "gap not enforced");
+    let mut nw = Netwatch::start(&lab.victim, &pins, &["--iface", VICTIM_IF, "--mode", "enforce"]);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(
+        sample(
+            &m,
+            "netwatch_packets_total",
+            &[("rule", "udp/137"), ("action", "dropped")]
+        ),
+        5.0
+    );
+    assert!(nw.stop().success());
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF),
+        (0, 0),
+        "left attached without --keep-attached"
+    );
+}
+
+/// Bad state: foreign pins, no bpffs, a vanished interface, a full disk.
+#[test]
+fn bad_state_gets_a_clear_error_and_loses_nothing() {
+    require_privileged!();
+    let lab = Lab::new();
+    // Foreign pins: a map called SETTINGS of another layout.
+    let foreign = pin_dir();
+    std::fs::create_dir_all(&foreign).unwrap();
+    let out = Command::new("bpftool")
+        .args([
+            "map",
+            "create",
+            &format!("{foreign}/SETTINGS"),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "1",
+            "name",
+            "SETTINGS",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = |pins: &str| {
+        lab.victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args([
+                "run",
+                "--iface",
+                VICTIM_IF,
+                "--pin-dir",
+                pins,
+                "--metrics-addr",
+                "127.0.0.1:9739",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run(&foreign);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has layout") && err.contains("netwatch detach"), "{err}");
+    std::fs::remove_file(format!("{foreign}/SETTINGS")).unwrap();
+    let _ = std::fs::remove_dir_all(&foreign);
+    // Not bpffs.
+    let out = run("/tmp/netwatch-not-bpffs/pins");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not on a BPF filesystem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Missing pins for a query.
+    let out = netwatch(&["status", "--pin-dir", "/sys/fs/bpf/netwatch-never-ran"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no netwatch state in"));
+
+    // A full disk under the incident database: errors counted, kernel
+    // counting unaffected, the incident written once there is room.
+    let state = std::env::temp_dir().join(unique("tiny"));
+    std::fs::create_dir_all(&state).unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&state)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &state, &["--iface", VICTIM_IF]);
+    let filler = state.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 1024 * 1024]);
+    let _ = lab
+        .scanner
+        .command("nbtscan")
+        .args(["-q", "-t", "100", "198.18.1.0/26"])
+        .output()
+        .unwrap();
+    let errors = eventually(true, Duration::from_secs(10), || {
+        sample(&nw.metrics(&lab.victim), "netwatch_incident_store_errors_total", &[]) > 0.0
+    });
+    assert!(errors, "full disk not reported:\n{}", nw.log());
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(
+        sample(
+            &m,
+            "netwatch_packets_total",
+            &[("rule", "udp/137"), ("direction", "inbound")]
+        ),
+        64.0
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let report = nw.wait_for_incident(SCANNER_IP);
+    assert_eq!(
+        report["incidents"][0]["rule"], "udp/137",
+        "incident lost to the full disk"
+    );
+    drop(nw);
+    let _ = Command::new("umount").arg(&state).status();
+    let _ = std::fs::remove_dir_all(&state);
+
+    // The interface vanishes while attached: the controller notices, keeps
+    // serving and exits cleanly.
+    let mut nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
+    lab.victim.ip(&["link", "del", VICTIM_IF]);
+    let gone = eventually(0.0, Duration::from_secs(10), || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_interface_attached",
+            &[("interface", VICTIM_IF), ("hook", "xdp")],
+        )
+    });
+    assert_eq!(gone, 0.0, "vanished interface still reported attached");
+    assert!(nw.log().contains("disappeared while attached"));
+    assert!(nw.stop().success(), "{}", nw.log());
+}
+
+/// Only root changes anything; the HTTP endpoint is read-only and local.
+#[test]
+fn only_root_may_change_anything() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(Path::new(&nw.pin_dir)), 0o700);
+    assert_eq!(mode(&nw.state_dir), 0o700);
+    assert_eq!(mode(&nw.state_dir.join("incidents.sqlite")), 0o600);
+    for args in [
+        vec!["block", "198.18.0.0/24"],
+        vec!["unblock", "198.18.0.0/24"],
+        vec!["allow", "198.18.0.0/24"],
+        vec!["detach"],
+        vec!["status"],
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(netwatch_tests::daemon::bin())
+            .args(&args)
+            .args(["--pin-dir", &nw.pin_dir])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} worked for nobody");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("ermission denied") && err.contains("root"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(Path::new(&nw.pin_dir).join("SETTINGS").exists(), "nobody removed pins");
+    // Read-only HTTP: no method but GET.
+    let status = lab.victim.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(METRICS_ADDR).unwrap();
+        write!(s, "POST /api/status HTTP/1.0\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r.lines().next().unwrap_or_default().to_string()
+    });
+    assert!(status.contains("405"), "{status}");
+    // Loopback only (the default): not reachable from the network.
+    assert!(!tcp_connect(
+        &lab.scanner,
+        "198.18.0.2:9737",
+        Duration::from_millis(300)
+    ));
+    let out = lab
+        .scanner
+        .command(netwatch_tests::daemon::bin().to_str().unwrap())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[default: 127.0.0.1:9737]"));
+}
