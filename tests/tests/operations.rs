@@ -566,6 +566,7 @@ fn json_output_keeps_its_documented_schema() {
         keys(&status["detection"]),
         [
             "auto_blocks",
+            "auto_blocks_capped",
             "events_lost",
             "flagged",
             "reverse_lookups",
