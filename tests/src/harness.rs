@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use netwatch_common::{Direction, FlagEvent};
 use netwatch_user::{
@@ -82,40 +82,32 @@ impl Harness {
     /// Like [`Harness::run_repeat`], but returns the kernel's refusal
     /// (e.g. an skb test run with a truncated L3 header) as an error.
     pub fn try_run(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<u32, aya::programs::ProgramError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        };
-        let result = match hook {
-            Hook::Xdp(dir) => {
-                let prog: &Xdp = self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap();
-                prog.test_run(opts)
-            }
-            Hook::TcEgress => {
-                let prog: &SchedClassifier = self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
-                prog.test_run(opts)
-            }
-        };
-        result.map(|r| r.return_value)
+        self.test_run(hook, frame, repeat).map(|r| r.return_value)
     }
 
     /// Mean cost of one run, as the kernel measures it over `repeat` runs.
     pub fn time(&self, hook: Hook, frame: &[u8], repeat: u32) -> std::time::Duration {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        };
-        let prog: &Xdp = match hook {
-            Hook::Xdp(dir) => self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap(),
-            Hook::TcEgress => panic!("timing runs XDP"),
-        };
-        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").duration
+        self.test_run(hook, frame, repeat).expect("BPF_PROG_TEST_RUN").duration
+    }
+
+    fn test_run(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunResult, aya::programs::ProgramError> {
+        match hook {
+            Hook::Xdp(dir) => run_xdp(
+                self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap(),
+                frame,
+                repeat,
+            ),
+            Hook::TcEgress => {
+                let prog: &SchedClassifier = self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
+                let mut out = vec![0u8; frame.len() + 256];
+                prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    repeat,
+                    ..Default::default()
+                })
+            }
+        }
     }
 
     /// Whether the program dropped the frame.
@@ -194,6 +186,17 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let _ = datapath::detach_all(&self.pin_dir);
     }
+}
+
+/// Runs `frame` through an XDP program `repeat` times.
+pub fn run_xdp(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<TestRunResult, aya::programs::ProgramError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })
 }
 
 pub fn policy(mode: netwatch_user::policy::Mode, rules: &[&str]) -> Policy {

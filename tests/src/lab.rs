@@ -92,3 +92,58 @@ pub fn eventually<T: PartialEq + Copy>(want: T, within: Duration, mut f: impl Fn
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A router between an inside host and the Internet: the inside host
+/// (198.18.10.2) sits behind `LAN_IF`; the Internet side owns
+/// `TARGET_RANGE`, reached through `WAN_IF`.
+pub struct RouterLab {
+    pub inside: Netns,
+    pub router: Netns,
+    pub internet: Netns,
+}
+
+pub const INSIDE_IP: &str = "198.18.10.2";
+pub const LAN_IF: &str = "nw-lan";
+pub const WAN_IF: &str = "nw-wan";
+
+impl RouterLab {
+    pub fn new() -> Self {
+        let inside = Netns::new("in");
+        let router = Netns::new("rt");
+        let internet = Netns::new("net");
+        veth(
+            &inside,
+            "nw-lanhost",
+            "198.18.10.2/24",
+            &router,
+            LAN_IF,
+            "198.18.10.1/24",
+        );
+        veth(&router, WAN_IF, "198.18.0.1/24", &internet, "nw-up", "198.18.0.2/24");
+        inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
+        internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
+        internet.local_range(TARGET_RANGE);
+        router.ip(&["route", "add", TARGET_RANGE, "via", "198.18.0.2"]);
+        let out = router
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .output()
+            .expect("sysctl");
+        assert!(
+            out.status.success(),
+            "enabling forwarding: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        RouterLab {
+            inside,
+            router,
+            internet,
+        }
+    }
+}
+
+impl Default for RouterLab {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 use netwatch_tests::{
     daemon::{Netwatch, netwatch, sample},
     lab::*,
-    netns::{Netns, veth},
+    netns::Netns,
     require_privileged, unique,
 };
 
@@ -380,27 +380,11 @@ fn sighup_reloads_and_rejects_broken_config() {
 #[test]
 fn router_lan_side_counts_and_stops_outbound_probes() {
     require_privileged!();
-    let inside = Netns::new("in");
-    let router = Netns::new("rt");
-    let internet = Netns::new("net");
-    veth(
-        &inside,
-        "nw-lanhost",
-        "198.18.10.2/24",
-        &router,
-        "nw-lan",
-        "198.18.10.1/24",
-    );
-    veth(&router, "nw-wan", "198.18.0.1/24", &internet, "nw-up", "198.18.0.2/24");
-    inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
-    internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
-    internet.local_range(TARGET_RANGE);
-    let out = router
-        .command("sysctl")
-        .args(["-qw", "net.ipv4.ip_forward=1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let RouterLab {
+        inside,
+        router,
+        internet,
+    } = RouterLab::new();
 
     let nw = Netwatch::start(
         &router,

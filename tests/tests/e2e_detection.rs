@@ -218,31 +218,11 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
 #[test]
 fn lan_side_names_the_infected_host_behind_nat() {
     require_privileged!();
-    let inside = Netns::new("in");
-    let router = Netns::new("rt");
-    let internet = Netns::new("net");
-    veth(
-        &inside,
-        "nw-lanhost",
-        "198.18.10.2/24",
-        &router,
-        "nw-lan",
-        "198.18.10.1/24",
-    );
-    veth(&router, "nw-wan", "198.18.0.1/24", &internet, "nw-up", "198.18.0.2/24");
-    inside.ip(&["route", "add", "default", "via", "198.18.10.1"]);
-    internet.ip(&["route", "add", "198.18.10.0/24", "via", "198.18.0.1"]);
-    internet.local_range(TARGET_RANGE);
-    router.ip(&["route", "add", TARGET_RANGE, "via", "198.18.0.2"]);
-    assert!(
-        router
-            .command("sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let RouterLab {
+        inside,
+        router,
+        internet,
+    } = RouterLab::new();
 
     let dir = std::env::temp_dir().join(unique("cfg"));
     std::fs::create_dir_all(&dir).unwrap();

@@ -24,26 +24,10 @@ pub trait Timed {
 
     /// Mean ns per run over `repeat` runs (the kernel's own figure).
     fn ns_per_run(&self, frame: &[u8], repeat: u32) -> f64 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        };
-        let r = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        r.duration.as_nanos() as f64
-    }
-
-    fn verdict(&self, frame: &[u8]) -> u32 {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        };
-        self.program().test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        crate::harness::run_xdp(self.program(), frame, repeat)
+            .expect("BPF_PROG_TEST_RUN")
+            .duration
+            .as_nanos() as f64
     }
 }
 
