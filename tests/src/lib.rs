@@ -4,10 +4,12 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod dashboard;
 pub mod frames;
 pub mod harness;
 pub mod lab;
 pub mod netns;
+pub mod prometheus;
 pub mod reference;
 
 /// Whether BPF and namespaces are usable. Without them a test skips,

@@ -4,105 +4,17 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use netwatch_tests::{
     daemon::{METRICS_ADDR, Netwatch, netwatch},
+    dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
-    netns::Netns,
+    prometheus::{query, start_prometheus},
     require_privileged, unique,
 };
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn dashboard() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/grafana/netwatch.json")).unwrap()).unwrap()
-}
-
-/// Every PromQL expression of the dashboard, with Grafana's variables
-/// replaced by what a real query would carry.
-fn dashboard_queries() -> Vec<(String, String)> {
-    let d = dashboard();
-    let mut out = Vec::new();
-    for panel in d["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            out.push((
-                panel["title"].as_str().unwrap().to_string(),
-                target["expr"].as_str().unwrap().to_string(),
-            ));
-        }
-    }
-    out
-}
-
-fn substitute(expr: &str) -> String {
-    expr.replace("$__rate_interval", "30s")
-        .replace("$__range", "5m")
-        .replace("$job", "netwatch")
-        .replace("$instance", ".*")
-        .replace("$interface", ".*")
-        .replace("$rule", ".*")
-        .replace("$direction", ".*")
-}
-
-/// Metric names an expression uses (ours, the process collector's, `up`).
-fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let bytes = expr.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i].is_ascii_alphabetic() || bytes[i] == b'_' {
-            let start = i;
-            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
-                i += 1;
-            }
-            let word = &expr[start..i];
-            let quoted = start > 0 && matches!(bytes[start - 1], b'"' | b'$');
-            if !quoted && (word.starts_with("netwatch_") || word.starts_with("process_") || word == "up") {
-                names.insert(word.to_string());
-            }
-        } else {
-            i += 1;
-        }
-    }
-    names
-}
-
-fn alert_rules() -> Vec<(String, String)> {
-    // The rules file is small, regular YAML: take `alert:` and `expr:`
-    // (inline or `|` block) pairs.
-    let text = std::fs::read_to_string(repo().join("deploy/prometheus/netwatch.rules.yml")).unwrap();
-    let mut rules = Vec::new();
-    let mut lines = text.lines().peekable();
-    let mut name = String::new();
-    while let Some(line) = lines.next() {
-        let t = line.trim();
-        if let Some(n) = t.strip_prefix("- alert:") {
-            name = n.trim().to_string();
-        } else if let Some(e) = t.strip_prefix("expr:") {
-            let e = e.trim();
-            let expr = if e == "|" {
-                let mut block = Vec::new();
-                while let Some(next) = lines.peek() {
-                    if next.trim().is_empty() || !next.starts_with("          ") {
-                        break;
-                    }
-                    block.push(lines.next().unwrap().trim().to_string());
-                }
-                block.join(" ")
-            } else {
-                e.to_string()
-            };
-            rules.push((name.clone(), expr));
-        }
-    }
-    rules
-}
 
 #[test]
 fn dashboard_is_importable_and_every_panel_has_a_query() {
@@ -188,79 +100,6 @@ fn alert_rules_pass_promtool_unit_tests() {
     ] {
         assert!(names.iter().any(|n| n == needed), "no alert {needed}");
     }
-}
-
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-const PROM_ADDR: &str = "127.0.0.1:9090";
-
-fn start_prometheus(ns: &Netns) -> Prometheus {
-    let dir = std::env::temp_dir().join(unique("prom"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rules = repo().join("deploy/prometheus/netwatch.rules.yml");
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: netwatch\n    static_configs:\n      - targets: ['{METRICS_ADDR}']\n",
-            rules.display()
-        ),
-    )
-    .unwrap();
-    let child = ns
-        .command("prometheus")
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address={PROM_ADDR}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("log")).unwrap())
-        .spawn()
-        .expect("prometheus (Debian package prometheus)");
-    let prom = Prometheus { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ns
-        .run(|| netwatch_user::netns::http_get(PROM_ADDR, "/-/ready"))
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "prometheus not ready:\n{}",
-            std::fs::read_to_string(prom.dir.join("log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    prom
-}
-
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-fn query(ns: &Netns, q: &str) -> serde_json::Value {
-    let body = ns
-        .run(|| netwatch_user::netns::http_get(PROM_ADDR, &format!("/api/v1/query?query={}", encode(q))))
-        .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["status"], "success", "{q}: {v}");
-    v
 }
 
 /// A real Prometheus scrapes a live `netwatch run` carrying real traffic;
