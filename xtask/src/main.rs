@@ -44,6 +44,10 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Redraw the README's charts (docs/img/*.png) from the dashboard's
+    /// queries against a real Prometheus scraping a real netwatch run
+    /// (about 80 s).
+    Charts,
     /// cargo clippy -D warnings on the host crates and on the eBPF crate
     /// (for its BPF target).
     Lint,
@@ -87,6 +91,14 @@ fn main() -> Result<()> {
                 cmd.env("NETWATCH_FUZZ_SEED", seed.to_string());
             }
             status(&mut cmd)
+        }
+        Task::Charts => {
+            setup::setup(&root)?;
+            status(cargo(&root).args(["build", "--bin", "netwatch", "--bin", "netwatch-charts"]))?;
+            status(
+                Command::new(root.join("target/debug/netwatch-charts"))
+                    .env("NETWATCH_BIN", root.join("target/debug/netwatch")),
+            )
         }
         Task::Lint => {
             setup::setup(&root)?;

@@ -25,11 +25,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "samba-common-bin",
     "nmap",
     "prometheus",
+    // The fuzz and hardening tests find attached programs with it.
+    "bpftool",
+    // The font the README charts are drawn with.
+    "fonts-dejavu-core",
 ];
 
-/// What the benchmarks compare netwatch with, and bpftool to read map
-/// memory.
-pub const BENCH_PACKAGES: &[&str] = &["xdp-tools", "bpftool", "nftables", "iptables"];
+/// What the benchmarks compare netwatch with.
+pub const BENCH_PACKAGES: &[&str] = &["xdp-tools", "nftables", "iptables"];
 
 pub fn setup(root: &Path) -> Result<()> {
     let nightly = nightly_info()?;
