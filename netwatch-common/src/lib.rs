@@ -369,14 +369,21 @@ pub struct FlagEvent {
 pub struct FloodCache {
     pub key: SourceKey,
     pub dst_hash: u32,
-    /// The second the memo was made (it never outlives it).
-    pub second: u32,
-    /// The source's `blocked_until` when memoised.
-    pub blocked_until: u32,
+    /// The jiffy from which the memo is stale (`FLOOD_CACHE_JIFFIES` after
+    /// it was made). Jiffies, because reading them is an inlined load
+    /// while a clock read is a helper call that costs more than the rest
+    /// of a memo hit.
+    pub expires_jiffies: u64,
+    /// Whether the source was blocked when memoised.
+    pub blocked: u32,
     pub pending_packets: u32,
     pub pending_bytes: u32,
+    pub _pad: u32,
 }
 pub const FLOOD_CACHE_FLUSH: u32 = 64;
+/// 64 jiffies: 64 ms at HZ=1000, 256 ms at HZ=250, under a second for
+/// any HZ of at least 64.
+pub const FLOOD_CACHE_JIFFIES: u64 = 64;
 
 /// Datapath-wide counters (per-CPU array indices).
 pub const STAT_SOURCES_CREATED: u32 = 0;

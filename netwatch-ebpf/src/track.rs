@@ -4,11 +4,11 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
-use aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP;
+use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_jiffies64};
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FlagEvent, KIND_PROBE, MAX_AUTO_BLOCKS, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS,
-    SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED,
-    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE, MAX_AUTO_BLOCKS, MAX_EVENTS_PER_CPU_SECOND,
+    PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
+    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
 };
 
 use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
@@ -106,15 +106,7 @@ pub struct Tracked {
 /// `may_block`: auto-block is on for this rule, the mode is enforce and
 /// the source is not allowlisted.
 #[inline(always)]
-pub fn track(
-    key: &SourceKey,
-    rule: &PortRule,
-    dst_hash: u32,
-    iface: u32,
-    bytes: u64,
-    now: u32,
-    may_block: bool,
-) -> Tracked {
+pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes: u64, may_block: bool) -> Tracked {
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
         return Tracked { blocked: false };
     };
@@ -122,7 +114,9 @@ pub fn track(
     let cache = unsafe { &mut *cache };
     // A flood repeats one tuple: nothing about the source can change but
     // its counts, so count here and skip the per-source map.
-    if cache.second == now
+    // SAFETY: helper without arguments (inlined by the verifier).
+    let jiffies = unsafe { bpf_jiffies64() };
+    if jiffies < cache.expires_jiffies
         && cache.dst_hash == dst_hash
         && cache.pending_packets < FLOOD_CACHE_FLUSH
         && cache.key == *key
@@ -130,9 +124,10 @@ pub fn track(
         cache.pending_packets += 1;
         cache.pending_bytes += bytes as u32;
         return Tracked {
-            blocked: cache.blocked_until > now,
+            blocked: cache.blocked != 0,
         };
     }
+    let now = crate::verdict::secs(crate::verdict::now_ns());
     // Fold what the memo holds into its record: here if it is this
     // source's, else with a lookup of its own.
     let (pending_packets, pending_bytes) = (cache.pending_packets as u64, cache.pending_bytes as u64);
@@ -219,13 +214,12 @@ pub fn track(
             }
         }
     }
+    let blocked = state.blocked_until > now;
     cache.key = *key;
     cache.dst_hash = dst_hash;
-    cache.second = now;
-    cache.blocked_until = state.blocked_until;
-    Tracked {
-        blocked: state.blocked_until > now,
-    }
+    cache.expires_jiffies = jiffies + FLOOD_CACHE_JIFFIES;
+    cache.blocked = blocked as u32;
+    Tracked { blocked }
 }
 
 /// Takes a free auto-block slot (one whose block has expired) until

@@ -32,14 +32,20 @@ fn bump(counter: Option<*mut Counter>, bytes: u64) {
     }
 }
 
-/// Seconds of CLOCK_MONOTONIC (the controller converts to wall time),
-/// from the coarse clock: a jiffy of precision is plenty for windows and
-/// TTLs, and it costs far less than reading the clocksource (in a VM
-/// especially).
+/// CLOCK_MONOTONIC nanoseconds from the coarse clock: a jiffy of
+/// precision is plenty for windows and TTLs, and it costs far less than
+/// reading the clocksource (in a VM especially).
 #[inline(always)]
-fn now_secs() -> u32 {
+pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Seconds, as the maps store them (the controller converts to wall
+/// time). A 64-bit division: only paths off the flood fast path pay it.
+#[inline(always)]
+pub fn secs(ns: u64) -> u32 {
+    (ns / 1_000_000_000) as u32
 }
 
 /// Classifies the packet in `[start, end)` seen on interface slot `iface`
@@ -70,17 +76,16 @@ pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -
     let Some(settings) = SETTINGS.get(0) else {
         return false;
     };
-    let now = now_secs();
     let enforce = settings.mode == MODE_ENFORCE;
-    let allowlisted = enforce && settings.allowlist_active != 0 && either_listed(&packet.addrs, now);
+    let allowlisted = enforce && settings.allowlist_active != 0 && either_listed(&packet.addrs, secs(now_ns()));
 
     // udp/137 towards a peer that just visited a web port: a reverse
     // lookup (IIS), tracked apart and never flagged as a scan.
     let reverse = rule.flags & PORT_REVERSE_LOOKUP != 0
         && dir == Direction::Outbound as u32
-        && recent_visitor(&packet.addrs, now, settings.visitor_secs);
+        && recent_visitor(&packet.addrs, secs(now_ns()), settings.visitor_secs);
     let (src_key, dst_hash) = source_key(&packet.addrs, rule.slot(), dir, reverse);
-    let tracked = track(&src_key, rule, dst_hash, iface, bytes, now, enforce && !allowlisted);
+    let tracked = track(&src_key, rule, dst_hash, iface, bytes, enforce && !allowlisted);
 
     let action = if dir == 0 { rule.action[0] } else { rule.action[1] };
     // `action[dir]` would be compiled to pointer arithmetic on the stack
@@ -89,7 +94,7 @@ pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -
         && !allowlisted
         && (action == ACTION_DROP
             || tracked.blocked
-            || (settings.blocklist_active != 0 && source_blocklisted(&packet.addrs, now)));
+            || (settings.blocklist_active != 0 && source_blocklisted(&packet.addrs, secs(now_ns()))));
     let outcome = if drop { Outcome::Dropped } else { Outcome::Passed };
     let index = rule_counter_index(iface, dir, rule.slot(), outcome as u32);
     bump(RULE_COUNTERS.get_ptr_mut(index), bytes);
@@ -158,7 +163,9 @@ fn addr_key(addrs: &Addrs, use_src: bool) -> SourceKey {
 fn record_visitor(packet: &Packet, dir: u32) {
     if dir == Direction::Inbound as u32
         && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && VISITORS.insert(addr_key(&packet.addrs, true), now_secs(), 0).is_ok()
+        && VISITORS
+            .insert(addr_key(&packet.addrs, true), secs(now_ns()), 0)
+            .is_ok()
     {
         bump_stat(&STATS, STAT_VISITORS_RECORDED);
     }
