@@ -10,7 +10,7 @@ use std::{
 
 use netwatch_tests::{
     bench::flood::{DUT_IF, GEN_IF, Rig},
-    daemon::{METRICS_ADDR, Netwatch, netwatch, sample},
+    daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample},
     lab::*,
     require_privileged, unique,
 };
@@ -26,20 +26,6 @@ fn write_config(text: &str) -> (std::path::PathBuf, String) {
     std::fs::write(&path, text).unwrap();
     let p = path.to_str().unwrap().to_string();
     (dir, p)
-}
-
-fn rss_mib(pid: i32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<f64>()
-        .unwrap()
-        / 1024.0
 }
 
 fn metric(nw: &Netwatch, rig: &Rig, name: &str, labels: &[(&str, &str)]) -> f64 {

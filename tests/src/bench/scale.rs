@@ -13,7 +13,7 @@ use super::{
     flood::{DUT_IF, GEN_IF, Rig},
     median, ms, sh,
 };
-use crate::daemon::{METRICS_ADDR, Netwatch, netwatch, sample};
+use crate::daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample};
 
 pub struct Report {
     pub sources: u32,
@@ -37,20 +37,6 @@ fn memlock_bytes(pin: &str) -> f64 {
     let v: serde_json::Value =
         serde_json::from_str(&sh(Command::new("bpftool").args(["-j", "map", "show", "pinned", pin]))).unwrap();
     v["bytes_memlock"].as_f64().unwrap_or(0.0)
-}
-
-fn rss_mib(pid: i32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb / 1024.0
 }
 
 /// CPU seconds (user + system) the process has used.
