@@ -242,7 +242,8 @@ fn draw(file: &Path, title: &str, unit: &str, series: &[Series]) {
         .label_style(("sans-serif", 12))
         .draw()
         .unwrap();
-    for (i, (name, points)) in series.iter().enumerate() {
+    // The first query of a panel is its subject: draw it last, on top.
+    for (i, (name, points)) in series.iter().enumerate().rev() {
         let color = Palette99::pick(i).to_rgba();
         chart
             .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
