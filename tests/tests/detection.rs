@@ -53,7 +53,11 @@ fn flags_at_exactly_the_threshold_once() {
     let e = events[0];
     assert_eq!(&e.key.addr[..4], &SCANNER);
     assert_eq!((e.key.family, e.key.direction, e.distinct), (4, Inbound as u8, 5));
-    assert_eq!(e.packets, 5 + 4 * 50);
+    // Repeats of one (source, destination) wait in the per-CPU flood memo
+    // until the next packet of that source on the same CPU folds them in;
+    // if the test thread moved CPUs, some are still pending in the event.
+    // The lookup below adds pending counts, so the final total is exact.
+    assert!((5..=5 + 4 * 50).contains(&e.packets), "event packets {}", e.packets);
 
     // A flood afterwards, to new and old destinations: no second event.
     for i in 5..200 {
