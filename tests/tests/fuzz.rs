@@ -161,7 +161,17 @@ fn prog_id(pins: &str, hook: &str) -> u64 {
         .unwrap_or_else(|| panic!("no program behind {link}: {v}"))
 }
 
-fn pin_prog(id: u64) -> std::path::PathBuf {
+/// A program pinned for the test's own handle; unpinned when dropped,
+/// also when the test fails.
+struct ProgPin(std::path::PathBuf);
+
+impl Drop for ProgPin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn pin_prog(id: u64) -> ProgPin {
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("fz"));
     let out = Command::new("bpftool")
         .args(["prog", "pin", "id", &id.to_string()])
@@ -169,7 +179,7 @@ fn pin_prog(id: u64) -> std::path::PathBuf {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    pin
+    ProgPin(pin)
 }
 
 fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> u64 {
@@ -225,8 +235,8 @@ fn fuzzed_frames_agree_with_the_reference_classifier() {
     // The very programs the controller attached.
     let xdp_pin = pin_prog(prog_id(&pins, "xdp"));
     let tc_pin = pin_prog(prog_id(&pins, "tc"));
-    let xdp = Xdp::from_pin(&xdp_pin, XdpAttachType::Interface).unwrap();
-    let tc = SchedClassifier::from_pin(&tc_pin).unwrap();
+    let xdp = Xdp::from_pin(&xdp_pin.0, XdpAttachType::Interface).unwrap();
+    let tc = SchedClassifier::from_pin(&tc_pin.0).unwrap();
     let pinned = PinnedMaps::open(std::path::Path::new(&pins)).unwrap();
     let slot = pinned
         .iface_slots()
@@ -361,8 +371,5 @@ fn fuzzed_frames_agree_with_the_reference_classifier() {
         );
     }
     drop(nw);
-    for p in [xdp_pin, tc_pin] {
-        let _ = std::fs::remove_file(p);
-    }
     let _ = std::fs::remove_dir_all(&dir);
 }

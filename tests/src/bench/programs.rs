@@ -184,5 +184,7 @@ impl Drop for XdpFilter {
             .arg(format!("--net=/run/netns/{}", self.ns_name))
             .args(["xdp-filter", "unload", &self.dev])
             .output();
+        // libxdp's own pin directory, once it holds nothing.
+        let _ = std::fs::remove_dir("/sys/fs/bpf/xdp");
     }
 }
