@@ -38,6 +38,18 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// nbtscan from the scanner: one NetBIOS probe to every address of
+    /// `range` (256 for a /24).
+    pub fn nbtscan(&self, range: &str) -> std::process::Output {
+        self.scanner
+            .command("nbtscan")
+            .args(["-q", "-t", "100", range])
+            .output()
+            .expect("nbtscan (cargo xtask setup installs it)")
+    }
+}
+
 impl Default for Lab {
     fn default() -> Self {
         Self::new()

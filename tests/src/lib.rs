@@ -48,3 +48,8 @@ pub fn unique(tag: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A pin directory of its own for one `netwatch run` of a test.
+pub fn pin_dir() -> String {
+    format!("/sys/fs/bpf/{}", unique("p"))
+}

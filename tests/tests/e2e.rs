@@ -7,12 +7,8 @@ use netwatch_tests::{
     daemon::{Netwatch, netwatch, sample},
     lab::*,
     netns::Netns,
-    require_privileged, unique,
+    pin_dir, require_privileged, unique,
 };
-
-fn pin_dir() -> String {
-    format!("/sys/fs/bpf/{}", unique("p"))
-}
 
 const WAIT: Duration = Duration::from_secs(3);
 
@@ -43,12 +39,7 @@ fn counts_real_scanners_exactly() {
     );
 
     // nbtscan probes every address of the /24 once: 256 datagrams.
-    let out = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", TARGET_RANGE])
-        .output()
-        .expect("nbtscan");
+    let out = lab.nbtscan(TARGET_RANGE);
     assert!(
         out.status.success(),
         "nbtscan: {}",

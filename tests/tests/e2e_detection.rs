@@ -11,12 +11,8 @@ use netwatch_tests::{
     daemon::{Netwatch, netwatch, sample},
     lab::*,
     netns::{Netns, veth},
-    require_privileged, unique,
+    pin_dir, require_privileged, unique,
 };
-
-fn pin_dir() -> String {
-    format!("/sys/fs/bpf/{}", unique("p"))
-}
 
 fn incidents(report: &serde_json::Value) -> &Vec<serde_json::Value> {
     report["incidents"].as_array().unwrap()
@@ -34,12 +30,7 @@ fn real_scanners_are_flagged_and_looked_up() {
     let args = ["--iface", VICTIM_IF];
     let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
 
-    let out = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", TARGET_RANGE])
-        .output()
-        .unwrap();
+    let out = lab.nbtscan(TARGET_RANGE);
     assert!(out.status.success());
     let report = nw.wait_for_incident(SCANNER_IP);
     assert_eq!(report["ip"], SCANNER_IP);
@@ -114,11 +105,7 @@ fn real_scanners_are_flagged_and_looked_up() {
         2,
         "incidents lost across a restart"
     );
-    lab.scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", "198.18.1.0/26"])
-        .output()
-        .unwrap();
+    lab.nbtscan("198.18.1.0/26");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while sample(
         &nw.metrics(&lab.victim),

@@ -12,12 +12,8 @@ use netwatch_tests::{
     bench::flood::{DUT_IF, GEN_IF, Rig},
     daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample},
     lab::*,
-    require_privileged, unique,
+    pin_dir, require_privileged, unique,
 };
-
-fn pin_dir() -> String {
-    format!("/sys/fs/bpf/{}", unique("p"))
-}
 
 fn write_config(text: &str) -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(unique("cfg"));
@@ -223,12 +219,7 @@ fn sigkill_and_restart_lose_nothing() {
     let state = std::env::temp_dir().join(unique("state"));
     let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", "198.18.1.0/26"])
-        .output()
-        .unwrap();
+    let _ = lab.nbtscan("198.18.1.0/26");
     nw.wait_for_incident(SCANNER_IP);
     nw.kill_and_keep_pins();
 
@@ -370,12 +361,7 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
     let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &state, &["--iface", VICTIM_IF]);
     let filler = state.join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 1024 * 1024]);
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", "198.18.1.0/26"])
-        .output()
-        .unwrap();
+    let _ = lab.nbtscan("198.18.1.0/26");
     let errors = eventually(true, Duration::from_secs(10), || {
         sample(&nw.metrics(&lab.victim), "netwatch_incident_store_errors_total", &[]) > 0.0
     });

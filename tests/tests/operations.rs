@@ -12,6 +12,7 @@ use netwatch_tests::{
     daemon::{METRICS_ADDR, Netwatch, netwatch},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
+    pin_dir,
     prometheus::{query, start_prometheus},
     require_privileged, unique,
 };
@@ -110,7 +111,7 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
     let lab = Lab::new();
     let nw = Netwatch::start(
         &lab.victim,
-        &format!("/sys/fs/bpf/{}", unique("p")),
+        &pin_dir(),
         &[
             "--iface",
             &format!("{VICTIM_IF}:host"),
@@ -136,12 +137,7 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
     // Traffic for every panel: a sweep (inbound flag), an outbound sweep
     // from the host, a web visitor looked up (reverse lookup), a datagram
     // too large for one frame (fragments), and plenty of unmatched.
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", TARGET_RANGE])
-        .output()
-        .unwrap();
+    let _ = lab.nbtscan(TARGET_RANGE);
     lab.scanner.local_range("198.18.2.0/24");
     lab.victim.ip(&["route", "add", "198.18.2.0/24", "via", SCANNER_IP]);
     lab.victim.run(|| {
@@ -350,17 +346,8 @@ fn keys(v: &serde_json::Value) -> Vec<&str> {
 fn json_output_keeps_its_documented_schema() {
     require_privileged!();
     let lab = Lab::new();
-    let nw = Netwatch::start(
-        &lab.victim,
-        &format!("/sys/fs/bpf/{}", unique("p")),
-        &["--iface", VICTIM_IF, "--egress", VICTIM_IF],
-    );
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", TARGET_RANGE])
-        .output()
-        .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF, "--egress", VICTIM_IF]);
+    let _ = lab.nbtscan(TARGET_RANGE);
     let lookup = nw.wait_for_incident(SCANNER_IP);
     let run = |args: &[&str]| -> serde_json::Value {
         let out = netwatch(args);

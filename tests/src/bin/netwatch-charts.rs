@@ -75,11 +75,7 @@ fn main() {
     };
     at(8);
     println!("==> t=8s  nbtscan sweeps 198.18.1.0/24 (udp/137)");
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", TARGET_RANGE])
-        .output();
+    let _ = lab.nbtscan(TARGET_RANGE);
     at(20);
     println!("==> t=20s 20 visitors browse the web host, which looks each one up on udp/137");
     visits(&lab, 20);
@@ -101,11 +97,7 @@ fn main() {
     });
     at(56);
     println!("==> t=56s a second nbtscan sweep");
-    let _ = lab
-        .scanner
-        .command("nbtscan")
-        .args(["-q", "-t", "100", "198.18.1.0/25"])
-        .output();
+    let _ = lab.nbtscan("198.18.1.0/25");
     at(70);
     let end = SystemTime::now();
 
