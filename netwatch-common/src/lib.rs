@@ -15,8 +15,33 @@ pub const MAX_IFACES: u32 = 32;
 pub const MAX_RULES: u32 = 64;
 /// Entries of the allow and block lists (per address family).
 pub const MAX_CIDRS: u32 = 16_384;
-/// IPv6 extension headers walked before giving up (counted as malformed).
-pub const MAX_IPV6_EXT_HEADERS: u32 = 6;
+/// IPv6 extension headers walked. Linux delivers chains of any length, so
+/// a chain longer than this cannot be judged: it is counted as
+/// `ipv6_ext_too_many` and, being possibly TCP or UDP, dropped in enforce
+/// mode (see [`Class::fails_closed`]).
+pub const MAX_IPV6_EXT_HEADERS: u32 = 12;
+
+/// How frames on an interface start, from the device's link type. The
+/// controller sets it per attachment (a load-time constant), so the
+/// verifier keeps only the parser the interface needs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An Ethernet header (with VLAN tags or PPPoE behind it): Ethernet,
+    /// veth, bridges, bonds, VLAN devices, gretap/vxlan, loopback.
+    Ethernet = 0,
+    /// The IP header itself: tun, PPP, WireGuard, ipip/sit/gre/ip6tnl.
+    Ip = 1,
+}
+
+impl LinkKind {
+    pub const fn label(self) -> &'static str {
+        match self {
+            LinkKind::Ethernet => "ethernet",
+            LinkKind::Ip => "ip",
+        }
+    }
+}
 
 /// Direction of a packet relative to the protected side.
 #[repr(u32)]
@@ -172,8 +197,43 @@ pub struct Settings {
     /// The web ports in force (0 = unused), so the controller can clear
     /// them on reload; the datapath reads `PORT_WEB` in `PORT_RULES`.
     pub web_ports: [u16; MAX_WEB_PORTS],
+    /// Secret key of the destination hash (see [`dst_hash_v6`]), drawn
+    /// once when the pin directory is made and kept for its lifetime, so
+    /// that sketches stay valid across restarts and nobody outside can
+    /// choose destinations that collide.
+    pub hash_key: [u64; HASH_KEY_WORDS],
 }
 pub const MAX_WEB_PORTS: usize = 8;
+pub const HASH_KEY_WORDS: usize = 5;
+
+/// Hash of an IPv4 destination for the distinct-destination sketch: a
+/// keyed bijection (Murmur3's finaliser of the address XOR the key), so
+/// two IPv4 destinations never collide.
+#[inline(always)]
+pub fn dst_hash_v4(addr: u32, key: &[u64; HASH_KEY_WORDS]) -> u32 {
+    let mut x = addr ^ key[0] as u32;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
+/// Hash of an IPv6 destination over all 128 bits: multilinear hashing
+/// (Lemire and Kaser, "Strongly universal string hashing is fast", 2014),
+/// `(k0 + k1 w0 + k2 w1 + k3 w2 + k4 w3) mod 2^64`, top 32 bits. With a
+/// secret key any two addresses collide with probability 2^-32, however
+/// they are structured (`2001:db8:0:k::k`, sequential /64s, ...). Four
+/// multiplications.
+#[inline(always)]
+pub fn dst_hash_v6(words: [u32; 4], key: &[u64; HASH_KEY_WORDS]) -> u32 {
+    let sum = key[0]
+        .wrapping_add(key[1].wrapping_mul(words[0] as u64))
+        .wrapping_add(key[2].wrapping_mul(words[1] as u64))
+        .wrapping_add(key[3].wrapping_mul(words[2] as u64))
+        .wrapping_add(key[4].wrapping_mul(words[3] as u64));
+    (sum >> 32) as u32
+}
 
 /// Packet and byte counter. Per-CPU, summed by the controller.
 #[repr(C)]
@@ -217,10 +277,18 @@ pub enum Class {
     Ipv6ExtTruncated = 9,
     /// More IPv6 extension headers than the datapath walks.
     Ipv6ExtTooMany = 10,
-    /// UDP or TCP header cut short.
+    /// UDP or TCP header cut short (fewer than 4 bytes in a first
+    /// fragment; less than the whole header in an unfragmented packet).
     L4Truncated = 11,
+    /// A TCP first fragment too short to hold the whole TCP header
+    /// (RFC 1858's tiny-fragment attack).
+    TcpTinyFragment = 12,
+    /// PPPoE session header or PPP protocol field cut short.
+    PppoeTruncated = 13,
+    /// IPv6 header with version != 6.
+    Ipv6BadHeader = 14,
 }
-pub const CLASSES: u32 = 12;
+pub const CLASSES: u32 = 15;
 
 impl Class {
     pub const ALL: [Class; CLASSES as usize] = [
@@ -236,7 +304,29 @@ impl Class {
         Class::Ipv6ExtTruncated,
         Class::Ipv6ExtTooMany,
         Class::L4Truncated,
+        Class::TcpTinyFragment,
+        Class::PppoeTruncated,
+        Class::Ipv6BadHeader,
     ];
+
+    /// Frames of this class may carry a rule port that the datapath could
+    /// not read (a header chain longer than it walks, a header cut short
+    /// in the frame, a tiny TCP fragment, more VLAN tags than it parses):
+    /// enforce mode drops them rather than let them pass unjudged.
+    /// Everything else the kernel either cannot deliver as IP or delivers
+    /// without ports (non-first fragments; see the README).
+    pub const fn fails_closed(self) -> bool {
+        matches!(
+            self,
+            Class::VlanTooDeep
+                | Class::Ipv4Truncated
+                | Class::Ipv6Truncated
+                | Class::Ipv6ExtTruncated
+                | Class::Ipv6ExtTooMany
+                | Class::L4Truncated
+                | Class::TcpTinyFragment
+        )
+    }
 
     /// The malformed reason label, or `None` for the three non-malformed
     /// classes.
@@ -252,6 +342,9 @@ impl Class {
             Class::Ipv6ExtTruncated => Some("ipv6_ext_truncated"),
             Class::Ipv6ExtTooMany => Some("ipv6_ext_too_many"),
             Class::L4Truncated => Some("l4_truncated"),
+            Class::TcpTinyFragment => Some("tcp_tiny_fragment"),
+            Class::PppoeTruncated => Some("pppoe_truncated"),
+            Class::Ipv6BadHeader => Some("ipv6_bad_header"),
         }
     }
 }
@@ -505,6 +598,8 @@ pub mod globals {
     pub const IFACE_SLOT: &str = "IFACE_SLOT";
     /// `Direction` as u32.
     pub const DIRECTION: &str = "DIRECTION";
+    /// `LinkKind` as u32.
+    pub const LINK_KIND: &str = "LINK_KIND";
 }
 
 #[cfg(feature = "user")]

@@ -12,6 +12,8 @@ mod parse;
 mod track;
 mod verdict;
 
+use netwatch_common::LinkKind;
+
 use aya_ebpf::{
     Global,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
@@ -27,12 +29,30 @@ static IFACE_SLOT: Global<u32> = Global::new(0);
 /// `Direction` of the traffic this instance sees.
 #[unsafe(no_mangle)]
 static DIRECTION: Global<u32> = Global::new(0);
+/// `LinkKind` of the interface: where its frames start.
+#[unsafe(no_mangle)]
+static LINK_KIND: Global<u32> = Global::new(0);
+
+#[inline(always)]
+fn link_kind() -> LinkKind {
+    if LINK_KIND.load() == LinkKind::Ip as u32 {
+        LinkKind::Ip
+    } else {
+        LinkKind::Ethernet
+    }
+}
 
 #[xdp]
 pub fn netwatch_xdp(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let bytes = (end - start) as u64;
-    if verdict::should_drop(start, end, bytes, IFACE_SLOT.load(), DIRECTION.load()) {
+    if verdict::should_drop(
+        start,
+        end,
+        end - start,
+        IFACE_SLOT.load(),
+        DIRECTION.load(),
+        link_kind(),
+    ) {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
@@ -40,7 +60,9 @@ pub fn netwatch_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// Bytes the TC program wants in the linear part of the skb: enough for
-/// two VLAN tags, an IPv6 header with extension headers and the ports.
+/// two VLAN tags or PPPoE, an IPv6 header with extension headers and the
+/// ports. Headers beyond it are not read: such a packet counts as cut
+/// short and fails closed.
 const TC_PULL_LEN: u32 = 256;
 
 #[classifier]
@@ -54,7 +76,14 @@ pub fn netwatch_tc(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(want);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    if verdict::should_drop(start, end, len as u64, IFACE_SLOT.load(), DIRECTION.load()) {
+    if verdict::should_drop(
+        start,
+        end,
+        len as usize,
+        IFACE_SLOT.load(),
+        DIRECTION.load(),
+        link_kind(),
+    ) {
         TC_ACT_SHOT
     } else {
         // Let any later TC program see the packet.

@@ -1,19 +1,30 @@
 //! Bounds-checked header parsing shared by the XDP and TC programs.
 //!
-//! Every read goes through [`header`], which proves to the verifier that
-//! the bytes lie inside `[start, end)`; nothing is read past the packet.
+//! Every read goes through [`Frame::at`], which proves to the verifier
+//! that the bytes lie inside the frame; nothing is read past it.
+//!
+//! The parser fails closed: where a frame could carry a rule port that it
+//! cannot read (a header cut short, a longer IPv6 extension-header chain
+//! than it walks, a tiny TCP first fragment), it returns a class that
+//! enforce mode drops (`Class::fails_closed`), never a pass by default.
 
 use core::mem::size_of;
 
-use netwatch_common::{Class, MAX_IPV6_EXT_HEADERS, Protocol};
+use netwatch_common::{Class, LinkKind, MAX_IPV6_EXT_HEADERS, Protocol};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_PPP_SES: u16 = 0x8864;
 const VLAN_HLEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
+/// PPPoE session header (RFC 2516: ver/type, code, session id, length)
+/// followed by the 2-byte PPP protocol field.
+const PPPOE_HLEN: usize = 6;
+const PPP_IP: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_TCP: u8 = 6;
@@ -23,11 +34,21 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
+/// Source and destination port: all a first fragment must hold to be
+/// matched on its ports.
+const PORTS_LEN: usize = 4;
+
+/// No header offset the parser computes exceeds this: a larger one lies
+/// past any frame XDP or TC hands us. Keeping offsets below it lets the
+/// verifier bound every pointer the extension-header walk makes.
+const MAX_OFFSET: usize = 8192;
 
 /// Where the IP addresses of a parsed packet are, read only when a list
-/// lookup needs them.
+/// lookup or the tracker needs them.
 #[derive(Clone, Copy)]
 pub enum Addrs {
     V4 { src: *const [u8; 4], dst: *const [u8; 4] },
@@ -49,145 +70,271 @@ pub const TCP_ACK: u8 = 0x10;
 /// Outcome of parsing: a packet with ports, or the class it counts under.
 pub type Parsed = Result<Packet, Class>;
 
-/// Returns a pointer to a `T` at `offset` if all of it lies before `end`.
-#[inline(always)]
-fn header<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
-    let at = start + offset;
-    if at + size_of::<T>() > end {
-        None
-    } else {
-        Some(at as *const T)
+/// The frame: readable in `[start, end)`, `len` bytes long in all (more
+/// than `end - start` where a TC skb is not linear).
+#[derive(Clone, Copy)]
+struct Frame {
+    start: usize,
+    end: usize,
+    len: usize,
+}
+
+impl Frame {
+    /// A pointer to a `T` at `offset` if all of it lies inside the frame.
+    #[inline(always)]
+    fn at<T>(self, offset: usize) -> Option<*const T> {
+        let at = self.start + offset;
+        if at + size_of::<T>() > self.end {
+            None
+        } else {
+            Some(at as *const T)
+        }
+    }
+
+    /// The `N` bytes at `offset`, if inside the frame.
+    #[inline(always)]
+    fn bytes<const N: usize>(self, offset: usize) -> Option<[u8; N]> {
+        // SAFETY: `at` checked that all N bytes are inside the frame.
+        self.at::<[u8; N]>(offset).map(|p| unsafe { *p })
+    }
+
+    #[inline(always)]
+    fn be16(self, offset: usize) -> Option<u16> {
+        self.bytes::<2>(offset).map(u16::from_be_bytes)
+    }
+
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.len
     }
 }
 
-#[inline(always)]
-fn read_be16(p: *const [u8; 2]) -> u16 {
-    // SAFETY: the caller obtained `p` from `header`, so both bytes are in
-    // the packet.
-    u16::from_be_bytes(unsafe { *p })
+/// The network layer a frame carries, and where it starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Network {
+    Ipv4,
+    Ipv6,
 }
 
+/// The transport header an IP packet leads to.
+struct Transport {
+    proto: u8,
+    /// Offset of the transport header in the frame.
+    offset: usize,
+    /// Where the IP packet ends (its length field), at most the frame end:
+    /// bytes after it are link-layer padding, not transport header.
+    ip_end: usize,
+    /// A first fragment (more fragments follow; offset 0).
+    first_fragment: bool,
+    addrs: Addrs,
+}
+
+/// Parses the frame readable in `[start, end)`, `len` bytes long, as it
+/// begins on a link of `link`.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Parsed {
-    // Ethernet, then up to two VLAN tags (802.1Q or 802.1ad, any order).
-    let mut ethertype = read_be16(header::<[u8; 2]>(start, end, 12).ok_or(Class::EthTruncated)?);
+pub fn parse(start: usize, end: usize, len: usize, link: LinkKind) -> Parsed {
+    let frame = Frame { start, end, len };
+    let (network, offset) = match link {
+        LinkKind::Ethernet => link_ethernet(frame)?,
+        LinkKind::Ip => link_ip(frame)?,
+    };
+    // One call site per layer keeps a single copy of the transport code
+    // (and of everything after it) for the verifier to walk.
+    let transport = match network {
+        Network::Ipv4 => ipv4(frame, offset)?,
+        Network::Ipv6 => ipv6(frame, offset)?,
+    };
+    ports(frame, transport)
+}
+
+/// Ethernet, up to two VLAN tags (802.1Q or 802.1ad, any order), and a
+/// PPPoE session header.
+#[inline(always)]
+fn link_ethernet(frame: Frame) -> Result<(Network, usize), Class> {
+    let mut ethertype = frame.be16(12).ok_or(Class::EthTruncated)?;
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        let tag = header::<[u8; 4]>(start, end, offset).ok_or(Class::VlanTruncated)?;
-        // SAFETY: `tag` is inside the packet.
-        let tag = unsafe { *tag };
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        ethertype = frame.be16(offset + 2).ok_or(Class::VlanTruncated)?;
         offset += VLAN_HLEN;
     }
     match ethertype {
-        ETH_P_IP => parse_ipv4(start, end, offset),
-        ETH_P_IPV6 => parse_ipv6(start, end, offset),
+        ETH_P_IP => Ok((Network::Ipv4, offset)),
+        ETH_P_IPV6 => Ok((Network::Ipv6, offset)),
+        ETH_P_PPP_SES => {
+            let protocol = frame.be16(offset + PPPOE_HLEN).ok_or(Class::PppoeTruncated)?;
+            let offset = offset + PPPOE_HLEN + 2;
+            match protocol {
+                PPP_IP => Ok((Network::Ipv4, offset)),
+                PPP_IPV6 => Ok((Network::Ipv6, offset)),
+                // LCP, IPCP, CHAP, ...: control, never a rule port.
+                _ => Err(Class::NonIp),
+            }
+        }
+        // A third tag: whatever it carries is beyond what we parse.
         ETH_P_8021Q | ETH_P_8021AD => Err(Class::VlanTooDeep),
         _ => Err(Class::NonIp),
     }
 }
 
+/// An L3 device: the frame is the IP packet; its version says which.
 #[inline(always)]
-fn parse_ipv4(start: usize, end: usize, offset: usize) -> Parsed {
-    let ip = header::<[u8; 20]>(start, end, offset).ok_or(Class::Ipv4Truncated)?;
-    // SAFETY: the fixed header is inside the packet.
-    let ip = unsafe { &*ip };
-    let version = ip[0] >> 4;
-    let header_len = ((ip[0] & 0x0f) as usize) * 4;
-    if version != 4 || header_len < 20 {
-        return Err(Class::Ipv4BadHeader);
+fn link_ip(frame: Frame) -> Result<(Network, usize), Class> {
+    // Two bytes: a one-byte check compiles to a comparison the verifier
+    // does not turn into a packet range. No IP packet is shorter.
+    let first = frame.bytes::<2>(0).ok_or(Class::NonIp)?[0];
+    match first >> 4 {
+        4 => Ok((Network::Ipv4, 0)),
+        6 => Ok((Network::Ipv6, 0)),
+        _ => Err(Class::NonIp),
     }
-    // Options: the whole header (any IHL) must be inside the packet.
-    if start + offset + header_len > end {
-        return Err(Class::Ipv4Truncated);
-    }
-    let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-    if fragment_offset != 0 {
-        return Err(Class::Fragment);
-    }
-    let addrs = Addrs::V4 {
-        src: (start + offset + 12) as *const [u8; 4],
-        dst: (start + offset + 16) as *const [u8; 4],
-    };
-    parse_l4(start, end, offset + header_len, ip[9], addrs)
 }
 
 #[inline(always)]
-fn parse_ipv6(start: usize, end: usize, offset: usize) -> Parsed {
-    let ip = header::<[u8; 40]>(start, end, offset).ok_or(Class::Ipv6Truncated)?;
-    // SAFETY: the fixed header is inside the packet.
-    let mut next = unsafe { (*ip)[6] };
-    let addrs = Addrs::V6 {
-        src: (start + offset + 8) as *const [u8; 16],
-        dst: (start + offset + 24) as *const [u8; 16],
+fn ipv4(frame: Frame, offset: usize) -> Result<Transport, Class> {
+    let ip = frame.bytes::<IPV4_HLEN>(offset).ok_or(Class::Ipv4Truncated)?;
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ip[0] >> 4 != 4 || header_len < IPV4_HLEN || total_len < header_len {
+        // Linux drops these in ip_rcv.
+        return Err(Class::Ipv4BadHeader);
+    }
+    // The packet, options included, must be inside the frame.
+    if offset + total_len > frame.len() {
+        return Err(Class::Ipv4Truncated);
+    }
+    let fragment = u16::from_be_bytes([ip[6], ip[7]]);
+    if fragment & 0x1fff != 0 {
+        return Err(Class::Fragment);
+    }
+    Ok(Transport {
+        proto: ip[9],
+        offset: offset + header_len,
+        ip_end: offset + total_len,
+        first_fragment: fragment & 0x2000 != 0,
+        addrs: Addrs::V4 {
+            src: (frame.start + offset + 12) as *const [u8; 4],
+            dst: (frame.start + offset + 16) as *const [u8; 4],
+        },
+    })
+}
+
+#[inline(always)]
+fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
+    if frame.at::<[u8; IPV6_HLEN]>(offset).is_none() {
+        return Err(Class::Ipv6Truncated);
+    }
+    let fixed = frame.bytes::<8>(offset).ok_or(Class::Ipv6Truncated)?;
+    if fixed[0] >> 4 != 6 {
+        return Err(Class::Ipv6BadHeader);
+    }
+    let payload_len = u16::from_be_bytes([fixed[4], fixed[5]]) as usize;
+    // Payload length 0 is a jumbogram's (its length is in an option):
+    // the frame end is then the best bound we have.
+    let ip_end = if payload_len == 0 {
+        frame.len()
+    } else {
+        offset + IPV6_HLEN + payload_len
     };
-    let mut offset = offset + 40;
-    // Bounded walk over extension headers.
+    if ip_end > frame.len() {
+        return Err(Class::Ipv6Truncated);
+    }
+    let addrs = Addrs::V6 {
+        src: (frame.start + offset + 8) as *const [u8; 16],
+        dst: (frame.start + offset + 24) as *const [u8; 16],
+    };
+    let mut next = fixed[6];
+    let mut offset = offset + IPV6_HLEN;
+    let mut first_fragment = false;
+    // The walk ends at the first header that is not an extension header;
+    // one exit, so the transport code is verified once.
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let len = match next {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
-                let ext = header::<[u8; 2]>(start, end, offset).ok_or(Class::Ipv6ExtTruncated)?;
-                // SAFETY: both bytes are inside the packet.
-                let ext = unsafe { *ext };
-                let len = if next == IPPROTO_AH {
-                    // AH counts its length in 4-octet units, minus 2.
-                    (ext[1] as usize + 2) * 4
-                } else {
-                    (ext[1] as usize + 1) * 8
-                };
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext = frame.bytes::<2>(offset).ok_or(Class::Ipv6ExtTruncated)?;
                 next = ext[0];
-                len
+                (ext[1] as usize + 1) * 8
+            }
+            IPPROTO_AH => {
+                let ext = frame.bytes::<2>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                next = ext[0];
+                // AH counts its length in 4-octet units, minus 2.
+                (ext[1] as usize + 2) * 4
             }
             IPPROTO_FRAGMENT => {
-                let frag = header::<[u8; 8]>(start, end, offset).ok_or(Class::Ipv6ExtTruncated)?;
-                // SAFETY: the fragment header is inside the packet.
-                let frag = unsafe { *frag };
-                if u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8 != 0 {
+                let frag = frame.bytes::<4>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
+                if offset_and_more & 0xfff8 != 0 {
                     return Err(Class::Fragment);
                 }
+                first_fragment = offset_and_more & 1 != 0;
                 next = frag[0];
                 8
             }
-            _ => return parse_l4(start, end, offset, next, addrs),
+            _ => break,
         };
         offset += len;
-        if start + offset > end {
+        if offset > ip_end || offset > MAX_OFFSET {
             return Err(Class::Ipv6ExtTruncated);
         }
     }
-    match next {
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-            Err(Class::Ipv6ExtTooMany)
-        }
-        _ => parse_l4(start, end, offset, next, addrs),
+    if is_extension(next) {
+        return Err(Class::Ipv6ExtTooMany);
     }
+    Ok(Transport {
+        proto: next,
+        offset,
+        ip_end,
+        first_fragment,
+        addrs,
+    })
 }
 
 #[inline(always)]
-fn parse_l4(start: usize, end: usize, offset: usize, proto: u8, addrs: Addrs) -> Parsed {
-    let (protocol, min_len) = match proto {
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
+}
+
+/// The transport header: ports of UDP and TCP, judged as Linux would
+/// judge the packet's length.
+#[inline(always)]
+fn ports(frame: Frame, t: Transport) -> Parsed {
+    let (protocol, header_len) = match t.proto {
         IPPROTO_UDP => (Protocol::Udp, UDP_HLEN),
         IPPROTO_TCP => (Protocol::Tcp, TCP_HLEN),
         _ => return Err(Class::Unmatched),
     };
-    let ports = header::<[u8; 4]>(start, end, offset).ok_or(Class::L4Truncated)?;
-    if start + offset + min_len > end {
+    // Bytes of transport header the IP packet holds (not link padding).
+    let available = t.ip_end.saturating_sub(t.offset);
+    if available < PORTS_LEN {
         return Err(Class::L4Truncated);
     }
-    // SAFETY: the ports are inside the packet.
-    let ports = unsafe { *ports };
+    if available < header_len {
+        if !t.first_fragment {
+            // Linux drops a UDP or TCP packet shorter than its header.
+            return Err(Class::L4Truncated);
+        }
+        if protocol == Protocol::Tcp {
+            // RFC 1858: the rest of the TCP header (flags included)
+            // arrives in a later fragment. Never let it through unjudged.
+            return Err(Class::TcpTinyFragment);
+        }
+    }
+    let ports = frame.bytes::<PORTS_LEN>(t.offset).ok_or(Class::L4Truncated)?;
     let tcp_flags = match protocol {
-        // SAFETY: the whole TCP header is inside the packet (checked above).
-        Protocol::Tcp => unsafe { *((start + offset + 13) as *const u8) },
+        // Data offset and flags; flags are the second byte.
+        Protocol::Tcp => frame.bytes::<2>(t.offset + 12).ok_or(Class::L4Truncated)?[1],
         Protocol::Udp => 0,
     };
     Ok(Packet {
         protocol,
         dst_port: u16::from_be_bytes([ports[2], ports[3]]),
         tcp_flags,
-        addrs,
+        addrs: t.addrs,
     })
 }

@@ -21,16 +21,6 @@ pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
     }
 }
 
-/// Murmur3's finaliser: spreads an address over 32 bits.
-#[inline(always)]
-pub fn mix(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x85eb_ca6b);
-    x ^= x >> 13;
-    x = x.wrapping_mul(0xc2b2_ae35);
-    x ^ (x >> 16)
-}
-
 /// Adds a destination hash to the sketch; updates `distinct`.
 #[inline(always)]
 fn add_destination(state: &mut SourceState, hash: u32) {

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{LpmTrie, lpm_trie::Key},
 };
 use netwatch_common::{
-    ACTION_DROP, Class, Counter, Direction, KIND_PROBE, KIND_REVERSE_LOOKUP, ListEntry, MODE_ENFORCE, Outcome,
-    PORT_REVERSE_LOOKUP, PORT_WEB, STAT_VISITORS_RECORDED, SourceKey, class_counter_index, port_rule_index,
-    rule_counter_index,
+    ACTION_DROP, Class, Counter, Direction, HASH_KEY_WORDS, KIND_PROBE, KIND_REVERSE_LOOKUP, LinkKind, ListEntry,
+    MODE_ENFORCE, Outcome, PORT_REVERSE_LOOKUP, PORT_WEB, STAT_VISITORS_RECORDED, SourceKey, class_counter_index,
+    dst_hash_v4, dst_hash_v6, port_rule_index, rule_counter_index,
 };
 
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
         STATS, VISITORS,
     },
     parse::{Addrs, Packet, TCP_ACK, TCP_SYN, parse},
-    track::{bump_stat, mix, track},
+    track::{bump_stat, track},
 };
 
 #[inline(always)]
@@ -48,16 +48,19 @@ pub fn secs(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
 }
 
-/// Classifies the packet in `[start, end)` seen on interface slot `iface`
-/// in direction `dir`, counts it, and says whether to drop it.
+/// Classifies the packet readable in `[start, end)`, `len` bytes long,
+/// seen on interface slot `iface` (whose frames start as `link` says) in
+/// direction `dir`, counts it, and says whether to drop it.
 #[inline(always)]
-pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -> bool {
-    let packet = match parse(start, end) {
+pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, link: LinkKind) -> bool {
+    let bytes = len as u64;
+    let packet = match parse(start, end, len, link) {
         Ok(packet) => packet,
         Err(class) => {
             let index = class_counter_index(iface, dir, class as u32);
             bump(CLASS_COUNTERS.get_ptr_mut(index), bytes);
-            return false;
+            // What the parser could not judge may carry a rule port.
+            return class.fails_closed() && matches!(SETTINGS.get(0), Some(s) if s.mode == MODE_ENFORCE);
         }
     };
     let rule = match PORT_RULES.get(port_rule_index(packet.protocol, packet.dst_port)) {
@@ -84,17 +87,20 @@ pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -
     let reverse = rule.flags & PORT_REVERSE_LOOKUP != 0
         && dir == Direction::Outbound as u32
         && recent_visitor(&packet.addrs, secs(now_ns()), settings.visitor_secs);
-    let (src_key, dst_hash) = source_key(&packet.addrs, rule.slot(), dir, reverse);
-    let tracked = track(&src_key, rule, dst_hash, iface, bytes, enforce && !allowlisted);
-
     let action = if dir == 0 { rule.action[0] } else { rule.action[1] };
     // `action[dir]` would be compiled to pointer arithmetic on the stack
     // that the verifier rejects; hence the branch above.
-    let drop = enforce
+    let blocklisted = enforce
         && !allowlisted
-        && (action == ACTION_DROP
-            || tracked.blocked
-            || (settings.blocklist_active != 0 && source_blocklisted(&packet.addrs, secs(now_ns()))));
+        && action != ACTION_DROP
+        && settings.blocklist_active != 0
+        && source_blocklisted(&packet.addrs, secs(now_ns()));
+    // The packet's addresses are not read after this point: the tracker,
+    // the largest part of the program, then starts from one verifier
+    // state whichever way the parser went through the headers.
+    let (src_key, dst_hash) = source_key(&packet.addrs, rule.slot(), dir, reverse, &settings.hash_key);
+    let tracked = track(&src_key, rule, dst_hash, iface, bytes, enforce && !allowlisted);
+    let drop = enforce && !allowlisted && (action == ACTION_DROP || tracked.blocked || blocklisted);
     let outcome = if drop { Outcome::Dropped } else { Outcome::Passed };
     let index = rule_counter_index(iface, dir, rule.slot(), outcome as u32);
     bump(RULE_COUNTERS.get_ptr_mut(index), bytes);
@@ -104,10 +110,10 @@ pub fn should_drop(start: usize, end: usize, bytes: u64, iface: u32, dir: u32) -
     drop
 }
 
-/// The per-source key for the packet's source, and the hash of its
+/// The per-source key for the packet's source, and the keyed hash of its
 /// destination.
 #[inline(always)]
-fn source_key(addrs: &Addrs, rule: u32, dir: u32, reverse: bool) -> (SourceKey, u32) {
+fn source_key(addrs: &Addrs, rule: u32, dir: u32, reverse: bool, hash_key: &[u64; HASH_KEY_WORDS]) -> (SourceKey, u32) {
     let mut key = SourceKey {
         rule: rule as u8,
         direction: dir as u8,
@@ -118,23 +124,26 @@ fn source_key(addrs: &Addrs, rule: u32, dir: u32, reverse: bool) -> (SourceKey, 
     let hash = unsafe {
         match *addrs {
             Addrs::V4 { src, dst } => {
-                let s = *src;
+                let (s, dst) = (*src, *dst);
                 key.addr = [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
                 key.family = 4;
-                u32::from_ne_bytes(*dst)
+                dst_hash_v4(u32::from_be_bytes(dst), hash_key)
             }
             Addrs::V6 { src, dst } => {
                 key.addr = *src;
                 key.family = 6;
                 let d = *dst;
-                u32::from_ne_bytes([d[0], d[1], d[2], d[3]])
-                    ^ u32::from_ne_bytes([d[4], d[5], d[6], d[7]])
-                    ^ u32::from_ne_bytes([d[8], d[9], d[10], d[11]])
-                    ^ u32::from_ne_bytes([d[12], d[13], d[14], d[15]])
+                let words = [
+                    u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+                    u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
+                    u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
+                    u32::from_be_bytes([d[12], d[13], d[14], d[15]]),
+                ];
+                dst_hash_v6(words, hash_key)
             }
         }
     };
-    (key, mix(hash))
+    (key, hash)
 }
 
 /// The map key of an address alone (for `VISITORS`).

@@ -33,9 +33,9 @@ use log::{debug, info, warn};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, IfaceInfo, ListEntry, MAX_IFACES, MAX_RULES,
-    MAX_WEB_PORTS, ORIGIN_CONFIG, OUTCOMES, PORT_REVERSE_LOOKUP, PORT_WEB, PortRule, Protocol, RuleInfo, Settings,
-    bitmap_bits_for, flag_counter_index, globals, maps, port_rule_index, rule_counter_index,
+    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, HASH_KEY_WORDS, IfaceInfo, LinkKind, ListEntry,
+    MAX_IFACES, MAX_RULES, MAX_WEB_PORTS, ORIGIN_CONFIG, OUTCOMES, PORT_REVERSE_LOOKUP, PORT_WEB, PortRule, Protocol,
+    RuleInfo, Settings, bitmap_bits_for, flag_counter_index, globals, maps, port_rule_index, rule_counter_index,
 };
 
 use crate::policy::{Policy, Role, Rule};
@@ -59,16 +59,18 @@ pub enum XdpAttachMode {
 
 /// Loads one instance of the object with its maps bound to the pins in
 /// `pin_dir` (created there if missing) and its globals set.
-pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction) -> Result<Ebpf> {
+pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction, link: LinkKind) -> Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     let direction = direction as u32;
+    let link = link as u32;
     loader
         .override_global(globals::IFACE_SLOT, &iface_slot, true)
-        .override_global(globals::DIRECTION, &direction, true);
+        .override_global(globals::DIRECTION, &direction, true)
+        .override_global(globals::LINK_KIND, &link, true);
     loader.load(EBPF_OBJECT).with_context(|| {
         format!(
             "loading the netwatch eBPF object with maps pinned in {}",
@@ -375,9 +377,28 @@ pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
         blocklist_active: 0,
         visitor_secs: policy.visitor_secs,
         web_ports,
+        hash_key: if old_settings.hash_key == [0; HASH_KEY_WORDS] {
+            new_hash_key()?
+        } else {
+            old_settings.hash_key
+        },
     };
     maps.array::<Settings>(maps::SETTINGS)?.set(0, settings, 0)?;
     refresh_list_flags(maps)
+}
+
+/// A fresh secret key for the destination hash, from the kernel's CSPRNG.
+/// Odd multipliers keep every word of the address in the hash.
+fn new_hash_key() -> Result<[u64; HASH_KEY_WORDS]> {
+    let mut bytes = [0u8; HASH_KEY_WORDS * 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading /dev/urandom for the destination hash key")?;
+    let mut key = [0u64; HASH_KEY_WORDS];
+    for (word, chunk) in key.iter_mut().zip(bytes.chunks_exact(8)) {
+        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
+    }
+    Ok(key)
 }
 
 fn protocol_of(raw: u8) -> Protocol {
@@ -592,6 +613,68 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(index)
 }
 
+/// Where frames on `iface` start, from its link type (`ARPHRD_*`, as
+/// SIOCGIFHWADDR reports it in this network namespace). A device whose
+/// frames netwatch cannot parse is refused, never attached blind.
+pub fn link_kind(iface: &str) -> Result<LinkKind> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_PPP: u16 = 512;
+    const ARPHRD_RAWIP: u16 = 519;
+    const ARPHRD_TUNNEL: u16 = 768;
+    const ARPHRD_TUNNEL6: u16 = 769;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    const ARPHRD_SIT: u16 = 776;
+    const ARPHRD_IPGRE: u16 = 778;
+    const ARPHRD_IP6GRE: u16 = 823;
+    const ARPHRD_NONE: u16 = 0xfffe;
+    let kind = link_type(iface)?;
+    match kind {
+        ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(LinkKind::Ethernet),
+        ARPHRD_NONE | ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT | ARPHRD_IPGRE
+        | ARPHRD_IP6GRE => Ok(LinkKind::Ip),
+        other => bail!(
+            "interface {iface:?} has link type {other} (ARPHRD_*), whose frames netwatch cannot parse; it \
+             supports Ethernet-framed devices (Ethernet, veth, bridge, bond, VLAN, PPPoE's physical port) and \
+             L3 devices (tun, ppp, wireguard, ipip, sit, gre, ip6tnl)"
+        ),
+    }
+}
+
+/// The `ARPHRD_*` link type of `iface` in this network namespace.
+fn link_type(iface: &str) -> Result<u16> {
+    let name = std::ffi::CString::new(iface).map_err(|_| anyhow!("interface name {iface:?} contains NUL"))?;
+    // SAFETY: an ifreq is plain data; zeroes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes_with_nul();
+    if bytes.len() > req.ifr_name.len() {
+        bail!("interface name {iface:?} is longer than 15 bytes");
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a socket to read link types");
+    }
+    // SAFETY: fd is a new descriptor we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFHWADDR fills `req.ifr_ifru.ifru_hwaddr`.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SIOCGIFHWADDR,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the link type of interface {iface:?}"));
+    }
+    // SAFETY: the ioctl succeeded, so the hwaddr member is set.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
 fn link_pin(pin_dir: &Path, hook: &str, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("{hook}_{iface}"))
 }
@@ -624,7 +707,8 @@ impl Attachments {
         direction: Direction,
         force_generic: bool,
     ) -> Result<Option<XdpAttachMode>> {
-        let mut ebpf = load_instance(&self.pin_dir, slot, direction)?;
+        let link = link_kind(iface)?;
+        let mut ebpf = load_instance(&self.pin_dir, slot, direction, link)?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .context("XDP program missing from object")?
@@ -674,7 +758,8 @@ impl Attachments {
 
     /// Attaches the TC egress program to `iface` (TCX).
     pub fn attach_tc_egress(&mut self, iface: &str, slot: u32) -> Result<()> {
-        let mut ebpf = load_instance(&self.pin_dir, slot, Direction::Outbound)?;
+        let link = link_kind(iface)?;
+        let mut ebpf = load_instance(&self.pin_dir, slot, Direction::Outbound, link)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_PROGRAM)
             .context("TC program missing from object")?

@@ -1,5 +1,6 @@
-//! Builds Ethernet frames for BPF_PROG_TEST_RUN: VLAN tags, IPv4 with
-//! options and fragments, IPv6 with extension headers, UDP and TCP.
+//! Builds Ethernet frames for BPF_PROG_TEST_RUN: VLAN tags, PPPoE, IPv4
+//! with options and fragments, IPv6 with extension headers, UDP and TCP;
+//! or the bare IP packet, as an L3 device (tun, ppp) carries it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -13,6 +14,8 @@ pub enum Ext {
     HopByHop,
     Routing,
     DestOpts,
+    /// Authentication header (RFC 4302), 16 bytes.
+    Auth,
     /// Fragment header with this offset (in 8-octet units).
     Fragment {
         offset: u16,
@@ -26,6 +29,7 @@ impl Ext {
             Ext::HopByHop => 0,
             Ext::Routing => 43,
             Ext::DestOpts => 60,
+            Ext::Auth => 51,
             Ext::Fragment { .. } => 44,
         }
     }
@@ -58,6 +62,11 @@ pub struct Frame {
     pub src_port: u16,
     pub dst_port: u16,
     pub payload: usize,
+    /// A PPPoE session header (RFC 2516) after the VLAN tags.
+    pub pppoe: bool,
+    /// Keep only this many bytes of the UDP/TCP part, with the IP length
+    /// fields saying so (a packet short of its header, or a tiny fragment).
+    pub l4_keep: Option<usize>,
 }
 
 impl Frame {
@@ -75,6 +84,8 @@ impl Frame {
             src_port,
             dst_port,
             payload: 50,
+            pppoe: false,
+            l4_keep: None,
         }
     }
 
@@ -101,6 +112,20 @@ impl Frame {
 
     pub fn vlan(mut self, tags: &[u16]) -> Self {
         self.vlans = tags.to_vec();
+        self
+    }
+
+    /// Carries the IP packet in a PPPoE session (PPP protocol 0x0021 or
+    /// 0x0057).
+    pub fn pppoe(mut self) -> Self {
+        self.pppoe = true;
+        self
+    }
+
+    /// Keeps only `bytes` of the transport header and payload, and makes
+    /// the IP length fields agree.
+    pub fn l4_keep(mut self, bytes: usize) -> Self {
+        self.l4_keep = Some(bytes);
         self
     }
 
@@ -147,6 +172,31 @@ impl Frame {
 
     /// The frame's bytes.
     pub fn build(&self) -> Vec<u8> {
+        let mut out = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+        for tag in &self.vlans {
+            out.extend_from_slice(&tag.to_be_bytes());
+            out.extend_from_slice(&[0, 0x0a]); // VLAN id 10
+        }
+        let ip = self.build_ip();
+        let v4 = matches!(self.l3, L3::V4 { .. });
+        if self.pppoe {
+            out.extend_from_slice(&[0x88, 0x64]);
+            // Version 1, type 1, code 0 (session data), session 0x1234,
+            // length of the PPP frame.
+            out.extend_from_slice(&[0x11, 0x00, 0x12, 0x34]);
+            out.extend_from_slice(&((ip.len() + 2) as u16).to_be_bytes());
+            out.extend_from_slice(if v4 { &[0x00, 0x21] } else { &[0x00, 0x57] });
+        } else if v4 {
+            out.extend_from_slice(&[0x08, 0x00]);
+        } else {
+            out.extend_from_slice(&[0x86, 0xdd]);
+        }
+        out.extend_from_slice(&ip);
+        out
+    }
+
+    /// The IP packet alone, as an L3 device (tun, ppp, wireguard) carries it.
+    pub fn build_ip(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.src_port.to_be_bytes());
         l4.extend_from_slice(&self.dst_port.to_be_bytes());
@@ -161,12 +211,11 @@ impl Frame {
             _ => l4.extend_from_slice(&[0; 4]),
         }
         l4.extend(std::iter::repeat_n(0xab, self.payload));
-
-        let mut out = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
-        for tag in &self.vlans {
-            out.extend_from_slice(&tag.to_be_bytes());
-            out.extend_from_slice(&[0, 0x0a]); // VLAN id 10
+        if let Some(keep) = self.l4_keep {
+            l4.truncate(keep);
         }
+
+        let mut out = Vec::new();
         match &self.l3 {
             L3::V4 {
                 src,
@@ -181,7 +230,6 @@ impl Frame {
                 }
                 let ihl = 5 + options.len() / 4;
                 let total = (ihl * 4 + l4.len()) as u16;
-                out.extend_from_slice(&[0x08, 0x00]);
                 out.push(0x40 | ihl as u8);
                 out.push(0);
                 out.extend_from_slice(&total.to_be_bytes());
@@ -206,6 +254,11 @@ impl Frame {
                             ext_bytes.extend_from_slice(&field.to_be_bytes());
                             ext_bytes.extend_from_slice(&[0, 0, 0, 7]);
                         }
+                        // Payload length 2 (in 4-octet units, minus 2): 16 bytes.
+                        Ext::Auth => {
+                            ext_bytes.extend_from_slice(&[next, 2, 0, 0]);
+                            ext_bytes.extend_from_slice(&[0, 0, 0x10, 0x01, 0, 0, 0, 1, 0, 0, 0, 0]);
+                        }
                         // 16-byte option headers (length field 1) to exercise the length arithmetic.
                         _ => {
                             ext_bytes.extend_from_slice(&[next, 1]);
@@ -215,7 +268,6 @@ impl Frame {
                     }
                 }
                 let first = ext.first().map(|e| e.proto()).unwrap_or(self.proto);
-                out.extend_from_slice(&[0x86, 0xdd]);
                 out.extend_from_slice(&[0x60, 0, 0, 0]);
                 out.extend_from_slice(&((ext_bytes.len() + l4.len()) as u16).to_be_bytes());
                 out.push(first);

@@ -8,7 +8,7 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use netwatch_common::{Direction, FlagEvent};
+use netwatch_common::{Direction, FlagEvent, LinkKind};
 use netwatch_user::{
     datapath::{self, PinnedMaps, TC_PROGRAM, XDP_PROGRAM},
     policy::{Policy, Role},
@@ -40,17 +40,24 @@ pub struct Harness {
 pub const IFACE: &str = "test0";
 
 impl Harness {
+    /// The datapath as loaded for an Ethernet interface.
     pub fn new(policy: &Policy) -> Self {
+        Self::with_link(policy, LinkKind::Ethernet)
+    }
+
+    /// The datapath as loaded for an interface whose frames start as
+    /// `link` says (`LinkKind::Ip`: tun, ppp, wireguard).
+    pub fn with_link(policy: &Policy, link: LinkKind) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique("h"));
         datapath::prepare_pin_dir(&pin_dir).expect("pin dir");
         let load = |direction| {
-            let mut ebpf = datapath::load_instance(&pin_dir, 0, direction).expect("load object");
+            let mut ebpf = datapath::load_instance(&pin_dir, 0, direction, link).expect("load object");
             let xdp: &mut Xdp = ebpf.program_mut(XDP_PROGRAM).unwrap().try_into().unwrap();
             xdp.load().expect("XDP program passes the verifier");
             ebpf
         };
         let xdp = [load(Direction::Inbound), load(Direction::Outbound)];
-        let mut tc = datapath::load_instance(&pin_dir, 0, Direction::Outbound).expect("load object");
+        let mut tc = datapath::load_instance(&pin_dir, 0, Direction::Outbound, link).expect("load object");
         let prog: &mut SchedClassifier = tc.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
         prog.load().expect("TC program passes the verifier");
         let maps = PinnedMaps::open(&pin_dir).expect("open pins");

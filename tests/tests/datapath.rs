@@ -18,6 +18,15 @@ fn v6(last: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
 }
 
+/// An IPv6 packet whose payload length ends 8 bytes into its 16-byte
+/// hop-by-hop header.
+fn ext_cut(port: u16) -> Vec<u8> {
+    let mut f = Frame::udp6(v6(1), v6(2), 1, port).ipv6_ext(&[Ext::HopByHop]).build();
+    f[18..20].copy_from_slice(&8u16.to_be_bytes());
+    f.truncate(14 + 40 + 8);
+    f
+}
+
 /// Where a frame must be counted.
 #[derive(Debug, Clone, Copy)]
 enum Expect {
@@ -128,9 +137,125 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
         (
             "IPv6 seven extension headers",
             Frame::udp6(v6(1), v6(2), 40000, 137)
-                .ipv6_ext(&[Ext::HopByHop; 7])
+                .ipv6_ext(&[Ext::DestOpts; 7])
+                .build(),
+            Rule("udp/137"),
+        ),
+        (
+            "IPv6 twelve extension headers with AH",
+            Frame::tcp6(v6(1), v6(2), 40000, 5190)
+                .ipv6_ext(&[
+                    Ext::HopByHop,
+                    Ext::Auth,
+                    Ext::DestOpts,
+                    Ext::DestOpts,
+                    Ext::Routing,
+                    Ext::DestOpts,
+                    Ext::Auth,
+                    Ext::DestOpts,
+                    Ext::DestOpts,
+                    Ext::DestOpts,
+                    Ext::Fragment { offset: 0, more: false },
+                    Ext::DestOpts,
+                ])
+                .build(),
+            Rule("tcp/5190"),
+        ),
+        (
+            "IPv6 thirteen extension headers",
+            Frame::udp6(v6(1), v6(2), 40000, 137)
+                .ipv6_ext(&[Ext::DestOpts; 13])
                 .build(),
             Class("ipv6_ext_too_many"),
+        ),
+        (
+            "IPv6 version 4 behind ethertype 0x86dd",
+            {
+                let mut f = Frame::udp6(v6(1), v6(2), 1, 137).build();
+                f[14] = 0x40;
+                f
+            },
+            Class("ipv6_bad_header"),
+        ),
+        (
+            "IPv4 TCP first fragment with the whole TCP header",
+            Frame::tcp4(A, B, 40000, 5190)
+                .ipv4_fragment(0, true)
+                .l4_keep(24)
+                .build(),
+            Rule("tcp/5190"),
+        ),
+        (
+            "IPv4 TCP tiny first fragment (16 bytes)",
+            Frame::tcp4(A, B, 40000, 5190)
+                .ipv4_fragment(0, true)
+                .l4_keep(16)
+                .build(),
+            Class("tcp_tiny_fragment"),
+        ),
+        (
+            "IPv4 TCP tiny first fragment behind options",
+            Frame::tcp4(A, B, 40000, 80)
+                .ipv4_options(8)
+                .ipv4_fragment(0, true)
+                .l4_keep(8)
+                .build(),
+            Class("tcp_tiny_fragment"),
+        ),
+        (
+            "IPv6 TCP tiny first fragment",
+            Frame::tcp6(v6(1), v6(2), 40000, 5190)
+                .ipv6_ext(&[Ext::Fragment { offset: 0, more: true }])
+                .l4_keep(8)
+                .build(),
+            Class("tcp_tiny_fragment"),
+        ),
+        (
+            "IPv4 UDP first fragment holding the ports only",
+            udp137.clone().ipv4_fragment(0, true).l4_keep(4).build(),
+            Rule("udp/137"),
+        ),
+        (
+            "Ethernet padding after a short packet",
+            {
+                let mut f = udp137.clone().payload(2).build();
+                f.resize(f.len() + 16, 0);
+                f
+            },
+            Rule("udp/137"),
+        ),
+        ("PPPoE udp/137", udp137.clone().pppoe().build(), Rule("udp/137")),
+        (
+            "PPPoE IPv6 tcp/5190",
+            Frame::tcp6(v6(1), v6(2), 40000, 5190).pppoe().build(),
+            Rule("tcp/5190"),
+        ),
+        (
+            "802.1Q + PPPoE",
+            udp137.clone().vlan(&[0x8100]).pppoe().build(),
+            Rule("udp/137"),
+        ),
+        (
+            "802.1ad + 802.1Q + PPPoE IPv6",
+            Frame::udp6(v6(1), v6(2), 40000, 137)
+                .vlan(&[0x88a8, 0x8100])
+                .pppoe()
+                .build(),
+            Rule("udp/137"),
+        ),
+        (
+            "PPPoE LCP",
+            {
+                let mut f = udp137.clone().pppoe().build();
+                f[20..22].copy_from_slice(&[0xc0, 0x21]);
+                f
+            },
+            Class("non_ip"),
+        ),
+        (
+            "PPPoE header cut",
+            udp137.clone().pppoe().build()[..19].to_vec(),
+            Class("pppoe_truncated"),
         ),
         (
             "IPv6 non-first fragment",
@@ -184,13 +309,28 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Class("ipv4_bad_header"),
         ),
         (
-            "UDP header cut",
+            "frame cut in the UDP header",
             udp137.clone().payload(0).build()[..40].to_vec(),
+            Class("ipv4_truncated"),
+        ),
+        (
+            "IPv4 packet shorter than its UDP header",
+            udp137.clone().l4_keep(6).build(),
             Class("l4_truncated"),
         ),
         (
-            "TCP header cut",
-            Frame::tcp4(A, B, 1, 5190).payload(0).build()[..50].to_vec(),
+            "IPv4 packet shorter than its TCP header",
+            Frame::tcp4(A, B, 1, 5190).l4_keep(16).build(),
+            Class("l4_truncated"),
+        ),
+        (
+            "IPv4 first fragment without the ports",
+            Frame::tcp4(A, B, 1, 5190).ipv4_fragment(0, true).l4_keep(2).build(),
+            Class("l4_truncated"),
+        ),
+        (
+            "IPv6 packet shorter than its TCP header",
+            Frame::tcp6(v6(1), v6(2), 1, 5190).l4_keep(12).build(),
             Class("l4_truncated"),
         ),
         (
@@ -199,12 +339,17 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             Class("ipv6_truncated"),
         ),
         (
-            "IPv6 extension header cut",
+            "frame cut in an IPv6 extension header",
             Frame::udp6(v6(1), v6(2), 1, 137)
                 .ipv6_ext(&[Ext::HopByHop])
                 .payload(0)
                 .build()[..60]
                 .to_vec(),
+            Class("ipv6_truncated"),
+        ),
+        (
+            "IPv6 packet ending inside an extension header",
+            ext_cut(137),
             Class("ipv6_ext_truncated"),
         ),
     ]
@@ -235,12 +380,13 @@ fn frames_are_classified_and_counted_once() {
                 continue;
             }
             fed += 1;
-            assert!(!h.dropped(hook, &frame), "{hook:?} {name}: dropped in monitor mode");
-            let counted = match expect {
+            let counted = || match expect {
                 Expect::Rule(rule) => h.rule_packets(dir, rule, "passed"),
                 Expect::Class(class) => h.class_packets(dir, class),
             };
-            assert!(counted >= 1, "{hook:?} {name}: not counted as {expect:?}");
+            let before = counted();
+            assert!(!h.dropped(hook, &frame), "{hook:?} {name}: dropped in monitor mode");
+            assert_eq!(counted() - before, 1, "{hook:?} {name}: not counted as {expect:?}");
             assert_eq!(h.total_packets(dir), fed, "{hook:?} {name}: counted more than once");
         }
         let other = if dir == "inbound" { "outbound" } else { "inbound" };
@@ -371,4 +517,128 @@ fn reload_keeps_counters_of_kept_rules() {
     // Re-adding tcp/5190 does not resurrect stale counts into another rule.
     h.apply(&policy(Mode::Monitor, &["tcp/445", "udp/137", "udp/138"]));
     assert_eq!(h.rule_packets("inbound", "udp/138", "passed"), 0);
+}
+
+/// Enforce mode drops what the parser cannot judge when it could still
+/// carry a rule port (a chain longer than the walk, a header cut short, a
+/// tiny TCP first fragment, a fourth VLAN tag), whatever its ports; what
+/// cannot carry one (ARP, non-first fragments, bad versions) passes.
+#[test]
+fn enforce_fails_closed_on_what_it_cannot_judge() {
+    require_privileged!();
+    let h = Harness::new(&policy(Mode::Enforce, &["udp/137", "tcp/5190"]));
+    let control = Frame::udp4(A, B, 40000, 53);
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "13 extension headers to udp/53",
+            Frame::udp6(v6(1), v6(2), 1, 53).ipv6_ext(&[Ext::DestOpts; 13]).build(),
+            true,
+        ),
+        (
+            "tiny TCP first fragment to tcp/80",
+            Frame::tcp4(A, B, 1, 80).ipv4_fragment(0, true).l4_keep(8).build(),
+            true,
+        ),
+        ("IPv4 header cut", control.build()[..30].to_vec(), true),
+        ("IPv6 packet ending inside an extension header", ext_cut(53), true),
+        ("UDP header short", control.clone().l4_keep(6).build(), true),
+        (
+            "three VLAN tags",
+            control.clone().vlan(&[0x88a8, 0x8100, 0x8100]).build(),
+            true,
+        ),
+        ("udp/53", control.build(), false),
+        (
+            "12 extension headers to udp/53",
+            Frame::udp6(v6(1), v6(2), 1, 53).ipv6_ext(&[Ext::DestOpts; 12]).build(),
+            false,
+        ),
+        (
+            "non-first fragment",
+            control.clone().ipv4_fragment(100, false).build(),
+            false,
+        ),
+        ("ARP", arp(), false),
+        (
+            "PPPoE header cut",
+            control.clone().pppoe().build()[..19].to_vec(),
+            false,
+        ),
+        (
+            "IPv4 version 5",
+            {
+                let mut f = control.build();
+                f[14] = 0x55;
+                f
+            },
+            false,
+        ),
+    ];
+    for (name, frame, drop) in &cases {
+        for hook in [Hook::Xdp(Inbound), Hook::TcEgress] {
+            if hook == Hook::TcEgress && *name == "IPv4 header cut" {
+                continue; // BPF_PROG_TEST_RUN refuses it for skb programs.
+            }
+            assert_eq!(h.dropped(hook, frame), *drop, "{hook:?} {name}");
+        }
+    }
+    // Monitor mode drops none of them.
+    h.apply(&policy(Mode::Monitor, &["udp/137", "tcp/5190"]));
+    for (name, frame, _) in &cases {
+        assert!(!h.dropped(Hook::Xdp(Inbound), frame), "monitor {name}");
+    }
+}
+
+/// On an L3 device (tun, ppp, wireguard) frames start at the IP header:
+/// the program loaded for such a link matches them on their ports, and
+/// an Ethernet frame there is not IP.
+#[test]
+fn l3_links_parse_from_the_ip_header() {
+    require_privileged!();
+    let h = Harness::with_link(
+        &policy(Mode::Enforce, &["udp/137", "tcp/5190"]),
+        netwatch_common::LinkKind::Ip,
+    );
+    let hook = Hook::Xdp(Inbound);
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+        ("udp/137", Frame::udp4(A, B, 1, 137).build_ip(), Expect::Rule("udp/137")),
+        (
+            "IPv6 tcp/5190",
+            Frame::tcp6(v6(1), v6(2), 1, 5190).build_ip(),
+            Expect::Rule("tcp/5190"),
+        ),
+        (
+            "IPv6 udp/137 behind 9 extension headers",
+            Frame::udp6(v6(1), v6(2), 1, 137)
+                .ipv6_ext(&[Ext::DestOpts; 9])
+                .build_ip(),
+            Expect::Rule("udp/137"),
+        ),
+        (
+            "tiny TCP first fragment",
+            Frame::tcp4(A, B, 1, 5190).ipv4_fragment(0, true).l4_keep(8).build_ip(),
+            Expect::Class("tcp_tiny_fragment"),
+        ),
+        (
+            "udp/53",
+            Frame::udp4(A, B, 1, 53).build_ip(),
+            Expect::Class("unmatched"),
+        ),
+        (
+            "an Ethernet frame",
+            Frame::udp4(A, B, 1, 137).build(),
+            Expect::Class("non_ip"),
+        ),
+    ];
+    for (name, frame, expect) in cases {
+        let counted = || match expect {
+            Expect::Rule(rule) => h.rule_packets("inbound", rule, "dropped"),
+            Expect::Class(class) => h.class_packets("inbound", class),
+        };
+        let before = counted();
+        let dropped = h.dropped(hook, &frame);
+        assert_eq!(counted() - before, 1, "{name}: not counted as {expect:?}");
+        let expect_drop = matches!(expect, Expect::Rule(_)) || name == "tiny TCP first fragment";
+        assert_eq!(dropped, expect_drop, "{name}");
+    }
 }

@@ -11,7 +11,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
-use netwatch_common::Direction;
+use netwatch_common::{Direction, LinkKind};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -55,13 +55,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Check every interface before attaching anything.
     for name in config.interfaces.iter().map(|i| &i.name).chain(&config.egress) {
         datapath::ifindex(name)?;
+        datapath::link_kind(name)?;
     }
 
     let listener = http::bind(config.metrics_addr)?;
     datapath::prepare_pin_dir(&config.pin_dir)?;
     let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
     // Loading an instance creates (or re-opens) the pinned maps.
-    drop(datapath::load_instance(&config.pin_dir, 0, Direction::Inbound)?);
+    drop(datapath::load_instance(
+        &config.pin_dir,
+        0,
+        Direction::Inbound,
+        LinkKind::Ethernet,
+    )?);
     let maps = PinnedMaps::open(&config.pin_dir)?;
     datapath::apply_policy(&maps, &config.policy)?;
     info!(
