@@ -12,6 +12,9 @@
 //! Two link types: a veth pair (Ethernet frames through an AF_PACKET socket
 //! on the attacker's end) and a tun device (the frames' IP packets written
 //! to the tun descriptor: an L3 device without Ethernet header).
+//!
+//! Run: `cargo xtask test --test differential --no-capture` (prints the
+//! verdict table of each link type).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -886,7 +889,7 @@ fn tun_victim() -> (Netns, Tun) {
 fn tun_phase(groups: &[Group], enforce: bool) -> Outcome {
     let (victim, tun) = tun_victim();
     let services = victim.run(Services::open);
-    let _nw = enforce.then(|| {
+    let nw = enforce.then(|| {
         let iface = format!("{TUN_IF}:host");
         Netwatch::start(&victim, &pin_dir(), &["--mode", "enforce", "--iface", &iface])
     });
@@ -894,7 +897,7 @@ fn tun_phase(groups: &[Group], enforce: bool) -> Outcome {
     let mut boot = Vec::new();
     tun.replies(&mut boot);
     let outcome = run_phase(&tun, &services, groups, None);
-    if let Some(nw) = &_nw {
+    if let Some(nw) = &nw {
         print_counters(&nw.metrics(&victim), TUN_IF);
     }
     outcome
