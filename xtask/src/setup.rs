@@ -29,7 +29,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     // The font the README charts are drawn with.
     "fonts-dejavu-core",
+    // The differential test's corpus is built by scapy in a venv.
+    "python3-venv",
 ];
+
+/// The packet library that builds the differential test's corpus
+/// (tests/corpus/evasion.py), installed from PyPI into `.tools/venv`.
+const SCAPY_VERSION: &str = "2.8.0";
 
 /// What the benchmarks compare netwatch with.
 pub const BENCH_PACKAGES: &[&str] = &["xdp-tools", "nftables", "iptables"];
@@ -39,6 +45,43 @@ pub fn setup(root: &Path) -> Result<()> {
     ensure_rust_src(&nightly)?;
     ensure_bpf_linker(root, &nightly)?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
+    ensure_scapy(root)?;
+    Ok(())
+}
+
+/// A venv at `.tools/venv` with scapy, unless it is there already.
+fn ensure_scapy(root: &Path) -> Result<()> {
+    let venv = root.join(".tools/venv");
+    let python = venv.join("bin/python");
+    let has_scapy = || {
+        Command::new(&python)
+            .args([
+                "-c",
+                &format!("import importlib.metadata as m, sys; sys.exit(m.version('scapy') != '{SCAPY_VERSION}')"),
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if has_scapy() {
+        return Ok(());
+    }
+    if !python.exists() {
+        println!("setup: creating {}", venv.display());
+        status(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    println!("setup: installing scapy {SCAPY_VERSION} into {}", venv.display());
+    status(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!("scapy=={SCAPY_VERSION}")),
+    )?;
+    if !has_scapy() {
+        bail!(
+            "scapy {SCAPY_VERSION} is still missing from {} after pip install",
+            venv.display()
+        );
+    }
     Ok(())
 }
 
