@@ -17,6 +17,11 @@ fragmented datagram):
               a datagram read or a SYN-ACK maps back to exactly one group
     l2        "eth", "vlan", "qinq", "vlan3", "pppoe" or "vlan-pppoe"
     truncated whether the frames are cut short on purpose
+    fail_closed  whether netwatch's documented fail-closed policy drops
+              the group in enforce mode whatever its ports: an IPv6
+              extension-header chain longer than --ext-walk, or a TCP first
+              fragment without the whole TCP header (RFC 1858), or more
+              than two VLAN tags
     frames    [{"eth": hex Ethernet frame,
                 "l3": hex IP packet without L2 header (what an L3 device
                       such as tun receives), or null}]
@@ -240,7 +245,7 @@ def l2_frame(c, family, ip_bytes, l2):
     return raw(frame)
 
 
-def emit(c, case, desc, family, target, sport, ips, l2="eth", trailer=b"", truncated=False):
+def emit(c, case, desc, family, target, sport, ips, l2="eth", trailer=b"", truncated=False, fail_closed=False):
     """One group: `ips` are the IP packets (bytes) in sending order."""
     proto, dport = TARGETS[target]
     gid = f"v{family}-{target}-{case}"
@@ -263,6 +268,7 @@ def emit(c, case, desc, family, target, sport, ips, l2="eth", trailer=b"", trunc
             "sport": sport,
             "l2": l2,
             "truncated": truncated,
+            "fail_closed": fail_closed,
             "frames": frames,
         }
     )
@@ -303,7 +309,8 @@ def common(c, family, target):
         ("vlan-pppoe", "802.1Q tag, then PPPoE session"),
     ]:
         s = c.sport()
-        emit(c, l2, desc, family, target, s, [pkt(s)], l2=l2)
+        # netwatch parses two tags; a deeper stack fails closed.
+        emit(c, l2, desc, family, target, s, [pkt(s)], l2=l2, fail_closed=l2 == "vlan3")
 
     s = c.sport()
     ip = pkt(s)
@@ -373,6 +380,7 @@ def ipv4_only(c, target):
                 target,
                 s,
                 frags4(c, proto, l4(proto, s, dport), [first], s),
+                fail_closed=True,
             )
         s = c.sport()
         emit(
@@ -383,6 +391,7 @@ def ipv4_only(c, target):
             target,
             s,
             frags4(c, proto, l4(proto, s, dport), [8, 24], s, order="reverse"),
+            fail_closed=True,
         )
         for first, ihl in ((8, 15), (16, 10)):
             opts = [IPOption_NOP()] * ((ihl - 5) * 4 - 1) + [IPOption_EOL()]
@@ -395,6 +404,7 @@ def ipv4_only(c, target):
                 target,
                 s,
                 frags4(c, proto, l4(proto, s, dport), [first], s, options=opts),
+                fail_closed=True,
             )
 
 
@@ -404,7 +414,8 @@ def ipv6_only(c, target):
 
     def one(case, desc, exts):
         s = c.sport()
-        emit(c, case, desc, 6, target, s, [raw(ip6_with(c, exts, l4(proto, s, dport), unh))])
+        beyond = len(exts) > c.a.ext_walk
+        emit(c, case, desc, 6, target, s, [raw(ip6_with(c, exts, l4(proto, s, dport), unh))], fail_closed=beyond)
 
     for n in range(1, 21):
         one(f"ext-dst-{n}", f"{n} destination options header(s)", ["dst"] * n)
@@ -518,6 +529,7 @@ def ipv6_only(c, target):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ext-walk", type=int, default=12, help="IPv6 extension headers netwatch walks")
     p.add_argument("--src4", default="198.18.20.1")
     p.add_argument("--dst4", default="198.18.20.2")
     p.add_argument("--src6", default="2001:db8:20::1")

@@ -82,6 +82,8 @@ struct Group {
     sport: u16,
     l2: String,
     truncated: bool,
+    /// Dropped in enforce whatever its ports, by the documented policy.
+    fail_closed: bool,
     eth: Vec<Vec<u8>>,
     l3: Vec<Option<Vec<u8>>>,
 }
@@ -107,6 +109,12 @@ impl Group {
     /// counter on the veth (the bare kernel here cannot deliver them).
     fn counter_judged(&self) -> bool {
         self.l2 != "eth" && !self.truncated && self.rule().is_some()
+    }
+
+    /// Whether the fail-closed policy applies on `link`: a tun device
+    /// carries the IP packet alone, without the tags that made it apply.
+    fn fails_closed_on(&self, link: &str) -> bool {
+        self.fail_closed && (link != "tun" || self.l2 == "eth")
     }
 
     fn has_l3(&self) -> bool {
@@ -144,6 +152,7 @@ fn corpus() -> Vec<Group> {
     );
     let out = Command::new(&python)
         .arg(root.join("tests/corpus/evasion.py"))
+        .args(["--ext-walk", &netwatch_common::MAX_IPV6_EXT_HEADERS.to_string()])
         .args(["--src4", SRC4, "--dst4", DST4, "--src6", SRC6, "--dst6", DST6])
         .args(["--src-mac", &mac(ATTACKER_MAC), "--dst-mac", &mac(VICTIM_MAC)])
         .output()
@@ -176,6 +185,7 @@ fn corpus() -> Vec<Group> {
                 sport: v["sport"].as_u64().expect("sport") as u16,
                 l2: s("l2"),
                 truncated: v["truncated"].as_bool().expect("truncated"),
+                fail_closed: v["fail_closed"].as_bool().expect("fail_closed"),
                 eth: frames.iter().map(|f| hex(f["eth"].as_str().expect("eth"))).collect(),
                 l3: frames.iter().map(|f| f["l3"].as_str().map(hex)).collect(),
             }
@@ -525,7 +535,7 @@ fn run_phase(
     link: &dyn Link,
     services: &Services,
     groups: &[Group],
-    mut drops: Option<&mut dyn FnMut(&str) -> f64>,
+    mut drops: Option<&mut dyn FnMut(&Group) -> f64>,
 ) -> Outcome {
     let started = Instant::now();
     let mut deliveries = Vec::new();
@@ -542,11 +552,10 @@ fn run_phase(
         {
             drain(link, services, &mut deliveries, QUIET, DRAIN_LIMIT);
             pending = 0;
-            let rule = g.rule().unwrap();
-            let before = read(rule);
+            let before = read(g);
             assert!(link.inject(g));
             let want = before + g.eth.len() as f64;
-            let after = eventually(want, Duration::from_millis(500), || read(rule));
+            let after = eventually(want, Duration::from_millis(500), || read(g));
             dropped_delta.insert(g.id.clone(), after - before);
             continue;
         }
@@ -597,10 +606,22 @@ fn verdict(link: &str, groups: &[Group], bare: &Outcome, enforce: &Outcome) -> V
         .copied()
         .filter(|g| g.rule().is_some() && is_bare(g) && is_enf(g))
         .collect();
+    // Controls the fail-closed policy drops (chains beyond the walk, tiny
+    // TCP fragments) are expected to stop; any other control must arrive.
     let stopped: Vec<&Group> = carried
         .iter()
         .copied()
-        .filter(|g| g.rule().is_none() && is_bare(g) && !is_enf(g))
+        .filter(|g| g.rule().is_none() && !g.fails_closed_on(link) && is_bare(g) && !is_enf(g))
+        .collect();
+    let policy_stopped: Vec<&Group> = carried
+        .iter()
+        .copied()
+        .filter(|g| g.rule().is_none() && g.fails_closed_on(link) && is_bare(g) && !is_enf(g))
+        .collect();
+    let policy_ignored: Vec<&Group> = carried
+        .iter()
+        .copied()
+        .filter(|g| g.fails_closed_on(link) && is_enf(g))
         .collect();
     let enforce_only: Vec<&Group> = carried.iter().copied().filter(|g| !is_bare(g) && is_enf(g)).collect();
     let counter_judged: Vec<&Group> = carried
@@ -644,6 +665,10 @@ fn verdict(link: &str, groups: &[Group], bare: &Outcome, enforce: &Outcome) -> V
         ("delivered under enforce", per(&|g| is_enf(g))),
         ("leaked (rule ports)", per(&|g| leaked_ids.contains(g.id.as_str()))),
         ("controls stopped", per(&|g| stopped_ids.contains(g.id.as_str()))),
+        (
+            "controls stopped by policy",
+            per(&|g| policy_stopped.iter().any(|p| p.id == g.id)),
+        ),
     ] {
         table += &format!("{name:<32}");
         for n in row {
@@ -694,6 +719,13 @@ fn verdict(link: &str, groups: &[Group], bare: &Outcome, enforce: &Outcome) -> V
     }
     if !stopped.is_empty() {
         failures.push(format!("{} control groups stopped under enforce", stopped.len()));
+    }
+    if !policy_ignored.is_empty() {
+        failures.push(format!(
+            "{} groups the fail-closed policy drops were delivered under enforce: {:?}",
+            policy_ignored.len(),
+            policy_ignored.iter().map(|g| &g.id).collect::<Vec<_>>()
+        ));
     }
     if !missed.is_empty() {
         failures.push(format!(
@@ -825,17 +857,27 @@ fn veth_phase(groups: &[Group], enforce: bool) -> Outcome {
     }
     let iface = format!("{VICTIM_IF}:host");
     let nw = Netwatch::start(&victim, &pin_dir(), &["--mode", "enforce", "--iface", &iface]);
-    let mut read = |rule: &str| {
-        sample(
-            &nw.metrics(&victim),
-            "netwatch_packets_total",
-            &[
+    // A rule-port frame netwatch parses counts as dropped on its rule; one
+    // it drops by the fail-closed policy (a third VLAN tag) counts under
+    // its malformed reason.
+    let mut read = |g: &Group| {
+        let metrics = nw.metrics(&victim);
+        if g.fail_closed {
+            let labels = [
                 ("interface", VICTIM_IF),
                 ("direction", "inbound"),
-                ("rule", rule),
+                ("reason", "vlan_too_deep"),
+            ];
+            sample(&metrics, "netwatch_malformed_packets_total", &labels)
+        } else {
+            let labels = [
+                ("interface", VICTIM_IF),
+                ("direction", "inbound"),
+                ("rule", g.rule().unwrap()),
                 ("action", "dropped"),
-            ],
-        )
+            ];
+            sample(&metrics, "netwatch_packets_total", &labels)
+        }
     };
     let outcome = run_phase(&link, &services, groups, Some(&mut read));
     print_counters(&nw.metrics(&victim), VICTIM_IF);
