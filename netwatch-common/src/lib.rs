@@ -221,18 +221,25 @@ pub fn dst_hash_v4(addr: u32, key: &[u64; HASH_KEY_WORDS]) -> u32 {
 
 /// Hash of an IPv6 destination over all 128 bits: multilinear hashing
 /// (Lemire and Kaser, "Strongly universal string hashing is fast", 2014),
-/// `(k0 + k1 w0 + k2 w1 + k3 w2 + k4 w3) mod 2^64`, top 32 bits. With a
-/// secret key any two addresses collide with probability 2^-32, however
-/// they are structured (`2001:db8:0:k::k`, sequential /64s, ...). Four
-/// multiplications.
+/// `k0 + k1 w0 + k2 w1 + k3 w2 + k4 w3 mod 2^64` with a secret key, so any
+/// two addresses collide with probability about 2^-32 however they are
+/// structured (`2001:db8:0:k::k`, sequential /64s, ...), then Murmur3's
+/// 64-bit finaliser: a sweep is an arithmetic progression under the sum,
+/// and the sketch's linear counting needs bits that look random, not
+/// evenly spaced.
 #[inline(always)]
 pub fn dst_hash_v6(words: [u32; 4], key: &[u64; HASH_KEY_WORDS]) -> u32 {
-    let sum = key[0]
+    let mut x = key[0]
         .wrapping_add(key[1].wrapping_mul(words[0] as u64))
         .wrapping_add(key[2].wrapping_mul(words[1] as u64))
         .wrapping_add(key[3].wrapping_mul(words[2] as u64))
         .wrapping_add(key[4].wrapping_mul(words[3] as u64));
-    (sum >> 32) as u32
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    (x >> 32) as u32
 }
 
 /// Packet and byte counter. Per-CPU, summed by the controller.

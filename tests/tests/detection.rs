@@ -270,3 +270,53 @@ fn reverse_lookups_of_web_visitors_are_not_scans() {
     h.run(Hook::Xdp(Inbound), &synack);
     assert_eq!(h.snapshot().detection.visitors_recorded, 40);
 }
+
+/// Structured IPv6 sweeps (words that cancel under XOR, sequential /64s,
+/// addresses differing in several words) count as the distinct
+/// destinations they are: the hash covers all 128 bits.
+#[test]
+fn structured_ipv6_sweeps_count_every_destination() {
+    require_privileged!();
+    type Pattern = fn(u16) -> Ipv6Addr;
+    let patterns: [(&str, Pattern); 5] = [
+        ("2001:db8:0:k::k", |k| Ipv6Addr::new(0x2001, 0xdb8, 0, k, 0, 0, 0, k)),
+        ("sequential /64s 2001:db8:0:k::1", |k| {
+            Ipv6Addr::new(0x2001, 0xdb8, 0, k, 0, 0, 0, 1)
+        }),
+        ("2001:db8:k:k:k:k:k:k", |k| {
+            Ipv6Addr::new(0x2001, 0xdb8, k, k, k, k, k, k)
+        }),
+        ("2001:db8::k:0:0:k", |k| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, k, 0, 0, k)),
+        ("2001:db8:k::k00:0", |k| {
+            Ipv6Addr::new(0x2001, 0xdb8, k, 0, 0, 0, k << 8, 0)
+        }),
+    ];
+    for (n, threshold) in [(25u16, 20u32), (200, 100)] {
+        let h = Harness::new(&Policy::new(
+            Mode::Monitor,
+            vec![rule("udp/137", threshold, 3600, None)],
+        ));
+        for (index, (name, pattern)) in patterns.iter().enumerate() {
+            let src = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, n, index as u16);
+            for k in 1..=n {
+                h.run(Hook::Xdp(Inbound), &Frame::udp6(src, pattern(k), 1, 137).build());
+            }
+            let tracked = h.tracked(src.into());
+            assert_eq!(tracked.len(), 1, "{name}");
+            let est = tracked[0].distinct_destinations;
+            if n as u32 <= SKETCH_LIST_LEN {
+                assert_eq!(est, n as u32, "{name}: {n} destinations counted as {est}");
+            } else {
+                let err = (est as f64 - n as f64).abs() / n as f64;
+                assert!(err <= 0.10, "{name}: {n} destinations estimated as {est}");
+            }
+            let flags: Vec<_> = h.events().into_iter().filter(|e| e.key.addr == src.octets()).collect();
+            assert_eq!(
+                flags.len(),
+                1,
+                "{name}: a sweep of {n} (threshold {threshold}) flagged {} times",
+                flags.len()
+            );
+        }
+    }
+}
