@@ -956,3 +956,92 @@ fn tun_enforce_stops_what_the_kernel_would_deliver() {
     let failures = verdict("tun", &groups, &bare, &enforce);
     assert!(failures.is_empty(), "tun: {}", failures.join("; "));
 }
+
+/// The destination port of a UDP or TCP packet read from a tun device
+/// (no extension headers: the victim's own stack sent it).
+fn dst_port_of(ip: &[u8]) -> Option<(u8, u16)> {
+    let (proto, l4) = match ip.first()? >> 4 {
+        4 => (*ip.get(9)?, ((ip[0] & 0x0f) as usize) * 4),
+        6 => (*ip.get(6)?, 40),
+        _ => return None,
+    };
+    let port = u16::from_be_bytes([*ip.get(l4 + 2)?, *ip.get(l4 + 3)?]);
+    Some((proto, port))
+}
+
+/// TC egress on an L3 device: what the victim itself sends out of a tun
+/// device to udp/137 and tcp/5190 never reaches the device, while udp/53
+/// and tcp/80 do. The tun descriptor is the judge: it reads whatever the
+/// kernel transmits on tun0.
+#[test]
+fn tun_egress_stops_what_the_host_sends() {
+    require_privileged!();
+    let targets = [(17u8, 137u16), (17, 53), (6, 5190), (6, 80)];
+    let sent = |victim: &Netns, tun: &Tun| -> HashSet<(u8, u16, u8)> {
+        let mut seen = Vec::new();
+        tun.replies(&mut seen); // whatever the kernel sent on its own
+        seen.clear();
+        victim.run(|| {
+            for (family, peer) in [(4u8, SRC4), (6, SRC6)] {
+                for (proto, port) in targets {
+                    let to = SocketAddr::new(peer.parse().unwrap(), port);
+                    if proto == 17 {
+                        let any: SocketAddr = if family == 4 { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+                        UdpSocket::bind(any).unwrap().send_to(b"netwatch", to).unwrap();
+                    } else {
+                        // A SYN leaves; nobody answers, the attempt times out.
+                        let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(50));
+                    }
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut got = HashSet::new();
+        while Instant::now() < deadline && got.len() < 8 {
+            tun.replies(&mut seen);
+            for ip in seen.drain(..) {
+                if let Some((proto, port)) = dst_port_of(&ip) {
+                    got.insert((ip[0] >> 4, port, proto));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        got
+    };
+    let all: HashSet<(u8, u16, u8)> = [4u8, 6]
+        .into_iter()
+        .flat_map(|f| targets.map(|(proto, port)| (f, port, proto)))
+        .collect();
+
+    let (victim, tun) = tun_victim();
+    victim.ip(&["route", "add", &format!("{SRC4}/32"), "dev", TUN_IF]);
+    let bare = sent(&victim, &tun);
+    assert_eq!(bare, all, "without netwatch every datagram and SYN leaves by tun0");
+
+    let iface = format!("{TUN_IF}:host");
+    let nw = Netwatch::start(
+        &victim,
+        &pin_dir(),
+        &["--mode", "enforce", "--iface", &iface, "--egress", TUN_IF],
+    );
+    let enforced = sent(&victim, &tun);
+    let expected: HashSet<(u8, u16, u8)> = all
+        .iter()
+        .copied()
+        .filter(|(_, port, _)| *port == 53 || *port == 80)
+        .collect();
+    assert_eq!(enforced, expected, "under enforce only the control ports leave by tun0");
+    let metrics = nw.metrics(&victim);
+    for rule in ["udp/137", "tcp/5190"] {
+        let labels = [
+            ("interface", TUN_IF),
+            ("direction", "outbound"),
+            ("rule", rule),
+            ("action", "dropped"),
+        ];
+        let dropped = sample(&metrics, "netwatch_packets_total", &labels);
+        // One IPv4 and one IPv6 datagram or SYN (a socket closed in
+        // SYN-SENT sends no retransmission).
+        assert_eq!(dropped, 2.0, "{rule}: outbound drops counted on {TUN_IF}");
+    }
+}
