@@ -1045,3 +1045,46 @@ fn tun_egress_stops_what_the_host_sends() {
         assert_eq!(dropped, 2.0, "{rule}: outbound drops counted on {TUN_IF}");
     }
 }
+
+/// A device whose frames netwatch cannot parse (here a tun device set to
+/// the 802.11 radiotap link type) is refused with an error naming it,
+/// before anything is attached.
+#[test]
+fn unparseable_link_types_are_refused() {
+    require_privileged!();
+    const TUNSETLINK: libc::c_ulong = 0x400454cd;
+    const ARPHRD_IEEE80211_RADIOTAP: libc::c_ulong = 803;
+    let victim = Netns::new("dl");
+    let tun = victim.run(|| {
+        let tun = Tun::open(TUN_IF);
+        // SAFETY: TUNSETLINK takes the link type by value.
+        let ret = unsafe { libc::ioctl(tun.fd(), TUNSETLINK, ARPHRD_IEEE80211_RADIOTAP) };
+        assert_eq!(ret, 0, "TUNSETLINK: {}", std::io::Error::last_os_error());
+        tun
+    });
+    victim.ip(&["link", "set", TUN_IF, "up"]);
+    let pins = pin_dir();
+    let out = victim
+        .command(netwatch_tests::daemon::bin().to_str().unwrap())
+        .args(["run", "--pin-dir", &pins, "--iface", &format!("{TUN_IF}:wan")])
+        .output()
+        .expect("run netwatch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "netwatch attached to a radiotap device: {stderr}"
+    );
+    assert!(
+        stderr.contains("interface \"tun0\" has link type 803"),
+        "the error does not name the interface and its link type: {stderr}"
+    );
+    assert!(
+        !Path::new(&pins).join("links").exists()
+            || std::fs::read_dir(Path::new(&pins).join("links"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "something was attached"
+    );
+    drop(tun);
+}

@@ -49,6 +49,26 @@ pub fn classes() -> Vec<Class> {
             false,
         ),
         c(
+            "IPv6 UDP, 12 ext headers, udp/137",
+            Frame::udp6(v6(1), v6(2), 40000, 137).ipv6_ext(&[Ext::DestOpts; 12]),
+            false,
+        ),
+        c(
+            "IPv6, 13 ext headers (fails closed)",
+            Frame::udp6(v6(1), v6(2), 40000, 53).ipv6_ext(&[Ext::DestOpts; 13]),
+            false,
+        ),
+        c(
+            "TCP tiny first fragment (fails closed)",
+            Frame::tcp4(SRC, DST, 40000, 80).ipv4_fragment(0, true).l4_keep(8),
+            false,
+        ),
+        c(
+            "PPPoE udp/137 dropped",
+            Frame::udp4(SRC, DST, 40000, 137).pppoe(),
+            false,
+        ),
+        c(
             "802.1Q udp/137 dropped",
             Frame::udp4(SRC, DST, 40000, 137).vlan(&[0x8100]),
             false,
