@@ -264,12 +264,19 @@ fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
                 (ext[1] as usize + 2) * 4
             }
             IPPROTO_FRAGMENT => {
+                // The whole header must be in the packet before its offset
+                // may call the packet a non-first fragment (which passes).
+                if offset + 8 > ip_end {
+                    return Err(Class::Ipv6ExtTruncated);
+                }
                 let frag = frame.bytes::<4>(offset).ok_or(Class::Ipv6ExtTruncated)?;
                 let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
                 if offset_and_more & 0xfff8 != 0 {
                     return Err(Class::Fragment);
                 }
-                first_fragment = offset_and_more & 1 != 0;
+                // Any fragment header with more to come makes this a first
+                // fragment (nested fragmentation, RFC 8200 section 4.5).
+                first_fragment |= offset_and_more & 1 != 0;
                 next = frag[0];
                 8
             }

@@ -18,6 +18,13 @@ fn v6(last: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
 }
 
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// An IPv6 packet whose payload length ends 8 bytes into its 16-byte
 /// hop-by-hop header.
 fn ext_cut(port: u16) -> Vec<u8> {
