@@ -359,6 +359,24 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             ext_cut(137),
             Class("ipv6_ext_truncated"),
         ),
+        (
+            // Found by the fuzzer: the offset of a fragment header that
+            // does not fit in the packet must not make it a pass.
+            "IPv6 fragment header cut short, non-zero offset",
+            hex(
+                "02000000000202000000000186dd6000000000062c4020010db800000000000000000000e35820010db8000000000000000000009e6ba580928be63b",
+            ),
+            Class("ipv6_ext_truncated"),
+        ),
+        (
+            // Found by the fuzzer: nested fragment headers, the outer with
+            // more fragments to come: a first fragment, matched on ports.
+            "IPv6 two fragment headers, M=1 then M=0, 5 bytes of UDP",
+            hex(
+                "02000000000202000000000186dd6000000000152c4020010db800090000000000000000657c20010db8000700000000000000009eb32c000001999369f611000000d8fa847a900f008900",
+            ),
+            Rule("udp/137"),
+        ),
     ]
 }
 
