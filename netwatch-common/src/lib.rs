@@ -110,11 +110,11 @@ pub const PORT_RULE_ENTRIES: u32 = 2 << 16;
 pub const ACTION_COUNT: u8 = 0;
 pub const ACTION_DROP: u8 = 1;
 
-/// Hot-path view of a (protocol, port): the value of
-/// `PORT_RULES[port_rule_index]`. `id == 0` means "no rule"; a rule with
-/// slot `n` is stored as `n + 1`, so the zero-initialised array means "no
-/// rules" without any set-up. `flags` marks web ports (whose inbound SYNs
-/// record visitors) even where no rule is.
+/// One version of the hot-path view of a (protocol, port). `id == 0`
+/// means "no rule"; a rule with slot `n` is stored as `n + 1`, so the
+/// zero-initialised array means "no rules" without any set-up. `flags`
+/// marks web ports (whose inbound SYNs record visitors) even where no
+/// rule is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRule {
@@ -135,20 +135,40 @@ pub struct PortRule {
     pub block_secs: u32,
 }
 
-/// A TCP SYN to this port from outside records the sender as a visitor.
-pub const PORT_WEB: u32 = 1;
-/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
-pub const PORT_REVERSE_LOOKUP: u32 = 2;
-
 impl PortRule {
     #[inline(always)]
     pub const fn slot(&self) -> u32 {
         self.id as u32 - 1
     }
+
+    /// Neither a rule nor a web port.
+    #[inline(always)]
+    pub const fn is_empty(&self) -> bool {
+        self.id == 0 && self.flags == 0
+    }
 }
 
+/// The value of `PORT_RULES[port_rule_index]`: the rule of the (protocol,
+/// port) in each policy version. The datapath reads the version
+/// `Settings::active` names, so a reload writes the other version whole
+/// and switches with one write (see [`Settings`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRules {
+    pub versions: [PortRule; POLICY_VERSIONS],
+}
+
+/// Policy versions: the one in force and the one a reload builds.
+pub const POLICY_VERSIONS: usize = 2;
+
+/// A TCP SYN to this port from outside records the sender as a visitor.
+pub const PORT_WEB: u32 = 1;
+/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
+pub const PORT_REVERSE_LOOKUP: u32 = 2;
+
 /// Describes a rule slot, for the controller and `status` (never read by
-/// the datapath). `in_use == 0` marks a free slot.
+/// the datapath). `in_use` has bit `v` set when policy version `v` holds
+/// the rule; 0 marks a free slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleInfo {
@@ -183,13 +203,13 @@ pub const ATTACHED_TC: u8 = 2;
 pub const MODE_MONITOR: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
 
-/// Runtime settings the datapath reads on matched traffic.
+/// The settings of one policy version.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Settings {
+pub struct PolicySettings {
     pub mode: u32,
-    /// Non-zero when the corresponding list has entries, so that the
-    /// datapath can skip LPM lookups when a list is empty.
+    /// Non-zero when the corresponding list may have entries in this
+    /// version, so that the datapath can skip LPM lookups when it is empty.
     pub allowlist_active: u32,
     pub blocklist_active: u32,
     /// How long a web visitor is remembered for reverse-lookup matching.
@@ -197,12 +217,59 @@ pub struct Settings {
     /// The web ports in force (0 = unused), so the controller can clear
     /// them on reload; the datapath reads `PORT_WEB` in `PORT_RULES`.
     pub web_ports: [u16; MAX_WEB_PORTS],
+}
+
+/// Runtime settings the datapath reads on matched traffic.
+///
+/// A policy is double-buffered: rules (`PortRules::versions`), list
+/// answers (`ListEntry::until`) and these settings exist once per version,
+/// and `active` says which version is in force. A reload writes the other
+/// version completely, then switches `active` with one write, so the
+/// datapath sees the old policy or the new one, never a mix, and a crash
+/// at any point leaves one of them in force.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The version in force: 0 or 1.
+    pub active: u32,
+    pub _pad: u32,
+    pub versions: [PolicySettings; POLICY_VERSIONS],
     /// Secret key of the destination hash (see [`dst_hash_v6`]), drawn
     /// once when the pin directory is made and kept for its lifetime, so
     /// that sketches stay valid across restarts and nobody outside can
     /// choose destinations that collide.
     pub hash_key: [u64; HASH_KEY_WORDS],
 }
+
+impl Settings {
+    /// The version in force, read once: everything one packet looks at
+    /// must come from the same version, even if a reload switches meanwhile.
+    #[inline(always)]
+    pub fn active_version(&self) -> u32 {
+        // SAFETY: a plain aligned read of a field we hold a reference to;
+        // volatile so the compiler neither repeats nor elides it.
+        unsafe { core::ptr::read_volatile(&self.active) & 1 }
+    }
+
+    /// The settings of `version`.
+    #[inline(always)]
+    pub fn policy(&self, version: u32) -> &PolicySettings {
+        // SAFETY: `version & 1` < POLICY_VERSIONS. An index rather than a
+        // branch: the datapath then carries one pointer (with a variable
+        // offset the verifier bounds), not two states for two versions.
+        unsafe { &*self.versions.as_ptr().add((version & 1) as usize) }
+    }
+}
+
+impl PortRules {
+    /// The rule of `version` (see [`Settings::policy`] for the index).
+    #[inline(always)]
+    pub fn version(&self, version: u32) -> &PortRule {
+        // SAFETY: `version & 1` < POLICY_VERSIONS.
+        unsafe { &*self.versions.as_ptr().add((version & 1) as usize) }
+    }
+}
+
 pub const MAX_WEB_PORTS: usize = 8;
 pub const HASH_KEY_WORDS: usize = 5;
 
@@ -520,17 +587,35 @@ pub const fn flag_counter_index(rule: u32, dir: u32) -> u32 {
 pub const FLAG_COUNTER_ENTRIES: u32 = MAX_RULES * DIRECTIONS;
 
 /// Value of the allow and block LPM tries.
+///
+/// The trie returns only the longest stored prefix that contains an
+/// address, so each stored prefix carries the answer for the addresses it
+/// is the longest match of: `until[v]` is the latest end of every entry
+/// of version `v` that contains the prefix (its own and wider ones). A
+/// short-lived entry therefore never hides a wider permanent one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListEntry {
-    /// CLOCK_MONOTONIC second at which the entry stops applying; 0 = never.
-    pub expires: u32,
-    /// `ORIGIN_*`: entries from the config are replaced on reload,
-    /// entries from the CLI (`netwatch block/allow`) are kept.
-    pub origin: u32,
+    /// Per policy version: 0 = not listed, [`LIST_FOREVER`], or the
+    /// CLOCK_MONOTONIC second at which the listing ends.
+    pub until: [u32; POLICY_VERSIONS],
+    /// Bit `v` set: this prefix is in version `v`'s config list.
+    pub config_versions: u32,
+    /// This prefix's own command-line entry (`netwatch block/allow`),
+    /// kept across reloads: 0 = none, [`LIST_FOREVER`], or when it ends.
+    pub cli_until: u32,
 }
-pub const ORIGIN_CONFIG: u32 = 0;
-pub const ORIGIN_CLI: u32 = 1;
+pub const LIST_FOREVER: u32 = u32::MAX;
+
+impl ListEntry {
+    /// Whether the prefix is listed in `version` at second `now`.
+    #[inline(always)]
+    pub fn listed(&self, version: u32, now: u32) -> bool {
+        // SAFETY: `version & 1` < POLICY_VERSIONS.
+        let until = unsafe { *self.until.as_ptr().add((version & 1) as usize) };
+        until > now
+    }
+}
 
 /// Bits set in a `SKETCH_BITS` bitmap expected after `n` distinct
 /// insertions, `m (1 - e^(-n/m))` rounded up: the datapath flags a
@@ -614,6 +699,7 @@ mod pod {
     use super::*;
     // SAFETY: all of these are #[repr(C)] plain data without padding.
     unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for PortRules {}
     unsafe impl aya::Pod for RuleInfo {}
     unsafe impl aya::Pod for IfaceInfo {}
     unsafe impl aya::Pod for Settings {}

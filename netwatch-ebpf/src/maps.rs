@@ -8,17 +8,17 @@ use aya_ebpf::{
 };
 use netwatch_common::{
     CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry,
-    MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRule,
+    MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRules,
     RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey, SourceState,
 };
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// (protocol, port) -> rule: an array, so the one lookup every packet with
-/// ports pays is an inlined index, not a hash.
+/// (protocol, port) -> rule in each policy version: an array, so the one
+/// lookup every packet with ports pays is an inlined index, not a hash.
 #[map]
-pub static PORT_RULES: Array<PortRule> = Array::with_max_entries(PORT_RULE_ENTRIES, 0);
+pub static PORT_RULES: Array<PortRules> = Array::with_max_entries(PORT_RULE_ENTRIES, 0);
 
 /// Rule slot descriptions for the controller; the datapath never reads it.
 #[map]

@@ -60,41 +60,48 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
             let index = class_counter_index(iface, dir, class as u32);
             bump(CLASS_COUNTERS.get_ptr_mut(index), bytes);
             // What the parser could not judge may carry a rule port.
-            return class.fails_closed() && matches!(SETTINGS.get(0), Some(s) if s.mode == MODE_ENFORCE);
+            return class.fails_closed()
+                && matches!(SETTINGS.get(0), Some(s) if s.policy(s.active_version()).mode == MODE_ENFORCE);
         }
     };
-    let rule = match PORT_RULES.get(port_rule_index(packet.protocol, packet.dst_port)) {
-        Some(rule) => rule,
-        None => return false,
+    let Some(rules) = PORT_RULES.get(port_rule_index(packet.protocol, packet.dst_port)) else {
+        return false;
     };
+    // Most traffic: no rule and no web port in either policy version.
+    if rules.versions[0].is_empty() && rules.versions[1].is_empty() {
+        count_unmatched(iface, dir, bytes);
+        return false;
+    }
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    let version = settings.active_version();
+    let rule = rules.version(version);
+    let policy = settings.policy(version);
     if rule.flags & PORT_WEB != 0 {
         record_visitor(&packet, dir);
     }
     if rule.id == 0 {
-        let index = class_counter_index(iface, dir, Class::Unmatched as u32);
-        bump(CLASS_COUNTERS.get_ptr_mut(index), bytes);
+        count_unmatched(iface, dir, bytes);
         return false;
     }
 
-    let Some(settings) = SETTINGS.get(0) else {
-        return false;
-    };
-    let enforce = settings.mode == MODE_ENFORCE;
-    let allowlisted = enforce && settings.allowlist_active != 0 && either_listed(&packet.addrs, secs(now_ns()));
+    let enforce = policy.mode == MODE_ENFORCE;
+    let allowlisted = enforce && policy.allowlist_active != 0 && either_listed(&packet.addrs, version, secs(now_ns()));
 
     // udp/137 towards a peer that just visited a web port: a reverse
     // lookup (IIS), tracked apart and never flagged as a scan.
     let reverse = rule.flags & PORT_REVERSE_LOOKUP != 0
         && dir == Direction::Outbound as u32
-        && recent_visitor(&packet.addrs, secs(now_ns()), settings.visitor_secs);
+        && recent_visitor(&packet.addrs, secs(now_ns()), policy.visitor_secs);
     let action = if dir == 0 { rule.action[0] } else { rule.action[1] };
     // `action[dir]` would be compiled to pointer arithmetic on the stack
     // that the verifier rejects; hence the branch above.
     let blocklisted = enforce
         && !allowlisted
         && action != ACTION_DROP
-        && settings.blocklist_active != 0
-        && source_blocklisted(&packet.addrs, secs(now_ns()));
+        && policy.blocklist_active != 0
+        && source_blocklisted(&packet.addrs, version, secs(now_ns()));
     // The packet's addresses are not read after this point: the tracker,
     // the largest part of the program, then starts from one verifier
     // state whichever way the parser went through the headers.
@@ -108,6 +115,14 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
         bump(REVERSE_COUNTERS.get_ptr_mut(index), bytes);
     }
     drop
+}
+
+#[inline(always)]
+fn count_unmatched(iface: u32, dir: u32, bytes: u64) {
+    bump(
+        CLASS_COUNTERS.get_ptr_mut(class_counter_index(iface, dir, Class::Unmatched as u32)),
+        bytes,
+    );
 }
 
 /// The per-source key for the packet's source, and the keyed hash of its
@@ -190,34 +205,29 @@ fn recent_visitor(addrs: &Addrs, now: u32, window: u32) -> bool {
 }
 
 #[inline(always)]
-fn active(entry: Option<&ListEntry>, now: u32) -> bool {
-    matches!(entry, Some(e) if e.expires == 0 || e.expires > now)
-}
-
-#[inline(always)]
-fn listed_v4(addr: *const [u8; 4], trie: &LpmTrie<[u8; 4], ListEntry>, now: u32) -> bool {
+fn listed_v4(addr: *const [u8; 4], trie: &LpmTrie<[u8; 4], ListEntry>, version: u32, now: u32) -> bool {
     // SAFETY: the parser checked the address lies inside the packet.
-    active(trie.get(Key::new(32, unsafe { *addr })), now)
+    matches!(trie.get(Key::new(32, unsafe { *addr })), Some(e) if e.listed(version, now))
 }
 
 #[inline(always)]
-fn listed_v6(addr: *const [u8; 16], trie: &LpmTrie<[u8; 16], ListEntry>, now: u32) -> bool {
+fn listed_v6(addr: *const [u8; 16], trie: &LpmTrie<[u8; 16], ListEntry>, version: u32, now: u32) -> bool {
     // SAFETY: the parser checked the address lies inside the packet.
-    active(trie.get(Key::new(128, unsafe { *addr })), now)
+    matches!(trie.get(Key::new(128, unsafe { *addr })), Some(e) if e.listed(version, now))
 }
 
 #[inline(always)]
-fn source_blocklisted(addrs: &Addrs, now: u32) -> bool {
+fn source_blocklisted(addrs: &Addrs, version: u32, now: u32) -> bool {
     match *addrs {
-        Addrs::V4 { src, .. } => listed_v4(src, &BLOCK_V4, now),
-        Addrs::V6 { src, .. } => listed_v6(src, &BLOCK_V6, now),
+        Addrs::V4 { src, .. } => listed_v4(src, &BLOCK_V4, version, now),
+        Addrs::V6 { src, .. } => listed_v6(src, &BLOCK_V6, version, now),
     }
 }
 
 #[inline(always)]
-fn either_listed(addrs: &Addrs, now: u32) -> bool {
+fn either_listed(addrs: &Addrs, version: u32, now: u32) -> bool {
     match *addrs {
-        Addrs::V4 { src, dst } => listed_v4(src, &ALLOW_V4, now) || listed_v4(dst, &ALLOW_V4, now),
-        Addrs::V6 { src, dst } => listed_v6(src, &ALLOW_V6, now) || listed_v6(dst, &ALLOW_V6, now),
+        Addrs::V4 { src, dst } => listed_v4(src, &ALLOW_V4, version, now) || listed_v4(dst, &ALLOW_V4, version, now),
+        Addrs::V6 { src, dst } => listed_v6(src, &ALLOW_V6, version, now) || listed_v6(dst, &ALLOW_V6, version, now),
     }
 }

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -26,19 +26,15 @@ use aya::{
         xdp::XdpLink,
     },
     sys::SyscallError,
-    util::nr_cpus,
 };
-use ipnet::IpNet;
 use log::{debug, info, warn};
-use std::net::{Ipv4Addr, Ipv6Addr};
 
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Counter, DIRECTIONS, Direction, HASH_KEY_WORDS, IfaceInfo, LinkKind, ListEntry,
-    MAX_IFACES, MAX_RULES, MAX_WEB_PORTS, ORIGIN_CONFIG, OUTCOMES, PORT_REVERSE_LOOKUP, PORT_WEB, PortRule, Protocol,
-    RuleInfo, Settings, bitmap_bits_for, flag_counter_index, globals, maps, port_rule_index, rule_counter_index,
+    ATTACHED_TC, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES, MAX_RULES, RuleInfo,
+    Settings, globals, maps,
 };
 
-use crate::policy::{Policy, Role, Rule};
+use crate::policy::Role;
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
@@ -260,16 +256,20 @@ impl PinnedMaps {
         Ok(out)
     }
 
+    /// The rule slots of the policy version in force.
     pub fn rules(&self) -> Result<Vec<(u32, RuleInfo)>> {
+        let live = self.settings()?.active & 1;
+        Ok(self
+            .rule_slots_all()?
+            .into_iter()
+            .filter(|(_, info)| info.in_use & (1 << live) != 0)
+            .collect())
+    }
+
+    /// Every rule slot, used or not.
+    pub fn rule_slots_all(&self) -> Result<Vec<(u32, RuleInfo)>> {
         let map = self.array::<RuleInfo>(maps::RULE_INFO)?;
-        let mut out = Vec::new();
-        for slot in 0..MAX_RULES {
-            let info = map.get(&slot, 0)?;
-            if info.in_use != 0 {
-                out.push((slot, info));
-            }
-        }
-        Ok(out)
+        (0..MAX_RULES).map(|slot| Ok((slot, map.get(&slot, 0)?))).collect()
     }
 
     /// Sum over CPUs of one per-CPU counter.
@@ -280,282 +280,6 @@ impl PinnedMaps {
             bytes: acc.bytes + c.bytes,
         }))
     }
-}
-
-/// Writes a policy into the maps: rule slots (stable across reloads),
-/// the port table, web ports, the lists and the settings.
-pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
-    let mut rule_info = maps.array::<RuleInfo>(maps::RULE_INFO)?;
-    let mut port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
-    let old_settings = maps.settings()?;
-
-    let mut slots: Vec<RuleInfo> = (0..MAX_RULES).map(|s| rule_info.get(&s, 0)).collect::<Result<_, _>>()?;
-    let same = |info: &RuleInfo, rule: &Rule| info.protocol == rule.protocol as u8 && info.port == rule.port;
-
-    // Retire rules gone from the policy and web ports no longer wanted.
-    for (slot, info) in slots.iter_mut().enumerate() {
-        if info.in_use != 0 && !policy.rules.iter().any(|r| same(info, r)) {
-            info.in_use = 0;
-            rule_info.set(slot as u32, *info, 0)?;
-            port_rules.set(
-                port_rule_index(protocol_of(info.protocol), info.port),
-                PortRule::default(),
-                0,
-            )?;
-        }
-    }
-    for port in old_settings
-        .web_ports
-        .iter()
-        .filter(|p| **p != 0 && !policy.web_ports.contains(p))
-    {
-        let index = port_rule_index(Protocol::Tcp, *port);
-        let mut entry = port_rules.get(&index, 0)?;
-        entry.flags &= !PORT_WEB;
-        port_rules.set(index, entry, 0)?;
-    }
-
-    for rule in &policy.rules {
-        let slot = match slots.iter().position(|i| i.in_use != 0 && same(i, rule)) {
-            Some(slot) => slot,
-            None => {
-                // Prefer the slot this rule had before, so its counters continue.
-                let slot = slots
-                    .iter()
-                    .position(|i| i.in_use == 0 && same(i, rule))
-                    .or_else(|| slots.iter().position(|i| i.in_use == 0))
-                    .ok_or_else(|| anyhow!("more than {MAX_RULES} rules"))?;
-                if !same(&slots[slot], rule) {
-                    zero_rule_counters(maps, slot as u32)?;
-                }
-                slot
-            }
-        };
-        let info = RuleInfo {
-            in_use: 1,
-            protocol: rule.protocol as u8,
-            port: rule.port,
-            action: rule.action,
-            _pad: [0; 2],
-        };
-        slots[slot] = info;
-        rule_info.set(slot as u32, info, 0)?;
-        let d = &rule.detection;
-        let mut flags = if rule.is_netbios_ns() { PORT_REVERSE_LOOKUP } else { 0 };
-        if rule.protocol == Protocol::Tcp && policy.web_ports.contains(&rule.port) {
-            flags |= PORT_WEB;
-        }
-        let entry = PortRule {
-            id: slot as u16 + 1,
-            action: rule.action,
-            flags,
-            threshold: d.threshold,
-            flag_bits: bitmap_bits_for(d.threshold),
-            window_secs: d.window_secs,
-            block_secs: d.block_secs.unwrap_or(0),
-        };
-        port_rules.set(port_rule_index(rule.protocol, rule.port), entry, 0)?;
-    }
-    for port in &policy.web_ports {
-        let index = port_rule_index(Protocol::Tcp, *port);
-        let mut entry = port_rules.get(&index, 0)?;
-        entry.flags |= PORT_WEB;
-        port_rules.set(index, entry, 0)?;
-    }
-
-    for (kind, nets) in [
-        (ListKind::Allow, &policy.allowlist),
-        (ListKind::Block, &policy.blocklist),
-    ] {
-        sync_config_list(maps, kind, nets)?;
-    }
-    let mut web_ports = [0u16; MAX_WEB_PORTS];
-    web_ports[..policy.web_ports.len()].copy_from_slice(&policy.web_ports);
-    let settings = Settings {
-        mode: policy.mode.as_u32(),
-        allowlist_active: 0,
-        blocklist_active: 0,
-        visitor_secs: policy.visitor_secs,
-        web_ports,
-        hash_key: if old_settings.hash_key == [0; HASH_KEY_WORDS] {
-            new_hash_key()?
-        } else {
-            old_settings.hash_key
-        },
-    };
-    maps.array::<Settings>(maps::SETTINGS)?.set(0, settings, 0)?;
-    refresh_list_flags(maps)
-}
-
-/// A fresh secret key for the destination hash, from the kernel's CSPRNG.
-/// Odd multipliers keep every word of the address in the hash.
-fn new_hash_key() -> Result<[u64; HASH_KEY_WORDS]> {
-    let mut bytes = [0u8; HASH_KEY_WORDS * 8];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("reading /dev/urandom for the destination hash key")?;
-    let mut key = [0u64; HASH_KEY_WORDS];
-    for (word, chunk) in key.iter_mut().zip(bytes.chunks_exact(8)) {
-        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
-    }
-    Ok(key)
-}
-
-fn protocol_of(raw: u8) -> Protocol {
-    if raw == Protocol::Tcp as u8 {
-        Protocol::Tcp
-    } else {
-        Protocol::Udp
-    }
-}
-
-/// Counters of a rule slot handed to a different rule start from zero.
-fn zero_rule_counters(maps: &PinnedMaps, slot: u32) -> Result<()> {
-    let cpus = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    for name in [maps::RULE_COUNTERS, maps::REVERSE_COUNTERS] {
-        let mut counters = maps.per_cpu_array::<Counter>(name)?;
-        for iface in 0..MAX_IFACES {
-            for dir in 0..DIRECTIONS {
-                for outcome in 0..OUTCOMES {
-                    let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
-                    counters.set(rule_counter_index(iface, dir, slot, outcome), zeros, 0)?;
-                }
-            }
-        }
-    }
-    let mut flags = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
-    for dir in 0..DIRECTIONS {
-        flags.set(
-            flag_counter_index(slot, dir),
-            PerCpuValues::try_from(vec![0u64; cpus])?,
-            0,
-        )?;
-    }
-    Ok(())
-}
-
-/// The allowlist or the blocklist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListKind {
-    Allow,
-    Block,
-}
-
-impl ListKind {
-    fn maps(self) -> (&'static str, &'static str) {
-        match self {
-            ListKind::Allow => (maps::ALLOW_V4, maps::ALLOW_V6),
-            ListKind::Block => (maps::BLOCK_V4, maps::BLOCK_V6),
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            ListKind::Allow => "allowlist",
-            ListKind::Block => "blocklist",
-        }
-    }
-}
-
-/// An entry of the allowlist or blocklist as stored in the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListItem {
-    pub net: IpNet,
-    pub entry: ListEntry,
-}
-
-impl PinnedMaps {
-    /// Every entry of a list, expired ones included.
-    pub fn list(&self, kind: ListKind) -> Result<Vec<ListItem>> {
-        let (v4, v6) = kind.maps();
-        let mut out = Vec::new();
-        for entry in self.lpm::<[u8; 4]>(v4)?.iter() {
-            let (key, entry) = entry?;
-            out.push(ListItem {
-                net: IpNet::new(Ipv4Addr::from(key.data()).into(), key.prefix_len() as u8)?,
-                entry,
-            });
-        }
-        for entry in self.lpm::<[u8; 16]>(v6)?.iter() {
-            let (key, entry) = entry?;
-            out.push(ListItem {
-                net: IpNet::new(Ipv6Addr::from(key.data()).into(), key.prefix_len() as u8)?,
-                entry,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Adds or replaces one entry.
-    pub fn list_insert(&self, kind: ListKind, net: IpNet, entry: ListEntry) -> Result<()> {
-        let (v4, v6) = kind.maps();
-        match net {
-            IpNet::V4(n) => {
-                self.lpm::<[u8; 4]>(v4)?
-                    .insert(&Key::new(n.prefix_len() as u32, n.network().octets()), entry, 0)?
-            }
-            IpNet::V6(n) => {
-                self.lpm::<[u8; 16]>(v6)?
-                    .insert(&Key::new(n.prefix_len() as u32, n.network().octets()), entry, 0)?
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes one entry; false if it was not there.
-    pub fn list_remove(&self, kind: ListKind, net: IpNet) -> Result<bool> {
-        let (v4, v6) = kind.maps();
-        let result = match net {
-            IpNet::V4(n) => self
-                .lpm::<[u8; 4]>(v4)?
-                .remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-            IpNet::V6(n) => self
-                .lpm::<[u8; 16]>(v6)?
-                .remove(&Key::new(n.prefix_len() as u32, n.network().octets())),
-        };
-        match result {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-/// Makes the config-origin entries of a list exactly `nets`; entries
-/// added from the command line (`netwatch block/allow`) stay.
-fn sync_config_list(maps: &PinnedMaps, kind: ListKind, nets: &[IpNet]) -> Result<()> {
-    let old = maps.list(kind)?;
-    for item in old
-        .iter()
-        .filter(|i| i.entry.origin == ORIGIN_CONFIG && !nets.contains(&i.net))
-    {
-        maps.list_remove(kind, item.net)?;
-    }
-    for net in nets.iter().filter(|n| !old.iter().any(|i| i.net == **n)) {
-        maps.list_insert(
-            kind,
-            *net,
-            ListEntry {
-                expires: 0,
-                origin: ORIGIN_CONFIG,
-            },
-        )?;
-    }
-    Ok(())
-}
-
-/// Sets the datapath's "list is non-empty" flags from the lists' contents,
-/// so empty lists cost no lookup.
-pub fn refresh_list_flags(maps: &PinnedMaps) -> Result<()> {
-    let mut settings = maps.settings()?;
-    settings.allowlist_active = !maps.list(ListKind::Allow)?.is_empty() as u32;
-    settings.blocklist_active = !maps.list(ListKind::Block)?.is_empty() as u32;
-    maps.array::<Settings>(maps::SETTINGS)?.set(0, settings, 0)?;
-    Ok(())
 }
 
 /// Finds the slot an interface had before (by name), or a free one.

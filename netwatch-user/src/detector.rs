@@ -145,6 +145,13 @@ impl Detector {
         }
     }
 
+    /// Re-reads the rule names after a reload: a slot handed to a new rule
+    /// must be recorded under the new rule's name.
+    pub fn reload_names(&mut self, maps: &PinnedMaps) -> Result<()> {
+        self.names = Names::read(maps)?;
+        Ok(())
+    }
+
     /// Brings open incidents up to date (packets, last seen, blocks) with
     /// one map lookup each; stops following those gone quiet.
     pub fn refresh(&mut self) -> Result<()> {

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod detector;
 pub mod http;
 pub mod incidents;
+pub mod install;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

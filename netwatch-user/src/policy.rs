@@ -376,13 +376,23 @@ impl Policy {
                 }
             }
         }
-        for block in &self.blocklist {
-            if let Some(allow) = self.allowlist.iter().find(|a| a.contains(block)) {
-                bail!(
-                    "blocklist entry {block} is covered by allowlist entry {allow}; the allowlist always wins, so it would never apply"
-                );
-            }
-        }
-        Ok(())
+        check_allow_block(&self.allowlist, &self.blocklist)
     }
+}
+
+/// Refuses a blocklist entry inside an allowlist entry: the allowlist
+/// always wins, so the block would never apply. The config and the
+/// `block`/`allow` commands give the same answer.
+pub fn check_allow_block<'a>(
+    allowlist: impl IntoIterator<Item = &'a IpNet> + Clone,
+    blocklist: impl IntoIterator<Item = &'a IpNet>,
+) -> Result<()> {
+    for block in blocklist {
+        if let Some(allow) = allowlist.clone().into_iter().find(|a| a.contains(block)) {
+            bail!(
+                "blocklist entry {block} is covered by allowlist entry {allow}; the allowlist always wins, so it would never apply"
+            );
+        }
+    }
+    Ok(())
 }

@@ -3,15 +3,16 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, ORIGIN_CLI, Outcome, PortRule, Protocol, STAT_AUTO_BLOCKED,
+    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, PortRules, Protocol, STAT_AUTO_BLOCKED,
     STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index,
     flag_counter_index, maps, port_rule_index, rule_counter_index,
 };
 use serde::Serialize;
 
 use crate::{
-    clock::{boot_rfc3339, boot_secs},
-    datapath::{ListKind, PinnedMaps, iface_name},
+    clock::boot_rfc3339,
+    datapath::{PinnedMaps, iface_name},
+    install::ListKind,
     policy::{Action, Mode, Role},
 };
 
@@ -142,7 +143,8 @@ impl Snapshot {
                 slot,
             })
             .collect();
-        let port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
+        let port_rules = maps.array::<PortRules>(maps::PORT_RULES)?;
+        let live = settings.active & 1;
         let mut rules = Vec::new();
         for (slot, info) in maps.rules()? {
             let protocol = if info.protocol == Protocol::Tcp as u8 {
@@ -150,11 +152,11 @@ impl Snapshot {
             } else {
                 Protocol::Udp
             };
-            let params = port_rules.get(&port_rule_index(protocol, info.port), 0)?;
+            let params = *port_rules.get(&port_rule_index(protocol, info.port), 0)?.version(live);
             rules.push(RuleState {
                 rule: format!("{}/{}", protocol.label(), info.port),
-                inbound: Action::from_u8(info.action[0]).label(),
-                outbound: Action::from_u8(info.action[1]).label(),
+                inbound: Action::from_u8(params.action[0]).label(),
+                outbound: Action::from_u8(params.action[1]).label(),
                 threshold: params.threshold,
                 window_secs: params.window_secs,
                 block_secs: (params.block_secs != 0).then_some(params.block_secs),
@@ -196,16 +198,14 @@ impl Snapshot {
                 }
             }
         }
-        let now = boot_secs();
         let list = |kind| -> Result<Vec<ListView>> {
             Ok(maps
-                .list(kind)?
+                .list_in_force(kind)?
                 .into_iter()
-                .filter(|i| i.entry.expires == 0 || i.entry.expires > now)
-                .map(|i| ListView {
-                    cidr: i.net.to_string(),
-                    origin: if i.entry.origin == ORIGIN_CLI { "cli" } else { "config" },
-                    expires: (i.entry.expires != 0).then(|| boot_rfc3339(i.entry.expires)),
+                .map(|(net, expires, config)| ListView {
+                    cidr: net.to_string(),
+                    origin: if config { "config" } else { "cli" },
+                    expires: expires.map(boot_rfc3339),
                 })
                 .collect())
         };
@@ -256,7 +256,7 @@ impl Snapshot {
             reverse_lookups,
         };
         Ok(Snapshot {
-            mode: Mode::from_u32(settings.mode).label(),
+            mode: Mode::from_u32(settings.policy(settings.active & 1).mode).label(),
             interfaces,
             rules,
             allowlist: list(ListKind::Allow)?,

@@ -75,9 +75,12 @@ pub struct Names {
 
 impl Names {
     pub fn read(maps: &PinnedMaps) -> Result<Self> {
+        // Slots of either policy version: a flag raised just before a
+        // reload still names the rule that raised it.
         let rules = maps
-            .rules()?
+            .rule_slots_all()?
             .into_iter()
+            .filter(|(_, info)| info.in_use != 0)
             .map(|(slot, info)| {
                 (
                     slot as u8,

@@ -8,7 +8,7 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
-use netwatch_common::{Direction, FlagEvent, LinkKind};
+use netwatch_common::{Direction, FlagEvent, HASH_KEY_WORDS, LinkKind, Settings};
 use netwatch_user::{
     datapath::{self, PinnedMaps, TC_PROGRAM, XDP_PROGRAM},
     policy::{Policy, Role},
@@ -48,6 +48,16 @@ impl Harness {
     /// The datapath as loaded for an interface whose frames start as
     /// `link` says (`LinkKind::Ip`: tun, ppp, wireguard).
     pub fn with_link(policy: &Policy, link: LinkKind) -> Self {
+        Self::build(policy, link, None)
+    }
+
+    /// The datapath with a given destination-hash key instead of a fresh
+    /// random one, for tests whose figures depend on the hash.
+    pub fn with_hash_key(policy: &Policy, key: [u64; HASH_KEY_WORDS]) -> Self {
+        Self::build(policy, LinkKind::Ethernet, Some(key))
+    }
+
+    fn build(policy: &Policy, link: LinkKind, hash_key: Option<[u64; HASH_KEY_WORDS]>) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique("h"));
         datapath::prepare_pin_dir(&pin_dir).expect("pin dir");
         let load = |direction| {
@@ -62,7 +72,16 @@ impl Harness {
         prog.load().expect("TC program passes the verifier");
         let maps = PinnedMaps::open(&pin_dir).expect("open pins");
         datapath::claim_iface_slot(&maps, IFACE, Role::Host, 1).expect("slot");
-        datapath::apply_policy(&maps, policy).expect("apply policy");
+        if let Some(key) = hash_key {
+            // apply_policy keeps a key that is already there.
+            let mut settings = maps.settings().unwrap();
+            settings.hash_key = key;
+            maps.array::<Settings>(netwatch_common::maps::SETTINGS)
+                .unwrap()
+                .set(0, settings, 0)
+                .unwrap();
+        }
+        netwatch_user::install::apply_policy(&maps, policy).expect("apply policy");
         let events = RingBuf::try_from(maps.map_by_name(netwatch_common::maps::EVENTS).unwrap()).unwrap();
         Harness {
             pin_dir,
@@ -74,7 +93,7 @@ impl Harness {
     }
 
     pub fn apply(&self, policy: &Policy) {
-        datapath::apply_policy(&self.maps, policy).expect("apply policy");
+        netwatch_user::install::apply_policy(&self.maps, policy).expect("apply policy");
     }
 
     /// Runs one frame; returns the program's return value.

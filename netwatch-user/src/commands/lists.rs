@@ -1,35 +1,38 @@
 //! `block`, `unblock`, `allow`, `disallow`: change the lists live. The
-//! entries are marked as coming from the command line, so a config reload
-//! keeps them.
+//! entries are kept apart from the config's, so a config reload keeps
+//! them; each change is installed as a new policy version (see
+//! `install`), so it never races a reload.
 
 use anyhow::{Result, bail};
-use netwatch_common::{ListEntry, ORIGIN_CLI};
+use netwatch_common::LIST_FOREVER;
 
 use crate::{
     cli::{BlockArgs, ListArgs},
     clock::{boot_rfc3339, boot_secs},
-    datapath::{self, ListKind, PinnedMaps},
+    datapath::PinnedMaps,
+    install::{self, CliChange, ListKind},
     sources,
 };
 
 pub fn add(kind: ListKind, args: &BlockArgs) -> Result<()> {
     let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
-    let expires = match args.ttl {
-        None => 0,
+    let until = match args.ttl {
+        None => LIST_FOREVER,
         Some(ttl) if ttl.as_secs() == 0 => bail!("--ttl must be at least one second"),
-        Some(ttl) => boot_secs().saturating_add(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX - boot_secs())),
+        Some(ttl) => boot_secs()
+            .saturating_add(u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))
+            .min(LIST_FOREVER - 1),
     };
-    maps.list_insert(
-        kind,
-        args.cidr,
-        ListEntry {
-            expires,
-            origin: ORIGIN_CLI,
+    install::change_lists(
+        &maps,
+        CliChange::Add {
+            kind,
+            net: args.cidr,
+            until,
         },
     )?;
-    datapath::refresh_list_flags(&maps)?;
-    match expires {
-        0 => println!("{}: added {}", kind.label(), args.cidr),
+    match until {
+        LIST_FOREVER => println!("{}: added {}", kind.label(), args.cidr),
         t => println!("{}: added {} until {}", kind.label(), args.cidr, boot_rfc3339(t)),
     }
     Ok(())
@@ -37,8 +40,7 @@ pub fn add(kind: ListKind, args: &BlockArgs) -> Result<()> {
 
 pub fn remove(kind: ListKind, args: &ListArgs) -> Result<()> {
     let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
-    let removed = maps.list_remove(kind, args.cidr)?;
-    datapath::refresh_list_flags(&maps)?;
+    let removed = install::change_lists(&maps, CliChange::Remove { kind, net: args.cidr })?;
     let lifted = if kind == ListKind::Block {
         sources::lift_auto_blocks(&maps, args.cidr)?
     } else {

@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Command},
-    datapath::ListKind,
+    install::ListKind,
 };
 
 pub fn dispatch(cli: Cli) -> Result<()> {

@@ -20,6 +20,7 @@ use crate::{
     datapath::{self, Attachments, PinnedMaps},
     detector::{Detector, parse_event},
     http::{self, AppState},
+    install,
     metrics::ControllerStats,
     policy::Role,
     sources,
@@ -69,7 +70,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         LinkKind::Ethernet,
     )?);
     let maps = PinnedMaps::open(&config.pin_dir)?;
-    datapath::apply_policy(&maps, &config.policy)?;
+    install::apply_policy(&maps, &config.policy)?;
     info!(
         "mode {}, rules: {}",
         config.policy.mode.label(),
@@ -188,6 +189,9 @@ async fn serve_until_signal(
                         s.reloads_ok += 1;
                         s.last_reload_ok = true;
                         current = new;
+                        if let Err(err) = detector.reload_names(maps) {
+                            warn!("re-reading rule names after the reload: {err:#}");
+                        }
                     }
                     Err(err) => {
                         s.reloads_failed += 1;
@@ -220,6 +224,11 @@ async fn serve_until_signal(
                     error!("updating open incidents failed: {err:#}");
                 }
                 stats.lock().expect("stats lock").sources_blocked = detector.blocked_now() as u64;
+                // Command-line list entries whose --ttl has passed: out of
+                // the maps, so they neither linger nor count against the cap.
+                if let Err(err) = install::change_lists(maps, install::CliChange::Expire) {
+                    warn!("removing expired list entries: {err:#}");
+                }
                 if let Err(err) = datapath::check_interfaces(maps) {
                     warn!("checking interfaces: {err:#}");
                 }
@@ -255,7 +264,7 @@ fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunC
     if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir {
         warn!("reload: metrics_addr and pin_dir changes take effect on the next restart");
     }
-    datapath::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
+    install::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
     info!(
         "reloaded: mode {}, {} rules, {} allowlist and {} blocklist entries",
         new.policy.mode.label(),
