@@ -576,6 +576,10 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
             removed += 1;
         }
     }
+    let lock = pin_dir.join(crate::install::LOCK_DIR);
+    if lock.exists() {
+        fs::remove_dir(&lock).with_context(|| format!("removing {}", lock.display()))?;
+    }
     fs::remove_dir(pin_dir).with_context(|| {
         format!(
             "removing {} (it holds files netwatch did not make; left in place)",

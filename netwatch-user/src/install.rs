@@ -42,10 +42,13 @@ pub struct PolicyLock {
     _dir: fs::File,
 }
 
-/// Takes the policy lock of `pin_dir` (a directory inside it, since
-/// bpffs holds no regular files), waiting for the current holder.
+/// The policy lock: a directory in the pin directory, since bpffs holds
+/// no regular files (nor names with a dot).
+pub const LOCK_DIR: &str = "policy_lock";
+
+/// Takes the policy lock of `pin_dir`, waiting for the current holder.
 pub fn lock(pin_dir: &Path) -> Result<PolicyLock> {
-    let path = pin_dir.join("policy_lock");
+    let path = pin_dir.join(LOCK_DIR);
     match fs::create_dir(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -965,6 +965,10 @@ fn dst_port_of(ip: &[u8]) -> Option<(u8, u16)> {
         6 => (*ip.get(6)?, 40),
         _ => return None,
     };
+    // Only UDP and TCP: the kernel also sends ICMPv6 (MLD, RS) on its own.
+    if proto != 6 && proto != 17 {
+        return None;
+    }
     let port = u16::from_be_bytes([*ip.get(l4 + 2)?, *ip.get(l4 + 3)?]);
     Some((proto, port))
 }
