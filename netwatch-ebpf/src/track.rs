@@ -2,7 +2,7 @@
 //! last seen, distinct destinations in the current window, and the one
 //! flag event when a source crosses its rule's threshold.
 
-use core::intrinsics::{AtomicOrdering, atomic_or};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_jiffies64};
 use netwatch_common::{
@@ -45,7 +45,7 @@ fn add_destination(state: &mut SourceState, hash: u32) {
         let list = state.sketch;
         state.sketch = [0; SKETCH_WORDS];
         state.distinct = 0;
-        state.flags |= SOURCE_BITMAP;
+        set_flags(state, SOURCE_BITMAP);
         for h in list {
             set_bit(state, h);
         }
@@ -80,11 +80,43 @@ fn crossed(state: &SourceState, rule: &PortRule) -> bool {
     }
 }
 
-/// `SOURCE_FLAGGED` where it sits in the 64-bit word starting at `flags`.
-#[cfg(target_endian = "little")]
-const FLAGGED_IN_WORD: u64 = SOURCE_FLAGGED as u64;
-#[cfg(target_endian = "big")]
-const FLAGGED_IN_WORD: u64 = (SOURCE_FLAGGED as u64) << 32;
+/// `SOURCE_*` bits where they sit in the 64-bit word starting at `flags`.
+#[inline(always)]
+const fn in_word(bits: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        bits as u64
+    } else {
+        (bits as u64) << 32
+    }
+}
+
+// Every write to `flags` is one of these two atomics. A plain
+// read-modify-write of the word (the window reset, the switch to the
+// bitmap) could write back a copy read before another CPU's fetch-or of
+// `SOURCE_FLAGGED`, undoing it: the source would be flagged twice. Rust's
+// BPF target has no atomic types, hence the intrinsics, and 64 bits
+// because that is what the instruction set bpf-linker targets offers.
+// The other fields of the word (`distinct`, `iface`) are only ever stored
+// to, never read-modify-written as part of it.
+
+/// Sets `bits` in `state.flags`; returns the word as it was.
+#[inline(always)]
+fn set_flags(state: &mut SourceState, bits: u32) -> u64 {
+    // SAFETY: `flags` starts an 8-byte-aligned word of the map value
+    // (see `SourceState`); the OR only touches `bits`.
+    unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags as *mut u32 as *mut u64, in_word(bits))
+    }
+}
+
+/// Clears `bits` in `state.flags`.
+#[inline(always)]
+fn clear_flags(state: &mut SourceState, bits: u32) {
+    // SAFETY: as in `set_flags`; the AND only touches `bits`.
+    unsafe {
+        atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags as *mut u32 as *mut u64, !in_word(bits));
+    }
+}
 
 /// What tracking decided about the packet's source.
 pub struct Tracked {
@@ -160,7 +192,7 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
         state.window_start = now;
         state.distinct = 0;
         state.sketch = [0; SKETCH_WORDS];
-        state.flags &= !(SOURCE_BITMAP | SOURCE_FLAGGED);
+        clear_flags(state, SOURCE_BITMAP | SOURCE_FLAGGED);
     }
     state.packets += 1;
     state.bytes += bytes;
@@ -173,17 +205,9 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
     add_destination(state, dst_hash);
 
     if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED == 0 && crossed(state, rule) {
-        // An atomic fetch-or, so that when two CPUs cross the threshold
-        // together only one of them reports it. Rust's BPF target has no
-        // atomic types, hence the intrinsic, and 64 bits because that is
-        // what the instruction set bpf-linker targets offers.
-        // SAFETY: `flags` starts an 8-byte-aligned word of the map value
-        // (see `SourceState`); the OR only touches the flag bit.
-        let old = unsafe {
-            let word = &mut state.flags as *mut u32 as *mut u64;
-            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, FLAGGED_IN_WORD)
-        };
-        if old & FLAGGED_IN_WORD == 0 {
+        // The fetch-or makes one CPU the one that reports a flag when two
+        // cross the threshold together.
+        if set_flags(state, SOURCE_FLAGGED) & in_word(SOURCE_FLAGGED) == 0 {
             if may_block && rule.block_secs != 0 {
                 let until = now + rule.block_secs;
                 if claim_block_slot(now, until) {

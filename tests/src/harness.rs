@@ -34,7 +34,7 @@ pub struct Harness {
     pub maps: PinnedMaps,
     xdp: [Ebpf; 2],
     tc: Ebpf,
-    events: std::cell::RefCell<RingBuf<MapData>>,
+    events: std::sync::Mutex<RingBuf<MapData>>,
 }
 
 pub const IFACE: &str = "test0";
@@ -134,7 +134,7 @@ impl Harness {
 
     /// Flag events the datapath emitted since the last call.
     pub fn events(&self) -> Vec<FlagEvent> {
-        let mut ring = self.events.borrow_mut();
+        let mut ring = self.events.lock().unwrap();
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
             out.extend(netwatch_user::detector::parse_event(&item));
@@ -192,6 +192,21 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         let _ = datapath::detach_all(&self.pin_dir);
+    }
+}
+
+/// Pins the calling thread to `cpu` (BPF_PROG_TEST_RUN runs the program
+/// on the caller's CPU, so per-CPU state can be set up deliberately).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
     }
 }
 

@@ -320,3 +320,99 @@ fn structured_ipv6_sweeps_count_every_destination() {
         }
     }
 }
+
+/// Issue 10, item 7: two CPUs probing for one source at once. One CPU
+/// adds a source's 30th destination, reaching the threshold, while the
+/// other, released at about the same instant, adds the 31st, which turns
+/// the sketch's full list into a bitmap and sets a bit in the same flags
+/// word as the flag. Every source is flagged exactly once.
+#[test]
+fn two_cpus_crossing_the_threshold_together_flag_once() {
+    require_privileged!();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SOURCES: u32 = 3000;
+    let h = Harness::new(&Policy::new(
+        Mode::Monitor,
+        vec![rule("udp/137", SKETCH_LIST_LEN, 3600, None)],
+    ));
+    let source = |s: u32| [198, 18, 100 + (s >> 8) as u8, s as u8];
+    let frame = |s: u32, d: u32| Frame::udp4(source(s), target(d), 1, 137).build();
+    // Per source: CPU 0 sends 29 destinations; both wait; CPU 0 sends the
+    // 30th and CPU 1 the 31st; then 15 more each, so that updates of the
+    // sketch lost to the other CPU never keep a source unflagged.
+    struct Round {
+        before: Vec<Vec<u8>>,
+        crossing: Vec<u8>,
+        after: Vec<Vec<u8>>,
+    }
+    let plans: [Vec<Round>; 2] = [0u32, 1].map(|cpu| {
+        (0..SOURCES)
+            .map(|s| Round {
+                before: if cpu == 0 {
+                    (0..29).map(|d| frame(s, d)).collect()
+                } else {
+                    Vec::new()
+                },
+                crossing: frame(s, 29 + cpu),
+                after: (0..15).map(|d| frame(s, 31 + 15 * cpu + d)).collect(),
+            })
+            .collect()
+    });
+    // A spinning barrier: both CPUs leave it within a few hundred
+    // nanoseconds of each other (a futex wake-up takes microseconds).
+    let arrived = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for (cpu, plan) in plans.iter().enumerate() {
+            let (h, arrived) = (&h, &arrived);
+            scope.spawn(move || {
+                netwatch_tests::harness::pin_to_cpu(cpu);
+                for (
+                    round,
+                    Round {
+                        before,
+                        crossing,
+                        after,
+                    },
+                ) in plan.iter().enumerate()
+                {
+                    for f in before {
+                        h.run(Hook::Xdp(Inbound), f);
+                    }
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let all = 2 * (round as u32 + 1);
+                    let started = std::time::Instant::now();
+                    while arrived.load(Ordering::SeqCst) < all {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(10),
+                            "the other CPU never arrived"
+                        );
+                        std::hint::spin_loop();
+                    }
+                    // One CPU starts up to a microsecond after the other
+                    // (which one and how much varies by source), so that
+                    // for some sources CPU 1 reads the list full just as
+                    // CPU 0 flags.
+                    let offset = (round as i64 % 100 - 50) * 20;
+                    if (cpu == 1) == (offset > 0) {
+                        let delay = Duration::from_nanos(offset.unsigned_abs());
+                        let released = std::time::Instant::now();
+                        while released.elapsed() < delay {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    h.run(Hook::Xdp(Inbound), crossing);
+                    for f in after {
+                        h.run(Hook::Xdp(Inbound), f);
+                    }
+                }
+            });
+        }
+    });
+    let flagged: u64 = h.snapshot().detection.flagged.iter().map(|f| f.flagged).sum();
+    let unflagged = (0..SOURCES)
+        .filter(|s| !h.tracked(IpAddr::from(source(*s))).iter().any(|t| t.flagged))
+        .count();
+    eprintln!("{SOURCES} sources probed from two CPUs at once: {flagged} flags, {unflagged} sources unflagged");
+    assert_eq!(unflagged, 0, "sources never flagged");
+    assert_eq!(flagged, SOURCES as u64, "sources flagged twice");
+}
