@@ -321,6 +321,35 @@ fn structured_ipv6_sweeps_count_every_destination() {
     }
 }
 
+/// Issue 10, item 5: the probe that crosses the threshold goes to an
+/// allowlisted resolver. It passes (traffic to the allowlist always
+/// does), but the source, which is not allowlisted, is blocked.
+#[test]
+fn a_threshold_probe_to_an_allowlisted_address_does_not_dodge_auto_block() {
+    require_privileged!();
+    let resolver = [198, 19, 0, 53];
+    let mut policy = Policy::new(Mode::Enforce, vec![rule("udp/137=count", 5, 300, Some(600))]);
+    policy.allowlist = vec![parse_cidr("198.19.0.53/32").unwrap()];
+    let h = Harness::new(&policy);
+    for i in 0..4 {
+        assert!(!probe(&h, SCANNER, i));
+    }
+    let to_resolver = Frame::udp4(SCANNER, resolver, 40000, 137).build();
+    assert!(
+        !h.dropped(Hook::Xdp(Inbound), &to_resolver),
+        "traffic to the allowlisted resolver dropped"
+    );
+    let e = h.events();
+    assert_eq!(e.len(), 1, "flagged once");
+    assert!(e[0].blocked_until > 0, "flagged but not blocked");
+    assert!(probe(&h, SCANNER, 4), "the scanner's next probe passed");
+    assert!(
+        !h.dropped(Hook::Xdp(Inbound), &to_resolver),
+        "traffic to the allowlisted resolver dropped"
+    );
+    assert_eq!(h.snapshot().detection.auto_blocks, 1);
+}
+
 /// Issue 10, item 7: two CPUs probing for one source at once. One CPU
 /// adds a source's 30th destination, reaching the threshold, while the
 /// other, released at about the same instant, adds the 31st, which turns
