@@ -9,15 +9,15 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::{info, warn};
-use netwatch_common::{Direction, FlagEvent, SourceKey, SourceState, estimate_distinct, maps};
+use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, estimate_distinct};
 
 use crate::{
     clock::{boot_secs, to_system},
     datapath::PinnedMaps,
     incidents::{Classification, Observation, Store},
-    sources::{Names, addr_of, classification_of, key_for},
+    sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
 /// A flag within this long of an incident's last sighting updates it
@@ -29,6 +29,7 @@ const MAX_FOLLOWED: usize = 10_000;
 pub struct Detector {
     store: Store,
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
+    memos: PerCpuArray<MapData, FloodCache>,
     maps_dir: std::path::PathBuf,
     names: Names,
     /// Flagged sources whose incidents are still open, with when they were
@@ -40,10 +41,10 @@ impl Detector {
     pub fn open(maps: &PinnedMaps, state_dir: &Path) -> Result<Self> {
         let store = Store::open(state_dir)?;
         let names = Names::read(maps)?;
-        let sources = BpfHashMap::try_from(maps.map_by_name(maps::SOURCES)?)?;
         let mut detector = Detector {
             store,
-            sources,
+            sources: sources::sources_map(maps)?,
+            memos: sources::memo_map(maps)?,
             maps_dir: maps.dir().to_path_buf(),
             names,
             followed: HashMap::new(),
@@ -104,7 +105,7 @@ impl Detector {
             let maps = PinnedMaps::open(&self.maps_dir)?;
             self.names = Names::read(&maps)?;
         }
-        let state = SourceState {
+        let mut state = SourceState {
             packets: event.packets,
             bytes: event.bytes,
             flags: event.flags,
@@ -115,6 +116,9 @@ impl Detector {
             iface: event.iface as u16,
             ..SourceState::default()
         };
+        // Repeats other CPUs' memos held when the flag was raised are in
+        // no record yet.
+        Pending::read(&self.memos)?.add_to(&event.key, &mut state);
         let obs = self.observation(&event.key, &state);
         // Follow first: if the write fails (a full disk), the refresh
         // retries it from the kernel's record, so the incident is not lost.
@@ -150,10 +154,12 @@ impl Detector {
     pub fn refresh(&mut self) -> Result<()> {
         let mut quiet = Vec::new();
         let keys: Vec<SourceKey> = self.followed.keys().copied().collect();
+        let pending = Pending::read(&self.memos)?;
         let mut failed = None;
         for key in keys {
             match self.sources.get(&key, 0) {
-                Ok(state) => {
+                Ok(mut state) => {
+                    pending.add_to(&key, &mut state);
                     let obs = self.observation(&key, &state);
                     if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
                         failed.get_or_insert(err);

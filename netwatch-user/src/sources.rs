@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use netwatch_common::{
     Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct,
     maps,
@@ -136,31 +136,46 @@ pub fn view(names: &Names, key: &SourceKey, state: &SourceState) -> SourceView {
     }
 }
 
-fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceState>> {
+pub fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceState>> {
     Ok(HashMap::try_from(maps.map_by_name(maps::SOURCES)?)?)
+}
+
+pub fn memo_map(maps: &PinnedMaps) -> Result<PerCpuArray<MapData, FloodCache>> {
+    maps.per_cpu_array::<FloodCache>(maps::FLOOD_CACHE)
+}
+
+/// Counts of a flood still held in the CPUs' memos (see `FloodCache`):
+/// they belong to the record of the memo's key, and every reader of a
+/// record (`lookup`, flag events, incident refreshes) adds them through
+/// this one type.
+pub struct Pending(Vec<FloodCache>);
+
+impl Pending {
+    pub fn read(memos: &PerCpuArray<MapData, FloodCache>) -> Result<Self> {
+        Ok(Pending(memos.get(&0, 0)?.iter().copied().collect()))
+    }
+
+    /// Adds what the memos hold for `key` to `state`.
+    pub fn add_to(&self, key: &SourceKey, state: &mut SourceState) {
+        for memo in self.0.iter().filter(|m| m.key == *key) {
+            state.packets += memo.pending_packets as u64;
+            state.bytes += memo.pending_bytes as u64;
+        }
+    }
 }
 
 /// Everything the kernel tracks about `addr`, by direct lookups (one per
 /// rule, direction and kind), never a walk of the map.
 pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<SourceView>> {
     let map = sources_map(maps)?;
-    // Counts of a flood still held in the CPUs' memos belong to the record.
-    let memos: Vec<FloodCache> = maps
-        .per_cpu_array::<FloodCache>(maps::FLOOD_CACHE)?
-        .get(&0, 0)?
-        .iter()
-        .copied()
-        .collect();
+    let pending = Pending::read(&memo_map(maps)?)?;
     let mut out = Vec::new();
     for rule in names.rule_slots() {
         for dir in Direction::ALL {
             for kind in [KIND_PROBE, KIND_REVERSE_LOOKUP] {
                 let key = key_for(addr, rule, dir, kind);
                 if let Ok(mut state) = map.get(&key, 0) {
-                    for memo in memos.iter().filter(|m| m.key == key) {
-                        state.packets += memo.pending_packets as u64;
-                        state.bytes += memo.pending_bytes as u64;
-                    }
+                    pending.add_to(&key, &mut state);
                     out.push(view(names, &key, &state));
                 }
             }

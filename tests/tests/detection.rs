@@ -445,3 +445,42 @@ fn two_cpus_crossing_the_threshold_together_flag_once() {
     assert_eq!(unflagged, 0, "sources never flagged");
     assert_eq!(flagged, SOURCES as u64, "sources flagged twice");
 }
+
+/// Issue 10, item 9: repeats pending in one CPU's flood memo when
+/// another CPU flags the source belong to the incident, and so do those
+/// pending when the controller refreshes it.
+#[test]
+fn incidents_include_repeats_pending_in_another_cpus_memo() {
+    require_privileged!();
+    use netwatch_tests::harness::pin_to_cpu;
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 3, 300, None)]));
+    let state = std::env::temp_dir().join(netwatch_tests::unique("state"));
+    let mut detector = netwatch_user::detector::Detector::open(&h.maps, &state).unwrap();
+    let repeat = Frame::udp4(SCANNER, target(0), 1, 137).build();
+    // CPU 0: one probe and ten repeats of it, held in CPU 0's memo.
+    pin_to_cpu(0);
+    h.run_repeat(Hook::Xdp(Inbound), &repeat, 11);
+    // CPU 1: two more destinations; the second flags the source.
+    pin_to_cpu(1);
+    probe(&h, SCANNER, 1);
+    probe(&h, SCANNER, 2);
+    let events = h.events();
+    assert_eq!(events.len(), 1);
+    detector.on_event(&events[0]).unwrap();
+    let packets = || {
+        let store = netwatch_user::incidents::Store::open_read_only(&state)
+            .unwrap()
+            .unwrap();
+        let incidents = store.by_source(IpAddr::from(SCANNER)).unwrap();
+        assert_eq!(incidents.len(), 1);
+        incidents[0].packets
+    };
+    assert_eq!(packets(), 13, "the incident misses the repeats pending on CPU 0");
+    // More repeats on CPU 0, in its memo when the controller refreshes.
+    pin_to_cpu(0);
+    h.run_repeat(Hook::Xdp(Inbound), &repeat, 20);
+    detector.refresh().unwrap();
+    assert_eq!(packets(), 33, "the refresh misses the repeats pending on CPU 0");
+    assert_eq!(h.tracked(IpAddr::from(SCANNER))[0].packets, 33);
+    let _ = std::fs::remove_dir_all(&state);
+}
