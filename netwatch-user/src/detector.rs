@@ -30,6 +30,7 @@ pub struct Detector {
     store: Store,
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
     memos: PerCpuArray<MapData, FloodCache>,
+    blocks: BpfHashMap<MapData, SourceKey, u32>,
     maps_dir: std::path::PathBuf,
     names: Names,
     /// Flagged sources whose incidents are still open, with when they were
@@ -45,6 +46,7 @@ impl Detector {
             store,
             sources: sources::sources_map(maps)?,
             memos: sources::memo_map(maps)?,
+            blocks: sources::blocks_map(maps)?,
             maps_dir: maps.dir().to_path_buf(),
             names,
             followed: HashMap::new(),
@@ -77,7 +79,9 @@ impl Detector {
         Ok(())
     }
 
-    fn observation(&self, key: &SourceKey, state: &SourceState) -> Observation {
+    /// What the kernel's record says; `blocked_until`: the source's
+    /// auto-block, if any.
+    fn observation(&self, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> Observation {
         let now = boot_secs();
         Observation {
             source: addr_of(key),
@@ -94,7 +98,7 @@ impl Detector {
             last_seen: to_system(state.last_seen),
             packets: state.packets,
             distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
-            blocked_until: (state.blocked_until > now).then(|| to_system(state.blocked_until)),
+            blocked_until: blocked_until.filter(|t| *t > now).map(to_system),
         }
     }
 
@@ -111,7 +115,6 @@ impl Detector {
             flags: event.flags,
             first_seen: event.first_seen,
             last_seen: event.last_seen,
-            blocked_until: event.blocked_until,
             distinct: event.distinct as u16,
             iface: event.iface as u16,
             ..SourceState::default()
@@ -119,7 +122,7 @@ impl Detector {
         // Repeats other CPUs' memos held when the flag was raised are in
         // no record yet.
         Pending::read(&self.memos)?.add_to(&event.key, &mut state);
-        let obs = self.observation(&event.key, &state);
+        let obs = self.observation(&event.key, &state, Some(event.blocked_until));
         // Follow first: if the write fails (a full disk), the refresh
         // retries it from the kernel's record, so the incident is not lost.
         self.follow(event.key);
@@ -160,7 +163,7 @@ impl Detector {
             match self.sources.get(&key, 0) {
                 Ok(mut state) => {
                     pending.add_to(&key, &mut state);
-                    let obs = self.observation(&key, &state);
+                    let obs = self.observation(&key, &state, self.blocks.get(&key, 0).ok());
                     if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
                         failed.get_or_insert(err);
                         continue;
@@ -177,15 +180,6 @@ impl Detector {
             self.followed.remove(&key);
         }
         failed.map_or(Ok(()), Err)
-    }
-
-    /// Sources currently auto-blocked, from the open incidents.
-    pub fn blocked_now(&self) -> usize {
-        let now = boot_secs();
-        self.followed
-            .keys()
-            .filter(|k| self.sources.get(k, 0).is_ok_and(|s| s.blocked_until > now))
-            .count()
     }
 }
 

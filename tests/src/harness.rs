@@ -148,6 +148,11 @@ impl Harness {
         sources::lookup(&self.maps, &names, addr).unwrap()
     }
 
+    /// Auto-block cap slots taken right now (see [`block_slots_held`]).
+    pub fn block_slots_held(&self) -> usize {
+        block_slots_held(&self.pin_dir)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot::read(&self.maps).expect("snapshot")
     }
@@ -192,6 +197,27 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         let _ = datapath::detach_all(&self.pin_dir);
+    }
+}
+
+/// Auto-block cap slots held in the pinned `AUTO_BLOCKS` map of
+/// `pin_dir`, read as the datapath counts them: every entry of a hash map
+/// keyed by source, or, for an array of expiry times, every slot whose
+/// time has not passed.
+pub fn block_slots_held(pin_dir: &std::path::Path) -> usize {
+    use aya::maps::{Array, HashMap, Map};
+    let data = MapData::from_pin(pin_dir.join(netwatch_common::maps::AUTO_BLOCKS)).expect("pinned AUTO_BLOCKS");
+    let now = netwatch_user::clock::boot_secs();
+    match Map::from_map_data(data).unwrap() {
+        Map::HashMap(data) => {
+            let map: HashMap<_, [u8; 20], u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            map.keys().count()
+        }
+        Map::Array(data) => {
+            let map: Array<_, u32> = Array::try_from(Map::Array(data)).unwrap();
+            map.iter().filter(|v| matches!(v, Ok(until) if *until > now)).count()
+        }
+        other => panic!("AUTO_BLOCKS is {other:?}"),
     }
 }
 

@@ -321,6 +321,82 @@ fn structured_ipv6_sweeps_count_every_destination() {
     }
 }
 
+/// Issue 10, item 4: a source still blocked when it flags again (a new
+/// window) holds one cap slot, not one per window, and counts as one
+/// auto-block.
+#[test]
+fn a_blocked_source_flagged_again_keeps_one_block_slot() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(
+        Mode::Enforce,
+        vec![rule("udp/137=count", 3, 1, Some(600))],
+    ));
+    for i in 0..3 {
+        probe(&h, SCANNER, i);
+    }
+    assert_eq!(h.events().len(), 1);
+    assert_eq!(h.block_slots_held(), 1);
+    for window in 1..=2 {
+        std::thread::sleep(Duration::from_millis(2100));
+        for i in 0..3 {
+            assert!(probe(&h, SCANNER, 100 * window + i), "blocked source passed");
+        }
+        let e = h.events();
+        assert_eq!(e.len(), 1, "window {window}: the source is flagged again");
+        assert!(e[0].blocked_until > 0, "the event says it is blocked");
+        assert_eq!(h.block_slots_held(), 1, "window {window}: a second cap slot taken");
+    }
+    let d = h.snapshot().detection;
+    assert_eq!((d.auto_blocks, d.auto_blocks_capped), (1, 0));
+}
+
+/// Issue 10, item 4: `unblock` frees the cap slot it lifts, and never
+/// writes a stale copy of the source's record over what the kernel
+/// counted meanwhile (a flood of the blocked source runs on another CPU
+/// while `unblock` works through a map of 200 000 records).
+#[test]
+fn unblock_frees_the_slot_and_keeps_what_the_kernel_counted() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(
+        Mode::Enforce,
+        vec![rule("udp/137=count", 3, 300, Some(600))],
+    ));
+    for i in 0..3 {
+        probe(&h, SCANNER, i);
+    }
+    assert!(probe(&h, SCANNER, 0), "not blocked");
+    assert_eq!(h.block_slots_held(), 1);
+    // Fill the source map, so a walk of it takes a while.
+    let dst = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
+    for n in 0..200_000u32 {
+        let src = Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, (n >> 16) as u16, n as u16);
+        h.run(Hook::Xdp(Inbound), &Frame::udp6(src, dst, 1, 137).build());
+    }
+    const FLOOD: u32 = 3_000_000;
+    let frame = Frame::udp4(SCANNER, target(1), 1, 137).build();
+    let lifted = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            netwatch_tests::harness::pin_to_cpu(1);
+            h.run_repeat(Hook::Xdp(Inbound), &frame, FLOOD)
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        netwatch_tests::harness::pin_to_cpu(0);
+        let lifted = netwatch_user::sources::lift_auto_blocks(&h.maps, parse_cidr("198.18.0.66/32").unwrap()).unwrap();
+        flood.join().unwrap();
+        lifted
+    });
+    assert_eq!(lifted, 1);
+    assert_eq!(h.block_slots_held(), 0, "unblock left its cap slot taken");
+    assert!(!probe(&h, SCANNER, 5), "still blocked after unblock");
+    let tracked = h.tracked(IpAddr::from(SCANNER));
+    assert_eq!(tracked.len(), 1);
+    assert_eq!(
+        tracked[0].packets,
+        3 + 1 + FLOOD as u64 + 1,
+        "packets the kernel counted during unblock were lost"
+    );
+}
+
 /// Issue 10, item 5: the probe that crosses the threshold goes to an
 /// allowlisted resolver. It passes (traffic to the allowlist always
 /// does), but the source, which is not allowlisted, is blocked.

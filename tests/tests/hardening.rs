@@ -460,3 +460,97 @@ fn only_root_may_change_anything() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("[default: 127.0.0.1:9737]"));
 }
+
+/// Probes from `count` generator sources from `base` (the low 32 bits of
+/// 2001:db8:1::/96), one each; returns how many netwatch dropped.
+fn dropped_of(nw: &Netwatch, rig: &mut Rig, frame: &[u8], base: u32, count: u32) -> u32 {
+    let dropped = |rig: &Rig| {
+        metric(
+            nw,
+            rig,
+            "netwatch_packets_total",
+            &[("rule", "udp/137"), ("direction", "inbound"), ("action", "dropped")],
+        )
+    };
+    let before = dropped(rig);
+    rig.bench.set_sources(count, base);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, frame, count);
+    std::thread::sleep(Duration::from_millis(300));
+    (dropped(rig) - before) as u32
+}
+
+/// Issue 10, item 4: auto-blocks outlive the per-source records. Eight
+/// spoofed scanners are auto-blocked, then 1.3 million one-packet spoofed
+/// sources evict every record the LRU held: the scanners stay blocked,
+/// `unblock` lifts exactly the one it names, and the cap slots held are
+/// exactly the blocks in force.
+#[test]
+fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
+    require_privileged!();
+    const SCANNERS: u32 = 8;
+    // 2001:db8:1::100 to 2001:db8:1::107.
+    const SCANNER_BASE: u32 = 0x100;
+    const FLOOD: u32 = 1_300_000;
+    const FLOOD_BASE: u32 = 0x0100_0000;
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\n\
+         [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let frames: Vec<Vec<u8>> = (0..4u8)
+        .map(|d| {
+            let mut f = rig.probe6.clone();
+            f[14 + 24 + 15] = 10 + d;
+            f
+        })
+        .collect();
+    for frame in &frames[..3] {
+        rig.bench.set_sources(SCANNERS, SCANNER_BASE);
+        rig.bench.flood(&rig.gen_ns, GEN_IF, frame, SCANNERS);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(&nw, &rig, "netwatch_auto_blocks_total", &[]), SCANNERS as f64);
+    assert_eq!(dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS), SCANNERS);
+
+    // The flood: one packet from each of 1.3 million other sources.
+    rig.bench.set_sources(FLOOD, FLOOD_BASE);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, &frames[0], FLOOD);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..SCANNERS {
+        let report = nw.lookup(&format!("2001:db8:1::{:x}", SCANNER_BASE + i));
+        assert!(
+            report["tracked"].as_array().unwrap().is_empty(),
+            "the flood did not evict scanner {i}: {report:#}"
+        );
+    }
+    assert_eq!(
+        dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS),
+        SCANNERS,
+        "auto-blocks ended with their evicted records"
+    );
+
+    // `unblock` lifts exactly the block it names.
+    let out = netwatch(&["unblock", "2001:db8:1::100", "--pin-dir", &nw.pin_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lifted 1 auto-block"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let in_force = dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS);
+    let slots = netwatch_tests::harness::block_slots_held(Path::new(&nw.pin_dir));
+    eprintln!("after {FLOOD} spoofed sources and one unblock: {in_force} auto-blocks in force, {slots} cap slots held");
+    assert_eq!(in_force, SCANNERS - 1);
+    assert_eq!(slots, in_force as usize, "cap slots held are not the blocks in force");
+    let m = nw.metrics(&rig.dut);
+    assert_eq!(sample(&m, "netwatch_sources_blocked", &[]), in_force as f64);
+    let status: serde_json::Value =
+        serde_json::from_slice(&netwatch(&["status", "--json", "--pin-dir", &nw.pin_dir]).stdout).unwrap();
+    assert_eq!(status["detection"]["auto_blocks_in_force"], in_force);
+    let blocked = nw.lookup("2001:db8:1::101");
+    assert_eq!(blocked["blocks"].as_array().unwrap().len(), 1, "{blocked:#}");
+    assert_eq!(blocked["blocks"][0]["rule"], "udp/137");
+    assert!(nw.lookup("2001:db8:1::100")["blocks"].as_array().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}

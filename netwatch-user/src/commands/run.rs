@@ -138,7 +138,8 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
     Ok(())
 }
 
-/// How often open incidents are brought up to date from the kernel.
+/// How often open incidents are brought up to date from the kernel (and
+/// expired auto-blocks swept).
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How often the tracked sources are counted (a walk of the map's keys;
 /// never done at scrape time).
@@ -219,7 +220,9 @@ async fn serve_until_signal(
                     stats.lock().expect("stats lock").incident_errors += 1;
                     error!("updating open incidents failed: {err:#}");
                 }
-                stats.lock().expect("stats lock").sources_blocked = detector.blocked_now() as u64;
+                if let Err(err) = sources::sweep_auto_blocks(maps) {
+                    warn!("sweeping expired auto-blocks: {err:#}");
+                }
                 if let Err(err) = datapath::check_interfaces(maps) {
                     warn!("checking interfaces: {err:#}");
                 }
