@@ -1,9 +1,9 @@
 //! The controller's half of scan detection: turns the datapath's flag
-//! events into incidents, and keeps open incidents up to date with what
-//! the kernel keeps counting.
+//! events into incidents, keeps open incidents up to date with what the
+//! kernel keeps counting, and records the flags whose events were lost.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::Path,
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, 
 use crate::{
     clock::{boot_secs, to_system},
     datapath::PinnedMaps,
-    incidents::{Classification, Observation, Store},
+    incidents::{Classification, Observation, Seen, Store},
     sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
@@ -25,6 +25,10 @@ use crate::{
 pub const REOPEN_AFTER: Duration = Duration::from_secs(3600);
 /// Open incidents followed at most (the rest still get their flag events).
 const MAX_FOLLOWED: usize = 10_000;
+/// Flagged sources without an incident recorded per walk of the source map
+/// at most (a flood of flags is recorded over several walks, as long as
+/// the kernel keeps the records).
+pub const MAX_RECOVERED_PER_WALK: usize = 10_000;
 
 pub struct Detector {
     store: Store,
@@ -81,9 +85,10 @@ impl Detector {
 
     /// What the kernel's record says; `blocked_until`: the source's
     /// auto-block, if any.
-    fn observation(&self, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> Observation {
+    fn observation(&self, seen: Seen, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> Observation {
         let now = boot_secs();
         Observation {
+            seen,
             source: addr_of(key),
             rule: self.names.rule(key.rule),
             direction: if key.direction == Direction::Inbound as u8 {
@@ -122,7 +127,7 @@ impl Detector {
         // Repeats other CPUs' memos held when the flag was raised are in
         // no record yet.
         Pending::read(&self.memos)?.add_to(&event.key, &mut state);
-        let obs = self.observation(&event.key, &state, Some(event.blocked_until));
+        let obs = self.observation(Seen::Flag, &event.key, &state, Some(event.blocked_until));
         // Follow first: if the write fails (a full disk), the refresh
         // retries it from the kernel's record, so the incident is not lost.
         self.follow(event.key);
@@ -163,7 +168,7 @@ impl Detector {
             match self.sources.get(&key, 0) {
                 Ok(mut state) => {
                     pending.add_to(&key, &mut state);
-                    let obs = self.observation(&key, &state, self.blocks.get(&key, 0).ok());
+                    let obs = self.observation(Seen::Refresh, &key, &state, self.blocks.get(&key, 0).ok());
                     if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
                         failed.get_or_insert(err);
                         continue;
@@ -180,6 +185,48 @@ impl Detector {
             self.followed.remove(&key);
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Keys of the incidents followed: the walk of the source map skips
+    /// them (see [`Detector::recover`]).
+    pub fn followed_keys(&self) -> HashSet<SourceKey> {
+        self.followed.keys().copied().collect()
+    }
+
+    /// Records flagged sources (from a walk of the source map, see
+    /// [`sources::census`]) that have no open incident as incidents marked
+    /// recovered: their flag events were lost to the per-CPU budget or a
+    /// full ring buffer. Returns how many it recorded.
+    pub fn recover(&mut self, flagged: &[(SourceKey, SourceState)]) -> Result<usize> {
+        if flagged
+            .iter()
+            .any(|(k, _)| self.names.rule_slots().all(|s| s != k.rule))
+        {
+            let maps = PinnedMaps::open(&self.maps_dir)?;
+            self.names = Names::read(&maps)?;
+        }
+        let pending = Pending::read(&self.memos)?;
+        let mut keys = Vec::new();
+        let observations: Vec<Observation> = flagged
+            .iter()
+            .filter(|(key, _)| !self.followed.contains_key(key))
+            .map(|(key, state)| {
+                let mut state = *state;
+                pending.add_to(key, &mut state);
+                keys.push(*key);
+                self.observation(Seen::Recovered, key, &state, self.blocks.get(key, 0).ok())
+            })
+            .collect();
+        let n = self.store.record_new(&observations, REOPEN_AFTER)?;
+        // Follow them while there is room (the followed set is for open
+        // incidents that flag events opened first).
+        for key in keys {
+            if self.followed.len() >= MAX_FOLLOWED {
+                break;
+            }
+            self.followed.insert(key, Instant::now());
+        }
+        Ok(n)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reading the kernel's per-source map: a source's record (`lookup`),
-//! the busiest sources (`top`), how many are tracked; and the
-//! auto-blocks, which live in a map of their own (`AUTO_BLOCKS`).
+//! the busiest sources (`top`), how many are tracked and which are
+//! flagged (`census`); and the auto-blocks, which live in a map of their
+//! own (`AUTO_BLOCKS`).
 
 use std::{
     collections::{BinaryHeap, HashMap as StdHashMap, HashSet},
@@ -149,8 +150,8 @@ pub fn memo_map(maps: &PinnedMaps) -> Result<PerCpuArray<MapData, FloodCache>> {
 
 /// Counts of a flood still held in the CPUs' memos (see `FloodCache`):
 /// they belong to the record of the memo's key, and every reader of a
-/// record (`lookup`, flag events, incident refreshes) adds them through
-/// this one type.
+/// record (`lookup`, flag events, incident refreshes, the census) adds
+/// them through this one type.
 pub struct Pending(Vec<FloodCache>);
 
 impl Pending {
@@ -337,6 +338,34 @@ pub fn count(maps: &PinnedMaps) -> Result<u64> {
     let mut n = 0;
     for_each(maps, |_, _| n += 1)?;
     Ok(n)
+}
+
+/// What one walk of the per-source map found.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Records in the map.
+    pub tracked: u64,
+    /// Flagged probe records (scans) whose keys are not in the walk's
+    /// `skip` set, at most `max` of them.
+    pub flagged: Vec<(SourceKey, SourceState)>,
+    /// Flagged records past `max`, left for a later walk.
+    pub more_flagged: u64,
+}
+
+/// Counts the tracked sources and collects flagged ones (see [`Census`]).
+pub fn census(maps: &PinnedMaps, skip: &HashSet<SourceKey>, max: usize) -> Result<Census> {
+    let mut census = Census::default();
+    for_each(maps, |key, state| {
+        census.tracked += 1;
+        if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED != 0 && !skip.contains(key) {
+            if census.flagged.len() < max {
+                census.flagged.push((*key, *state));
+            } else {
+                census.more_flagged += 1;
+            }
+        }
+    })?;
+    Ok(census)
 }
 
 /// Lifts the auto-blocks of every source inside `net`: deletes their

@@ -554,3 +554,76 @@ fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
     assert!(nw.lookup("2001:db8:1::100")["blocks"].as_array().unwrap().is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 10, item 8: 5000 spoofed scanners flagged within a second or
+/// two, more than the per-CPU event budget lets through: the controller's
+/// walk of the source map records each flag whose event was lost as a
+/// recovered incident, so every flagged source has exactly one incident.
+#[test]
+fn flags_whose_events_were_lost_become_recovered_incidents() {
+    require_privileged!();
+    const SCANNERS: u32 = 5000;
+    const BASE: u32 = 0x2_0000;
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 3\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    for d in 0..3u8 {
+        let mut frame = rig.probe6.clone();
+        frame[14 + 24 + 15] = 20 + d;
+        rig.bench.set_sources(SCANNERS, BASE);
+        rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, SCANNERS);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]),
+        SCANNERS as f64
+    );
+    let lost = metric(&nw, &rig, "netwatch_events_lost_total", &[]) as usize;
+    assert!(lost > 0, "no event was lost: the test needs more scanners");
+    // The walk runs every 30 s.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let incidents = loop {
+        let body = rig
+            .dut
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let incidents = json["incidents"].as_array().unwrap().clone();
+        if incidents.len() >= SCANNERS as usize || Instant::now() > deadline {
+            break incidents;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let recovered: Vec<&serde_json::Value> = incidents.iter().filter(|i| i["recovered"] == true).collect();
+    eprintln!(
+        "{SCANNERS} flagged, {lost} events lost: {} incidents, {} of them recovered",
+        incidents.len(),
+        recovered.len()
+    );
+    assert_eq!(
+        incidents.len(),
+        SCANNERS as usize,
+        "flagged sources without an incident"
+    );
+    assert_eq!(recovered.len(), lost, "recovered incidents are not the lost events");
+    let source = recovered[0]["source"].as_str().unwrap();
+    let report = nw.lookup(source);
+    assert_eq!(report["incidents"].as_array().unwrap().len(), 1);
+    assert_eq!(report["incidents"][0]["recovered"], true);
+    let out = netwatch(&[
+        "lookup",
+        source,
+        "--pin-dir",
+        &nw.pin_dir,
+        "--state-dir",
+        nw.state_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(recovered"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

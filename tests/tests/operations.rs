@@ -436,6 +436,7 @@ fn json_output_keeps_its_documented_schema() {
             "interface",
             "last_seen",
             "packets",
+            "recovered",
             "rule",
             "source",
         ]

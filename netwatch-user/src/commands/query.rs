@@ -68,9 +68,14 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
             (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
             _ => String::new(),
         };
+        let recovered = if i.recovered {
+            " (recovered: its flag event was lost)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}",
+            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",
             i.id,
             i.classification.label(),
             i.rule,
@@ -80,7 +85,8 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
             i.distinct_destinations,
             rfc3339(i.first_seen),
             rfc3339(i.last_seen),
-            blocked
+            blocked,
+            recovered
         );
     }
     for b in &report.blocks {
