@@ -389,6 +389,10 @@ pub fn lift_auto_blocks(maps: &PinnedMaps, net: ipnet::IpNet) -> Result<usize> {
 /// it off or removed the rule; the datapath no longer consults them). So
 /// the cap counts only blocks in force. Returns how many it deleted.
 pub fn sweep_auto_blocks(maps: &PinnedMaps) -> Result<usize> {
+    let entries = blocks(maps)?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
     let now = crate::clock::boot_secs();
     let port_rules = maps.array::<PortRule>(maps::PORT_RULES)?;
     let mut auto_block_slots = HashSet::new();
@@ -404,7 +408,7 @@ pub fn sweep_auto_blocks(maps: &PinnedMaps) -> Result<usize> {
     }
     let mut map = blocks_map(maps)?;
     let mut deleted = 0;
-    for (key, until) in blocks(maps)? {
+    for (key, until) in entries {
         // Re-read just before deleting: the datapath may have replaced an
         // expired block by a new one since.
         if (until <= now || !auto_block_slots.contains(&key.rule))
