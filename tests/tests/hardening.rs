@@ -180,22 +180,26 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// XDP programs on `dev` in `ns`, and netwatch TC (TCX) links anywhere:
-/// namespace tests run one at a time, so those are this test's. (bpftool
-/// 7.1 does not show TCX attachments per device.)
-fn programs_on(ns: &str, dev: &str) -> (usize, usize) {
+/// XDP programs on `dev` in `ns`, and TC (TCX) links of netwatch programs
+/// using the maps pinned in `pins` (bpftool 7.1 does not show TCX
+/// attachments per device; links that other runs on the machine left
+/// behind are not this test's).
+fn programs_on(ns: &str, dev: &str, pins: &str) -> (usize, usize) {
     let json =
         |cmd: &mut Command| -> serde_json::Value { serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap() };
     let net = json(Command::new("nsenter").args([&format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]));
     let xdp = net[0]["xdp"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|e| e["devname"] == dev).count());
+    let settings =
+        json(Command::new("bpftool").args(["-j", "map", "show", "pinned", &format!("{pins}/SETTINGS")]))["id"].clone();
     let progs = json(Command::new("bpftool").args(["-j", "prog", "show"]));
     let tc_ids: Vec<u64> = progs
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| p["name"] == "netwatch_tc")
+        .filter(|p| p["map_ids"].as_array().is_some_and(|ids| ids.contains(&settings)))
         .filter_map(|p| p["id"].as_u64())
         .collect();
     let links = json(Command::new("bpftool").args(["-j", "link", "show"]));
@@ -231,12 +235,12 @@ fn sigkill_and_restart_lose_nothing() {
         0,
         "not enforced while the controller was dead"
     );
-    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF), (1, 1));
+    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF, &pins), (1, 1));
 
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     assert!(nw.log().contains("re-adopted the XDP link"), "{}", nw.log());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (1, 1),
         "programs duplicated on restart"
     );
@@ -281,7 +285,7 @@ fn keep_attached_covers_a_controller_upgrade() {
     );
     assert!(nw.stop().success());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (0, 0),
         "left attached without --keep-attached"
     );
