@@ -485,7 +485,9 @@ pub struct SourceState {
     pub first_seen: u32,
     pub last_seen: u32,
     pub window_start: u32,
-    pub blocked_until: u32,
+    /// Unused (auto-blocks live in `AUTO_BLOCKS`, where an eviction of
+    /// the record cannot end them); keeps the record at 160 bytes.
+    pub _reserved: u32,
     pub sketch: [u32; SKETCH_WORDS],
 }
 
@@ -500,7 +502,7 @@ impl Default for SourceState {
             first_seen: 0,
             last_seen: 0,
             window_start: 0,
-            blocked_until: 0,
+            _reserved: 0,
             sketch: [0; SKETCH_WORDS],
         }
     }
@@ -576,7 +578,12 @@ pub struct EventBudget {
 }
 
 /// Auto-blocks in force at once, at most: spoofed probes can make netwatch
-/// block innocent sources, but never more than this many.
+/// block innocent sources, but never more than this many. The entries of
+/// the `AUTO_BLOCKS` hash map (key: the flagged source's [`SourceKey`],
+/// value: the CLOCK_MONOTONIC second the block ends), so the kernel's
+/// refusal to insert into a full map is the cap; expired entries are
+/// deleted by the datapath when it meets them and by the controller's
+/// sweep.
 pub const MAX_AUTO_BLOCKS: u32 = 1024;
 
 /// Index of `FLAG_COUNTERS` (flags raised per rule and direction).

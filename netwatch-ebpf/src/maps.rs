@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
     CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry,
@@ -78,7 +78,9 @@ pub static FLOOD_CACHE: PerCpuArray<FloodCache> = PerCpuArray::with_max_entries(
 #[map]
 pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// Expiry (CLOCK_MONOTONIC second) of each auto-block in force: a slot is
-/// free once its time has passed, so at most `MAX_AUTO_BLOCKS` hold at once.
+/// Auto-blocks: the flagged source's key -> the CLOCK_MONOTONIC second the
+/// block ends. Apart from the per-source records, so that the LRU cannot
+/// end a block by evicting its record; a preallocated hash map, so that an
+/// insert fails once `MAX_AUTO_BLOCKS` entries are held (the cap).
 #[map]
-pub static AUTO_BLOCKS: Array<u32> = Array::with_max_entries(MAX_AUTO_BLOCKS, 0);
+pub static AUTO_BLOCKS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_AUTO_BLOCKS, 0);

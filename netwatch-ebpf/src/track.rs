@@ -1,14 +1,17 @@
 //! Per-source tracking of matched traffic: packets, bytes, first and
-//! last seen, distinct destinations in the current window, and the one
-//! flag event when a source crosses its rule's threshold.
+//! last seen, distinct destinations in the current window, the one flag
+//! event when a source crosses its rule's threshold, and auto-blocks.
 
-use core::intrinsics::{AtomicOrdering, atomic_or};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
-use aya_ebpf::{bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_jiffies64};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
+    helpers::bpf_jiffies64,
+};
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE, MAX_AUTO_BLOCKS, MAX_EVENTS_PER_CPU_SECOND,
-    PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
-    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS,
+    SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED,
+    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
 };
 
 use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
@@ -45,7 +48,7 @@ fn add_destination(state: &mut SourceState, hash: u32) {
         let list = state.sketch;
         state.sketch = [0; SKETCH_WORDS];
         state.distinct = 0;
-        state.flags |= SOURCE_BITMAP;
+        set_flags(state, SOURCE_BITMAP);
         for h in list {
             set_bit(state, h);
         }
@@ -80,11 +83,43 @@ fn crossed(state: &SourceState, rule: &PortRule) -> bool {
     }
 }
 
-/// `SOURCE_FLAGGED` where it sits in the 64-bit word starting at `flags`.
-#[cfg(target_endian = "little")]
-const FLAGGED_IN_WORD: u64 = SOURCE_FLAGGED as u64;
-#[cfg(target_endian = "big")]
-const FLAGGED_IN_WORD: u64 = (SOURCE_FLAGGED as u64) << 32;
+/// `SOURCE_*` bits where they sit in the 64-bit word starting at `flags`.
+#[inline(always)]
+const fn in_word(bits: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        bits as u64
+    } else {
+        (bits as u64) << 32
+    }
+}
+
+// Every write to `flags` is one of these two atomics. A plain
+// read-modify-write of the word (the window reset, the switch to the
+// bitmap) could write back a copy read before another CPU's fetch-or of
+// `SOURCE_FLAGGED`, undoing it: the source would be flagged twice. Rust's
+// BPF target has no atomic types, hence the intrinsics, and 64 bits
+// because that is what the instruction set bpf-linker targets offers.
+// The other fields of the word (`distinct`, `iface`) are only ever stored
+// to, never read-modify-written as part of it.
+
+/// Sets `bits` in `state.flags`; returns the word as it was.
+#[inline(always)]
+fn set_flags(state: &mut SourceState, bits: u32) -> u64 {
+    // SAFETY: `flags` starts an 8-byte-aligned word of the map value
+    // (see `SourceState`); the OR only touches `bits`.
+    unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags as *mut u32 as *mut u64, in_word(bits))
+    }
+}
+
+/// Clears `bits` in `state.flags`.
+#[inline(always)]
+fn clear_flags(state: &mut SourceState, bits: u32) {
+    // SAFETY: as in `set_flags`; the AND only touches `bits`.
+    unsafe {
+        atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.flags as *mut u32 as *mut u64, !in_word(bits));
+    }
+}
 
 /// What tracking decided about the packet's source.
 pub struct Tracked {
@@ -93,8 +128,8 @@ pub struct Tracked {
 }
 
 /// Records one packet from `key`'s source to the destination `dst_hash`.
-/// `may_block`: auto-block is on for this rule, the mode is enforce and
-/// the source is not allowlisted.
+/// `may_block`: the mode is enforce and the source is not allowlisted (so
+/// auto-block, if the rule has it on, applies).
 #[inline(always)]
 pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes: u64, may_block: bool) -> Tracked {
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
@@ -160,7 +195,7 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
         state.window_start = now;
         state.distinct = 0;
         state.sketch = [0; SKETCH_WORDS];
-        state.flags &= !(SOURCE_BITMAP | SOURCE_FLAGGED);
+        clear_flags(state, SOURCE_BITMAP | SOURCE_FLAGGED);
     }
     state.packets += 1;
     state.bytes += bytes;
@@ -172,39 +207,34 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
     state.iface = iface as u16;
     add_destination(state, dst_hash);
 
-    if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED == 0 && crossed(state, rule) {
-        // An atomic fetch-or, so that when two CPUs cross the threshold
-        // together only one of them reports it. Rust's BPF target has no
-        // atomic types, hence the intrinsic, and 64 bits because that is
-        // what the instruction set bpf-linker targets offers.
-        // SAFETY: `flags` starts an 8-byte-aligned word of the map value
-        // (see `SourceState`); the OR only touches the flag bit.
-        let old = unsafe {
-            let word = &mut state.flags as *mut u32 as *mut u64;
-            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, FLAGGED_IN_WORD)
-        };
-        if old & FLAGGED_IN_WORD == 0 {
-            if may_block && rule.block_secs != 0 {
-                let until = now + rule.block_secs;
-                if claim_block_slot(now, until) {
-                    state.blocked_until = until;
-                    bump_stat(&STATS, STAT_AUTO_BLOCKED);
-                } else {
-                    bump_stat(&STATS, STAT_AUTO_BLOCKS_CAPPED);
-                }
-            }
-            bump_stat(
-                &FLAG_COUNTERS,
-                flag_counter_index(key.rule as u32, key.direction as u32),
-            );
-            if within_event_budget(now) {
-                emit(key, state);
-            } else {
-                bump_stat(&STATS, STAT_EVENTS_LOST);
-            }
+    // Auto-blocks are looked up only where one can apply: probes on a
+    // rule with auto-block on, in enforce mode, from a source that is not
+    // allowlisted; the memo above keeps the answer for a flood's repeats.
+    let auto_block = may_block && rule.block_secs != 0 && key.kind == KIND_PROBE;
+    let mut blocked_until = if auto_block { block_in_force(key, now) } else { 0 };
+    // The fetch-or makes one CPU the one that reports a flag when two
+    // cross the threshold together.
+    if key.kind == KIND_PROBE
+        && state.flags & SOURCE_FLAGGED == 0
+        && crossed(state, rule)
+        && set_flags(state, SOURCE_FLAGGED) & in_word(SOURCE_FLAGGED) == 0
+    {
+        // A source still blocked from an earlier window keeps its block
+        // (and its one slot).
+        if auto_block && blocked_until == 0 {
+            blocked_until = start_block(key, now + rule.block_secs);
+        }
+        bump_stat(
+            &FLAG_COUNTERS,
+            flag_counter_index(key.rule as u32, key.direction as u32),
+        );
+        if within_event_budget(now) {
+            emit(key, state, blocked_until);
+        } else {
+            bump_stat(&STATS, STAT_EVENTS_LOST);
         }
     }
-    let blocked = state.blocked_until > now;
+    let blocked = blocked_until != 0;
     cache.key = *key;
     cache.dst_hash = dst_hash;
     cache.expires_jiffies = jiffies + FLOOD_CACHE_JIFFIES;
@@ -212,24 +242,42 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
     Tracked { blocked }
 }
 
-/// Takes a free auto-block slot (one whose block has expired) until
-/// `until`; false when `MAX_AUTO_BLOCKS` are in force. Runs once per flag,
-/// never per packet.
+/// When `key`'s auto-block ends, or 0 when none is in force. An expired
+/// block met here is deleted, so it no longer holds a slot of the cap.
 #[inline(always)]
-fn claim_block_slot(now: u32, until: u32) -> bool {
-    for i in 0..MAX_AUTO_BLOCKS {
-        if let Some(slot) = AUTO_BLOCKS.get_ptr_mut(i) {
-            // SAFETY: a map value. Two CPUs claiming one slot at the same
-            // instant can only under-count blocks in force by one.
-            unsafe {
-                if *slot <= now {
-                    *slot = until;
-                    return true;
-                }
+fn block_in_force(key: &SourceKey, now: u32) -> u32 {
+    match AUTO_BLOCKS.get_ptr(key) {
+        // SAFETY: a map value.
+        Some(until) => match unsafe { *until } {
+            until if until > now => until,
+            _ => {
+                let _ = AUTO_BLOCKS.remove(key);
+                0
             }
+        },
+        None => 0,
+    }
+}
+
+const EEXIST: i32 = 17;
+
+/// Blocks `key`'s source on its rule until `until`; returns `until`, or 0
+/// when `MAX_AUTO_BLOCKS` blocks are held (the map is full, the insert
+/// fails). Runs once per flag, never per packet.
+#[inline(always)]
+fn start_block(key: &SourceKey, until: u32) -> u32 {
+    match AUTO_BLOCKS.insert(key, until, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            bump_stat(&STATS, STAT_AUTO_BLOCKED);
+            until
+        }
+        // Another CPU blocked it meanwhile: one block, one slot.
+        Err(err) if err == -EEXIST => until,
+        Err(_) => {
+            bump_stat(&STATS, STAT_AUTO_BLOCKS_CAPPED);
+            0
         }
     }
-    false
 }
 
 #[inline(always)]
@@ -248,7 +296,7 @@ fn within_event_budget(now: u32) -> bool {
 }
 
 #[inline(always)]
-fn emit(key: &SourceKey, state: &SourceState) {
+fn emit(key: &SourceKey, state: &SourceState, blocked_until: u32) {
     match EVENTS.reserve::<FlagEvent>(0) {
         Some(mut entry) => {
             entry.write(FlagEvent {
@@ -257,7 +305,7 @@ fn emit(key: &SourceKey, state: &SourceState) {
                 distinct: state.distinct as u32,
                 first_seen: state.first_seen,
                 last_seen: state.last_seen,
-                blocked_until: state.blocked_until,
+                blocked_until,
                 flags: state.flags,
                 _pad: 0,
                 packets: state.packets,

@@ -102,11 +102,17 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
         && action != ACTION_DROP
         && policy.blocklist_active != 0
         && source_blocklisted(&packet.addrs, version, secs(now_ns()));
+    // Only the source's own allowlisting spares it an auto-block: a probe
+    // to an allowlisted address passes, yet counts towards (and may set)
+    // its source's block. The second lookup is paid only by allowlisted
+    // traffic on auto-block rules.
+    let may_block = enforce
+        && (!allowlisted || (rule.block_secs != 0 && !source_allowlisted(&packet.addrs, version, secs(now_ns()))));
     // The packet's addresses are not read after this point: the tracker,
     // the largest part of the program, then starts from one verifier
     // state whichever way the parser went through the headers.
     let (src_key, dst_hash) = source_key(&packet.addrs, rule.slot(), dir, reverse, &settings.hash_key);
-    let tracked = track(&src_key, rule, dst_hash, iface, bytes, enforce && !allowlisted);
+    let tracked = track(&src_key, rule, dst_hash, iface, bytes, may_block);
     let drop = enforce && !allowlisted && (action == ACTION_DROP || tracked.blocked || blocklisted);
     let outcome = if drop { Outcome::Dropped } else { Outcome::Passed };
     let index = rule_counter_index(iface, dir, rule.slot(), outcome as u32);
@@ -221,6 +227,14 @@ fn source_blocklisted(addrs: &Addrs, version: u32, now: u32) -> bool {
     match *addrs {
         Addrs::V4 { src, .. } => listed_v4(src, &BLOCK_V4, version, now),
         Addrs::V6 { src, .. } => listed_v6(src, &BLOCK_V6, version, now),
+    }
+}
+
+#[inline(always)]
+fn source_allowlisted(addrs: &Addrs, version: u32, now: u32) -> bool {
+    match *addrs {
+        Addrs::V4 { src, .. } => listed_v4(src, &ALLOW_V4, version, now),
+        Addrs::V6 { src, .. } => listed_v6(src, &ALLOW_V6, version, now),
     }
 }
 

@@ -1,23 +1,23 @@
 //! The controller's half of scan detection: turns the datapath's flag
-//! events into incidents, and keeps open incidents up to date with what
-//! the kernel keeps counting.
+//! events into incidents, keeps open incidents up to date with what the
+//! kernel keeps counting, and records the flags whose events were lost.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::{info, warn};
-use netwatch_common::{Direction, FlagEvent, SourceKey, SourceState, estimate_distinct, maps};
+use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, estimate_distinct};
 
 use crate::{
     clock::{boot_secs, to_system},
     datapath::PinnedMaps,
-    incidents::{Classification, Observation, Store},
-    sources::{Names, addr_of, classification_of, key_for},
+    incidents::{Classification, Observation, Seen, Store},
+    sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
 /// A flag within this long of an incident's last sighting updates it
@@ -25,10 +25,16 @@ use crate::{
 pub const REOPEN_AFTER: Duration = Duration::from_secs(3600);
 /// Open incidents followed at most (the rest still get their flag events).
 const MAX_FOLLOWED: usize = 10_000;
+/// Flagged sources without an incident recorded per walk of the source map
+/// at most (a flood of flags is recorded over several walks, as long as
+/// the kernel keeps the records).
+pub const MAX_RECOVERED_PER_WALK: usize = 10_000;
 
 pub struct Detector {
     store: Store,
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
+    memos: PerCpuArray<MapData, FloodCache>,
+    blocks: BpfHashMap<MapData, SourceKey, u32>,
     maps_dir: std::path::PathBuf,
     names: Names,
     /// Flagged sources whose incidents are still open, with when they were
@@ -40,10 +46,11 @@ impl Detector {
     pub fn open(maps: &PinnedMaps, state_dir: &Path) -> Result<Self> {
         let store = Store::open(state_dir)?;
         let names = Names::read(maps)?;
-        let sources = BpfHashMap::try_from(maps.map_by_name(maps::SOURCES)?)?;
         let mut detector = Detector {
             store,
-            sources,
+            sources: sources::sources_map(maps)?,
+            memos: sources::memo_map(maps)?,
+            blocks: sources::blocks_map(maps)?,
             maps_dir: maps.dir().to_path_buf(),
             names,
             followed: HashMap::new(),
@@ -76,9 +83,12 @@ impl Detector {
         Ok(())
     }
 
-    fn observation(&self, key: &SourceKey, state: &SourceState) -> Observation {
+    /// What the kernel's record says; `blocked_until`: the source's
+    /// auto-block, if any.
+    fn observation(&self, seen: Seen, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> Observation {
         let now = boot_secs();
         Observation {
+            seen,
             source: addr_of(key),
             rule: self.names.rule(key.rule),
             direction: if key.direction == Direction::Inbound as u8 {
@@ -93,7 +103,7 @@ impl Detector {
             last_seen: to_system(state.last_seen),
             packets: state.packets,
             distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
-            blocked_until: (state.blocked_until > now).then(|| to_system(state.blocked_until)),
+            blocked_until: blocked_until.filter(|t| *t > now).map(to_system),
         }
     }
 
@@ -104,18 +114,20 @@ impl Detector {
             let maps = PinnedMaps::open(&self.maps_dir)?;
             self.names = Names::read(&maps)?;
         }
-        let state = SourceState {
+        let mut state = SourceState {
             packets: event.packets,
             bytes: event.bytes,
             flags: event.flags,
             first_seen: event.first_seen,
             last_seen: event.last_seen,
-            blocked_until: event.blocked_until,
             distinct: event.distinct as u16,
             iface: event.iface as u16,
             ..SourceState::default()
         };
-        let obs = self.observation(&event.key, &state);
+        // Repeats other CPUs' memos held when the flag was raised are in
+        // no record yet.
+        Pending::read(&self.memos)?.add_to(&event.key, &mut state);
+        let obs = self.observation(Seen::Flag, &event.key, &state, Some(event.blocked_until));
         // Follow first: if the write fails (a full disk), the refresh
         // retries it from the kernel's record, so the incident is not lost.
         self.follow(event.key);
@@ -157,11 +169,13 @@ impl Detector {
     pub fn refresh(&mut self) -> Result<()> {
         let mut quiet = Vec::new();
         let keys: Vec<SourceKey> = self.followed.keys().copied().collect();
+        let pending = Pending::read(&self.memos)?;
         let mut failed = None;
         for key in keys {
             match self.sources.get(&key, 0) {
-                Ok(state) => {
-                    let obs = self.observation(&key, &state);
+                Ok(mut state) => {
+                    pending.add_to(&key, &mut state);
+                    let obs = self.observation(Seen::Refresh, &key, &state, self.blocks.get(&key, 0).ok());
                     if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
                         failed.get_or_insert(err);
                         continue;
@@ -180,13 +194,46 @@ impl Detector {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Sources currently auto-blocked, from the open incidents.
-    pub fn blocked_now(&self) -> usize {
-        let now = boot_secs();
-        self.followed
-            .keys()
-            .filter(|k| self.sources.get(k, 0).is_ok_and(|s| s.blocked_until > now))
-            .count()
+    /// Keys of the incidents followed: the walk of the source map skips
+    /// them (see [`Detector::recover`]).
+    pub fn followed_keys(&self) -> HashSet<SourceKey> {
+        self.followed.keys().copied().collect()
+    }
+
+    /// Records flagged sources (from a walk of the source map, see
+    /// [`sources::census`]) that have no open incident as incidents marked
+    /// recovered: their flag events were lost to the per-CPU budget or a
+    /// full ring buffer. Returns how many it recorded.
+    pub fn recover(&mut self, flagged: &[(SourceKey, SourceState)]) -> Result<usize> {
+        if flagged
+            .iter()
+            .any(|(k, _)| self.names.rule_slots().all(|s| s != k.rule))
+        {
+            let maps = PinnedMaps::open(&self.maps_dir)?;
+            self.names = Names::read(&maps)?;
+        }
+        let pending = Pending::read(&self.memos)?;
+        let mut keys = Vec::new();
+        let observations: Vec<Observation> = flagged
+            .iter()
+            .filter(|(key, _)| !self.followed.contains_key(key))
+            .map(|(key, state)| {
+                let mut state = *state;
+                pending.add_to(key, &mut state);
+                keys.push(*key);
+                self.observation(Seen::Recovered, key, &state, self.blocks.get(key, 0).ok())
+            })
+            .collect();
+        let n = self.store.record_new(&observations, REOPEN_AFTER)?;
+        // Follow them while there is room (the followed set is for open
+        // incidents that flag events opened first).
+        for key in keys {
+            if self.followed.len() >= MAX_FOLLOWED {
+                break;
+            }
+            self.followed.insert(key, Instant::now());
+        }
+        Ok(n)
     }
 }
 

@@ -565,8 +565,8 @@ fn assign_rule_slots(
     Ok((out, purge_after))
 }
 
-/// A rule slot handed to a different rule starts clean: its counters, and
-/// the per-source records (and so auto-blocks) its old rule left.
+/// A rule slot handed to a different rule starts clean: its counters, the
+/// per-source records and the auto-blocks its old rule left.
 fn purge_rule_slot(maps: &PinnedMaps, slot: u32) -> Result<()> {
     let cpus = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
     for name in [maps::RULE_COUNTERS, maps::REVERSE_COUNTERS] {
@@ -599,6 +599,12 @@ fn purge_rule_slot(maps: &PinnedMaps, slot: u32) -> Result<()> {
     for key in &stale {
         // Gone already (evicted) is as good as removed.
         let _ = sources.remove(key);
+    }
+    let mut blocks = crate::sources::blocks_map(maps)?;
+    for (key, _) in crate::sources::blocks(maps)? {
+        if key.rule as u32 == slot {
+            let _ = blocks.remove(&key);
+        }
     }
     Ok(())
 }

@@ -21,8 +21,6 @@ pub struct ControllerStats {
     /// Sources in the kernel's map at the last count (counted in the
     /// background, never at scrape time); `None` before the first count.
     pub sources_tracked: Option<u64>,
-    /// Sources auto-blocked right now (open incidents).
-    pub sources_blocked: u64,
     /// Incident database writes that failed.
     pub incident_errors: u64,
 }
@@ -40,7 +38,6 @@ impl Default for ControllerStats {
             reloads_failed: 0,
             last_reload_ok: true,
             sources_tracked: None,
-            sources_blocked: 0,
             incident_errors: 0,
         }
     }
@@ -185,6 +182,15 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
         &[],
     )?;
     capped.with_label_values::<&str>(&[]).inc_by(d.auto_blocks_capped);
+    let blocked = gauge_vec(
+        &registry,
+        "netwatch_sources_blocked",
+        "Auto-blocks in force right now (a source on a rule and direction).",
+        &[],
+    )?;
+    blocked
+        .with_label_values::<&str>(&[])
+        .set(d.auto_blocks_in_force as i64);
 
     let info = gauge_vec(
         &registry,
@@ -267,13 +273,6 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
                 .with_label_values::<&str>(&[])
                 .inc_by(d.sources_created.saturating_sub(n));
         }
-        let blocked = gauge_vec(
-            &registry,
-            "netwatch_sources_blocked",
-            "Sources auto-blocked right now.",
-            &[],
-        )?;
-        blocked.with_label_values::<&str>(&[]).set(stats.sources_blocked as i64);
         let errors = counter_vec(
             &registry,
             "netwatch_incident_store_errors_total",

@@ -45,7 +45,10 @@ pub struct DetectionStats {
     pub sources_created: u64,
     /// Flag events the ring buffer had no room for.
     pub events_lost: u64,
+    /// Auto-blocks set by the kernel so far.
     pub auto_blocks: u64,
+    /// Auto-blocks in force now (entries of `AUTO_BLOCKS` not expired).
+    pub auto_blocks_in_force: u64,
     /// Auto-blocks not set because the cap was reached.
     pub auto_blocks_capped: u64,
     pub visitors_recorded: u64,
@@ -250,6 +253,7 @@ impl Snapshot {
             sources_created: stat(STAT_SOURCES_CREATED)?,
             events_lost: stat(STAT_EVENTS_LOST)?,
             auto_blocks: stat(STAT_AUTO_BLOCKED)?,
+            auto_blocks_in_force: crate::sources::blocks_in_force(maps)?,
             auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
             visitors_recorded: stat(STAT_VISITORS_RECORDED)?,
             flagged,

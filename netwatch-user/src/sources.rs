@@ -1,16 +1,18 @@
 //! Reading the kernel's per-source map: a source's record (`lookup`),
-//! the busiest sources (`top`), and how many are tracked.
+//! the busiest sources (`top`), how many are tracked and which are
+//! flagged (`census`); and the auto-blocks, which live in a map of their
+//! own (`AUTO_BLOCKS`).
 
 use std::{
-    collections::{BinaryHeap, HashMap as StdHashMap},
+    collections::{BinaryHeap, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use netwatch_common::{
-    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct,
-    maps,
+    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, PortRules, Protocol, SOURCE_FLAGGED, SourceKey,
+    SourceState, estimate_distinct, maps, port_rule_index,
 };
 use serde::Serialize;
 
@@ -117,7 +119,9 @@ pub fn classification_of(kind: u8) -> Classification {
     }
 }
 
-pub fn view(names: &Names, key: &SourceKey, state: &SourceState) -> SourceView {
+/// A record as shown; `blocked_until` is its source's auto-block, if any
+/// (from `AUTO_BLOCKS`, see [`blocks`]).
+pub fn view(names: &Names, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> SourceView {
     let now = crate::clock::boot_secs();
     SourceView {
         source: addr_of(key),
@@ -135,42 +139,101 @@ pub fn view(names: &Names, key: &SourceKey, state: &SourceState) -> SourceView {
         bytes: state.bytes,
         distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
         flagged: state.flags & SOURCE_FLAGGED != 0,
-        blocked_until: (state.blocked_until > now).then(|| boot_rfc3339(state.blocked_until)),
+        blocked_until: blocked_until.filter(|until| *until > now).map(boot_rfc3339),
     }
 }
 
-fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceState>> {
+pub fn sources_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, SourceState>> {
     Ok(HashMap::try_from(maps.map_by_name(maps::SOURCES)?)?)
+}
+
+pub fn memo_map(maps: &PinnedMaps) -> Result<PerCpuArray<MapData, FloodCache>> {
+    maps.per_cpu_array::<FloodCache>(maps::FLOOD_CACHE)
+}
+
+/// Counts of a flood still held in the CPUs' memos (see `FloodCache`):
+/// they belong to the record of the memo's key, and every reader of a
+/// record (`lookup`, flag events, incident refreshes, the census) adds
+/// them through this one type.
+pub struct Pending(Vec<FloodCache>);
+
+impl Pending {
+    pub fn read(memos: &PerCpuArray<MapData, FloodCache>) -> Result<Self> {
+        Ok(Pending(memos.get(&0, 0)?.iter().copied().collect()))
+    }
+
+    /// Adds what the memos hold for `key` to `state`.
+    pub fn add_to(&self, key: &SourceKey, state: &mut SourceState) {
+        for memo in self.0.iter().filter(|m| m.key == *key) {
+            state.packets += memo.pending_packets as u64;
+            state.bytes += memo.pending_bytes as u64;
+        }
+    }
 }
 
 /// Everything the kernel tracks about `addr`, by direct lookups (one per
 /// rule, direction and kind), never a walk of the map.
 pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<SourceView>> {
     let map = sources_map(maps)?;
-    // Counts of a flood still held in the CPUs' memos belong to the record.
-    let memos: Vec<FloodCache> = maps
-        .per_cpu_array::<FloodCache>(maps::FLOOD_CACHE)?
-        .get(&0, 0)?
-        .iter()
-        .copied()
-        .collect();
+    let pending = Pending::read(&memo_map(maps)?)?;
+    let blocks = blocks_map(maps)?;
     let mut out = Vec::new();
     for rule in names.rule_slots() {
         for dir in Direction::ALL {
             for kind in [KIND_PROBE, KIND_REVERSE_LOOKUP] {
                 let key = key_for(addr, rule, dir, kind);
                 if let Ok(mut state) = map.get(&key, 0) {
-                    for memo in memos.iter().filter(|m| m.key == key) {
-                        state.packets += memo.pending_packets as u64;
-                        state.bytes += memo.pending_bytes as u64;
-                    }
-                    out.push(view(names, &key, &state));
+                    pending.add_to(&key, &mut state);
+                    out.push(view(names, &key, &state, blocks.get(&key, 0).ok()));
                 }
             }
         }
     }
     out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
     Ok(out)
+}
+
+/// An auto-block as `lookup` shows it (whether or not the kernel still
+/// holds the source's record).
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockView {
+    pub rule: String,
+    pub direction: &'static str,
+    pub blocked_until: String,
+}
+
+pub fn blocks_map(maps: &PinnedMaps) -> Result<HashMap<MapData, SourceKey, u32>> {
+    Ok(HashMap::try_from(maps.map_by_name(maps::AUTO_BLOCKS)?)?)
+}
+
+/// Every entry of `AUTO_BLOCKS` (at most `MAX_AUTO_BLOCKS`), expired ones
+/// included: key, end of the block.
+pub fn blocks(maps: &PinnedMaps) -> Result<Vec<(SourceKey, u32)>> {
+    let map = blocks_map(maps)?;
+    let keys: Vec<SourceKey> = map.keys().collect::<Result<_, _>>()?;
+    // An entry deleted between the two reads is simply gone.
+    Ok(keys
+        .into_iter()
+        .filter_map(|key| map.get(&key, 0).ok().map(|until| (key, until)))
+        .collect())
+}
+
+/// Auto-blocks of `addr` in force, newest end first.
+pub fn blocks_of(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<BlockView>> {
+    let now = crate::clock::boot_secs();
+    let mut found: Vec<(SourceKey, u32)> = blocks(maps)?
+        .into_iter()
+        .filter(|(key, until)| *until > now && addr_of(key) == addr)
+        .collect();
+    found.sort_by_key(|(_, until)| std::cmp::Reverse(*until));
+    Ok(found
+        .iter()
+        .map(|(key, until)| BlockView {
+            rule: names.rule(key.rule),
+            direction: Direction::ALL[(key.direction & 1) as usize].label(),
+            blocked_until: boot_rfc3339(*until),
+        })
+        .collect())
 }
 
 /// Entries fetched per BPF_MAP_LOOKUP_BATCH call.
@@ -257,7 +320,11 @@ pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceV
             states.remove(&evicted);
         }
     })?;
-    let mut out: Vec<SourceView> = states.values().map(|(k, s)| view(names, k, s)).collect();
+    let blocks: StdHashMap<SourceKey, u32> = blocks(maps)?.into_iter().collect();
+    let mut out: Vec<SourceView> = states
+        .values()
+        .map(|(k, s)| view(names, k, s, blocks.get(k).copied()))
+        .collect();
     out.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
     Ok(out)
 }
@@ -276,20 +343,95 @@ pub fn count(maps: &PinnedMaps) -> Result<u64> {
     Ok(n)
 }
 
-/// Ends the auto-blocks of every tracked source inside `net` (walks the
-/// map: an operator's command, not a hot path). Returns how many.
-pub fn lift_auto_blocks(maps: &PinnedMaps, net: ipnet::IpNet) -> Result<usize> {
-    let now = crate::clock::boot_secs();
-    let mut blocked = Vec::new();
+/// What one walk of the per-source map found.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Records in the map.
+    pub tracked: u64,
+    /// Flagged probe records (scans) whose keys are not in the walk's
+    /// `skip` set, at most `max` of them.
+    pub flagged: Vec<(SourceKey, SourceState)>,
+    /// Flagged records past `max`, left for a later walk.
+    pub more_flagged: u64,
+}
+
+/// Counts the tracked sources and collects flagged ones (see [`Census`]).
+pub fn census(maps: &PinnedMaps, skip: &HashSet<SourceKey>, max: usize) -> Result<Census> {
+    let mut census = Census::default();
     for_each(maps, |key, state| {
-        if state.blocked_until > now && net.contains(&addr_of(key)) {
-            blocked.push((*key, *state));
+        census.tracked += 1;
+        if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED != 0 && !skip.contains(key) {
+            if census.flagged.len() < max {
+                census.flagged.push((*key, *state));
+            } else {
+                census.more_flagged += 1;
+            }
         }
     })?;
-    let mut map = sources_map(maps)?;
-    for (key, mut state) in blocked.iter().copied() {
-        state.blocked_until = 0;
-        map.insert(key, state, 0)?;
+    Ok(census)
+}
+
+/// Lifts the auto-blocks of every source inside `net`: deletes their
+/// entries from `AUTO_BLOCKS` (which frees their slots of the cap) and
+/// touches nothing else. Returns how many of them were in force.
+pub fn lift_auto_blocks(maps: &PinnedMaps, net: ipnet::IpNet) -> Result<usize> {
+    let now = crate::clock::boot_secs();
+    let mut map = blocks_map(maps)?;
+    let mut lifted = 0;
+    for (key, until) in blocks(maps)? {
+        if net.contains(&addr_of(&key)) && map.remove(&key).is_ok() && until > now {
+            lifted += 1;
+        }
     }
-    Ok(blocked.len())
+    Ok(lifted)
+}
+
+/// Deletes the entries of `AUTO_BLOCKS` that are no blocks in force: the
+/// expired ones (the datapath deletes those it meets; this catches the
+/// rest) and those of rule slots without auto-block now (a reload turned
+/// it off or removed the rule; the datapath no longer consults them). So
+/// the cap counts only blocks in force. Returns how many it deleted.
+pub fn sweep_auto_blocks(maps: &PinnedMaps) -> Result<usize> {
+    let entries = blocks(maps)?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let now = crate::clock::boot_secs();
+    let port_rules = maps.array::<PortRules>(maps::PORT_RULES)?;
+    let live = maps.settings()?.active & 1;
+    let mut auto_block_slots = HashSet::new();
+    for (slot, info) in maps.rules()? {
+        let protocol = if info.protocol == Protocol::Tcp as u8 {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        };
+        if port_rules
+            .get(&port_rule_index(protocol, info.port), 0)?
+            .version(live)
+            .block_secs
+            != 0
+        {
+            auto_block_slots.insert(slot as u8);
+        }
+    }
+    let mut map = blocks_map(maps)?;
+    let mut deleted = 0;
+    for (key, until) in entries {
+        // Re-read just before deleting: the datapath may have replaced an
+        // expired block by a new one since.
+        if (until <= now || !auto_block_slots.contains(&key.rule))
+            && map.get(&key, 0).ok() == Some(until)
+            && map.remove(&key).is_ok()
+        {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Auto-blocks in force: entries of `AUTO_BLOCKS` whose end has not passed.
+pub fn blocks_in_force(maps: &PinnedMaps) -> Result<u64> {
+    let now = crate::clock::boot_secs();
+    Ok(blocks(maps)?.iter().filter(|(_, until)| *until > now).count() as u64)
 }

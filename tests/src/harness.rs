@@ -34,7 +34,7 @@ pub struct Harness {
     pub maps: PinnedMaps,
     xdp: [Ebpf; 2],
     tc: Ebpf,
-    events: std::cell::RefCell<RingBuf<MapData>>,
+    events: std::sync::Mutex<RingBuf<MapData>>,
 }
 
 pub const IFACE: &str = "test0";
@@ -153,7 +153,7 @@ impl Harness {
 
     /// Flag events the datapath emitted since the last call.
     pub fn events(&self) -> Vec<FlagEvent> {
-        let mut ring = self.events.borrow_mut();
+        let mut ring = self.events.lock().unwrap();
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
             out.extend(netwatch_user::detector::parse_event(&item));
@@ -165,6 +165,11 @@ impl Harness {
     pub fn tracked(&self, addr: std::net::IpAddr) -> Vec<SourceView> {
         let names = Names::read(&self.maps).unwrap();
         sources::lookup(&self.maps, &names, addr).unwrap()
+    }
+
+    /// Auto-block cap slots taken right now (see [`block_slots_held`]).
+    pub fn block_slots_held(&self) -> usize {
+        block_slots_held(&self.pin_dir)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -211,6 +216,42 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         let _ = datapath::detach_all(&self.pin_dir);
+    }
+}
+
+/// Auto-block cap slots held in the pinned `AUTO_BLOCKS` map of
+/// `pin_dir`, read as the datapath counts them: every entry of a hash map
+/// keyed by source, or, for an array of expiry times, every slot whose
+/// time has not passed.
+pub fn block_slots_held(pin_dir: &std::path::Path) -> usize {
+    use aya::maps::{Array, HashMap, Map};
+    let data = MapData::from_pin(pin_dir.join(netwatch_common::maps::AUTO_BLOCKS)).expect("pinned AUTO_BLOCKS");
+    let now = netwatch_user::clock::boot_secs();
+    match Map::from_map_data(data).unwrap() {
+        Map::HashMap(data) => {
+            let map: HashMap<_, [u8; 20], u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            map.keys().count()
+        }
+        Map::Array(data) => {
+            let map: Array<_, u32> = Array::try_from(Map::Array(data)).unwrap();
+            map.iter().filter(|v| matches!(v, Ok(until) if *until > now)).count()
+        }
+        other => panic!("AUTO_BLOCKS is {other:?}"),
+    }
+}
+
+/// Pins the calling thread to `cpu` (BPF_PROG_TEST_RUN runs the program
+/// on the caller's CPU, so per-CPU state can be set up deliberately).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}"
+        );
     }
 }
 

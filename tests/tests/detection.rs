@@ -334,3 +334,243 @@ fn structured_ipv6_sweeps_count_every_destination() {
         }
     }
 }
+
+/// Issue 10, item 4: a source still blocked when it flags again (a new
+/// window) holds one cap slot, not one per window, and counts as one
+/// auto-block.
+#[test]
+fn a_blocked_source_flagged_again_keeps_one_block_slot() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(
+        Mode::Enforce,
+        vec![rule("udp/137=count", 3, 1, Some(600))],
+    ));
+    for i in 0..3 {
+        probe(&h, SCANNER, i);
+    }
+    assert_eq!(h.events().len(), 1);
+    assert_eq!(h.block_slots_held(), 1);
+    for window in 1..=2 {
+        std::thread::sleep(Duration::from_millis(2100));
+        for i in 0..3 {
+            assert!(probe(&h, SCANNER, 100 * window + i), "blocked source passed");
+        }
+        let e = h.events();
+        assert_eq!(e.len(), 1, "window {window}: the source is flagged again");
+        assert!(e[0].blocked_until > 0, "the event says it is blocked");
+        assert_eq!(h.block_slots_held(), 1, "window {window}: a second cap slot taken");
+    }
+    let d = h.snapshot().detection;
+    assert_eq!((d.auto_blocks, d.auto_blocks_capped), (1, 0));
+}
+
+/// Issue 10, item 4: `unblock` frees the cap slot it lifts, and never
+/// writes a stale copy of the source's record over what the kernel
+/// counted meanwhile (a flood of the blocked source runs on another CPU
+/// while `unblock` works through a map of 200 000 records).
+#[test]
+fn unblock_frees_the_slot_and_keeps_what_the_kernel_counted() {
+    require_privileged!();
+    let h = Harness::new(&Policy::new(
+        Mode::Enforce,
+        vec![rule("udp/137=count", 3, 300, Some(600))],
+    ));
+    for i in 0..3 {
+        probe(&h, SCANNER, i);
+    }
+    assert!(probe(&h, SCANNER, 0), "not blocked");
+    assert_eq!(h.block_slots_held(), 1);
+    // Fill the source map, so a walk of it takes a while.
+    let dst = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
+    for n in 0..200_000u32 {
+        let src = Ipv6Addr::new(0x2001, 0xdb8, 0x64, 0, 0, 0, (n >> 16) as u16, n as u16);
+        h.run(Hook::Xdp(Inbound), &Frame::udp6(src, dst, 1, 137).build());
+    }
+    const FLOOD: u32 = 3_000_000;
+    let frame = Frame::udp4(SCANNER, target(1), 1, 137).build();
+    let lifted = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            netwatch_tests::harness::pin_to_cpu(1);
+            h.run_repeat(Hook::Xdp(Inbound), &frame, FLOOD)
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        netwatch_tests::harness::pin_to_cpu(0);
+        let lifted = netwatch_user::sources::lift_auto_blocks(&h.maps, parse_cidr("198.18.0.66/32").unwrap()).unwrap();
+        flood.join().unwrap();
+        lifted
+    });
+    assert_eq!(lifted, 1);
+    assert_eq!(h.block_slots_held(), 0, "unblock left its cap slot taken");
+    assert!(!probe(&h, SCANNER, 5), "still blocked after unblock");
+    let tracked = h.tracked(IpAddr::from(SCANNER));
+    assert_eq!(tracked.len(), 1);
+    assert_eq!(
+        tracked[0].packets,
+        3 + 1 + FLOOD as u64 + 1,
+        "packets the kernel counted during unblock were lost"
+    );
+}
+
+/// Issue 10, item 5: the probe that crosses the threshold goes to an
+/// allowlisted resolver. It passes (traffic to the allowlist always
+/// does), but the source, which is not allowlisted, is blocked.
+#[test]
+fn a_threshold_probe_to_an_allowlisted_address_does_not_dodge_auto_block() {
+    require_privileged!();
+    let resolver = [198, 19, 0, 53];
+    let mut policy = Policy::new(Mode::Enforce, vec![rule("udp/137=count", 5, 300, Some(600))]);
+    policy.allowlist = vec![parse_cidr("198.19.0.53/32").unwrap()];
+    let h = Harness::new(&policy);
+    for i in 0..4 {
+        assert!(!probe(&h, SCANNER, i));
+    }
+    let to_resolver = Frame::udp4(SCANNER, resolver, 40000, 137).build();
+    assert!(
+        !h.dropped(Hook::Xdp(Inbound), &to_resolver),
+        "traffic to the allowlisted resolver dropped"
+    );
+    let e = h.events();
+    assert_eq!(e.len(), 1, "flagged once");
+    assert!(e[0].blocked_until > 0, "flagged but not blocked");
+    assert!(probe(&h, SCANNER, 4), "the scanner's next probe passed");
+    assert!(
+        !h.dropped(Hook::Xdp(Inbound), &to_resolver),
+        "traffic to the allowlisted resolver dropped"
+    );
+    assert_eq!(h.snapshot().detection.auto_blocks, 1);
+}
+
+/// Issue 10, item 7: two CPUs probing for one source at once. One CPU
+/// adds a source's 30th destination, reaching the threshold, while the
+/// other, released at about the same instant, adds the 31st, which turns
+/// the sketch's full list into a bitmap and sets a bit in the same flags
+/// word as the flag. Every source is flagged exactly once.
+#[test]
+fn two_cpus_crossing_the_threshold_together_flag_once() {
+    require_privileged!();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SOURCES: u32 = 3000;
+    let h = Harness::new(&Policy::new(
+        Mode::Monitor,
+        vec![rule("udp/137", SKETCH_LIST_LEN, 3600, None)],
+    ));
+    let source = |s: u32| [198, 18, 100 + (s >> 8) as u8, s as u8];
+    let frame = |s: u32, d: u32| Frame::udp4(source(s), target(d), 1, 137).build();
+    // Per source: CPU 0 sends 29 destinations; both wait; CPU 0 sends the
+    // 30th and CPU 1 the 31st; then 15 more each, so that updates of the
+    // sketch lost to the other CPU never keep a source unflagged.
+    struct Round {
+        before: Vec<Vec<u8>>,
+        crossing: Vec<u8>,
+        after: Vec<Vec<u8>>,
+    }
+    let plans: [Vec<Round>; 2] = [0u32, 1].map(|cpu| {
+        (0..SOURCES)
+            .map(|s| Round {
+                before: if cpu == 0 {
+                    (0..29).map(|d| frame(s, d)).collect()
+                } else {
+                    Vec::new()
+                },
+                crossing: frame(s, 29 + cpu),
+                after: (0..15).map(|d| frame(s, 31 + 15 * cpu + d)).collect(),
+            })
+            .collect()
+    });
+    // A spinning barrier: both CPUs leave it within a few hundred
+    // nanoseconds of each other (a futex wake-up takes microseconds).
+    let arrived = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for (cpu, plan) in plans.iter().enumerate() {
+            let (h, arrived) = (&h, &arrived);
+            scope.spawn(move || {
+                netwatch_tests::harness::pin_to_cpu(cpu);
+                for (
+                    round,
+                    Round {
+                        before,
+                        crossing,
+                        after,
+                    },
+                ) in plan.iter().enumerate()
+                {
+                    for f in before {
+                        h.run(Hook::Xdp(Inbound), f);
+                    }
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let all = 2 * (round as u32 + 1);
+                    let started = std::time::Instant::now();
+                    while arrived.load(Ordering::SeqCst) < all {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(10),
+                            "the other CPU never arrived"
+                        );
+                        std::hint::spin_loop();
+                    }
+                    // One CPU starts up to a microsecond after the other
+                    // (which one and how much varies by source), so that
+                    // for some sources CPU 1 reads the list full just as
+                    // CPU 0 flags.
+                    let offset = (round as i64 % 100 - 50) * 20;
+                    if (cpu == 1) == (offset > 0) {
+                        let delay = Duration::from_nanos(offset.unsigned_abs());
+                        let released = std::time::Instant::now();
+                        while released.elapsed() < delay {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    h.run(Hook::Xdp(Inbound), crossing);
+                    for f in after {
+                        h.run(Hook::Xdp(Inbound), f);
+                    }
+                }
+            });
+        }
+    });
+    let flagged: u64 = h.snapshot().detection.flagged.iter().map(|f| f.flagged).sum();
+    let unflagged = (0..SOURCES)
+        .filter(|s| !h.tracked(IpAddr::from(source(*s))).iter().any(|t| t.flagged))
+        .count();
+    eprintln!("{SOURCES} sources probed from two CPUs at once: {flagged} flags, {unflagged} sources unflagged");
+    assert_eq!(unflagged, 0, "sources never flagged");
+    assert_eq!(flagged, SOURCES as u64, "sources flagged twice");
+}
+
+/// Issue 10, item 9: repeats pending in one CPU's flood memo when
+/// another CPU flags the source belong to the incident, and so do those
+/// pending when the controller refreshes it.
+#[test]
+fn incidents_include_repeats_pending_in_another_cpus_memo() {
+    require_privileged!();
+    use netwatch_tests::harness::pin_to_cpu;
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 3, 300, None)]));
+    let state = std::env::temp_dir().join(netwatch_tests::unique("state"));
+    let mut detector = netwatch_user::detector::Detector::open(&h.maps, &state).unwrap();
+    let repeat = Frame::udp4(SCANNER, target(0), 1, 137).build();
+    // CPU 0: one probe and ten repeats of it, held in CPU 0's memo.
+    pin_to_cpu(0);
+    h.run_repeat(Hook::Xdp(Inbound), &repeat, 11);
+    // CPU 1: two more destinations; the second flags the source.
+    pin_to_cpu(1);
+    probe(&h, SCANNER, 1);
+    probe(&h, SCANNER, 2);
+    let events = h.events();
+    assert_eq!(events.len(), 1);
+    detector.on_event(&events[0]).unwrap();
+    let packets = || {
+        let store = netwatch_user::incidents::Store::open_read_only(&state)
+            .unwrap()
+            .unwrap();
+        let incidents = store.by_source(IpAddr::from(SCANNER)).unwrap();
+        assert_eq!(incidents.len(), 1);
+        incidents[0].packets
+    };
+    assert_eq!(packets(), 13, "the incident misses the repeats pending on CPU 0");
+    // More repeats on CPU 0, in its memo when the controller refreshes.
+    pin_to_cpu(0);
+    h.run_repeat(Hook::Xdp(Inbound), &repeat, 20);
+    detector.refresh().unwrap();
+    assert_eq!(packets(), 33, "the refresh misses the repeats pending on CPU 0");
+    assert_eq!(h.tracked(IpAddr::from(SCANNER))[0].packets, 33);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -241,6 +241,49 @@ fn lan_side_names_the_infected_host_behind_nat() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 10, item 5: the probe that takes a scanner to its threshold goes
+/// to an allowlisted resolver. It arrives (traffic to the allowlist always
+/// passes), and the scanner is blocked all the same: only its own
+/// allowlisting spares a source.
+#[test]
+fn a_threshold_probe_to_an_allowlisted_resolver_does_not_dodge_auto_block() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\nallowlist = [\"198.18.1.53/32\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
+        ),
+    )
+    .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let listener = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp_many(&lab.scanner, "198.18.1.", 1..5, 137), 4);
+    assert_eq!(send_udp(&lab.scanner, "198.18.1.53:137", 1), 1);
+    assert_eq!(
+        count_received(&listener),
+        5,
+        "probes below the threshold or to the resolver dropped"
+    );
+    assert_eq!(send_udp_many(&lab.scanner, "198.18.1.", 5..21, 137), 16);
+    assert_eq!(count_received(&listener), 0, "the scanner was not blocked");
+    assert_eq!(send_udp(&lab.scanner, "198.18.1.53:137", 2), 2);
+    assert_eq!(
+        count_received(&listener),
+        2,
+        "traffic to the allowlisted resolver dropped"
+    );
+    let report = nw.wait_for_incident(SCANNER_IP);
+    assert_eq!(incidents(&report)[0]["blocked"], true);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 1.0);
+    assert_eq!(sample(&m, "netwatch_auto_blocks_total", &[]), 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `block`, `allow` and `unblock` change enforcement live.
 #[test]
 fn block_and_allow_from_the_command_line() {

@@ -180,22 +180,26 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// XDP programs on `dev` in `ns`, and netwatch TC (TCX) links anywhere:
-/// namespace tests run one at a time, so those are this test's. (bpftool
-/// 7.1 does not show TCX attachments per device.)
-fn programs_on(ns: &str, dev: &str) -> (usize, usize) {
+/// XDP programs on `dev` in `ns`, and TC (TCX) links of netwatch programs
+/// using the maps pinned in `pins` (bpftool 7.1 does not show TCX
+/// attachments per device; links that other runs on the machine left
+/// behind are not this test's).
+fn programs_on(ns: &str, dev: &str, pins: &str) -> (usize, usize) {
     let json =
         |cmd: &mut Command| -> serde_json::Value { serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap() };
     let net = json(Command::new("nsenter").args([&format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]));
     let xdp = net[0]["xdp"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|e| e["devname"] == dev).count());
+    let settings =
+        json(Command::new("bpftool").args(["-j", "map", "show", "pinned", &format!("{pins}/SETTINGS")]))["id"].clone();
     let progs = json(Command::new("bpftool").args(["-j", "prog", "show"]));
     let tc_ids: Vec<u64> = progs
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| p["name"] == "netwatch_tc")
+        .filter(|p| p["map_ids"].as_array().is_some_and(|ids| ids.contains(&settings)))
         .filter_map(|p| p["id"].as_u64())
         .collect();
     let links = json(Command::new("bpftool").args(["-j", "link", "show"]));
@@ -231,12 +235,12 @@ fn sigkill_and_restart_lose_nothing() {
         0,
         "not enforced while the controller was dead"
     );
-    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF), (1, 1));
+    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF, &pins), (1, 1));
 
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     assert!(nw.log().contains("re-adopted the XDP link"), "{}", nw.log());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (1, 1),
         "programs duplicated on restart"
     );
@@ -281,7 +285,7 @@ fn keep_attached_covers_a_controller_upgrade() {
     );
     assert!(nw.stop().success());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (0, 0),
         "left attached without --keep-attached"
     );
@@ -459,4 +463,171 @@ fn only_root_may_change_anything() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("[default: 127.0.0.1:9737]"));
+}
+
+/// Probes from `count` generator sources from `base` (the low 32 bits of
+/// 2001:db8:1::/96), one each; returns how many netwatch dropped.
+fn dropped_of(nw: &Netwatch, rig: &mut Rig, frame: &[u8], base: u32, count: u32) -> u32 {
+    let dropped = |rig: &Rig| {
+        metric(
+            nw,
+            rig,
+            "netwatch_packets_total",
+            &[("rule", "udp/137"), ("direction", "inbound"), ("action", "dropped")],
+        )
+    };
+    let before = dropped(rig);
+    rig.bench.set_sources(count, base);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, frame, count);
+    std::thread::sleep(Duration::from_millis(300));
+    (dropped(rig) - before) as u32
+}
+
+/// Issue 10, item 4: auto-blocks outlive the per-source records. Eight
+/// spoofed scanners are auto-blocked, then 1.3 million one-packet spoofed
+/// sources evict every record the LRU held: the scanners stay blocked,
+/// `unblock` lifts exactly the one it names, and the cap slots held are
+/// exactly the blocks in force.
+#[test]
+fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
+    require_privileged!();
+    const SCANNERS: u32 = 8;
+    // 2001:db8:1::100 to 2001:db8:1::107.
+    const SCANNER_BASE: u32 = 0x100;
+    const FLOOD: u32 = 1_300_000;
+    const FLOOD_BASE: u32 = 0x0100_0000;
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\n\
+         [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let frames: Vec<Vec<u8>> = (0..4u8)
+        .map(|d| {
+            let mut f = rig.probe6.clone();
+            f[14 + 24 + 15] = 10 + d;
+            f
+        })
+        .collect();
+    for frame in &frames[..3] {
+        rig.bench.set_sources(SCANNERS, SCANNER_BASE);
+        rig.bench.flood(&rig.gen_ns, GEN_IF, frame, SCANNERS);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(&nw, &rig, "netwatch_auto_blocks_total", &[]), SCANNERS as f64);
+    assert_eq!(dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS), SCANNERS);
+
+    // The flood: one packet from each of 1.3 million other sources.
+    rig.bench.set_sources(FLOOD, FLOOD_BASE);
+    rig.bench.flood(&rig.gen_ns, GEN_IF, &frames[0], FLOOD);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..SCANNERS {
+        let report = nw.lookup(&format!("2001:db8:1::{:x}", SCANNER_BASE + i));
+        assert!(
+            report["tracked"].as_array().unwrap().is_empty(),
+            "the flood did not evict scanner {i}: {report:#}"
+        );
+    }
+    assert_eq!(
+        dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS),
+        SCANNERS,
+        "auto-blocks ended with their evicted records"
+    );
+
+    // `unblock` lifts exactly the block it names.
+    let out = netwatch(&["unblock", "2001:db8:1::100", "--pin-dir", &nw.pin_dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("lifted 1 auto-block"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let in_force = dropped_of(&nw, &mut rig, &frames[3], SCANNER_BASE, SCANNERS);
+    let slots = netwatch_tests::harness::block_slots_held(Path::new(&nw.pin_dir));
+    eprintln!("after {FLOOD} spoofed sources and one unblock: {in_force} auto-blocks in force, {slots} cap slots held");
+    assert_eq!(in_force, SCANNERS - 1);
+    assert_eq!(slots, in_force as usize, "cap slots held are not the blocks in force");
+    let m = nw.metrics(&rig.dut);
+    assert_eq!(sample(&m, "netwatch_sources_blocked", &[]), in_force as f64);
+    let status: serde_json::Value =
+        serde_json::from_slice(&netwatch(&["status", "--json", "--pin-dir", &nw.pin_dir]).stdout).unwrap();
+    assert_eq!(status["detection"]["auto_blocks_in_force"], in_force);
+    let blocked = nw.lookup("2001:db8:1::101");
+    assert_eq!(blocked["blocks"].as_array().unwrap().len(), 1, "{blocked:#}");
+    assert_eq!(blocked["blocks"][0]["rule"], "udp/137");
+    assert!(nw.lookup("2001:db8:1::100")["blocks"].as_array().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Issue 10, item 8: 5000 spoofed scanners flagged within a second or
+/// two, more than the per-CPU event budget lets through: the controller's
+/// walk of the source map records each flag whose event was lost as a
+/// recovered incident, so every flagged source has exactly one incident.
+#[test]
+fn flags_whose_events_were_lost_become_recovered_incidents() {
+    require_privileged!();
+    const SCANNERS: u32 = 5000;
+    const BASE: u32 = 0x2_0000;
+    let mut rig = Rig::new();
+    let (dir, config) = write_config(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 3\n"
+    ));
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    for d in 0..3u8 {
+        let mut frame = rig.probe6.clone();
+        frame[14 + 24 + 15] = 20 + d;
+        rig.bench.set_sources(SCANNERS, BASE);
+        rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, SCANNERS);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]),
+        SCANNERS as f64
+    );
+    let lost = metric(&nw, &rig, "netwatch_events_lost_total", &[]) as usize;
+    assert!(lost > 0, "no event was lost: the test needs more scanners");
+    // The walk runs every 30 s.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let incidents = loop {
+        let body = rig
+            .dut
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let incidents = json["incidents"].as_array().unwrap().clone();
+        if incidents.len() >= SCANNERS as usize || Instant::now() > deadline {
+            break incidents;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let recovered: Vec<&serde_json::Value> = incidents.iter().filter(|i| i["recovered"] == true).collect();
+    eprintln!(
+        "{SCANNERS} flagged, {lost} events lost: {} incidents, {} of them recovered",
+        incidents.len(),
+        recovered.len()
+    );
+    assert_eq!(
+        incidents.len(),
+        SCANNERS as usize,
+        "flagged sources without an incident"
+    );
+    assert_eq!(recovered.len(), lost, "recovered incidents are not the lost events");
+    let source = recovered[0]["source"].as_str().unwrap();
+    let report = nw.lookup(source);
+    assert_eq!(report["incidents"].as_array().unwrap().len(), 1);
+    assert_eq!(report["incidents"][0]["recovered"], true);
+    let out = netwatch(&[
+        "lookup",
+        source,
+        "--pin-dir",
+        &nw.pin_dir,
+        "--state-dir",
+        nw.state_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(recovered"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

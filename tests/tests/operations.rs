@@ -393,6 +393,7 @@ fn json_output_keeps_its_documented_schema() {
         [
             "auto_blocks",
             "auto_blocks_capped",
+            "auto_blocks_in_force",
             "events_lost",
             "flagged",
             "reverse_lookups",
@@ -421,7 +422,7 @@ fn json_output_keeps_its_documented_schema() {
     let top = run(&["top", "--json", "--limit", "3", "--pin-dir", &nw.pin_dir]);
     assert_eq!(keys(&top), ["sources"]);
     assert_eq!(keys(&top["sources"][0]), source_keys);
-    assert_eq!(keys(&lookup), ["incidents", "ip", "tracked"]);
+    assert_eq!(keys(&lookup), ["blocks", "incidents", "ip", "tracked"]);
     assert_eq!(
         keys(&lookup["incidents"][0]),
         [
@@ -435,6 +436,7 @@ fn json_output_keeps_its_documented_schema() {
             "interface",
             "last_seen",
             "packets",
+            "recovered",
             "rule",
             "source",
         ]

@@ -10,7 +10,7 @@ use crate::{
     clock::rfc3339,
     datapath::PinnedMaps,
     incidents::{Incident, Store},
-    sources::{self, Names, SourceView},
+    sources::{self, BlockView, Names, SourceView},
 };
 
 /// The answer to `lookup IP`, as printed with `--json` and served at
@@ -22,6 +22,8 @@ pub struct LookupReport {
     pub incidents: Vec<Incident>,
     /// What the kernel tracks about the address right now.
     pub tracked: Vec<SourceView>,
+    /// Its auto-blocks in force (they outlive the records in `tracked`).
+    pub blocks: Vec<BlockView>,
 }
 
 pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
@@ -30,11 +32,22 @@ pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<Loo
         None => Vec::new(),
     };
     // Pins may be gone (after `detach`): incidents still answer.
-    let tracked = match PinnedMaps::open(pin_dir) {
-        Ok(maps) => sources::lookup(&maps, &Names::read(&maps)?, ip)?,
-        Err(_) => Vec::new(),
+    let (tracked, blocks) = match PinnedMaps::open(pin_dir) {
+        Ok(maps) => {
+            let names = Names::read(&maps)?;
+            (
+                sources::lookup(&maps, &names, ip)?,
+                sources::blocks_of(&maps, &names, ip)?,
+            )
+        }
+        Err(_) => (Vec::new(), Vec::new()),
     };
-    Ok(LookupReport { ip, incidents, tracked })
+    Ok(LookupReport {
+        ip,
+        incidents,
+        tracked,
+        blocks,
+    })
 }
 
 pub fn lookup(args: &LookupArgs) -> Result<()> {
@@ -55,9 +68,14 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
             (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
             _ => String::new(),
         };
+        let recovered = if i.recovered {
+            " (recovered: its flag event was lost)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}",
+            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",
             i.id,
             i.classification.label(),
             i.rule,
@@ -67,7 +85,15 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
             i.distinct_destinations,
             rfc3339(i.first_seen),
             rfc3339(i.last_seen),
-            blocked
+            blocked,
+            recovered
+        );
+    }
+    for b in &report.blocks {
+        let _ = writeln!(
+            out,
+            "auto-blocked: {} {} until {}",
+            b.rule, b.direction, b.blocked_until
         );
     }
     if report.tracked.is_empty() {

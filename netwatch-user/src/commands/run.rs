@@ -18,7 +18,7 @@ use crate::{
     cli::RunArgs,
     config::{ConfigFile, Overrides, RunConfig},
     datapath::{self, Attachments, PinnedMaps},
-    detector::{Detector, parse_event},
+    detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
     http::{self, AppState},
     install,
     metrics::ControllerStats,
@@ -139,10 +139,11 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
     Ok(())
 }
 
-/// How often open incidents are brought up to date from the kernel.
+/// How often open incidents are brought up to date from the kernel (and
+/// expired auto-blocks swept).
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
-/// How often the tracked sources are counted (a walk of the map's keys;
-/// never done at scrape time).
+/// How often the per-source map is walked: the tracked sources counted
+/// (never at scrape time), flags whose events were lost recorded.
 const COUNT_EVERY: Duration = Duration::from_secs(30);
 
 async fn serve_until_signal(
@@ -171,7 +172,7 @@ async fn serve_until_signal(
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE)? };
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
     let mut count = tokio::time::interval(COUNT_EVERY);
-    let mut counting: Option<tokio::task::JoinHandle<Result<u64>>> = None;
+    let mut counting: Option<tokio::task::JoinHandle<Result<sources::Census>>> = None;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -223,11 +224,13 @@ async fn serve_until_signal(
                     stats.lock().expect("stats lock").incident_errors += 1;
                     error!("updating open incidents failed: {err:#}");
                 }
-                stats.lock().expect("stats lock").sources_blocked = detector.blocked_now() as u64;
                 // Command-line list entries whose --ttl has passed: out of
                 // the maps, so they neither linger nor count against the cap.
                 if let Err(err) = install::change_lists(maps, install::CliChange::Expire) {
                     warn!("removing expired list entries: {err:#}");
+                }
+                if let Err(err) = sources::sweep_auto_blocks(maps) {
+                    warn!("sweeping expired auto-blocks: {err:#}");
                 }
                 if let Err(err) = datapath::check_interfaces(maps) {
                     warn!("checking interfaces: {err:#}");
@@ -235,14 +238,35 @@ async fn serve_until_signal(
             }
             _ = count.tick(), if counting.is_none() => {
                 let pin_dir = config.pin_dir.clone();
-                counting = Some(tokio::task::spawn_blocking(move || sources::count(&PinnedMaps::open(&pin_dir)?)));
+                let followed = detector.followed_keys();
+                counting = Some(tokio::task::spawn_blocking(move || {
+                    sources::census(&PinnedMaps::open(&pin_dir)?, &followed, MAX_RECOVERED_PER_WALK)
+                }));
             }
             done = async { counting.as_mut().expect("guarded").await }, if counting.is_some() => {
                 counting = None;
                 match done {
-                    Ok(Ok(n)) => stats.lock().expect("stats lock").sources_tracked = Some(n),
-                    Ok(Err(err)) => warn!("counting tracked sources: {err:#}"),
-                    Err(err) => warn!("counting tracked sources: {err}"),
+                    Ok(Ok(census)) => {
+                        stats.lock().expect("stats lock").sources_tracked = Some(census.tracked);
+                        // Flags whose events were lost: recorded now.
+                        match detector.recover(&census.flagged) {
+                            Ok(0) => {}
+                            Ok(n) => info!(
+                                "recorded {n} flagged sources whose events were lost as recovered incidents{}",
+                                if census.more_flagged > 0 {
+                                    format!(" ({} more flagged records left for the next walks)", census.more_flagged)
+                                } else {
+                                    String::new()
+                                }
+                            ),
+                            Err(err) => {
+                                stats.lock().expect("stats lock").incident_errors += 1;
+                                error!("recording recovered incidents failed: {err:#}");
+                            }
+                        }
+                    }
+                    Ok(Err(err)) => warn!("walking the per-source map: {err:#}"),
+                    Err(err) => warn!("walking the per-source map: {err}"),
                 }
             }
         }

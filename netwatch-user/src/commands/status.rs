@@ -102,7 +102,7 @@ pub fn render_text(s: &Snapshot) -> String {
         .collect();
     let _ = writeln!(
         out,
-        "detection: {} sources tracked so far, flagged: {}, auto-blocks: {}, events lost: {}",
+        "detection: {} sources tracked so far, flagged: {}, auto-blocks: {} set, {} in force, events lost: {}",
         d.sources_created,
         if flagged.is_empty() {
             "none".to_string()
@@ -110,6 +110,7 @@ pub fn render_text(s: &Snapshot) -> String {
             flagged.join(", ")
         },
         d.auto_blocks,
+        d.auto_blocks_in_force,
         d.events_lost
     );
     let reverse: u64 = d.reverse_lookups.iter().map(|c| c.packets).sum();
