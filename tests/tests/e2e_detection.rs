@@ -433,6 +433,75 @@ fn a_syn_flood_does_not_evict_real_visitors() {
     drop(connections);
 }
 
+/// On a router the LAN side sees an inside web server's SYN-ACKs leave
+/// and the WAN side its visitors' ACKs arrive: the server's lookups of 25
+/// visitors from outside are reverse lookups, its sweep of 25 strangers
+/// is flagged, under the server's own (inside) address.
+#[test]
+fn a_router_recognises_an_inside_web_servers_reverse_lookups() {
+    require_privileged!();
+    const VISITORS: u8 = 25;
+    let RouterLab {
+        inside,
+        router,
+        internet,
+    } = RouterLab::new();
+    for i in 0..VISITORS {
+        internet.ip(&["addr", "add", &format!("198.18.0.{}/24", 100 + i), "dev", "nw-up"]);
+    }
+    let nw = Netwatch::start(&router, &pin_dir(), &["--iface", "nw-lan:lan", "--iface", "nw-wan:wan"]);
+    let (listener, lookup) = inside.run(|| {
+        (
+            TcpListener::bind("198.18.10.2:80").unwrap(),
+            UdpSocket::bind("198.18.10.2:0").unwrap(),
+        )
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..VISITORS {
+            let (conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            drop(conn);
+        }
+    });
+    internet.run(|| {
+        for i in 0..VISITORS {
+            let local = std::net::Ipv4Addr::new(198, 18, 0, 100 + i).into();
+            drop(tcp_connect_from(local, "198.18.10.2:80".parse().unwrap()).expect("visit"));
+        }
+    });
+    server.join().unwrap();
+    let reverse = eventually(f64::from(VISITORS), Duration::from_secs(3), || {
+        sample(
+            &nw.metrics(&router),
+            "netwatch_reverse_lookups_total",
+            &[("interface", LAN_IF)],
+        )
+    });
+    let m = nw.metrics(&router);
+    eprintln!(
+        "router: {} SYN-ACKs seen on the LAN side, {} visitors recorded, {reverse} reverse lookups",
+        sample(&m, "netwatch_web_syn_acks_total", &[]),
+        sample(&m, "netwatch_visitors_recorded_total", &[])
+    );
+    assert_eq!(reverse, f64::from(VISITORS));
+    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 0.0);
+    assert_eq!(sample(&m, "netwatch_visitors_recorded_total", &[]), f64::from(VISITORS));
+    let report = nw.lookup(INSIDE_IP);
+    assert_eq!(report["tracked"][0]["classification"], "reverse-lookup");
+
+    assert_eq!(send_udp_many(&inside, "198.18.1.", 1..26, 137), 25);
+    let report = nw.wait_for_incident(INSIDE_IP);
+    let i = &incidents(&report)[0];
+    assert_eq!(
+        (
+            i["classification"].as_str(),
+            i["direction"].as_str(),
+            i["interface"].as_str()
+        ),
+        (Some("scan"), Some("outbound"), Some(LAN_IF))
+    );
+}
+
 /// A router's LAN side names the infected machine by its internal
 /// address; enforce mode with auto-block stops it within a few probes.
 #[test]
