@@ -113,7 +113,7 @@ pub const ACTION_DROP: u8 = 1;
 /// One version of the hot-path view of a (protocol, port). `id == 0`
 /// means "no rule"; a rule with slot `n` is stored as `n + 1`, so the
 /// zero-initialised array means "no rules" without any set-up. `flags`
-/// marks web ports (whose inbound SYNs record visitors) even where no
+/// marks web ports (whose TCP handshakes record visitors) even where no
 /// rule is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,6 +134,12 @@ pub struct PortRule {
     /// Auto-block duration once flagged (0 = auto-block off).
     pub block_secs: u32,
 }
+
+/// A TCP handshake with this port, answered by a SYN-ACK seen leaving and
+/// completed by the visitor's ACK seen arriving, records the visitor.
+pub const PORT_WEB: u32 = 1;
+/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
+pub const PORT_REVERSE_LOOKUP: u32 = 2;
 
 impl PortRule {
     #[inline(always)]
@@ -160,11 +166,6 @@ pub struct PortRules {
 
 /// Policy versions: the one in force and the one a reload builds.
 pub const POLICY_VERSIONS: usize = 2;
-
-/// A TCP SYN to this port from outside records the sender as a visitor.
-pub const PORT_WEB: u32 = 1;
-/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
-pub const PORT_REVERSE_LOOKUP: u32 = 2;
 
 /// Describes a rule slot, for the controller and `status` (never read by
 /// the datapath). `in_use` has bit `v` set when policy version `v` holds
@@ -432,8 +433,55 @@ pub const CLASS_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * CLASSES;
 
 /// Per-source tracking: entries of the LRU map.
 pub const MAX_SOURCES: u32 = 1 << 20;
-/// Remembered web visitors (LRU).
+/// Web visitors that completed a TCP handshake (LRU). Only a handshake
+/// proven by the visitor's ACK inserts here, so a flood of spoofed SYNs
+/// cannot evict them.
 pub const MAX_VISITORS: u32 = 1 << 16;
+/// Handshakes a web port has answered (SYN-ACK seen leaving) whose ACK
+/// has not arrived yet (LRU). A SYN flood churns this map, never
+/// `VISITORS`.
+pub const MAX_HANDSHAKES: u32 = 1 << 16;
+
+/// Key of the `VISITORS` map: a local address (the web server, as it
+/// sends) and a peer that completed a TCP handshake with it on a web port.
+/// Addresses are IPv4 in the first 4 bytes (rest zero), or IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VisitorKey {
+    pub local: [u8; 16],
+    pub visitor: [u8; 16],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the `HANDSHAKES` map: the visitor's end of a TCP connection
+/// that a web port answered with a SYN-ACK. The local address is in the
+/// value, not the key: on a router that forwards a public port to a LAN
+/// server, the visitor's ACK arrives for the public address while the
+/// SYN-ACK leaves from the server's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HandshakeKey {
+    pub peer: [u8; 16],
+    /// The visitor's TCP port.
+    pub peer_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A SYN-ACK seen leaving a web port: the visitor it makes once
+/// acknowledged (the SYN-ACK's source as `local`, its destination as
+/// `visitor`), and the acknowledgement number the visitor's ACK must
+/// carry (the SYN-ACK's sequence number + 1, which an off-path spoofer
+/// never sees).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handshake {
+    pub visitor: VisitorKey,
+    pub ack: u32,
+}
 
 /// The sketch of distinct destinations: while `distinct <=
 /// SKETCH_LIST_LEN` it is an exact list of destination hashes; on the
@@ -559,10 +607,17 @@ pub const STAT_SOURCES_CREATED: u32 = 0;
 /// Flag events not delivered: ring buffer full, or over the rate limit.
 pub const STAT_EVENTS_LOST: u32 = 1;
 pub const STAT_AUTO_BLOCKED: u32 = 2;
+/// Visitors recorded: handshakes to a web port whose ACK carried the
+/// acknowledgement number the SYN-ACK asked for.
 pub const STAT_VISITORS_RECORDED: u32 = 3;
 /// Auto-blocks not set because `MAX_AUTO_BLOCKS` were in force.
 pub const STAT_AUTO_BLOCKS_CAPPED: u32 = 4;
-pub const STATS: u32 = 5;
+/// SYN-ACKs seen leaving a web port (handshakes waiting for their ACK).
+pub const STAT_HANDSHAKES_STARTED: u32 = 5;
+/// ACKs to a web port, from a peer with a pending handshake, whose
+/// acknowledgement number was wrong: forged, or not an ordinary handshake.
+pub const STAT_HANDSHAKES_REJECTED: u32 = 6;
+pub const STATS: u32 = 7;
 
 /// Flag events a CPU may send per second; a flood of flags (a million
 /// spoofed scanners) reaches the controller at this rate at most, the
@@ -661,6 +716,7 @@ pub mod maps {
     pub const BLOCK_V6: &str = "BLOCK_V6";
     pub const SOURCES: &str = "SOURCES";
     pub const VISITORS: &str = "VISITORS";
+    pub const HANDSHAKES: &str = "HANDSHAKES";
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
     pub const FLAG_COUNTERS: &str = "FLAG_COUNTERS";
@@ -668,7 +724,7 @@ pub mod maps {
     pub const FLOOD_CACHE: &str = "FLOOD_CACHE";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const AUTO_BLOCKS: &str = "AUTO_BLOCKS";
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -681,6 +737,7 @@ pub mod maps {
         BLOCK_V6,
         SOURCES,
         VISITORS,
+        HANDSHAKES,
         EVENTS,
         STATS,
         FLAG_COUNTERS,
@@ -712,6 +769,9 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for VisitorKey {}
+    unsafe impl aya::Pod for HandshakeKey {}
+    unsafe impl aya::Pod for Handshake {}
     unsafe impl aya::Pod for SourceState {}
     unsafe impl aya::Pod for FlagEvent {}
     unsafe impl aya::Pod for ListEntry {}

@@ -7,9 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, IfaceInfo, ListEntry,
-    MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRules,
-    RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey, SourceState,
+    CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, Handshake, HandshakeKey, IfaceInfo,
+    ListEntry, MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_HANDSHAKES, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS,
+    PORT_RULE_ENTRIES, PortRules, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey,
+    SourceState, VisitorKey,
 };
 
 #[map]
@@ -48,10 +49,17 @@ pub static BLOCK_V6: LpmTrie<[u8; 16], ListEntry> = LpmTrie::with_max_entries(MA
 #[map]
 pub static SOURCES: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
 
-/// Peers that recently opened a TCP connection to a web port (only the
-/// address and family of the key are set), value: CLOCK_MONOTONIC second.
+/// (local address, visitor) pairs whose TCP handshake on a web port
+/// completed, value: CLOCK_MONOTONIC second of the visitor's ACK. Only
+/// that proof inserts here.
 #[map]
-pub static VISITORS: LruHashMap<SourceKey, u32> = LruHashMap::with_max_entries(MAX_VISITORS, 0);
+pub static VISITORS: LruHashMap<VisitorKey, u32> = LruHashMap::with_max_entries(MAX_VISITORS, 0);
+
+/// SYN-ACKs a web port sent, by the visitor's address and port, waiting
+/// for the ACK that proves the visitor saw them. A flood of spoofed SYNs
+/// churns this map only.
+#[map]
+pub static HANDSHAKES: LruHashMap<HandshakeKey, Handshake> = LruHashMap::with_max_entries(MAX_HANDSHAKES, 0);
 
 /// One `FlagEvent` per source crossing its threshold.
 #[map]

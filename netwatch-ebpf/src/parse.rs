@@ -59,12 +59,21 @@ pub enum Addrs {
 pub struct Packet {
     pub protocol: Protocol,
     pub dst_port: u16,
+    pub src_port: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// The first bytes of the TCP header (ports, sequence and
+    /// acknowledgement numbers, offset and flags), checked to lie inside
+    /// the frame; null for UDP. Read only on web handshakes.
+    pub tcp: *const TcpHead,
     pub addrs: Addrs,
 }
 
+/// The first 14 bytes of a TCP header: up to and including the flags.
+pub type TcpHead = [u8; 14];
+
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Outcome of parsing: a packet with ports, or the class it counts under.
@@ -333,15 +342,21 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
         }
     }
     let ports = frame.bytes::<PORTS_LEN>(t.offset).ok_or(Class::L4Truncated)?;
-    let tcp_flags = match protocol {
-        // Data offset and flags; flags are the second byte.
-        Protocol::Tcp => frame.bytes::<2>(t.offset + 12).ok_or(Class::L4Truncated)?[1],
-        Protocol::Udp => 0,
+    let (tcp, tcp_flags) = match protocol {
+        Protocol::Tcp => {
+            let tcp = frame.at::<TcpHead>(t.offset).ok_or(Class::L4Truncated)?;
+            // Data offset and flags; flags are the second byte.
+            // SAFETY: `at` checked that the 14 bytes are inside the frame.
+            (tcp, unsafe { (*tcp)[13] })
+        }
+        Protocol::Udp => (core::ptr::null(), 0),
     };
     Ok(Packet {
         protocol,
         dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+        src_port: u16::from_be_bytes([ports[0], ports[1]]),
         tcp_flags,
+        tcp,
         addrs: t.addrs,
     })
 }

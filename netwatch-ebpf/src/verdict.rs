@@ -7,17 +7,18 @@ use aya_ebpf::{
     maps::{LpmTrie, lpm_trie::Key},
 };
 use netwatch_common::{
-    ACTION_DROP, Class, Counter, Direction, HASH_KEY_WORDS, KIND_PROBE, KIND_REVERSE_LOOKUP, LinkKind, ListEntry,
-    MODE_ENFORCE, Outcome, PORT_REVERSE_LOOKUP, PORT_WEB, STAT_VISITORS_RECORDED, SourceKey, class_counter_index,
-    dst_hash_v4, dst_hash_v6, port_rule_index, rule_counter_index,
+    ACTION_DROP, Class, Counter, Direction, HASH_KEY_WORDS, Handshake, HandshakeKey, KIND_PROBE, KIND_REVERSE_LOOKUP,
+    LinkKind, ListEntry, MODE_ENFORCE, Outcome, PORT_REVERSE_LOOKUP, PORT_WEB, Protocol, STAT_HANDSHAKES_REJECTED,
+    STAT_HANDSHAKES_STARTED, STAT_VISITORS_RECORDED, SourceKey, VisitorKey, class_counter_index, dst_hash_v4,
+    dst_hash_v6, port_rule_index, rule_counter_index,
 };
 
 use crate::{
     maps::{
-        ALLOW_V4, ALLOW_V6, BLOCK_V4, BLOCK_V6, CLASS_COUNTERS, PORT_RULES, REVERSE_COUNTERS, RULE_COUNTERS, SETTINGS,
-        STATS, VISITORS,
+        ALLOW_V4, ALLOW_V6, BLOCK_V4, BLOCK_V6, CLASS_COUNTERS, HANDSHAKES, PORT_RULES, REVERSE_COUNTERS,
+        RULE_COUNTERS, SETTINGS, STATS, VISITORS,
     },
-    parse::{Addrs, Packet, TCP_ACK, TCP_SYN, parse},
+    parse::{Addrs, Packet, TCP_ACK, TCP_RST, TCP_SYN, parse},
     track::{bump_stat, track},
 };
 
@@ -69,6 +70,11 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
     };
     // Most traffic: no rule and no web port in either policy version.
     if rules.versions[0].is_empty() && rules.versions[1].is_empty() {
+        // A SYN-ACK leaving a web port goes to the visitor's ephemeral
+        // port, which has no rule: the handshake check must see it here.
+        if dir == Direction::Outbound as u32 {
+            web_handshake(&packet, 0, dir);
+        }
         count_unmatched(iface, dir, bytes);
         return false;
     }
@@ -78,9 +84,7 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
     let version = settings.active_version();
     let rule = rules.version(version);
     let policy = settings.policy(version);
-    if rule.flags & PORT_WEB != 0 {
-        record_visitor(&packet, dir);
-    }
+    web_handshake(&packet, rule.flags, dir);
     if rule.id == 0 {
         count_unmatched(iface, dir, bytes);
         return false;
@@ -167,43 +171,128 @@ fn source_key(addrs: &Addrs, rule: u32, dir: u32, reverse: bool, hash_key: &[u64
     (key, hash)
 }
 
-/// The map key of an address alone (for `VISITORS`).
+/// An IPv4 address as the visitor maps store it: in the first 4 bytes.
 #[inline(always)]
-fn addr_key(addrs: &Addrs, use_src: bool) -> SourceKey {
-    let mut key = SourceKey::default();
-    // SAFETY: the parser checked the addresses lie inside the packet.
+fn addr16(addr: *const [u8; 4]) -> [u8; 16] {
+    // SAFETY: the parser checked the address lies inside the packet.
+    let a = unsafe { *addr };
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// The packet's source and destination as a `VisitorKey`'s local
+/// address and visitor.
+#[inline(always)]
+fn visitor_key(addrs: &Addrs) -> VisitorKey {
+    match *addrs {
+        Addrs::V4 { src, dst } => VisitorKey {
+            local: addr16(src),
+            visitor: addr16(dst),
+            family: 4,
+            _pad: [0; 3],
+        },
+        // SAFETY: the parser checked the addresses lie inside the packet.
+        Addrs::V6 { src, dst } => unsafe {
+            VisitorKey {
+                local: *src,
+                visitor: *dst,
+                family: 6,
+                _pad: [0; 3],
+            }
+        },
+    }
+}
+
+/// The 32-bit number at `offset` of the TCP header.
+#[inline(always)]
+fn tcp_u32(packet: &Packet, offset: usize) -> u32 {
+    // SAFETY: only called for TCP packets (flags set), whose `tcp` points
+    // at 14 bytes the parser checked are inside the frame.
+    u32::from_be_bytes(unsafe { *((packet.tcp as usize + offset) as *const [u8; 4]) })
+}
+
+/// Web handshakes: a SYN-ACK leaving a web port is remembered with the
+/// acknowledgement number it asks for; the visitor's ACK carrying that
+/// number, arriving, records the visitor. Only TCP to or from a web port
+/// gets past the flag tests.
+#[inline(always)]
+fn web_handshake(packet: &Packet, rule_flags: u32, dir: u32) {
+    let flags = packet.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST);
+    if dir == Direction::Inbound as u32 {
+        if rule_flags & PORT_WEB != 0 && flags == TCP_ACK {
+            let (peer, family) = match packet.addrs {
+                Addrs::V4 { src, .. } => (addr16(src), 4),
+                // SAFETY: the parser checked the address lies inside the packet.
+                Addrs::V6 { src, .. } => (unsafe { *src }, 6),
+            };
+            let key = HandshakeKey {
+                peer,
+                peer_port: packet.src_port,
+                family,
+                _pad: 0,
+            };
+            visitor_ack(&key, tcp_u32(packet, 8));
+        }
+    } else if flags == TCP_SYN | TCP_ACK
+        && let Some(rules) = PORT_RULES.get(port_rule_index(Protocol::Tcp, packet.src_port))
+        && let Some(settings) = SETTINGS.get(0)
+        && rules.version(settings.active_version()).flags & PORT_WEB != 0
+    {
+        web_syn_ack(&visitor_key(&packet.addrs), packet.dst_port, tcp_u32(packet, 4));
+    }
+}
+
+/// A SYN-ACK leaving a web port towards `visitor`'s `peer_port`, with
+/// sequence number `seq`: the handshake is pending until the visitor
+/// acknowledges it. Its own BPF function, so that its keys live in a
+/// stack frame of their own: the main one has no 60 bytes to spare.
+#[inline(never)]
+fn web_syn_ack(visitor: &VisitorKey, peer_port: u16, seq: u32) {
+    let key = HandshakeKey {
+        peer: visitor.visitor,
+        peer_port,
+        family: visitor.family,
+        _pad: 0,
+    };
+    let pending = Handshake {
+        visitor: *visitor,
+        ack: seq.wrapping_add(1),
+    };
+    if HANDSHAKES.insert(key, pending, 0).is_ok() {
+        bump_stat(&STATS, STAT_HANDSHAKES_STARTED);
+    }
+}
+
+/// An ACK with acknowledgement number `ack` arriving at a web port from
+/// `key`'s end: if it acknowledges a pending SYN-ACK's sequence number,
+/// the handshake is complete and its sender a visitor of the address that
+/// sent the SYN-ACK. A wrong number leaves the pending handshake alone (a
+/// forger must not cancel a real one). Its own BPF function, like
+/// `web_syn_ack`.
+#[inline(never)]
+fn visitor_ack(key: &HandshakeKey, ack: u32) {
+    let Some(pending) = HANDSHAKES.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a map value; the helper reads the visitors' key straight
+    // from it (hence the borrow: no copy on the stack).
+    #[allow(clippy::needless_borrows_for_generic_args)]
     unsafe {
-        match *addrs {
-            Addrs::V4 { src, dst } => {
-                let a = if use_src { *src } else { *dst };
-                key.addr = [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-                key.family = 4;
-            }
-            Addrs::V6 { src, dst } => {
-                key.addr = if use_src { *src } else { *dst };
-                key.family = 6;
-            }
+        if ack != (*pending).ack {
+            bump_stat(&STATS, STAT_HANDSHAKES_REJECTED);
+            return;
+        }
+        if VISITORS.insert(&(*pending).visitor, secs(now_ns()), 0).is_ok() {
+            bump_stat(&STATS, STAT_VISITORS_RECORDED);
         }
     }
-    key
+    let _ = HANDSHAKES.remove(key);
 }
 
-/// An inbound TCP SYN to a web port: remember who is visiting.
-#[inline(always)]
-fn record_visitor(packet: &Packet, dir: u32) {
-    if dir == Direction::Inbound as u32
-        && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && VISITORS
-            .insert(addr_key(&packet.addrs, true), secs(now_ns()), 0)
-            .is_ok()
-    {
-        bump_stat(&STATS, STAT_VISITORS_RECORDED);
-    }
-}
-
+/// Whether the packet goes from a local address to a peer that completed
+/// a handshake with it within `window` seconds.
 #[inline(always)]
 fn recent_visitor(addrs: &Addrs, now: u32, window: u32) -> bool {
-    match VISITORS.get_ptr(addr_key(addrs, false)) {
+    match VISITORS.get_ptr(visitor_key(addrs)) {
         // SAFETY: a map value.
         Some(seen) => now.wrapping_sub(unsafe { *seen }) <= window,
         None => false,

@@ -147,6 +147,27 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
             .with_label_values(&[c.interface.as_str(), c.rule.as_str(), c.action])
             .inc_by(c.packets);
     }
+    for (name, help, value) in [
+        (
+            "netwatch_web_syn_acks_total",
+            "SYN-ACKs seen leaving a web port (web_ports): handshakes waiting for the visitor's ACK.",
+            d.web_syn_acks,
+        ),
+        (
+            "netwatch_visitors_recorded_total",
+            "Web visitors recorded: handshakes whose ACK carried the acknowledgement number the SYN-ACK asked for. Only these make udp/137 towards the visitor a reverse lookup.",
+            d.visitors_recorded,
+        ),
+        (
+            "netwatch_web_acks_rejected_total",
+            "ACKs to a web port for a pending handshake with the wrong acknowledgement number (forged, or not an ordinary handshake); no visitor recorded.",
+            d.web_acks_rejected,
+        ),
+    ] {
+        counter_vec(&registry, name, help, &[])?
+            .with_label_values::<&str>(&[])
+            .inc_by(value);
+    }
     let capacity = gauge_vec(
         &registry,
         "netwatch_sources_capacity",

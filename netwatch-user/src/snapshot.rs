@@ -4,8 +4,8 @@
 use anyhow::Result;
 use netwatch_common::{
     ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, PortRules, Protocol, STAT_AUTO_BLOCKED,
-    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index,
-    flag_counter_index, maps, port_rule_index, rule_counter_index,
+    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED, STAT_SOURCES_CREATED,
+    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, port_rule_index, rule_counter_index,
 };
 use serde::Serialize;
 
@@ -51,7 +51,13 @@ pub struct DetectionStats {
     pub auto_blocks_in_force: u64,
     /// Auto-blocks not set because the cap was reached.
     pub auto_blocks_capped: u64,
+    /// Web visitors recorded: TCP handshakes on a web port whose ACK
+    /// carried the acknowledgement number the SYN-ACK asked for.
     pub visitors_recorded: u64,
+    /// SYN-ACKs seen leaving a web port (handshakes awaiting the ACK).
+    pub web_syn_acks: u64,
+    /// ACKs for a pending handshake with the wrong acknowledgement number.
+    pub web_acks_rejected: u64,
     pub flagged: Vec<FlagCount>,
     /// Outbound rule traffic to recent web visitors (subset of the rule counters).
     pub reverse_lookups: Vec<RuleCounter>,
@@ -256,6 +262,8 @@ impl Snapshot {
             auto_blocks_in_force: crate::sources::blocks_in_force(maps)?,
             auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
             visitors_recorded: stat(STAT_VISITORS_RECORDED)?,
+            web_syn_acks: stat(STAT_HANDSHAKES_STARTED)?,
+            web_acks_rejected: stat(STAT_HANDSHAKES_REJECTED)?,
             flagged,
             reverse_lookups,
         };

@@ -67,7 +67,17 @@ pub struct Frame {
     /// Keep only this many bytes of the UDP/TCP part, with the IP length
     /// fields saying so (a packet short of its header, or a tiny fragment).
     pub l4_keep: Option<usize>,
+    /// TCP flags, sequence and acknowledgement numbers (a SYN, sequence 1,
+    /// unless set with [`Frame::tcp_seg`]).
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
 }
+
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+pub const SYN_ACK: u8 = SYN | ACK;
 
 impl Frame {
     pub fn udp4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Self {
@@ -86,6 +96,9 @@ impl Frame {
             payload: 50,
             pppoe: false,
             l4_keep: None,
+            tcp_flags: SYN,
+            seq: 1,
+            ack: 0,
         }
     }
 
@@ -108,6 +121,14 @@ impl Frame {
             proto: TCP,
             ..Self::udp6(src, dst, src_port, dst_port)
         }
+    }
+
+    /// A TCP segment with these flags, sequence and acknowledgement numbers.
+    pub fn tcp_seg(mut self, flags: u8, seq: u32, ack: u32) -> Self {
+        self.tcp_flags = flags;
+        self.seq = seq;
+        self.ack = ack;
+        self
     }
 
     pub fn vlan(mut self, tags: &[u16]) -> Self {
@@ -206,7 +227,9 @@ impl Frame {
                 l4.extend_from_slice(&[0, 0]);
             }
             TCP => {
-                l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+                l4.extend_from_slice(&self.seq.to_be_bytes());
+                l4.extend_from_slice(&self.ack.to_be_bytes());
+                l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
             }
             _ => l4.extend_from_slice(&[0; 4]),
         }

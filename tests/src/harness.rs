@@ -136,6 +136,26 @@ impl Harness {
         }
     }
 
+    /// Instructions the verifier processed for each loaded program:
+    /// the XDP program (inbound, outbound) and the TC program.
+    pub fn verified_insns(&self) -> [(&'static str, u32); 3] {
+        let count = |info: Result<aya::programs::ProgramInfo, _>| {
+            info.expect("program info")
+                .verified_instruction_count()
+                .expect("kernel reports verified instructions")
+        };
+        let xdp = |dir: usize| {
+            let prog: &Xdp = self.xdp[dir].program(XDP_PROGRAM).unwrap().try_into().unwrap();
+            count(prog.info())
+        };
+        let tc: &SchedClassifier = self.tc.program(TC_PROGRAM).unwrap().try_into().unwrap();
+        [
+            ("xdp inbound", xdp(0)),
+            ("xdp outbound", xdp(1)),
+            ("tc egress", count(tc.info())),
+        ]
+    }
+
     /// Whether the program dropped the frame.
     pub fn dropped(&self, hook: Hook, frame: &[u8]) -> bool {
         let rv = self.run(hook, frame);

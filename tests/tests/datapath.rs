@@ -667,3 +667,23 @@ fn l3_links_parse_from_the_ip_header() {
         assert_eq!(dropped, expect_drop, "{name}");
     }
 }
+
+/// Every program instance passes the verifier with room to spare: the
+/// verifier walks the code once per parser path, so a few instructions
+/// added before the tracker cost thousands here. Prints the counts.
+#[test]
+fn programs_fit_the_verifier_budget() {
+    require_privileged!();
+    const LIMIT: u32 = 1_000_000;
+    for link in [netwatch_common::LinkKind::Ethernet, netwatch_common::LinkKind::Ip] {
+        let h = Harness::with_link(&policy(Mode::Enforce, &["udp/137", "tcp/5190"]), link);
+        for (program, insns) in h.verified_insns() {
+            eprintln!("{} link, {program}: {insns} verified instructions", link.label());
+            assert!(
+                insns < LIMIT / 10 * 9,
+                "{program} on an {} link: {insns} verified instructions, within 10 % of the kernel's {LIMIT}",
+                link.label()
+            );
+        }
+    }
+}

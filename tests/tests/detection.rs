@@ -12,7 +12,7 @@ use netwatch_common::{
     SKETCH_LIST_LEN,
 };
 use netwatch_tests::{
-    frames::Frame,
+    frames::{ACK, Frame, RST, SYN, SYN_ACK},
     harness::{Harness, Hook},
     require_privileged,
 };
@@ -242,6 +242,28 @@ fn large_thresholds_flag_from_the_bitmap() {
     );
 }
 
+/// The three packets of a TCP handshake between `visitor`:`port` and the
+/// web server `web`:80 as netwatch sees them: the SYN arriving, the
+/// server's SYN-ACK (sequence number `isn`) leaving through TC egress,
+/// the visitor's ACK arriving.
+fn handshake4(h: &Harness, visitor: [u8; 4], web: [u8; 4], port: u16, isn: u32) {
+    h.run(Hook::Xdp(Inbound), &Frame::tcp4(visitor, web, port, 80).build());
+    h.run(
+        Hook::TcEgress,
+        &Frame::tcp4(web, visitor, 80, port).tcp_seg(SYN_ACK, isn, 1001).build(),
+    );
+    h.run(
+        Hook::Xdp(Inbound),
+        &Frame::tcp4(visitor, web, port, 80)
+            .tcp_seg(ACK, 1001, isn.wrapping_add(1))
+            .build(),
+    );
+}
+
+fn reverse_lookups(h: &Harness) -> u64 {
+    h.snapshot().detection.reverse_lookups.iter().map(|c| c.packets).sum()
+}
+
 /// An IIS-style host: 40 visitors each looked up once on udp/137 is not
 /// a scan; 40 lookups of hosts that never visited is.
 #[test]
@@ -251,9 +273,9 @@ fn reverse_lookups_of_web_visitors_are_not_scans() {
     let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
     for i in 0..40 {
         let visitor = target(i);
-        // The visitor opens a connection to port 80 (SYN, inbound)...
-        let syn = Frame::tcp4(visitor, web, 50000, 80).build();
-        h.run(Hook::Xdp(Inbound), &syn);
+        // The visitor opens a connection to port 80 (a whole handshake;
+        // sequence numbers near the wrap)...
+        handshake4(&h, visitor, web, 50000 + i as u16, (u32::MAX - 20).wrapping_add(i));
         // ...and the server looks it up by NetBIOS (outbound).
         assert!(!h.dropped(Hook::TcEgress, &Frame::udp4(web, visitor, 137, 137).build()));
     }
@@ -282,7 +304,119 @@ fn reverse_lookups_of_web_visitors_are_not_scans() {
         f
     };
     h.run(Hook::Xdp(Inbound), &synack);
-    assert_eq!(h.snapshot().detection.visitors_recorded, 40);
+    let d = h.snapshot().detection;
+    assert_eq!((d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected), (40, 40, 0));
+}
+
+/// Attack 1 of issue 10 in the kernel: spoofed SYNs (and ACKs guessing
+/// the server's sequence number) make no visitor, so the host's udp/137
+/// sweep towards those addresses is flagged; only an ACK of the SYN-ACK's
+/// sequence number + 1 does, for the address that sent the SYN-ACK.
+#[test]
+fn only_a_completed_handshake_makes_a_visitor() {
+    require_privileged!();
+    let web = [198, 18, 0, 80];
+    let other = [198, 18, 0, 81];
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
+    for i in 0..50 {
+        let spoofed = target(2000 + i);
+        // A SYN (answered, but the SYN-ACK goes to the real owner of the
+        // address), then blind ACKs: no SYN-ACK's number, a guessed one,
+        // a RST and a SYN carrying the right number.
+        h.run(Hook::Xdp(Inbound), &Frame::tcp4(spoofed, web, 40000, 80).build());
+        h.run(
+            Hook::TcEgress,
+            &Frame::tcp4(web, spoofed, 80, 40000)
+                .tcp_seg(SYN_ACK, 7_000_000 + i, 2)
+                .build(),
+        );
+        for (flags, ack) in [
+            (ACK, 7_000_000 + i),
+            (ACK, 7_000_002 + i),
+            (ACK | RST, 7_000_001 + i),
+            (SYN | ACK, 7_000_001 + i),
+        ] {
+            let forged = Frame::tcp4(spoofed, web, 40000, 80).tcp_seg(flags, 2, ack).build();
+            h.run(Hook::Xdp(Inbound), &forged);
+        }
+        // An ACK from another port of the address has no pending handshake.
+        let other_port = Frame::tcp4(spoofed, web, 40001, 80)
+            .tcp_seg(ACK, 2, 7_000_001 + i)
+            .build();
+        h.run(Hook::Xdp(Inbound), &other_port);
+    }
+    for i in 0..50 {
+        h.run(Hook::TcEgress, &Frame::udp4(web, target(2000 + i), 137, 137).build());
+    }
+    let events = h.events();
+    assert_eq!(events.len(), 1, "sweep towards spoofed visitors not flagged");
+    assert_eq!((events[0].key.direction, events[0].distinct), (Outbound as u8, 20));
+    assert_eq!(reverse_lookups(&h), 0);
+    let d = h.snapshot().detection;
+    assert_eq!((d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected), (0, 50, 100));
+
+    // The handshakes still pending complete with the right number (a
+    // forged ACK did not cancel them); a SYN-ACK from a port that is not
+    // a web port starts nothing.
+    let late = target(2000);
+    let ack = Frame::tcp4(late, web, 40000, 80)
+        .tcp_seg(ACK | 0x08, 2, 7_000_001)
+        .build();
+    h.run(Hook::Xdp(Inbound), &ack);
+    let not_web = Frame::tcp4(web, target(3000), 8080, 40000)
+        .tcp_seg(SYN_ACK, 9, 2)
+        .build();
+    h.run(Hook::TcEgress, &not_web);
+    let d = h.snapshot().detection;
+    assert_eq!((d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected), (1, 50, 100));
+    // A visitor of `web` is a visitor of `web` only.
+    assert!(!h.dropped(Hook::TcEgress, &Frame::udp4(web, late, 137, 137).build()));
+    assert!(!h.dropped(Hook::TcEgress, &Frame::udp4(other, late, 137, 137).build()));
+    assert_eq!(reverse_lookups(&h), 1);
+    assert_eq!(h.tracked(IpAddr::from(other))[0].classification.label(), "scan");
+    // A handshake is verified once: replaying its ACK records nothing.
+    h.run(Hook::Xdp(Inbound), &ack);
+    assert_eq!(h.snapshot().detection.visitors_recorded, 1);
+}
+
+/// IPv6 visitors: the handshake proves them as it does IPv4 ones, and a
+/// SYN alone proves nothing.
+#[test]
+fn ipv6_handshakes_make_visitors() {
+    require_privileged!();
+    let web = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
+    let visitor = |i: u16| Ipv6Addr::new(0x2001, 0xdb8, 0, i, 0, 0, 0, i);
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
+    for i in 1..=30 {
+        let v = visitor(i);
+        let isn = 0x8000_0000 + u32::from(i);
+        h.run(Hook::Xdp(Inbound), &Frame::tcp6(v, web, 443, 443).build());
+        h.run(
+            Hook::TcEgress,
+            &Frame::tcp6(web, v, 443, 443).tcp_seg(SYN_ACK, isn, 2).build(),
+        );
+        if i <= 25 {
+            let ack = Frame::tcp6(v, web, 443, 443).tcp_seg(ACK, 2, isn + 1).build();
+            h.run(Hook::Xdp(Inbound), &ack);
+        }
+    }
+    for i in 1..=25 {
+        h.run(Hook::TcEgress, &Frame::udp6(web, visitor(i), 137, 137).build());
+    }
+    assert!(h.events().is_empty(), "IPv6 reverse lookups flagged as a scan");
+    assert_eq!(reverse_lookups(&h), 25);
+    // The five whose handshake never completed, and 15 never seen: a scan.
+    for i in 26..=45 {
+        h.run(Hook::TcEgress, &Frame::udp6(web, visitor(i), 137, 137).build());
+    }
+    assert_eq!(
+        h.events().len(),
+        1,
+        "IPv6 sweep (of 5 SYNs that never completed and 15 strangers) not flagged"
+    );
+    assert_eq!(reverse_lookups(&h), 25);
+    let d = h.snapshot().detection;
+    assert_eq!((d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected), (25, 30, 0));
 }
 
 /// Structured IPv6 sweeps (words that cancel under XOR, sequential /64s,

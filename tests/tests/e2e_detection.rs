@@ -3,8 +3,8 @@
 
 use std::{
     io::Read as _,
-    net::{TcpListener, UdpSocket},
-    time::Duration,
+    net::{SocketAddr, TcpListener, UdpSocket},
+    time::{Duration, Instant},
 };
 
 use netwatch_tests::{
@@ -198,6 +198,308 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     assert_eq!(i["classification"], "scan");
     assert_eq!(i["direction"], "outbound");
     assert_eq!(i["rule"], "udp/137");
+}
+
+/// A web host (198.18.0.80, 2001:db8::80) with `netwatch run --iface
+/// host --egress` and clients (198.18.0.100+, 2001:db8::100+) on one
+/// veth; `SPOOF_V4`/`SPOOF_V6` (and the flood's 198.19.0.0/16 and
+/// 2001:db8:f::/64) are routed from the web host towards the clients,
+/// whose namespace owns none of them and drops what the host sends there.
+struct WebLab {
+    web: Netns,
+    clients: Netns,
+    nw: Netwatch,
+}
+
+const WEB_V4: &str = "198.18.0.80";
+const WEB_V6: &str = "2001:db8::80";
+
+fn client_v4(i: u32) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(198, 18, 0, 100 + i as u8).into()
+}
+
+fn client_v6(i: u32) -> std::net::IpAddr {
+    format!("2001:db8::{:x}", 0x100 + i).parse().unwrap()
+}
+
+impl WebLab {
+    fn new(clients_per_family: u32) -> Self {
+        let web = Netns::new("web");
+        let clients = Netns::new("cli");
+        veth(
+            &web,
+            "nw-web0",
+            "198.18.0.80/24",
+            &clients,
+            "nw-cli0",
+            "198.18.0.100/24",
+        );
+        web.ip(&["addr", "add", "2001:db8::80/64", "dev", "nw-web0", "nodad"]);
+        for i in 0..clients_per_family {
+            if i > 0 {
+                clients.ip(&["addr", "add", &format!("{}/24", client_v4(i)), "dev", "nw-cli0"]);
+            }
+            clients.ip(&[
+                "addr",
+                "add",
+                &format!("{}/64", client_v6(i)),
+                "dev",
+                "nw-cli0",
+                "nodad",
+            ]);
+        }
+        for range in ["198.18.4.0/24", "198.19.0.0/16"] {
+            web.ip(&["route", "add", range, "via", "198.18.0.100"]);
+        }
+        for range in ["2001:db8:4::/64", "2001:db8:f::/64"] {
+            web.ip(&["-6", "route", "add", range, "via", "2001:db8::100"]);
+        }
+        // One SYN-ACK per SYN: no retransmissions to count.
+        let out = web
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.tcp_synack_retries=0"])
+            .output()
+            .expect("sysctl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let nw = Netwatch::start(&web, &pin_dir(), &["--iface", "nw-web0:host", "--egress", "nw-web0"]);
+        WebLab { web, clients, nw }
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        // + 0.0: the sum of no samples is -0.
+        sample(&self.nw.metrics(&self.web), name, labels) + 0.0
+    }
+
+    /// udp/137 from the web host to each address (IPv4 from the host's
+    /// IPv4 address, IPv6 from its IPv6 one); returns how many were sent.
+    fn lookups(&self, to: &[std::net::IpAddr]) -> usize {
+        self.web.run(|| {
+            let v4 = UdpSocket::bind("198.18.0.80:0").unwrap();
+            let v6 = UdpSocket::bind("[2001:db8::80]:0").unwrap();
+            to.iter()
+                .filter(|ip| {
+                    let socket = if ip.is_ipv4() { &v4 } else { &v6 };
+                    socket.send_to(b"NBSTAT", (**ip, 137)).is_ok()
+                })
+                .count()
+        })
+    }
+}
+
+fn spoof_v4(i: u32) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(198, 18, 4, 1 + i as u8).into()
+}
+
+fn spoof_v6(i: u32) -> std::net::IpAddr {
+    format!("2001:db8:4::{:x}", 1 + i).parse().unwrap()
+}
+
+/// Issue 10, attack 1: 50 spoofed SYNs to the web port, which the host
+/// answers but which never complete a handshake, used to make the host's
+/// udp/137 sweep of those 50 addresses pass for reverse lookups. They
+/// make no visitor: the sweep is flagged, for IPv4 and IPv6.
+#[test]
+fn spoofed_syns_do_not_hide_a_sweep_as_reverse_lookups() {
+    require_privileged!();
+    let lab = WebLab::new(1);
+    // A listening web server, so every SYN is answered with a SYN-ACK.
+    let (_v4, _v6) = lab.web.run(|| {
+        (
+            std::net::TcpListener::bind("198.18.0.80:80").unwrap(),
+            std::net::TcpListener::bind("[2001:db8::80]:80").unwrap(),
+        )
+    });
+    let within = Duration::from_secs(10);
+    assert_eq!(
+        spoof_syns(&lab.clients, "198.18.0.80:80".parse().unwrap(), 50, within, spoof_v4),
+        50
+    );
+    assert_eq!(
+        spoof_syns(&lab.clients, "[2001:db8::80]:80".parse().unwrap(), 50, within, spoof_v6),
+        50
+    );
+    // The host answered all 100 (counted once the fix counts SYN-ACKs).
+    let syn_acks = eventually(100.0, within, || lab.metric("netwatch_web_syn_acks_total", &[]));
+
+    let swept: Vec<_> = (0..50).map(spoof_v4).chain((0..50).map(spoof_v6)).collect();
+    assert_eq!(lab.lookups(&swept), 100);
+    let flagged = eventually(2.0, within, || {
+        lab.metric("netwatch_scanners_flagged_total", &[("direction", "outbound")])
+    });
+    let reverse = lab.metric("netwatch_reverse_lookups_total", &[]);
+    let visitors = lab.metric("netwatch_visitors_recorded_total", &[]);
+    eprintln!(
+        "attack 1: 100 spoofed SYNs, {syn_acks} SYN-ACKs, {visitors} visitors recorded; \
+         sweep of 100: {flagged} sources flagged, {reverse} reverse lookups"
+    );
+    assert_eq!(flagged, 2.0, "the sweep towards spoofed SYN sources was not flagged");
+    assert_eq!(reverse, 0.0);
+    for web in [WEB_V4, WEB_V6] {
+        let report = lab.nw.wait_for_incident(web);
+        let i = &incidents(&report)[0];
+        assert_eq!(
+            (i["classification"].as_str(), i["direction"].as_str()),
+            (Some("scan"), Some("outbound"))
+        );
+    }
+    assert_eq!((syn_acks, visitors), (100.0, 0.0));
+    assert_eq!(lab.metric("netwatch_web_acks_rejected_total", &[]), 0.0);
+}
+
+/// Issue 10, attack 2: a flood of spoofed SYNs from 140 000 sources, more
+/// than the 65 536 visitors the kernel keeps, used to evict the real
+/// visitors so that the web host's lookups of them are flagged. Visitors
+/// are recorded only on a completed handshake, apart from the pending
+/// ones the flood churns: 25 IPv4 and 25 IPv6 real visitors' lookups
+/// after the flood are still reverse lookups.
+#[test]
+fn a_syn_flood_does_not_evict_real_visitors() {
+    require_privileged!();
+    const VISITORS: u32 = 25;
+    const FLOOD_V4: u32 = 65_000;
+    const FLOOD_V6: u32 = 75_000;
+    let lab = WebLab::new(VISITORS);
+    let listener = lab.web.run(|| std::net::TcpListener::bind("[::]:80").unwrap());
+    let visitors: Vec<_> = (0..VISITORS)
+        .map(client_v4)
+        .chain((0..VISITORS).map(client_v6))
+        .collect();
+    let server = std::thread::spawn(move || {
+        let accepted = (0..2 * VISITORS)
+            .map(|_| listener.accept().unwrap().0)
+            .collect::<Vec<_>>();
+        // Still listening through the flood: every SYN is answered.
+        (listener, accepted)
+    });
+    // The visitors connect from the CPU the flood comes from, so that
+    // they share the LRU's per-CPU lists with it (as on a host whose NIC
+    // spreads a flood over every CPU).
+    let connections: Vec<_> = lab.clients.run(|| {
+        pin_to_first_cpu();
+        visitors
+            .iter()
+            .map(|ip| {
+                let web = if ip.is_ipv4() { WEB_V4 } else { WEB_V6 };
+                tcp_connect_from(*ip, SocketAddr::new(web.parse().unwrap(), 80)).expect("visit")
+            })
+            .collect()
+    });
+    let (_listener, accepted) = server.join().unwrap();
+    assert_eq!((connections.len(), accepted.len()), (50, 50));
+
+    let started = Instant::now();
+    let within = Duration::from_secs(30);
+    let sent_v4 = spoof_syns(&lab.clients, "198.18.0.80:80".parse().unwrap(), FLOOD_V4, within, |i| {
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 1)) + i).into()
+    });
+    let sent_v6 = spoof_syns(
+        &lab.clients,
+        "[2001:db8::80]:80".parse().unwrap(),
+        FLOOD_V6,
+        within,
+        |i| std::net::Ipv6Addr::from(0x2001_0db8_000f_0000_0000_0000_0000_0000u128 + u128::from(i) + 1).into(),
+    );
+    let flood_secs = started.elapsed().as_secs_f64();
+    assert_eq!((sent_v4, sent_v6), (FLOOD_V4, FLOOD_V6), "flood cut short");
+
+    // The IIS-style lookups of the real visitors, after the flood.
+    assert_eq!(lab.lookups(&visitors), 50);
+    let reverse = eventually(50.0, Duration::from_secs(5), || {
+        lab.metric("netwatch_reverse_lookups_total", &[])
+    });
+    let flagged = lab.metric("netwatch_scanners_flagged_total", &[]);
+    let syn_acks = lab.metric("netwatch_web_syn_acks_total", &[]);
+    let recorded = lab.metric("netwatch_visitors_recorded_total", &[]);
+    eprintln!(
+        "attack 2: {} spoofed SYNs in {flood_secs:.1} s, {syn_acks} SYN-ACKs; {recorded} visitors recorded; \
+         50 lookups of real visitors: {reverse} reverse lookups, {flagged} sources flagged",
+        sent_v4 + sent_v6
+    );
+    assert_eq!(flagged, 0.0, "real visitors' lookups flagged after a SYN flood");
+    assert_eq!(reverse, 50.0);
+    for web in [WEB_V4, WEB_V6] {
+        let report = lab.nw.lookup(web);
+        assert!(incidents(&report).is_empty(), "{report:#}");
+        assert_eq!(report["tracked"][0]["classification"], "reverse-lookup");
+    }
+    assert_eq!(recorded, 50.0, "one visitor per completed handshake");
+    // The host answered (nearly) every spoofed SYN: far more pending
+    // handshakes than the visitors' map holds, all churned apart.
+    assert!(
+        syn_acks > f64::from(netwatch_common::MAX_VISITORS) + 50.0,
+        "{syn_acks} SYN-ACKs"
+    );
+    assert_eq!(lab.metric("netwatch_web_acks_rejected_total", &[]), 0.0);
+    drop(connections);
+}
+
+/// On a router the LAN side sees an inside web server's SYN-ACKs leave
+/// and the WAN side its visitors' ACKs arrive: the server's lookups of 25
+/// visitors from outside are reverse lookups, its sweep of 25 strangers
+/// is flagged, under the server's own (inside) address.
+#[test]
+fn a_router_recognises_an_inside_web_servers_reverse_lookups() {
+    require_privileged!();
+    const VISITORS: u8 = 25;
+    let RouterLab {
+        inside,
+        router,
+        internet,
+    } = RouterLab::new();
+    for i in 0..VISITORS {
+        internet.ip(&["addr", "add", &format!("198.18.0.{}/24", 100 + i), "dev", "nw-up"]);
+    }
+    let nw = Netwatch::start(&router, &pin_dir(), &["--iface", "nw-lan:lan", "--iface", "nw-wan:wan"]);
+    let (listener, lookup) = inside.run(|| {
+        (
+            TcpListener::bind("198.18.10.2:80").unwrap(),
+            UdpSocket::bind("198.18.10.2:0").unwrap(),
+        )
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..VISITORS {
+            let (conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            drop(conn);
+        }
+    });
+    internet.run(|| {
+        for i in 0..VISITORS {
+            let local = std::net::Ipv4Addr::new(198, 18, 0, 100 + i).into();
+            drop(tcp_connect_from(local, "198.18.10.2:80".parse().unwrap()).expect("visit"));
+        }
+    });
+    server.join().unwrap();
+    let reverse = eventually(f64::from(VISITORS), Duration::from_secs(3), || {
+        sample(
+            &nw.metrics(&router),
+            "netwatch_reverse_lookups_total",
+            &[("interface", LAN_IF)],
+        )
+    });
+    let m = nw.metrics(&router);
+    eprintln!(
+        "router: {} SYN-ACKs seen on the LAN side, {} visitors recorded, {reverse} reverse lookups",
+        sample(&m, "netwatch_web_syn_acks_total", &[]),
+        sample(&m, "netwatch_visitors_recorded_total", &[])
+    );
+    assert_eq!(reverse, f64::from(VISITORS));
+    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 0.0);
+    assert_eq!(sample(&m, "netwatch_visitors_recorded_total", &[]), f64::from(VISITORS));
+    let report = nw.lookup(INSIDE_IP);
+    assert_eq!(report["tracked"][0]["classification"], "reverse-lookup");
+
+    assert_eq!(send_udp_many(&inside, "198.18.1.", 1..26, 137), 25);
+    let report = nw.wait_for_incident(INSIDE_IP);
+    let i = &incidents(&report)[0];
+    assert_eq!(
+        (
+            i["classification"].as_str(),
+            i["direction"].as_str(),
+            i["interface"].as_str()
+        ),
+        (Some("scan"), Some("outbound"), Some(LAN_IF))
+    );
 }
 
 /// A router's LAN side names the infected machine by its internal

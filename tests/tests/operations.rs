@@ -146,7 +146,11 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
             let _ = s.send_to(b"nb", format!("198.18.2.{i}:137"));
         }
     });
-    let _ = tcp_connect(&lab.scanner, "198.18.0.2:80", Duration::from_millis(200));
+    // A real web server: only a completed handshake makes a visitor, and
+    // once it is accepted the host has seen the visitor's ACK.
+    let web = lab.victim.run(|| std::net::TcpListener::bind("198.18.0.2:80").unwrap());
+    assert!(tcp_connect(&lab.scanner, "198.18.0.2:80", Duration::from_secs(2)));
+    drop(web.accept().unwrap());
     send_udp(&lab.victim, "198.18.0.1:137", 1);
     lab.scanner.run(|| {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -398,7 +402,9 @@ fn json_output_keeps_its_documented_schema() {
             "flagged",
             "reverse_lookups",
             "sources_created",
-            "visitors_recorded"
+            "visitors_recorded",
+            "web_acks_rejected",
+            "web_syn_acks"
         ]
     );
     assert_eq!(

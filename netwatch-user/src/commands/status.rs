@@ -115,5 +115,10 @@ pub fn render_text(s: &Snapshot) -> String {
     );
     let reverse: u64 = d.reverse_lookups.iter().map(|c| c.packets).sum();
     let _ = writeln!(out, "reverse lookups (udp/137 to recent web visitors): {reverse}");
+    let _ = writeln!(
+        out,
+        "web visitors: {} recorded (handshakes completed), {} SYN-ACKs seen leaving a web port, {} ACKs rejected",
+        d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected
+    );
     out
 }
