@@ -305,6 +305,13 @@ fn sighup_reloads_and_rejects_broken_config() {
         )
     };
     assert_eq!(eventually(1.0, WAIT, reloaded), 1.0);
+    let last_ok = |m: &str| sample(m, "netwatch_config_last_reload_successful", &[]);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(last_ok(&m), 1.0, "a good reload not reported as successful");
+    assert_eq!(
+        sample(&m, "netwatch_config_reloads_total", &[("result", "failure")]),
+        0.0
+    );
     send_udp(&lab.scanner, "198.18.0.2:137", 2);
     send_udp(&lab.scanner, "198.18.0.2:138", 3);
     assert_eq!(
@@ -361,8 +368,18 @@ fn sighup_reloads_and_rejects_broken_config() {
     );
     let m = nw.metrics(&lab.victim);
     assert_eq!(sample(&m, "netwatch_info", &[("mode", "enforce")]), 1.0);
-    assert_eq!(sample(&m, "netwatch_config_last_reload_successful", &[]), 0.0);
+    assert_eq!(last_ok(&m), 0.0, "a rejected reload not reported");
     assert!(nw.log().contains("port 70000 is out of range 1-65535"), "{}", nw.log());
+
+    // The file fixed: the next reload succeeds and says so again.
+    write(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n"
+    ));
+    nw.signal(libc::SIGHUP);
+    assert_eq!(eventually(2.0, WAIT, reloaded), 2.0);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(last_ok(&m), 1.0, "still reported failed after a good reload");
+    assert_eq!(sample(&m, "netwatch_info", &[("mode", "monitor")]), 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

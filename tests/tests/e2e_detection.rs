@@ -8,7 +8,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    daemon::{Netwatch, netwatch, sample},
+    daemon::{Netwatch, netwatch, sample, try_sample},
     lab::*,
     netns::{Netns, veth},
     pin_dir, require_privileged, unique,
@@ -180,7 +180,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     }
     server.join().unwrap();
     let m = eventually_metric(&nw, &web, "netwatch_reverse_lookups_total", 40.0);
-    assert_eq!(m, 40.0);
+    assert_eq!(m, Some(40.0));
     let m = nw.metrics(&web);
     assert_eq!(
         sample(&m, "netwatch_scanners_flagged_total", &[]),
@@ -289,6 +289,9 @@ fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u1
     })
 }
 
-fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> f64 {
-    eventually(want, Duration::from_secs(3), || sample(&nw.metrics(ns), name, &[]))
+/// Waits for a metric that only appears once it is non-zero.
+fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> Option<f64> {
+    eventually(Some(want), Duration::from_secs(3), || {
+        try_sample(&nw.metrics(ns), name, &[])
+    })
 }
