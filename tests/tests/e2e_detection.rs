@@ -97,6 +97,12 @@ fn real_scanners_are_flagged_and_looked_up() {
 
     // Restart on the same database: incidents are still there, and a new
     // sweep updates the open incident rather than adding one.
+    let sweep_incident = incidents(&nw.lookup(SCANNER_IP))
+        .iter()
+        .find(|i| i["rule"] == "udp/137")
+        .expect("the udp/137 incident")["id"]
+        .as_i64()
+        .unwrap();
     assert!(nw.stop().success());
     drop(nw);
     let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &state, &args);
@@ -106,21 +112,29 @@ fn real_scanners_are_flagged_and_looked_up() {
         "incidents lost across a restart"
     );
     lab.nbtscan("198.18.1.0/26");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sample(
-        &nw.metrics(&lab.victim),
-        "netwatch_scanners_flagged_total",
-        &[("rule", "udp/137")],
-    ) < 1.0
-    {
-        assert!(std::time::Instant::now() < deadline, "second sweep not flagged");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the controller to have recorded the new flag (it logs the
+    // incident the flag went to once the database write is done), not for
+    // a while: a late event must not slip past the duplicate check.
+    let recorded = format!("flagged {SCANNER_IP} (scan udp/137 inbound on {VICTIM_IF})");
+    let logged = eventually(true, Duration::from_secs(10), || nw.log().contains(&recorded));
+    assert!(logged, "second sweep not recorded:\n{}", nw.log());
+    let line = nw.log().lines().find(|l| l.contains(&recorded)).unwrap().to_string();
+    assert!(
+        line.ends_with(&format!("incident #{sweep_incident}")),
+        "the flag opened another incident instead of updating #{sweep_incident}: {line}"
+    );
     assert_eq!(
         incidents(&nw.lookup(SCANNER_IP)).len(),
         2,
         "an open incident was duplicated"
+    );
+    assert_eq!(
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_scanners_flagged_total",
+            &[("rule", "udp/137"), ("direction", "inbound")]
+        ),
+        1.0
     );
 
     // A source tracked but not flagged also answers.
