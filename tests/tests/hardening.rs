@@ -180,22 +180,40 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// XDP programs on `dev` in `ns`, and netwatch TC (TCX) links anywhere:
-/// namespace tests run one at a time, so those are this test's. (bpftool
-/// 7.1 does not show TCX attachments per device.)
-fn programs_on(ns: &str, dev: &str) -> (usize, usize) {
-    let json =
-        |cmd: &mut Command| -> serde_json::Value { serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap() };
+/// XDP programs on `dev` in `ns`, and TCX links of programs that use
+/// the maps pinned in `pin_dir`: only what this test attached, whatever
+/// other tests run beside it. (bpftool 7.1 shows neither the device nor
+/// the namespace of a TCX link, so a link is ours when its program uses
+/// our pinned SETTINGS map.)
+fn programs_on(ns: &str, dev: &str, pin_dir: &str) -> (usize, usize) {
+    let json = |cmd: &mut Command| -> serde_json::Value {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
     let net = json(Command::new("nsenter").args([&format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]));
     let xdp = net[0]["xdp"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|e| e["devname"] == dev).count());
+    let settings = json(Command::new("bpftool").args(["-j", "map", "show", "pinned", &format!("{pin_dir}/SETTINGS")]))
+        ["id"]
+        .as_u64()
+        .expect("pinned SETTINGS map id");
     let progs = json(Command::new("bpftool").args(["-j", "prog", "show"]));
     let tc_ids: Vec<u64> = progs
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| p["name"] == "netwatch_tc")
+        .filter(|p| {
+            p["map_ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|id| id.as_u64() == Some(settings)))
+        })
         .filter_map(|p| p["id"].as_u64())
         .collect();
     let links = json(Command::new("bpftool").args(["-j", "link", "show"]));
@@ -231,12 +249,12 @@ fn sigkill_and_restart_lose_nothing() {
         0,
         "not enforced while the controller was dead"
     );
-    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF), (1, 1));
+    assert_eq!(programs_on(&lab.victim.name, VICTIM_IF, &pins), (1, 1));
 
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     assert!(nw.log().contains("re-adopted the XDP link"), "{}", nw.log());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (1, 1),
         "programs duplicated on restart"
     );
@@ -263,13 +281,31 @@ fn keep_attached_covers_a_controller_upgrade() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let args = ["--iface", VICTIM_IF, "--mode", "enforce", "--keep-attached"];
+    let args = [
+        "--iface",
+        VICTIM_IF,
+        "--egress",
+        VICTIM_IF,
+        "--mode",
+        "enforce",
+        "--keep-attached",
+    ];
     let nw = Netwatch::start(&lab.victim, &pins, &args);
     nw.stop_and_keep_pins();
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
+        (1, 1),
+        "--keep-attached did not keep the programs"
+    );
     let listener = udp_listener(&lab.victim, 137);
     assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 5), 5);
     assert_eq!(count_received(&listener), 0, "gap not enforced");
-    let mut nw = Netwatch::start(&lab.victim, &pins, &["--iface", VICTIM_IF, "--mode", "enforce"]);
+    let mut nw = Netwatch::start(&lab.victim, &pins, &args[..6]);
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
+        (1, 1),
+        "programs duplicated on re-adoption"
+    );
     let m = nw.metrics(&lab.victim);
     assert_eq!(
         sample(
@@ -281,7 +317,7 @@ fn keep_attached_covers_a_controller_upgrade() {
     );
     assert!(nw.stop().success());
     assert_eq!(
-        programs_on(&lab.victim.name, VICTIM_IF),
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
         (0, 0),
         "left attached without --keep-attached"
     );
