@@ -68,6 +68,19 @@ pub fn send_udp(ns: &Netns, dst: &str, count: usize) -> usize {
     })
 }
 
+/// Sends `count` UDP datagrams from the address `src` of `ns` to `dst`;
+/// returns how many the kernel accepted.
+pub fn send_udp_from(ns: &Netns, src: &str, dst: &str, count: usize) -> usize {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    let dst: SocketAddr = dst.parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        (0..count)
+            .filter(|_| socket.send_to(b"netwatch-test", dst).is_ok())
+            .count()
+    })
+}
+
 /// Opens a UDP socket in `ns` on `port` and counts what arrives until
 /// `quiet` passes without a datagram.
 pub fn udp_listener(ns: &Netns, port: u16) -> UdpSocket {

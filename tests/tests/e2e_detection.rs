@@ -137,11 +137,30 @@ fn real_scanners_are_flagged_and_looked_up() {
         1.0
     );
 
-    // A source tracked but not flagged also answers.
-    send_udp(&lab.scanner, "198.18.1.5:137", 3);
-    let quiet = "198.18.0.1";
-    let r = nw.lookup(quiet);
-    assert!(!r["tracked"].as_array().unwrap().is_empty());
+    // A source tracked but not flagged also answers: a second address of
+    // the scanner's host sends three probes to one destination.
+    let quiet = "198.18.0.3";
+    lab.scanner.ip(&["addr", "add", "198.18.0.3/24", "dev", SCANNER_IF]);
+    assert_eq!(send_udp_from(&lab.scanner, quiet, "198.18.1.5:137", 3), 3);
+    let packets = |r: &serde_json::Value| r["tracked"][0]["packets"].as_u64();
+    let r = {
+        let mut last = nw.lookup(quiet);
+        let got = eventually(Some(3), Duration::from_secs(3), || {
+            last = nw.lookup(quiet);
+            packets(&last)
+        });
+        assert_eq!(got, Some(3), "the quiet source's probes not tracked: {last:#}");
+        last
+    };
+    assert!(incidents(&r).is_empty(), "an unflagged source has an incident: {r:#}");
+    let tracked = r["tracked"].as_array().unwrap();
+    assert_eq!(tracked.len(), 1, "{r:#}");
+    assert_eq!(tracked[0]["source"], quiet);
+    assert_eq!(tracked[0]["rule"], "udp/137");
+    assert_eq!(tracked[0]["direction"], "inbound");
+    assert_eq!(tracked[0]["classification"], "scan");
+    assert_eq!(tracked[0]["flagged"], false, "{r:#}");
+    assert_eq!(tracked[0]["distinct_destinations"], 1);
     let unknown = nw.lookup("198.18.99.99");
     assert!(incidents(&unknown).is_empty() && unknown["tracked"].as_array().unwrap().is_empty());
     drop(nw);
