@@ -126,16 +126,19 @@ fn one_source_at_full_rate_raises_exactly_one_event() {
     let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--iface", DUT_IF]);
     rig.bench.set_destinations(50_000, 0);
     rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe6, 2_000_000);
-    std::thread::sleep(Duration::from_millis(500));
-    let m = nw.metrics(&rig.dut);
-    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 1.0);
-    assert_eq!(
-        sample(&m, "netwatch_flag_event_delay_seconds_count", &[]),
-        1.0,
-        "events delivered"
-    );
-    assert_eq!(sample(&m, "netwatch_events_lost_total", &[]), 0.0);
-    let report = nw.lookup("2001:db8:1::");
+    // Once every frame is counted, the kernel's flag count is final, and
+    // no more events can come than flags were raised.
+    let counted = eventually(2_000_000.0, Duration::from_secs(10), || {
+        metric(&nw, &rig, "netwatch_packets_total", &[("rule", "udp/137")])
+    });
+    assert_eq!(counted, 2_000_000.0);
+    assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 1.0);
+    let delivered = eventually(1.0, Duration::from_secs(5), || {
+        metric(&nw, &rig, "netwatch_flag_event_delay_seconds_count", &[])
+    });
+    assert_eq!(delivered, 1.0, "events delivered");
+    assert_eq!(metric(&nw, &rig, "netwatch_events_lost_total", &[]), 0.0);
+    let report = nw.wait_for_incident("2001:db8:1::");
     assert_eq!(report["incidents"].as_array().unwrap().len(), 1);
 }
 
@@ -154,7 +157,12 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     rig.bench
         .set_destinations(100, u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)));
     rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe, 1000);
-    std::thread::sleep(Duration::from_millis(300));
+    let probes = [("rule", "udp/137"), ("direction", "inbound")];
+    let counted = |nw: &Netwatch, rig: &Rig| metric(nw, rig, "netwatch_packets_total", &probes);
+    assert_eq!(
+        eventually(1000.0, Duration::from_secs(5), || counted(&nw, &rig)),
+        1000.0
+    );
     assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 1.0);
     assert_eq!(
         metric(&nw, &rig, "netwatch_auto_blocks_total", &[]),
@@ -172,7 +180,13 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
         rig.bench.set_sources(3000, 0);
         rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, 3000);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Every frame counted (passed, or dropped by an auto-block): the
+    // kernel's flag and block counts are final.
+    assert_eq!(
+        eventually(10_005.0, Duration::from_secs(5), || counted(&nw, &rig)),
+        10_005.0
+    );
+    assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 3001.0);
     let blocks = metric(&nw, &rig, "netwatch_auto_blocks_total", &[]);
     let capped = metric(&nw, &rig, "netwatch_auto_blocks_capped_total", &[]);
     assert_eq!(blocks, netwatch_common::MAX_AUTO_BLOCKS as f64);
