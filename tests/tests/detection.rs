@@ -161,21 +161,34 @@ fn allowlist_beats_auto_block_even_for_spoofed_sources() {
     assert_eq!(h.snapshot().detection.auto_blocks, 0);
 }
 
-/// Distinct destinations counted by the sketch against the truth: exact
-/// up to 30, off by at most one below 32, within 10 % up to 3000, a
-/// floor above (see README). Above 30 the figures depend on the hash key
-/// (collisions in the 960-bit bitmap); the README gives the estimator's
-/// spread over keys, so this test pins two keys for repeatable figures.
+/// The two destination-hash keys the sketch's figures in the README were
+/// measured with. Above 30 destinations the estimate depends on the key
+/// (collisions in the 960-bit bitmap); pinned keys make the figures
+/// repeatable, so the tests can hold them to what the README says.
+const KEYS: [[u64; 5]; 2] = [
+    [0x9e37_79b9_7f4a_7c15u64, 3, 5, 7, 11],
+    [1, 0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb, 13, 17],
+];
+
+/// The README's bound on the sketch's relative error from 33 to 3000
+/// destinations with the pinned keys.
+const WITHIN: f64 = 0.051;
+
+/// Distinct destinations counted by the sketch against the truth, as the
+/// README states them: exact up to 30, off by at most two at 31 and 32,
+/// within 5.1 % from 33 to 3000, within 1 % at 5000, and at 10 000 the
+/// saturated bitmap's estimate, 6592, a floor.
 #[test]
 fn sketch_accuracy_across_one_to_ten_thousand_destinations() {
     require_privileged!();
-    for key in [
-        [0x9e37_79b9_7f4a_7c15u64, 3, 5, 7, 11],
-        [1, 0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb, 13, 17],
-    ] {
+    for key in KEYS {
         sketch_accuracy_with_key(key);
     }
 }
+
+/// The estimate of a full bitmap (one zero bit left, see
+/// `estimate_distinct`): -960 ln(1/960).
+const SATURATED: u32 = 6592;
 
 fn sketch_accuracy_with_key(key: [u64; 5]) {
     let h = Harness::with_hash_key(
@@ -211,35 +224,48 @@ fn sketch_accuracy_with_key(key: [u64; 5]) {
         eprintln!("n={n:>6} estimate={est:>6} error={:.2}%", err * 100.0);
         if n <= SKETCH_LIST_LEN {
             assert_eq!(est, n, "not exact at {n}");
-        } else if n < 32 {
-            assert!(est.abs_diff(n) <= 1, "estimate {est} for {n} is off by more than one");
+        } else if n <= 32 {
+            assert!(est.abs_diff(n) <= 2, "estimate {est} for {n} is off by more than two");
         } else if n <= 3000 {
-            assert!(err <= 0.10, "estimate {est} for {n} is off by more than 10%");
+            assert!(
+                err <= WITHIN,
+                "estimate {est} for {n} is off by more than {:.1} %",
+                WITHIN * 100.0
+            );
             worst_within_3000 = worst_within_3000.max(err);
+        } else if n == 5000 {
+            assert!(err <= 0.01, "estimate {est} for {n} is off by more than 1 %");
         } else {
-            assert!(est >= 2700, "estimate {est} for {n} is below the stated floor");
+            assert_eq!(est, SATURATED, "estimate {est} for {n}: the bitmap should be saturated");
         }
     }
-    eprintln!("worst relative error up to 3000: {:.2}%", worst_within_3000 * 100.0);
+    eprintln!(
+        "worst relative error from 33 to 3000: {:.2}%",
+        worst_within_3000 * 100.0
+    );
 }
 
-/// Threshold above the exact range: the bitmap's bit count flags it.
+/// Threshold above the exact range: the bitmap's bit count flags it,
+/// within the sketch's error (pinned keys, see `KEYS`).
 #[test]
 fn large_thresholds_flag_from_the_bitmap() {
     require_privileged!();
-    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 500, 3600, None)]));
-    let mut flagged_at = None;
-    for i in 0..700 {
-        probe(&h, SCANNER, i);
-        if flagged_at.is_none() && !h.events().is_empty() {
-            flagged_at = Some(i + 1);
+    for key in KEYS {
+        let h = Harness::with_hash_key(&Policy::new(Mode::Monitor, vec![rule("udp/137", 500, 3600, None)]), key);
+        let mut flagged_at = None;
+        for i in 0..700 {
+            probe(&h, SCANNER, i);
+            if flagged_at.is_none() && !h.events().is_empty() {
+                flagged_at = Some(i + 1);
+            }
         }
+        let at = flagged_at.expect("never flagged");
+        eprintln!("threshold 500 flagged at {at} distinct destinations");
+        assert!(
+            (at as f64 - 500.0).abs() / 500.0 <= WITHIN,
+            "flagged at {at} distinct destinations, threshold 500"
+        );
     }
-    let at = flagged_at.expect("never flagged");
-    assert!(
-        (450..=550).contains(&at),
-        "flagged at {at} distinct destinations, threshold 500"
-    );
 }
 
 /// An IIS-style host: 40 visitors each looked up once on udp/137 is not
@@ -305,11 +331,11 @@ fn structured_ipv6_sweeps_count_every_destination() {
             Ipv6Addr::new(0x2001, 0xdb8, k, 0, 0, 0, k << 8, 0)
         }),
     ];
-    for (n, threshold) in [(25u16, 20u32), (200, 100)] {
-        let h = Harness::new(&Policy::new(
-            Mode::Monitor,
-            vec![rule("udp/137", threshold, 3600, None)],
-        ));
+    for (n, threshold, key) in [(25u16, 20u32, KEYS[0]), (200, 100, KEYS[0]), (200, 100, KEYS[1])] {
+        let h = Harness::with_hash_key(
+            &Policy::new(Mode::Monitor, vec![rule("udp/137", threshold, 3600, None)]),
+            key,
+        );
         for (index, (name, pattern)) in patterns.iter().enumerate() {
             let src = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, n, index as u16);
             for k in 1..=n {
@@ -322,7 +348,8 @@ fn structured_ipv6_sweeps_count_every_destination() {
                 assert_eq!(est, n as u32, "{name}: {n} destinations counted as {est}");
             } else {
                 let err = (est as f64 - n as f64).abs() / n as f64;
-                assert!(err <= 0.10, "{name}: {n} destinations estimated as {est}");
+                eprintln!("{name}: {n} destinations estimated as {est}");
+                assert!(err <= WITHIN, "{name}: {n} destinations estimated as {est}");
             }
             let flags: Vec<_> = h.events().into_iter().filter(|e| e.key.addr == src.octets()).collect();
             assert_eq!(
