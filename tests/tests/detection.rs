@@ -161,6 +161,65 @@ fn allowlist_beats_auto_block_even_for_spoofed_sources() {
     assert_eq!(h.snapshot().detection.auto_blocks, 0);
 }
 
+/// Now in seconds of CLOCK_MONOTONIC_COARSE, the clock of the datapath's
+/// per-second event budget (`bpf_ktime_get_coarse_ns`).
+fn coarse_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// A flood of flags on one CPU within one second: exactly
+/// MAX_EVENTS_PER_CPU_SECOND events reach the ring buffer, every other
+/// flag is counted in `events_lost` (and every flag in the flag counter).
+#[test]
+fn flag_events_stop_at_the_per_cpu_budget() {
+    require_privileged!();
+    const FLAGS: u32 = 5000;
+    let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND;
+    // One CPU: BPF_PROG_TEST_RUN runs the program on the caller's CPU.
+    // SAFETY: plain syscalls on this thread with a valid CPU set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
+    }
+    // Two destinations flag a source at threshold 2: FLAGS sources take
+    // 2 * FLAGS runs, a few tens of milliseconds. Started right after a
+    // second begins, they end within it; a try that straddles a second
+    // (a loaded machine) is repeated, at most three times.
+    for attempt in 0..3 {
+        let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 2, 300, None)]));
+        let start = coarse_secs();
+        while coarse_secs() == start {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let second = coarse_secs();
+        for n in 0..FLAGS {
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + n).octets();
+            probe(&h, src, 0);
+            probe(&h, src, 1);
+        }
+        if coarse_secs() != second {
+            eprintln!("attempt {attempt} straddled a second; again");
+            continue;
+        }
+        let s = h.snapshot();
+        let flagged: u64 = s.detection.flagged.iter().map(|f| f.flagged).sum();
+        assert_eq!(flagged, FLAGS as u64, "every source flagged, once");
+        let events = h.events().len() as u64;
+        assert_eq!(events, budget as u64, "events on one CPU in one second");
+        assert_eq!(
+            s.detection.events_lost,
+            (FLAGS - budget) as u64,
+            "flags over the budget not counted as lost"
+        );
+        return;
+    }
+    panic!("three attempts straddled a second: the machine is too loaded to run 10 000 test runs in under a second");
+}
+
 /// The two destination-hash keys the sketch's figures in the README were
 /// measured with. Above 30 destinations the estimate depends on the key
 /// (collisions in the 960-bit bitmap); pinned keys make the figures

@@ -10,7 +10,7 @@ use std::{
 
 use netwatch_tests::{
     bench::flood::{DUT_IF, GEN_IF, Rig},
-    daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample, try_sample},
+    daemon::{METRICS_ADDR, Netwatch, netwatch, sample, try_sample},
     lab::*,
     pin_dir, require_privileged, unique,
 };
@@ -28,12 +28,22 @@ fn metric(nw: &Netwatch, rig: &Rig, name: &str, labels: &[(&str, &str)]) -> f64 
     sample(&nw.metrics(&rig.dut), name, labels)
 }
 
+/// Now in seconds of CLOCK_MONOTONIC_COARSE: the clock the datapath
+/// reads (`bpf_ktime_get_coarse_ns`) for its per-second event budget.
+fn coarse_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64
+}
+
 /// 1.5 million distinct spoofed sources (the Opaserv figure), the last
-/// half million seen again on a second destination: the LRU evicts,
-/// counters stay exact, the
-/// controller's memory stays bounded, /metrics keeps answering, and the
-/// flood of flags reaches userspace only at the rate limit, the rest
-/// counted as lost.
+/// half million seen again on a second destination: the LRU fills and
+/// evicts, counters stay exact, /metrics keeps answering, and the flood
+/// of flags reaches userspace within the per-CPU event budget, every
+/// other flag counted as lost. (How much memory the controller uses and
+/// how fast /metrics answers are benchmark figures, not asserted here:
+/// other tests share the two cores.)
 #[test]
 fn a_flood_of_spoofed_sources_is_absorbed() {
     require_privileged!();
@@ -43,77 +53,108 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
         "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 2\n"
     ));
     let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
-    let pid = nw.pid();
+    let probes = [("rule", "udp/137"), ("direction", "inbound")];
 
-    let mut scrape_ms = Vec::new();
     // Pass 1: every source once. Pass 2: the last third again, towards
     // another destination: those are still tracked (the LRU evicted the
     // oldest), so each is flagged.
     const AGAIN: u32 = SOURCES / 3;
+    // The seconds of the datapath's clock the flags were raised in.
+    let mut flag_seconds = 0..=0;
     for (pass, base, count) in [(0u8, 0, SOURCES), (1, SOURCES - AGAIN, AGAIN)] {
         let mut frame = rig.probe6.clone();
         frame[14 + 24 + 15] = 2 + pass;
         rig.bench.set_sources(count, base);
-        std::thread::scope(|s| {
+        let first_second = coarse_secs();
+        let scrapes = std::thread::scope(|s| {
             let flood = s.spawn(|| rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, count));
+            let mut scrapes = 0;
+            // Bounded by the flood (a few seconds at most).
             while !flood.is_finished() {
-                let t = Instant::now();
-                rig.dut
+                let body = rig
+                    .dut
                     .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
                     .expect("/metrics under flood");
-                scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                assert!(try_sample(&body, "netwatch_packets_total", &probes).is_some());
+                scrapes += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
+            scrapes
         });
+        assert!(scrapes > 0, "no /metrics scrape during flood pass {pass}");
+        // Every frame counted once, exactly.
+        let want = (SOURCES + pass as u32 * AGAIN) as f64;
+        let counted = eventually(want, Duration::from_secs(10), || {
+            metric(&nw, &rig, "netwatch_packets_total", &probes)
+        });
+        assert_eq!(counted, want, "rule counter not exact under the flood (pass {pass})");
+        if pass == 1 {
+            // Every source seen twice is flagged, once, within this time.
+            let flagged = eventually(AGAIN as f64, Duration::from_secs(10), || {
+                metric(&nw, &rig, "netwatch_scanners_flagged_total", &[])
+            });
+            assert_eq!(flagged, AGAIN as f64, "every source seen twice is flagged, once");
+            flag_seconds = first_second..=coarse_secs();
+        }
     }
-    // Counters exact: every frame counted once.
-    let counted = metric(
-        &nw,
-        &rig,
-        "netwatch_packets_total",
-        &[("rule", "udp/137"), ("direction", "inbound")],
-    );
-    assert_eq!(
-        counted,
-        (SOURCES + AGAIN) as f64,
-        "rule counter not exact under the flood"
-    );
+    // No source was evicted before its second sighting (each was flagged),
+    // so each was created once.
     let created = metric(&nw, &rig, "netwatch_sources_created_total", &[]);
-    assert!(created >= SOURCES as f64, "sources created {created}");
-    // Flags: every source still tracked at its second destination is
-    // flagged in the kernel; events reach userspace at most at the rate
-    // limit, the rest counted as lost.
-    let flagged = metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]);
-    let lost = metric(&nw, &rig, "netwatch_events_lost_total", &[]);
-    assert_eq!(flagged, AGAIN as f64, "every source seen twice is flagged, once");
-    assert!(lost > 0.0 && lost < flagged, "lost {lost} of {flagged}");
-    // The LRU evicted: tracked never exceeds capacity (counted every 30 s,
-    // the first time at start-up, before the flood).
+    assert_eq!(created, SOURCES as f64, "sources created");
+
+    // Flag events: each flag either reached the controller or was counted
+    // as lost; at most MAX_EVENTS_PER_CPU_SECOND per CPU in each second
+    // the flags took reached it, and at least one CPU-second's worth (the
+    // ring buffer holds more than that).
+    let delivered = |m: &str| sample(m, "netwatch_flag_event_delay_seconds_count", &[]);
+    let lost = |m: &str| sample(m, "netwatch_events_lost_total", &[]);
+    let accounted = eventually(AGAIN as f64, Duration::from_secs(10), || {
+        let m = nw.metrics(&rig.dut);
+        delivered(&m) + lost(&m)
+    });
+    assert_eq!(accounted, AGAIN as f64, "flags neither delivered nor counted as lost");
+    let m = nw.metrics(&rig.dut);
+    let (delivered, lost) = (delivered(&m), lost(&m));
+    let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND as f64;
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as f64;
+    let seconds = flag_seconds.clone().count() as f64;
+    assert!(
+        delivered <= budget * cpus * seconds,
+        "{delivered} flag events delivered from flags raised in seconds {flag_seconds:?} on {cpus} CPUs: over the budget of {budget} per CPU per second"
+    );
+    assert!(
+        delivered >= budget,
+        "only {delivered} flag events delivered (lost {lost})"
+    );
+
+    // The LRU is full and evicting (counted every 30 s, the first time at
+    // start-up, before the flood). Full means every record but those the
+    // kernel keeps on its per-CPU free lists (LOCAL_FREE_TARGET, 128 per
+    // CPU, in kernel/bpf/bpf_lru_list.c).
     let deadline = Instant::now() + Duration::from_secs(75);
     let tracked = loop {
-        let tracked = metric(&nw, &rig, "netwatch_sources_tracked", &[]);
-        if tracked > 0.0 {
+        let tracked = try_sample(&nw.metrics(&rig.dut), "netwatch_sources_tracked", &[]);
+        if let Some(tracked) = tracked.filter(|t| *t > 0.0) {
             break tracked;
         }
         assert!(Instant::now() < deadline, "sources never counted");
         std::thread::sleep(Duration::from_millis(500));
     };
     let capacity = metric(&nw, &rig, "netwatch_sources_capacity", &[]);
+    assert_eq!(capacity, netwatch_common::MAX_SOURCES as f64);
     assert!(
-        tracked <= capacity && tracked > capacity * 0.5,
+        tracked <= capacity && capacity - tracked <= 128.0 * cpus,
         "tracked {tracked} of {capacity}"
     );
-    assert!(metric(&nw, &rig, "netwatch_sources_evicted_total", &[]) > 0.0);
-    let rss = rss_mib(pid);
-    scrape_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = scrape_ms[scrape_ms.len() / 2];
-    eprintln!(
-        "flood of {SOURCES} sources (+{AGAIN} again): counted {counted}, created {created}, tracked {tracked}, flagged {flagged}, events lost {lost}, \
-         controller RSS {rss:.1} MiB, /metrics median {median:.2} ms over {} scrapes during the flood",
-        scrape_ms.len()
+    assert_eq!(
+        metric(&nw, &rig, "netwatch_sources_evicted_total", &[]),
+        created - tracked,
+        "evicted is created minus tracked"
     );
-    assert!(rss < 64.0, "controller resident memory {rss:.1} MiB");
-    assert!(median < 50.0, "/metrics median {median:.1} ms under the flood");
+    eprintln!(
+        "flood of {SOURCES} sources (+{AGAIN} again): created {created}, tracked {tracked}, flagged {AGAIN} in seconds {flag_seconds:?}, \
+         events delivered {delivered}, lost {lost}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
