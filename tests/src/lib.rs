@@ -24,6 +24,19 @@ pub fn privileged() -> bool {
         panic!("this test needs root (BPF, network namespaces) and NETWATCH_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
     eprintln!("skipping: needs root for BPF and network namespaces");
+    // `cargo xtask test --allow-skip` collects the names of skipped tests.
+    if let Some(log) = std::env::var_os("NETWATCH_SKIP_LOG") {
+        use std::io::Write as _;
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .map(|s| s.rsplit_once('-').map_or(s.clone(), |(name, _hash)| name.to_string()))
+            .unwrap_or_default();
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(file, "{binary}::{test}");
+        }
+    }
     false
 }
 
