@@ -152,6 +152,26 @@ impl Netwatch {
         serde_json::from_slice(&out.stdout).expect("lookup JSON")
     }
 
+    /// `netwatch ARGS --pin-dir PINS`, which must succeed; its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(bin())
+            .args(args)
+            .args(["--pin-dir", &self.pin_dir])
+            .output()
+            .expect("run netwatch");
+        assert!(
+            out.status.success(),
+            "netwatch {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `netwatch status --json` of this run's pins.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli(&["status", "--json"])).expect("status JSON")
+    }
+
     /// Waits until `ip` has at least one incident; returns the lookup.
     pub fn wait_for_incident(&self, ip: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -203,6 +223,30 @@ impl Drop for Netwatch {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }
     }
+}
+
+/// One HTTP/1.0 request to the controller's endpoint from inside `ns`:
+/// the status code and the body, whatever the status.
+pub fn http(ns: &Netns, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect(METRICS_ADDR).expect("connect to the endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {METRICS_ADDR}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("read the response");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {head:?}"));
+        (code, body.to_string())
+    })
 }
 
 /// The labels of one exposition line's series, parsed (`k="v",...`,

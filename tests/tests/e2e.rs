@@ -4,7 +4,7 @@
 use std::{process::Command, time::Duration};
 
 use netwatch_tests::{
-    daemon::{Netwatch, netwatch, sample},
+    daemon::{Netwatch, absent, netwatch, sample, try_sample},
     lab::*,
     netns::Netns,
     pin_dir, require_privileged, unique,
@@ -614,5 +614,184 @@ fn bad_input_is_refused_with_a_clear_error() {
         );
     }
     let _ = netwatch(&["detach", "--pin-dir", &pins]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends one datagram from each address of `ns` in `sources` to each of
+/// `dsts` on `port`; returns how many the kernel accepted.
+fn send_from_each(ns: &Netns, sources: &[&str], dsts: &[&str], port: u16) -> usize {
+    sources
+        .iter()
+        .map(|src| {
+            dsts.iter()
+                .map(|dst| send_udp_from(ns, src, &format!("{dst}:{port}"), 1))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// SIGHUP applies lists, thresholds, windows, auto-block settings and web
+/// ports, and keeps the entries `netwatch block` added; `rule_info` and
+/// `list_entries` follow.
+#[test]
+fn sighup_reloads_lists_detection_and_web_ports() {
+    require_privileged!();
+    let lab = Lab::new();
+    for i in 3..=9 {
+        lab.scanner
+            .ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", SCANNER_IF]);
+    }
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    let head = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}:host\"]\negress = [\"{VICTIM_IF}\"]\n");
+    std::fs::write(
+        &config,
+        format!("{head}\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\n"),
+    )
+    .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let m = nw.metrics(&lab.victim);
+    let rule_info = |m: &str, rule: &str, inbound: &str, outbound: &str| {
+        try_sample(
+            m,
+            "netwatch_rule_info",
+            &[("rule", rule), ("inbound", inbound), ("outbound", outbound)],
+        )
+    };
+    assert_eq!(rule_info(&m, "udp/137", "count", "count"), Some(1.0));
+    assert!(absent(&m, "netwatch_rule_info", &[("rule", "udp/138")]));
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "allowlist")]), 0.0);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 0.0);
+
+    // A command-line block, and a visitor of port 8080 (not a web port
+    // yet) looked up by the host: a probe, not a reverse lookup.
+    nw.cli(&["block", "198.18.0.3/32"]);
+    let visit = |from: &str| {
+        let local: std::net::Ipv4Addr = from.parse().unwrap();
+        // Nothing listens on 8080: the SYN is what makes a visitor.
+        lab.scanner
+            .run(|| netwatch_user::netns::tcp_connect_from(local, "198.18.0.2:8080".parse().unwrap()))
+            .expect_err("nothing listens on 8080");
+        assert_eq!(send_udp(&lab.victim, &format!("{from}:137"), 1), 1);
+    };
+    visit("198.18.0.6");
+    let outbound = |nw: &Netwatch| packets(nw, &lab.victim, VICTIM_IF, "outbound", "udp/137", "passed");
+    assert_eq!(eventually(1.0, WAIT, || outbound(&nw)), 1.0);
+    assert_eq!(
+        try_sample(&nw.metrics(&lab.victim), "netwatch_reverse_lookups_total", &[]),
+        None,
+        "a lookup of a port-8080 visitor counted as a reverse lookup before 8080 was a web port"
+    );
+
+    std::fs::write(
+        &config,
+        format!(
+            "{head}allowlist = [\"198.18.0.8/32\"]\nblocklist = [\"198.18.0.4/32\"]\nweb_ports = [8080]\n\n\
+             [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\n\
+             threshold = 3\nwindow_secs = 60\nauto_block = true\nblock_secs = 600\n\n\
+             [[rule]]\nprotocol = \"udp\"\nport = 138\ninbound = \"drop\"\noutbound = \"count\"\n"
+        ),
+    )
+    .unwrap();
+    nw.signal(libc::SIGHUP);
+    let reloads = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, reloads), 1.0, "{}", nw.log());
+
+    // What the maps now hold.
+    let status = nw.status();
+    let rule = |name: &str| {
+        status["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .unwrap_or_else(|| panic!("no rule {name}: {status:#}"))
+            .clone()
+    };
+    let udp137 = rule("udp/137");
+    assert_eq!(
+        (&udp137["threshold"], &udp137["window_secs"], &udp137["block_secs"]),
+        (&3.into(), &60.into(), &600.into())
+    );
+    assert_eq!(
+        (&rule("udp/138")["inbound"], &rule("udp/138")["outbound"]),
+        (&"drop".into(), &"count".into())
+    );
+    let listed = |list: &str| -> Vec<(String, String)> {
+        status[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["cidr"].as_str().unwrap().to_string(),
+                    e["origin"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut blocklist = listed("blocklist");
+    blocklist.sort();
+    assert_eq!(
+        blocklist,
+        [
+            ("198.18.0.3/32".into(), "cli".into()),
+            ("198.18.0.4/32".into(), "config".into())
+        ],
+        "the command-line block did not survive the reload"
+    );
+    assert_eq!(
+        listed("allowlist"),
+        [("198.18.0.8/32".to_string(), "config".to_string())]
+    );
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(rule_info(&m, "udp/137", "count", "count"), Some(1.0));
+    assert_eq!(rule_info(&m, "udp/138", "drop", "count"), Some(1.0));
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "allowlist")]), 1.0);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 2.0);
+
+    // What the traffic now meets.
+    let nb = udp_listener(&lab.victim, 137);
+    let dgm = udp_listener(&lab.victim, 138);
+    let targets = ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"];
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.3"], &targets[..2], 137), 2);
+    assert_eq!(count_received(&nb), 0, "the command-line block no longer applies");
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.4"], &targets[..2], 137), 2);
+    assert_eq!(count_received(&nb), 0, "the reloaded config's block does not apply");
+    // threshold 3 with auto-block: the third destination is dropped, and
+    // so is everything after it.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.5"], &targets, 137), 4);
+    assert_eq!(
+        count_received(&nb),
+        2,
+        "the reloaded threshold and auto-block do not apply"
+    );
+    let tracked = nw.lookup("198.18.0.5")["tracked"][0].clone();
+    assert_eq!(tracked["flagged"], true, "{tracked:#}");
+    assert!(tracked["blocked_until"].is_string(), "{tracked:#}");
+    // The allowlisted source is flagged, never blocked.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.8"], &targets, 137), 4);
+    assert_eq!(count_received(&nb), 4, "the reloaded allowlist does not apply");
+    let tracked = nw.lookup("198.18.0.8")["tracked"][0].clone();
+    assert_eq!(
+        (&tracked["flagged"], &tracked["blocked_until"]),
+        (&true.into(), &serde_json::Value::Null)
+    );
+    // The new rule drops.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.7"], &targets[..1], 138), 1);
+    assert_eq!(count_received(&dgm), 0, "the reloaded rule udp/138 does not drop");
+    // 8080 is a web port now: its visitor's lookup is a reverse lookup.
+    visit("198.18.0.6");
+    let reverse = eventually(Some(1.0), WAIT, || {
+        try_sample(&nw.metrics(&lab.victim), "netwatch_reverse_lookups_total", &[])
+    });
+    assert_eq!(reverse, Some(1.0), "the reloaded web port does not make visitors");
     let _ = std::fs::remove_dir_all(&dir);
 }
