@@ -328,3 +328,87 @@ fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> Option
         try_sample(&nw.metrics(ns), name, &[])
     })
 }
+
+/// Sends one udp/`port` datagram from `src` (an address of `ns`) to each
+/// of `dsts`; returns how many the kernel accepted.
+fn sweep_from(ns: &Netns, src: &str, dsts: &[String], port: u16) -> usize {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        dsts.iter()
+            .filter(|d| {
+                socket
+                    .send_to(b"probe", (d.parse::<std::net::IpAddr>().unwrap(), port))
+                    .is_ok()
+            })
+            .count()
+    })
+}
+
+/// IPv6 scanners are auto-blocked on the probed port only, counted in
+/// `sources_blocked`, and one `unblock` of a CIDR covering both lifts
+/// both blocks.
+#[test]
+fn ipv6_scanners_are_auto_blocked_and_unblocked_by_cidr() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.with_ipv6();
+    lab.scanner
+        .ip(&["addr", "add", "2001:db8::3/64", "dev", SCANNER_IF, "nodad"]);
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n\
+             inbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
+        ),
+    )
+    .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let (nb, dgm) = lab.victim.run(|| {
+        let bind = |port| {
+            let s = UdpSocket::bind(("::", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s
+        };
+        (bind(137), bind(138))
+    });
+    let targets =
+        |range: std::ops::RangeInclusive<u32>| -> Vec<String> { range.map(|i| format!("2001:db8:1::{i:x}")).collect() };
+    for scanner in ["2001:db8::1", "2001:db8::3"] {
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(1..=8), 137), 8);
+        // The 5th destination flags and blocks it, from that probe on.
+        assert_eq!(count_received(&nb), 4, "{scanner}: not blocked at its 5th destination");
+        // Only the probed port.
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(1..=2), 138), 2);
+        assert_eq!(count_received(&dgm), 2, "{scanner}: blocked on another port");
+        let report = nw.wait_for_incident(scanner);
+        let i = &incidents(&report)[0];
+        assert_eq!(
+            (&i["rule"], &i["blocked"]),
+            (&"udp/137".into(), &true.into()),
+            "{report:#}"
+        );
+        assert!(report["tracked"][0]["blocked_until"].is_string(), "{report:#}");
+    }
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_auto_blocks_total", &[]), 2.0);
+    // Counted from the open incidents, on the controller's 5 s refresh.
+    let blocked = |nw: &Netwatch| sample(&nw.metrics(&lab.victim), "netwatch_sources_blocked", &[]);
+    assert_eq!(eventually(2.0, Duration::from_secs(8), || blocked(&nw)), 2.0);
+
+    let out = nw.cli(&["unblock", "2001:db8::/64"]);
+    assert!(out.contains("lifted 2 auto-blocks inside 2001:db8::/64"), "{out}");
+    for scanner in ["2001:db8::1", "2001:db8::3"] {
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(9..=10), 137), 2);
+        assert_eq!(count_received(&nb), 2, "{scanner}: still blocked after unblock");
+        assert_eq!(
+            nw.lookup(scanner)["tracked"][0]["blocked_until"],
+            serde_json::Value::Null
+        );
+    }
+    assert_eq!(eventually(0.0, Duration::from_secs(8), || blocked(&nw)), 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
