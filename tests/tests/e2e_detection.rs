@@ -311,6 +311,33 @@ fn block_and_allow_from_the_command_line() {
         .unwrap();
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api["blocklist"], json["blocklist"]);
+
+    // disallow: the allowlist entry goes and the block applies again.
+    let out = nw.cli(&["disallow", "198.18.0.1"]);
+    assert!(out.contains("allowlist: removed 198.18.0.1/32"), "{out}");
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 0, "disallow did not remove the allowlist entry");
+    let out = netwatch(&["disallow", "198.18.0.1", "--pin-dir", &nw.pin_dir]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("198.18.0.1/32 is not on the allowlist"), "{stderr}");
+
+    // --ttl: a block that ends by itself, in the datapath and the lists.
+    nw.cli(&["unblock", "198.18.0.0/24"]);
+    nw.cli(&["block", "198.18.0.0/24", "--ttl", "2s"]);
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 0, "a block with a TTL did not apply");
+    let expired = eventually(true, Duration::from_secs(6), || {
+        send_udp(&lab.scanner, "198.18.0.2:137", 1);
+        count_received(&nb) == 1
+    });
+    assert!(expired, "a 2 s block still applies after 6 s");
+    let listed = eventually(0, Duration::from_secs(8), || {
+        nw.status()["blocklist"].as_array().unwrap().len()
+    });
+    assert_eq!(listed, 0, "the expired entry is still listed");
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 0.0);
 }
 
 fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u16) -> usize {
