@@ -231,6 +231,67 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     assert_eq!(i["classification"], "scan");
     assert_eq!(i["direction"], "outbound");
     assert_eq!(i["rule"], "udp/137");
+
+    // The same over IPv6: 25 visitors of [2001:db8::80]:80, each looked up.
+    web.ip(&["addr", "add", "2001:db8::80/64", "dev", "nw-web0", "nodad"]);
+    for i in 0x100..0x119 {
+        clients.ip(&["addr", "add", &format!("2001:db8::{i:x}/64"), "dev", "nw-cli0", "nodad"]);
+    }
+    clients.ip(&["-6", "route", "add", "local", "2001:db8:2::/64", "dev", "lo"]);
+    web.ip(&["-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8::100"]);
+    let (listener, lookup) = web.run(|| {
+        (
+            TcpListener::bind("[2001:db8::80]:80").unwrap(),
+            UdpSocket::bind("[::]:0").unwrap(),
+        )
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..25 {
+            let (mut conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+        }
+    });
+    for i in 0x100..0x119u16 {
+        clients.run(|| {
+            let local = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            drop(tcp_connect_from6(local, "[2001:db8::80]:80".parse().unwrap()));
+        });
+    }
+    server.join().unwrap();
+    let m = eventually_metric(&nw, &web, "netwatch_reverse_lookups_total", 65.0);
+    assert_eq!(
+        m,
+        Some(65.0),
+        "IPv6 lookups of web visitors not counted as reverse lookups"
+    );
+    let report = nw.lookup("2001:db8::80");
+    assert!(
+        incidents(&report).is_empty(),
+        "IPv6 reverse lookups flagged: {report:#}"
+    );
+    assert_eq!(report["tracked"][0]["classification"], "reverse-lookup", "{report:#}");
+    assert_eq!(report["tracked"][0]["flagged"], false, "{report:#}");
+    assert_eq!(report["tracked"][0]["packets"], 25, "{report:#}");
+    // And an IPv6 sweep of 25 addresses that never visited is a scan.
+    let never: Vec<String> = (1..=25).map(|i| format!("2001:db8:2::{i:x}")).collect();
+    assert_eq!(sweep_from(&web, "2001:db8::80", &never, 137), 25);
+    let report = nw.wait_for_incident("2001:db8::80");
+    let i = &incidents(&report)[0];
+    assert_eq!(
+        (&i["classification"], &i["direction"], &i["rule"]),
+        (&"scan".into(), &"outbound".into(), &"udp/137".into())
+    );
+}
+
+/// A TCP connection from a chosen local IPv6 address.
+fn tcp_connect_from6(local: std::net::Ipv6Addr, remote: std::net::SocketAddr) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from((local, 0)).into()).unwrap();
+    socket.connect(&remote.into()).expect("visit");
+    socket.into()
 }
 
 /// A router's LAN side names the infected machine by its internal
