@@ -98,6 +98,50 @@ fn counts_real_scanners_exactly() {
         "monitor mode dropped"
     );
 
+    // A 3000-byte datagram to udp/137 crosses the 1500-byte link in three
+    // fragments: the first carries the ports (udp/137), the other two are
+    // non-first fragments.
+    let big = lab.scanner.run(|| {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .send_to(&[0u8; 3000], "198.18.1.77:137")
+            .unwrap()
+    });
+    assert_eq!(big, 3000);
+    let got = eventually(294.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed")
+    });
+    assert_eq!(got, 294.0);
+    let fragments = eventually(2.0, WAIT, || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_fragments_total",
+            &[("interface", VICTIM_IF), ("direction", "inbound")],
+        )
+    });
+    assert_eq!(fragments, 2.0);
+
+    // Bytes are whole frames (Ethernet header included): nbtscan's
+    // 50-byte NBSTAT query makes a 92-byte frame, a 13-byte datagram of
+    // ours 55 bytes, the first fragment 1514, a Linux SYN with its options
+    // 74.
+    let m = nw.metrics(&lab.victim);
+    let bytes = |direction: &str, rule: &str| {
+        sample(
+            &m,
+            "netwatch_bytes_total",
+            &[
+                ("interface", VICTIM_IF),
+                ("direction", direction),
+                ("rule", rule),
+                ("action", "passed"),
+            ],
+        )
+    };
+    assert_eq!(bytes("inbound", "udp/137"), (256 * 92 + 37 * 55 + 1514) as f64);
+    assert_eq!(bytes("inbound", "tcp/5190"), (16 * 74) as f64);
+    assert_eq!(bytes("outbound", "udp/137"), (5 * 55) as f64);
+
     // promtool accepts the exposition without a single complaint.
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
