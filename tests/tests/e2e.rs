@@ -839,3 +839,39 @@ fn sighup_reloads_lists_detection_and_web_ports() {
     assert_eq!(reverse, Some(1.0), "the reloaded web port does not make visitors");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Where the driver has no native XDP (loopback), the program is attached
+/// in generic mode: the log and `status` say so, the attached gauge
+/// carries `mode="generic"`, and it enforces all the same.
+#[test]
+fn falls_back_to_generic_xdp_where_native_is_missing() {
+    require_privileged!();
+    let ns = Netns::new("gx");
+    let nw = Netwatch::start(&ns, &pin_dir(), &["--iface", "lo", "--mode", "enforce"]);
+    assert!(nw.log().contains("lo: native XDP not available"), "{}", nw.log());
+    assert_eq!(nw.status()["interfaces"][0]["xdp"], "generic");
+    let m = nw.metrics(&ns);
+    let attached = |mode: &str| {
+        try_sample(
+            &m,
+            "netwatch_interface_attached",
+            &[("interface", "lo"), ("hook", "xdp"), ("mode", mode)],
+        )
+    };
+    assert_eq!(attached("generic"), Some(1.0));
+    assert_eq!(attached("native"), None);
+    let link = ns.ip(&["-d", "link", "show", "lo"]);
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+
+    let nb = udp_listener(&ns, 137);
+    let dgm = udp_listener(&ns, 138);
+    assert_eq!(send_udp(&ns, "127.0.0.1:137", 4), 4);
+    assert_eq!(send_udp(&ns, "127.0.0.1:138", 4), 4);
+    assert_eq!(count_received(&nb), 0, "generic XDP did not enforce");
+    assert_eq!(count_received(&dgm), 4);
+    assert_eq!(packets(&nw, &ns, "lo", "inbound", "udp/137", "dropped"), 4.0);
+}
