@@ -632,6 +632,30 @@ fn bad_input_is_refused_with_a_clear_error() {
         ),
         (cfg(&file, "webports.toml", "web_ports = [0]\n"), "web_ports[0]"),
         (
+            cfg(
+                &file,
+                "rules65.toml",
+                &(1..=65)
+                    .map(|p| format!("[[rule]]\nprotocol = \"udp\"\nport = {p}\n"))
+                    .collect::<String>(),
+            ),
+            "65 rules given; at most 64 are supported",
+        ),
+        (
+            cfg(
+                &file,
+                "block16385.toml",
+                &format!(
+                    "blocklist = [{}]\n",
+                    (0..16_385u32)
+                        .map(|i| format!("\"{}/32\"", std::net::Ipv4Addr::from(0xc613_0000 + i)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            "blocklist has more than 16384 entries per address family",
+        ),
+        (
             cfg(&file, "iface.toml", "interfaces = [\"eth0:core\"]\n"),
             "interfaces[0]",
         ),
@@ -874,4 +898,60 @@ fn falls_back_to_generic_xdp_where_native_is_missing() {
     assert_eq!(count_received(&nb), 0, "generic XDP did not enforce");
     assert_eq!(count_received(&dgm), 4);
     assert_eq!(packets(&nw, &ns, "lo", "inbound", "udp/137", "dropped"), 4.0);
+}
+
+/// The rule limit: 64 rules run, 65 are refused on reload (the running
+/// config stays in force); at start, see `bad_input_is_refused_with_a_clear_error`.
+/// (The 16 384-CIDR limit: `policy.rs`.)
+#[test]
+fn sixty_four_rules_run_and_a_65th_is_refused_on_reload() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("netwatch.toml");
+    let write = |rules: u32| {
+        let mut text = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n");
+        for port in 20000..20000 + rules - 1 {
+            text.push_str(&format!(
+                "\n[[rule]]\nprotocol = \"tcp\"\nport = {port}\ninbound = \"count\"\n"
+            ));
+        }
+        // The last rule, in the last slot.
+        text.push_str("\n[[rule]]\nprotocol = \"udp\"\nport = 137\n");
+        std::fs::write(&config, text).unwrap();
+    };
+    assert_eq!(netwatch_common::MAX_RULES, 64, "the README's limit");
+    write(64);
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    assert_eq!(nw.status()["rules"].as_array().unwrap().len(), 64);
+    assert_eq!(sample(&nw.metrics(&lab.victim), "netwatch_rule_info", &[]), 64.0);
+    // The 64th rule applies.
+    let nb = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 2), 2);
+    assert_eq!(count_received(&nb), 0, "the 64th rule does not apply");
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "dropped"),
+        2.0
+    );
+
+    write(65);
+    nw.signal(libc::SIGHUP);
+    let failures = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "failure")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, failures), 1.0, "{}", nw.log());
+    assert!(
+        nw.log().contains("65 rules given; at most 64 are supported"),
+        "{}",
+        nw.log()
+    );
+    assert_eq!(nw.status()["rules"].as_array().unwrap().len(), 64);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 1), 1);
+    assert_eq!(count_received(&nb), 0, "the running config was not kept");
+    let _ = std::fs::remove_dir_all(&dir);
 }
