@@ -146,12 +146,17 @@ fn cargo(root: &Path) -> Command {
 fn run(root: &Path, args: &[String]) -> Result<()> {
     status(cargo(root).args(["build", "--release", "--bin", "netwatch"]))?;
     let bin = root.join("target/release/netwatch");
-    let args: Vec<String> = if args.is_empty() {
+    status(Command::new(bin).args(netwatch_args(args)))
+}
+
+/// What `cargo xtask run ARGS` runs netwatch with: the lab without
+/// arguments (the README's demo, tested as `netwatch lab` in e2e.rs).
+fn netwatch_args(args: &[String]) -> Vec<String> {
+    if args.is_empty() {
         vec!["lab".into()]
     } else {
         args.to_vec()
-    };
-    status(Command::new(bin).args(&args))
+    }
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<()> {
@@ -271,7 +276,14 @@ fn test(root: &Path, args: &[String], privileges: Privileges) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Privileges;
+    use super::{Privileges, netwatch_args};
+
+    #[test]
+    fn xtask_run_runs_the_lab_without_arguments() {
+        assert_eq!(netwatch_args(&[]), ["lab"]);
+        let args: Vec<String> = ["run", "--iface", "eth0:wan"].map(String::from).into();
+        assert_eq!(netwatch_args(&args), args);
+    }
 
     #[test]
     fn the_test_suite_refuses_to_skip_unless_told() {
