@@ -4,10 +4,11 @@
 use std::{process::Command, time::Duration};
 
 use netwatch_tests::{
+    TempDir,
     daemon::{Netwatch, absent, netwatch, sample, try_sample},
     lab::*,
     netns::Netns,
-    pin_dir, require_privileged, unique,
+    pin_dir, require_privileged,
 };
 
 const WAIT: Duration = Duration::from_secs(3);
@@ -331,8 +332,7 @@ fn counters_survive_restart_and_detach_removes_everything() {
 fn sighup_reloads_and_rejects_broken_config() {
     require_privileged!();
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     let write = |text: &str| std::fs::write(&config, text).unwrap();
     write(&format!(
@@ -439,7 +439,6 @@ fn sighup_reloads_and_rejects_broken_config() {
     let m = nw.metrics(&lab.victim);
     assert_eq!(last_ok(&m), 1.0, "still reported failed after a good reload");
     assert_eq!(sample(&m, "netwatch_info", &[("mode", "monitor")]), 1.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A router: XDP on the LAN side sees an infected inside host's probes
@@ -481,8 +480,7 @@ fn bad_input_is_refused_with_a_clear_error() {
     require_privileged!();
     let ns = Netns::new("bad");
     let pins = pin_dir();
-    let dir = std::env::temp_dir().join(unique("bad"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("bad");
     let file = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -682,7 +680,6 @@ fn bad_input_is_refused_with_a_clear_error() {
         );
     }
     let _ = netwatch(&["detach", "--pin-dir", &pins]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Sends one datagram from each address of `ns` in `sources` to each of
@@ -709,8 +706,7 @@ fn sighup_reloads_lists_detection_and_web_ports() {
         lab.scanner
             .ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", SCANNER_IF]);
     }
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     let head = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}:host\"]\negress = [\"{VICTIM_IF}\"]\n");
     std::fs::write(
@@ -861,7 +857,6 @@ fn sighup_reloads_lists_detection_and_web_ports() {
         try_sample(&nw.metrics(&lab.victim), "netwatch_reverse_lookups_total", &[])
     });
     assert_eq!(reverse, Some(1.0), "the reloaded web port does not make visitors");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Where the driver has no native XDP (loopback), the program is attached
@@ -907,8 +902,7 @@ fn falls_back_to_generic_xdp_where_native_is_missing() {
 fn sixty_four_rules_run_and_a_65th_is_refused_on_reload() {
     require_privileged!();
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     let write = |rules: u32| {
         let mut text = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n");
@@ -953,7 +947,6 @@ fn sixty_four_rules_run_and_a_65th_is_refused_on_reload() {
     assert_eq!(nw.status()["rules"].as_array().unwrap().len(), 64);
     assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 1), 1);
     assert_eq!(count_received(&nb), 0, "the running config was not kept");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `netwatch lab`, the README's run command (`cargo xtask run` runs it

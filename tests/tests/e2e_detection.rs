@@ -8,10 +8,11 @@ use std::{
 };
 
 use netwatch_tests::{
+    TempDir,
     daemon::{Netwatch, http, netwatch, sample, try_sample},
     lab::*,
     netns::{Netns, veth},
-    pin_dir, require_privileged, unique,
+    pin_dir, require_privileged,
 };
 
 fn incidents(report: &serde_json::Value) -> &Vec<serde_json::Value> {
@@ -26,7 +27,7 @@ fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = std::env::temp_dir().join(unique("state"));
+    let state = TempDir::new("state");
     let args = ["--iface", VICTIM_IF];
     let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
 
@@ -164,7 +165,6 @@ fn real_scanners_are_flagged_and_looked_up() {
     let unknown = nw.lookup("198.18.99.99");
     assert!(incidents(&unknown).is_empty() && unknown["tracked"].as_array().unwrap().is_empty());
     drop(nw);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// An IIS-like host (HTTP server that looks up every visitor on udp/137)
@@ -305,8 +305,7 @@ fn lan_side_names_the_infected_host_behind_nat() {
         internet,
     } = RouterLab::new();
 
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     std::fs::write(
         &config,
@@ -332,7 +331,6 @@ fn lan_side_names_the_infected_host_behind_nat() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(send_udp(&inside, "198.18.1.200:137", 2), 2);
     assert_eq!(count_received(&far), 2, "unblock did not lift the auto-block");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `block`, `allow` and `unblock` change enforcement live.
@@ -443,8 +441,7 @@ fn ipv6_scanners_are_auto_blocked_and_unblocked_by_cidr() {
     lab.with_ipv6();
     lab.scanner
         .ip(&["addr", "add", "2001:db8::3/64", "dev", SCANNER_IF, "nodad"]);
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     std::fs::write(
         &config,
@@ -498,7 +495,6 @@ fn ipv6_scanners_are_auto_blocked_and_unblocked_by_cidr() {
         );
     }
     assert_eq!(eventually(0.0, Duration::from_secs(8), || blocked(&nw)), 0.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `top --limit` and `/api/top?limit=N` give the busiest sources, most

@@ -9,15 +9,15 @@ use std::{
 };
 
 use netwatch_tests::{
+    TempDir,
     bench::flood::{DUT_IF, GEN_IF, Rig},
     daemon::{METRICS_ADDR, Netwatch, netwatch, sample, try_sample},
     lab::*,
     pin_dir, require_privileged, unique,
 };
 
-fn write_config(text: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+fn write_config(text: &str) -> (TempDir, String) {
+    let dir = TempDir::new("cfg");
     let path = dir.join("netwatch.toml");
     std::fs::write(&path, text).unwrap();
     let p = path.to_str().unwrap().to_string();
@@ -49,7 +49,7 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
     require_privileged!();
     const SOURCES: u32 = 1_500_000;
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let (_dir, config) = write_config(&format!(
         "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 2\n"
     ));
     let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
@@ -155,7 +155,6 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
         "flood of {SOURCES} sources (+{AGAIN} again): created {created}, tracked {tracked}, flagged {AGAIN} in seconds {flag_seconds:?}, \
          events delivered {delivered}, lost {lost}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// One scanner at full rate over thousands of destinations: exactly one
@@ -189,7 +188,7 @@ fn one_source_at_full_rate_raises_exactly_one_event() {
 fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     require_privileged!();
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let (_dir, config) = write_config(&format!(
         "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\nallowlist = [\"198.18.0.1/32\"]\n\
          [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
     ));
@@ -232,7 +231,6 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     let capped = metric(&nw, &rig, "netwatch_auto_blocks_capped_total", &[]);
     assert_eq!(blocks, netwatch_common::MAX_AUTO_BLOCKS as f64);
     assert_eq!(blocks + capped, 3000.0);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// XDP programs on `dev` in `ns`, and TCX links of programs that use
@@ -289,7 +287,7 @@ fn sigkill_and_restart_lose_nothing() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = std::env::temp_dir().join(unique("state"));
+    let state = TempDir::new("state");
     let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     let _ = lab.nbtscan("198.18.1.0/26");
@@ -325,8 +323,6 @@ fn sigkill_and_restart_lose_nothing() {
         1,
         "incident lost"
     );
-    drop(nw);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// `--keep-attached`: a clean stop leaves enforcement in place for the

@@ -9,6 +9,7 @@ use std::{
 };
 
 use netwatch_tests::{
+    TempDir,
     daemon::{METRICS_ADDR, Netwatch, netwatch},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
@@ -308,8 +309,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
 #[test]
 fn privileged_tests_skip_visibly_or_fail_without_root() {
     require_privileged!();
-    let dir = std::env::temp_dir().join(unique("skip"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("skip");
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -341,7 +341,6 @@ fn privileged_tests_skip_visibly_or_fail_without_root() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping: needs root"));
     let logged = std::fs::read_to_string(&log).expect("skip not logged");
     assert_eq!(logged, "operations::json_output_keeps_its_documented_schema\n");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
