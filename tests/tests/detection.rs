@@ -86,7 +86,9 @@ fn window_expiry_restarts_the_count() {
     for i in 0..4 {
         probe(&h, SCANNER, i);
     }
-    std::thread::sleep(Duration::from_millis(2100));
+    // The window began at most at this second of the datapath's clock.
+    let began = coarse_secs();
+    wait_for_second(began + 1);
     for i in 4..8 {
         probe(&h, SCANNER, i);
     }
@@ -95,7 +97,8 @@ fn window_expiry_restarts_the_count() {
     assert_eq!(h.events().len(), 1);
     // In a new window the same source can be flagged again (the incident
     // store folds it into the open incident).
-    std::thread::sleep(Duration::from_millis(2100));
+    let began = coarse_secs();
+    wait_for_second(began + 1);
     for i in 100..105 {
         probe(&h, SCANNER, i);
     }
@@ -115,6 +118,8 @@ fn auto_block_drops_the_flagged_source_on_its_port_until_the_ttl() {
     assert!(!probe(&h, SCANNER, 1));
     // The probe that crosses the threshold is the first one dropped.
     assert!(probe(&h, SCANNER, 2), "threshold-crossing probe not dropped");
+    // Blocked until at most this second of the datapath's clock + 2.
+    let flagged = coarse_secs();
     let e = h.events();
     assert_eq!(e.len(), 1);
     assert!(e[0].blocked_until > 0);
@@ -125,7 +130,7 @@ fn auto_block_drops_the_flagged_source_on_its_port_until_the_ttl() {
     assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::udp4(SCANNER, target(1), 1, 53).build()));
     assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::tcp4(SCANNER, target(1), 1, 5190).build()));
     assert_eq!(h.snapshot().detection.auto_blocks, 1);
-    std::thread::sleep(Duration::from_millis(3100));
+    wait_for_second(flagged + 2);
     assert!(!probe(&h, SCANNER, 4), "block outlived its TTL");
 }
 
@@ -168,6 +173,14 @@ fn coarse_secs() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64
+}
+
+/// Waits until the datapath's clock reaches second `s` (a bounded wait:
+/// the clock advances).
+fn wait_for_second(s: u64) {
+    while coarse_secs() < s {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A flood of flags on one CPU within one second: exactly
