@@ -152,6 +152,26 @@ impl Netwatch {
         serde_json::from_slice(&out.stdout).expect("lookup JSON")
     }
 
+    /// `netwatch ARGS --pin-dir PINS`, which must succeed; its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(bin())
+            .args(args)
+            .args(["--pin-dir", &self.pin_dir])
+            .output()
+            .expect("run netwatch");
+        assert!(
+            out.status.success(),
+            "netwatch {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `netwatch status --json` of this run's pins.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli(&["status", "--json"])).expect("status JSON")
+    }
+
     /// Waits until `ip` has at least one incident; returns the lookup.
     pub fn wait_for_incident(&self, ip: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -205,19 +225,110 @@ impl Drop for Netwatch {
     }
 }
 
-/// The value of the sample `name{labels}` in a text exposition (labels
-/// must all match; others may be present), or 0 when absent.
-pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// One HTTP/1.0 request to the controller's endpoint from inside `ns`:
+/// the status code and the body, whatever the status.
+pub fn http(ns: &Netns, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    ns.run(|| {
+        let mut s = std::net::TcpStream::connect(METRICS_ADDR).expect("connect to the endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {METRICS_ADDR}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("read the response");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {head:?}"));
+        (code, body.to_string())
+    })
+}
+
+/// The labels of one exposition line's series, parsed (`k="v",...`,
+/// with the format's escapes).
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((key, tail)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = tail.char_indices();
+        let mut end = tail.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => break,
+                },
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').trim().to_string(), value));
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The values of every series `name{...}` of a text exposition whose
+/// labels include all of `labels` (others may be present).
+pub fn series(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     exposition
         .lines()
-        .filter(|l| !l.starts_with('#'))
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            let (metric, rest) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let have = parse_labels(rest);
+            labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
                 .then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .collect()
+}
+
+/// The sum of the series `name{labels}` (see [`series`]), or `None` when
+/// no series matches.
+pub fn try_sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values = series(exposition, name, labels);
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The sum of the series `name{labels}` (see [`series`]). A series that
+/// is not there fails the test: a metric that vanished is not a 0. Where
+/// absence is what a test asserts, use [`absent`]; where a series only
+/// appears later (a gauge counted in the background), [`try_sample`].
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    try_sample(exposition, name, labels).unwrap_or_else(|| {
+        let same_name: Vec<&str> = exposition
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .collect();
+        panic!(
+            "no series {name} with labels {labels:?} in the exposition; series of that name:\n{}",
+            same_name.join("\n")
+        )
+    })
+}
+
+/// Whether no series `name{labels}` is in the exposition.
+pub fn absent(exposition: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    series(exposition, name, labels).is_empty()
 }
 
 /// Resident memory of a process, in MiB.
@@ -230,4 +341,43 @@ pub fn rss_mib(pid: i32) -> f64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kb / 1024.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPOSITION: &str = "# HELP a_total help\n# TYPE a_total counter\n\
+        a_total{interface=\"nw0\",direction=\"inbound\"} 3\n\
+        a_total{interface=\"nw0\",direction=\"outbound\"} 4\n\
+        a_total{xinterface=\"nw1\",direction=\"inbound\"} 100\n\
+        b 1\n\
+        c{reason=\"a \\\"quoted\\\" one, with a comma\"} 7\n";
+
+    #[test]
+    fn samples_are_summed_over_matching_series_only() {
+        assert_eq!(sample(EXPOSITION, "a_total", &[("interface", "nw0")]), 7.0);
+        assert_eq!(
+            sample(
+                EXPOSITION,
+                "a_total",
+                &[("interface", "nw0"), ("direction", "outbound")]
+            ),
+            4.0
+        );
+        // A label is matched by name, not as a substring of another.
+        assert_eq!(try_sample(EXPOSITION, "a_total", &[("interface", "nw1")]), None);
+        assert_eq!(sample(EXPOSITION, "b", &[]), 1.0);
+        assert_eq!(
+            sample(EXPOSITION, "c", &[("reason", "a \"quoted\" one, with a comma")]),
+            7.0
+        );
+        assert!(absent(EXPOSITION, "a", &[]));
+    }
+
+    #[test]
+    #[should_panic(expected = "no series a_total with labels")]
+    fn an_absent_series_is_not_a_zero() {
+        sample(EXPOSITION, "a_total", &[("interface", "nw9")]);
+    }
 }

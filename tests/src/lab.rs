@@ -12,6 +12,8 @@ pub const SCANNER_IP: &str = "198.18.0.1";
 pub const VICTIM_IP: &str = "198.18.0.2";
 /// Every address of this range belongs to the victim.
 pub const TARGET_RANGE: &str = "198.18.1.0/24";
+/// Every address of this range belongs to the victim (see [`Lab::with_ipv6`]).
+pub const TARGET_RANGE6: &str = "2001:db8:1::/64";
 pub const SCANNER_IF: &str = "nw-scan0";
 pub const VICTIM_IF: &str = "nw-vic0";
 
@@ -39,6 +41,20 @@ impl Lab {
 }
 
 impl Lab {
+    /// IPv6 on the lab: the scanner 2001:db8::1, the victim 2001:db8::2,
+    /// which also owns 2001:db8:1::/64 (a scan target range). Addresses
+    /// are usable at once (no duplicate address detection).
+    pub fn with_ipv6(&self) {
+        self.scanner
+            .ip(&["addr", "add", "2001:db8::1/64", "dev", SCANNER_IF, "nodad"]);
+        self.victim
+            .ip(&["addr", "add", "2001:db8::2/64", "dev", VICTIM_IF, "nodad"]);
+        self.victim
+            .ip(&["-6", "route", "add", "local", TARGET_RANGE6, "dev", "lo"]);
+        self.scanner
+            .ip(&["-6", "route", "add", TARGET_RANGE6, "via", "2001:db8::2"]);
+    }
+
     /// nbtscan from the scanner: one NetBIOS probe to every address of
     /// `range` (256 for a /24).
     pub fn nbtscan(&self, range: &str) -> std::process::Output {
@@ -62,6 +78,19 @@ pub fn send_udp(ns: &Netns, dst: &str, count: usize) -> usize {
     let dst: SocketAddr = dst.parse().unwrap();
     ns.run(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        (0..count)
+            .filter(|_| socket.send_to(b"netwatch-test", dst).is_ok())
+            .count()
+    })
+}
+
+/// Sends `count` UDP datagrams from the address `src` of `ns` to `dst`;
+/// returns how many the kernel accepted.
+pub fn send_udp_from(ns: &Netns, src: &str, dst: &str, count: usize) -> usize {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    let dst: SocketAddr = dst.parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
         (0..count)
             .filter(|_| socket.send_to(b"netwatch-test", dst).is_ok())
             .count()

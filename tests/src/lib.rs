@@ -24,6 +24,19 @@ pub fn privileged() -> bool {
         panic!("this test needs root (BPF, network namespaces) and NETWATCH_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
     eprintln!("skipping: needs root for BPF and network namespaces");
+    // `cargo xtask test --allow-skip` collects the names of skipped tests.
+    if let Some(log) = std::env::var_os("NETWATCH_SKIP_LOG") {
+        use std::io::Write as _;
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .map(|s| s.rsplit_once('-').map_or(s.clone(), |(name, _hash)| name.to_string()))
+            .unwrap_or_default();
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(file, "{binary}::{test}");
+        }
+    }
     false
 }
 
@@ -52,4 +65,41 @@ pub fn unique(tag: &str) -> String {
 /// A pin directory of its own for one `netwatch run` of a test.
 pub fn pin_dir() -> String {
     format!("/sys/fs/bpf/{}", unique("p"))
+}
+
+/// A directory of its own under the system's temp directory, removed with
+/// everything in it when dropped: also when the test fails.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

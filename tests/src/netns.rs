@@ -43,6 +43,28 @@ impl Netns {
         netwatch_user::netns::run_in(&self.name, f).expect("enter network namespace")
     }
 
+    /// `sysctl -qw SETTING` inside the namespace.
+    pub fn sysctl(&self, setting: &str) {
+        check(self.command("sysctl").args(["-qw", setting]));
+    }
+
+    /// TCP segments this namespace has sent, retransmissions included
+    /// (`OutSegs` + `RetransSegs` of /proc/net/snmp: Linux leaves
+    /// retransmitted segments out of `OutSegs`).
+    pub fn tcp_segments_sent(&self) -> u64 {
+        let snmp = String::from_utf8(check(self.command("cat").arg("/proc/net/snmp")).stdout).unwrap();
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next().expect("Tcp: header"), tcp.next().expect("Tcp: values"));
+        let field = |name: &str| -> u64 {
+            let column = names
+                .split_whitespace()
+                .position(|n| n == name)
+                .unwrap_or_else(|| panic!("{name} column"));
+            values.split_whitespace().nth(column).unwrap().parse().unwrap()
+        };
+        field("OutSegs") + field("RetransSegs")
+    }
+
     /// Makes `addr/len` a local range of this namespace, so probes to any
     /// address in it reach this host (a scan target range).
     pub fn local_range(&self, cidr: &str) {

@@ -86,7 +86,9 @@ fn window_expiry_restarts_the_count() {
     for i in 0..4 {
         probe(&h, SCANNER, i);
     }
-    std::thread::sleep(Duration::from_millis(2100));
+    // The window began at most at this second of the datapath's clock.
+    let began = coarse_secs();
+    wait_for_second(began + 1);
     for i in 4..8 {
         probe(&h, SCANNER, i);
     }
@@ -95,7 +97,8 @@ fn window_expiry_restarts_the_count() {
     assert_eq!(h.events().len(), 1);
     // In a new window the same source can be flagged again (the incident
     // store folds it into the open incident).
-    std::thread::sleep(Duration::from_millis(2100));
+    let began = coarse_secs();
+    wait_for_second(began + 1);
     for i in 100..105 {
         probe(&h, SCANNER, i);
     }
@@ -115,6 +118,8 @@ fn auto_block_drops_the_flagged_source_on_its_port_until_the_ttl() {
     assert!(!probe(&h, SCANNER, 1));
     // The probe that crosses the threshold is the first one dropped.
     assert!(probe(&h, SCANNER, 2), "threshold-crossing probe not dropped");
+    // Blocked until at most this second of the datapath's clock + 2.
+    let flagged = coarse_secs();
     let e = h.events();
     assert_eq!(e.len(), 1);
     assert!(e[0].blocked_until > 0);
@@ -125,7 +130,7 @@ fn auto_block_drops_the_flagged_source_on_its_port_until_the_ttl() {
     assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::udp4(SCANNER, target(1), 1, 53).build()));
     assert!(!h.dropped(Hook::Xdp(Inbound), &Frame::tcp4(SCANNER, target(1), 1, 5190).build()));
     assert_eq!(h.snapshot().detection.auto_blocks, 1);
-    std::thread::sleep(Duration::from_millis(3100));
+    wait_for_second(flagged + 2);
     assert!(!probe(&h, SCANNER, 4), "block outlived its TTL");
 }
 
@@ -161,21 +166,101 @@ fn allowlist_beats_auto_block_even_for_spoofed_sources() {
     assert_eq!(h.snapshot().detection.auto_blocks, 0);
 }
 
-/// Distinct destinations counted by the sketch against the truth: exact
-/// up to 30, off by at most one below 32, within 10 % up to 3000, a
-/// floor above (see README). Above 30 the figures depend on the hash key
-/// (collisions in the 960-bit bitmap); the README gives the estimator's
-/// spread over keys, so this test pins two keys for repeatable figures.
+/// Now in seconds of CLOCK_MONOTONIC_COARSE, the clock of the datapath's
+/// per-second event budget (`bpf_ktime_get_coarse_ns`).
+fn coarse_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// Waits until the datapath's clock reaches second `s` (a bounded wait:
+/// the clock advances).
+fn wait_for_second(s: u64) {
+    while coarse_secs() < s {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A flood of flags on one CPU within one second: exactly
+/// MAX_EVENTS_PER_CPU_SECOND events reach the ring buffer, every other
+/// flag is counted in `events_lost` (and every flag in the flag counter).
+#[test]
+fn flag_events_stop_at_the_per_cpu_budget() {
+    require_privileged!();
+    const FLAGS: u32 = 5000;
+    let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND;
+    // One CPU: BPF_PROG_TEST_RUN runs the program on the caller's CPU.
+    // SAFETY: plain syscalls on this thread with a valid CPU set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0);
+    }
+    // Two destinations flag a source at threshold 2: FLAGS sources take
+    // 2 * FLAGS runs, a few tens of milliseconds. Started right after a
+    // second begins, they end within it; a try that straddles a second
+    // (a loaded machine) is repeated, at most three times.
+    for attempt in 0..3 {
+        let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 2, 300, None)]));
+        let start = coarse_secs();
+        while coarse_secs() == start {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let second = coarse_secs();
+        for n in 0..FLAGS {
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + n).octets();
+            probe(&h, src, 0);
+            probe(&h, src, 1);
+        }
+        if coarse_secs() != second {
+            eprintln!("attempt {attempt} straddled a second; again");
+            continue;
+        }
+        let s = h.snapshot();
+        let flagged: u64 = s.detection.flagged.iter().map(|f| f.flagged).sum();
+        assert_eq!(flagged, FLAGS as u64, "every source flagged, once");
+        let events = h.events().len() as u64;
+        assert_eq!(events, budget as u64, "events on one CPU in one second");
+        assert_eq!(
+            s.detection.events_lost,
+            (FLAGS - budget) as u64,
+            "flags over the budget not counted as lost"
+        );
+        return;
+    }
+    panic!("three attempts straddled a second: the machine is too loaded to run 10 000 test runs in under a second");
+}
+
+/// The two destination-hash keys the sketch's figures in the README were
+/// measured with. Above 30 destinations the estimate depends on the key
+/// (collisions in the 960-bit bitmap); pinned keys make the figures
+/// repeatable, so the tests can hold them to what the README says.
+const KEYS: [[u64; 5]; 2] = [
+    [0x9e37_79b9_7f4a_7c15u64, 3, 5, 7, 11],
+    [1, 0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb, 13, 17],
+];
+
+/// The README's bound on the sketch's relative error from 33 to 3000
+/// destinations with the pinned keys.
+const WITHIN: f64 = 0.051;
+
+/// Distinct destinations counted by the sketch against the truth, as the
+/// README states them: exact up to 30, off by at most two at 31 and 32,
+/// within 5.1 % from 33 to 3000, within 1 % at 5000, and at 10 000 the
+/// saturated bitmap's estimate, 6592, a floor.
 #[test]
 fn sketch_accuracy_across_one_to_ten_thousand_destinations() {
     require_privileged!();
-    for key in [
-        [0x9e37_79b9_7f4a_7c15u64, 3, 5, 7, 11],
-        [1, 0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb, 13, 17],
-    ] {
+    for key in KEYS {
         sketch_accuracy_with_key(key);
     }
 }
+
+/// The estimate of a full bitmap (one zero bit left, see
+/// `estimate_distinct`): -960 ln(1/960).
+const SATURATED: u32 = 6592;
 
 fn sketch_accuracy_with_key(key: [u64; 5]) {
     let h = Harness::with_hash_key(
@@ -211,35 +296,48 @@ fn sketch_accuracy_with_key(key: [u64; 5]) {
         eprintln!("n={n:>6} estimate={est:>6} error={:.2}%", err * 100.0);
         if n <= SKETCH_LIST_LEN {
             assert_eq!(est, n, "not exact at {n}");
-        } else if n < 32 {
-            assert!(est.abs_diff(n) <= 1, "estimate {est} for {n} is off by more than one");
+        } else if n <= 32 {
+            assert!(est.abs_diff(n) <= 2, "estimate {est} for {n} is off by more than two");
         } else if n <= 3000 {
-            assert!(err <= 0.10, "estimate {est} for {n} is off by more than 10%");
+            assert!(
+                err <= WITHIN,
+                "estimate {est} for {n} is off by more than {:.1} %",
+                WITHIN * 100.0
+            );
             worst_within_3000 = worst_within_3000.max(err);
+        } else if n == 5000 {
+            assert!(err <= 0.01, "estimate {est} for {n} is off by more than 1 %");
         } else {
-            assert!(est >= 2700, "estimate {est} for {n} is below the stated floor");
+            assert_eq!(est, SATURATED, "estimate {est} for {n}: the bitmap should be saturated");
         }
     }
-    eprintln!("worst relative error up to 3000: {:.2}%", worst_within_3000 * 100.0);
+    eprintln!(
+        "worst relative error from 33 to 3000: {:.2}%",
+        worst_within_3000 * 100.0
+    );
 }
 
-/// Threshold above the exact range: the bitmap's bit count flags it.
+/// Threshold above the exact range: the bitmap's bit count flags it,
+/// within the sketch's error (pinned keys, see `KEYS`).
 #[test]
 fn large_thresholds_flag_from_the_bitmap() {
     require_privileged!();
-    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 500, 3600, None)]));
-    let mut flagged_at = None;
-    for i in 0..700 {
-        probe(&h, SCANNER, i);
-        if flagged_at.is_none() && !h.events().is_empty() {
-            flagged_at = Some(i + 1);
+    for key in KEYS {
+        let h = Harness::with_hash_key(&Policy::new(Mode::Monitor, vec![rule("udp/137", 500, 3600, None)]), key);
+        let mut flagged_at = None;
+        for i in 0..700 {
+            probe(&h, SCANNER, i);
+            if flagged_at.is_none() && !h.events().is_empty() {
+                flagged_at = Some(i + 1);
+            }
         }
+        let at = flagged_at.expect("never flagged");
+        eprintln!("threshold 500 flagged at {at} distinct destinations");
+        assert!(
+            (at as f64 - 500.0).abs() / 500.0 <= WITHIN,
+            "flagged at {at} distinct destinations, threshold 500"
+        );
     }
-    let at = flagged_at.expect("never flagged");
-    assert!(
-        (450..=550).contains(&at),
-        "flagged at {at} distinct destinations, threshold 500"
-    );
 }
 
 /// The three packets of a TCP handshake between `visitor`:`port` and the
@@ -439,11 +537,11 @@ fn structured_ipv6_sweeps_count_every_destination() {
             Ipv6Addr::new(0x2001, 0xdb8, k, 0, 0, 0, k << 8, 0)
         }),
     ];
-    for (n, threshold) in [(25u16, 20u32), (200, 100)] {
-        let h = Harness::new(&Policy::new(
-            Mode::Monitor,
-            vec![rule("udp/137", threshold, 3600, None)],
-        ));
+    for (n, threshold, key) in [(25u16, 20u32, KEYS[0]), (200, 100, KEYS[0]), (200, 100, KEYS[1])] {
+        let h = Harness::with_hash_key(
+            &Policy::new(Mode::Monitor, vec![rule("udp/137", threshold, 3600, None)]),
+            key,
+        );
         for (index, (name, pattern)) in patterns.iter().enumerate() {
             let src = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, n, index as u16);
             for k in 1..=n {
@@ -456,7 +554,8 @@ fn structured_ipv6_sweeps_count_every_destination() {
                 assert_eq!(est, n as u32, "{name}: {n} destinations counted as {est}");
             } else {
                 let err = (est as f64 - n as f64).abs() / n as f64;
-                assert!(err <= 0.10, "{name}: {n} destinations estimated as {est}");
+                eprintln!("{name}: {n} destinations estimated as {est}");
+                assert!(err <= WITHIN, "{name}: {n} destinations estimated as {est}");
             }
             let flags: Vec<_> = h.events().into_iter().filter(|e| e.key.addr == src.octets()).collect();
             assert_eq!(

@@ -4,10 +4,11 @@
 use std::{process::Command, time::Duration};
 
 use netwatch_tests::{
-    daemon::{Netwatch, netwatch, sample},
+    TempDir,
+    daemon::{Netwatch, absent, netwatch, sample, try_sample},
     lab::*,
     netns::Netns,
-    pin_dir, require_privileged, unique,
+    pin_dir, require_privileged,
 };
 
 const WAIT: Duration = Duration::from_secs(3);
@@ -32,6 +33,10 @@ fn packets(nw: &Netwatch, ns: &Netns, iface: &str, direction: &str, rule: &str, 
 fn counts_real_scanners_exactly() {
     require_privileged!();
     let lab = Lab::new();
+    // No IPv6 from the scanner (router solicitations, MLD reports), so
+    // that its unmatched traffic is only what the test sends.
+    lab.scanner
+        .sysctl(&format!("net.ipv6.conf.{SCANNER_IF}.disable_ipv6=1"));
     let nw = Netwatch::start(
         &lab.victim,
         &pin_dir(),
@@ -70,14 +75,17 @@ fn counts_real_scanners_exactly() {
         packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed")
     });
     assert_eq!(got, 293.0);
-    let m = nw.metrics(&lab.victim);
-    assert!(
+    // The 11 to udp/138 are the only IP packets the scanner sent that
+    // match no rule (nbtscan and nmap get ICMP errors and RSTs back, which
+    // are outbound).
+    let unmatched = eventually(11.0, WAIT, || {
         sample(
-            &m,
+            &nw.metrics(&lab.victim),
             "netwatch_unmatched_packets_total",
-            &[("interface", VICTIM_IF), ("direction", "inbound")]
-        ) >= 11.0
-    );
+            &[("interface", VICTIM_IF), ("direction", "inbound")],
+        )
+    });
+    assert_eq!(unmatched, 11.0);
 
     // The victim itself sends 5 NetBIOS lookups: TC egress counts them outbound.
     assert_eq!(send_udp(&lab.victim, "198.18.0.1:137", 5), 5);
@@ -90,6 +98,50 @@ fn counts_real_scanners_exactly() {
         0.0,
         "monitor mode dropped"
     );
+
+    // A 3000-byte datagram to udp/137 crosses the 1500-byte link in three
+    // fragments: the first carries the ports (udp/137), the other two are
+    // non-first fragments.
+    let big = lab.scanner.run(|| {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .unwrap()
+            .send_to(&[0u8; 3000], "198.18.1.77:137")
+            .unwrap()
+    });
+    assert_eq!(big, 3000);
+    let got = eventually(294.0, WAIT, || {
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "passed")
+    });
+    assert_eq!(got, 294.0);
+    let fragments = eventually(2.0, WAIT, || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_fragments_total",
+            &[("interface", VICTIM_IF), ("direction", "inbound")],
+        )
+    });
+    assert_eq!(fragments, 2.0);
+
+    // Bytes are whole frames (Ethernet header included): nbtscan's
+    // 50-byte NBSTAT query makes a 92-byte frame, a 13-byte datagram of
+    // ours 55 bytes, the first fragment 1514, a Linux SYN with its options
+    // 74.
+    let m = nw.metrics(&lab.victim);
+    let bytes = |direction: &str, rule: &str| {
+        sample(
+            &m,
+            "netwatch_bytes_total",
+            &[
+                ("interface", VICTIM_IF),
+                ("direction", direction),
+                ("rule", rule),
+                ("action", "passed"),
+            ],
+        )
+    };
+    assert_eq!(bytes("inbound", "udp/137"), (256 * 92 + 37 * 55 + 1514) as f64);
+    assert_eq!(bytes("inbound", "tcp/5190"), (16 * 74) as f64);
+    assert_eq!(bytes("outbound", "udp/137"), (5 * 55) as f64);
 
     // promtool accepts the exposition without a single complaint.
     let mut promtool = Command::new("promtool")
@@ -143,11 +195,19 @@ fn enforce_drops_probes_before_the_stack() {
     );
 
     let _listener = lab.victim.run(|| std::net::TcpListener::bind("0.0.0.0:5190").unwrap());
+    let segments_before = lab.scanner.tcp_segments_sent();
     assert!(
         !tcp_connect(&lab.scanner, "198.18.0.2:5190", Duration::from_millis(300)),
         "tcp/5190 connected in enforce mode"
     );
-    assert!(packets(&nw, &lab.victim, VICTIM_IF, "inbound", "tcp/5190", "dropped") >= 1.0);
+    // One SYN, or more if the machine was slow enough for a retransmission
+    // before the attempt gave up: every one the scanner sent is dropped.
+    let syns = lab.scanner.tcp_segments_sent() - segments_before;
+    assert!(syns >= 1);
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "tcp/5190", "dropped"),
+        syns as f64
+    );
 
     // Outbound lookups from the host itself are stopped at TC egress.
     let scanner_nb = udp_listener(&lab.scanner, 137);
@@ -272,8 +332,7 @@ fn counters_survive_restart_and_detach_removes_everything() {
 fn sighup_reloads_and_rejects_broken_config() {
     require_privileged!();
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     let write = |text: &str| std::fs::write(&config, text).unwrap();
     write(&format!(
@@ -305,6 +364,13 @@ fn sighup_reloads_and_rejects_broken_config() {
         )
     };
     assert_eq!(eventually(1.0, WAIT, reloaded), 1.0);
+    let last_ok = |m: &str| sample(m, "netwatch_config_last_reload_successful", &[]);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(last_ok(&m), 1.0, "a good reload not reported as successful");
+    assert_eq!(
+        sample(&m, "netwatch_config_reloads_total", &[("result", "failure")]),
+        0.0
+    );
     send_udp(&lab.scanner, "198.18.0.2:137", 2);
     send_udp(&lab.scanner, "198.18.0.2:138", 3);
     assert_eq!(
@@ -361,9 +427,18 @@ fn sighup_reloads_and_rejects_broken_config() {
     );
     let m = nw.metrics(&lab.victim);
     assert_eq!(sample(&m, "netwatch_info", &[("mode", "enforce")]), 1.0);
-    assert_eq!(sample(&m, "netwatch_config_last_reload_successful", &[]), 0.0);
+    assert_eq!(last_ok(&m), 0.0, "a rejected reload not reported");
     assert!(nw.log().contains("port 70000 is out of range 1-65535"), "{}", nw.log());
-    let _ = std::fs::remove_dir_all(&dir);
+
+    // The file fixed: the next reload succeeds and says so again.
+    write(&format!(
+        "mode = \"monitor\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n"
+    ));
+    nw.signal(libc::SIGHUP);
+    assert_eq!(eventually(2.0, WAIT, reloaded), 2.0);
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(last_ok(&m), 1.0, "still reported failed after a good reload");
+    assert_eq!(sample(&m, "netwatch_info", &[("mode", "monitor")]), 1.0);
 }
 
 /// A router: XDP on the LAN side sees an infected inside host's probes
@@ -405,8 +480,7 @@ fn bad_input_is_refused_with_a_clear_error() {
     require_privileged!();
     let ns = Netns::new("bad");
     let pins = pin_dir();
-    let dir = std::env::temp_dir().join(unique("bad"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("bad");
     let file = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -556,6 +630,30 @@ fn bad_input_is_refused_with_a_clear_error() {
         ),
         (cfg(&file, "webports.toml", "web_ports = [0]\n"), "web_ports[0]"),
         (
+            cfg(
+                &file,
+                "rules65.toml",
+                &(1..=65)
+                    .map(|p| format!("[[rule]]\nprotocol = \"udp\"\nport = {p}\n"))
+                    .collect::<String>(),
+            ),
+            "65 rules given; at most 64 are supported",
+        ),
+        (
+            cfg(
+                &file,
+                "block16385.toml",
+                &format!(
+                    "blocklist = [{}]\n",
+                    (0..16_385u32)
+                        .map(|i| format!("\"{}/32\"", std::net::Ipv4Addr::from(0xc613_0000 + i)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            "blocklist has more than 16384 entries per address family",
+        ),
+        (
             cfg(&file, "iface.toml", "interfaces = [\"eth0:core\"]\n"),
             "interfaces[0]",
         ),
@@ -582,5 +680,324 @@ fn bad_input_is_refused_with_a_clear_error() {
         );
     }
     let _ = netwatch(&["detach", "--pin-dir", &pins]);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends one datagram from each address of `ns` in `sources` to each of
+/// `dsts` on `port`; returns how many the kernel accepted.
+fn send_from_each(ns: &Netns, sources: &[&str], dsts: &[&str], port: u16) -> usize {
+    sources
+        .iter()
+        .map(|src| {
+            dsts.iter()
+                .map(|dst| send_udp_from(ns, src, &format!("{dst}:{port}"), 1))
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// SIGHUP applies lists, thresholds, windows, auto-block settings and web
+/// ports, and keeps the entries `netwatch block` added; `rule_info` and
+/// `list_entries` follow.
+#[test]
+fn sighup_reloads_lists_detection_and_web_ports() {
+    require_privileged!();
+    let lab = Lab::new();
+    for i in 3..=9 {
+        lab.scanner
+            .ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", SCANNER_IF]);
+    }
+    let dir = TempDir::new("cfg");
+    let config = dir.join("netwatch.toml");
+    let head = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}:host\"]\negress = [\"{VICTIM_IF}\"]\n");
+    std::fs::write(
+        &config,
+        format!("{head}\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\n"),
+    )
+    .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let m = nw.metrics(&lab.victim);
+    let rule_info = |m: &str, rule: &str, inbound: &str, outbound: &str| {
+        try_sample(
+            m,
+            "netwatch_rule_info",
+            &[("rule", rule), ("inbound", inbound), ("outbound", outbound)],
+        )
+    };
+    assert_eq!(rule_info(&m, "udp/137", "count", "count"), Some(1.0));
+    assert!(absent(&m, "netwatch_rule_info", &[("rule", "udp/138")]));
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "allowlist")]), 0.0);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 0.0);
+
+    // A command-line block, and a visitor of port 8080 (not a web port
+    // yet) looked up by the host: a probe, not a reverse lookup.
+    nw.cli(&["block", "198.18.0.3/32"]);
+    let visit = |from: &str| {
+        let local: std::net::Ipv4Addr = from.parse().unwrap();
+        // Nothing listens on 8080: the SYN is what makes a visitor.
+        lab.scanner
+            .run(|| netwatch_user::netns::tcp_connect_from(local, "198.18.0.2:8080".parse().unwrap()))
+            .expect_err("nothing listens on 8080");
+        assert_eq!(send_udp(&lab.victim, &format!("{from}:137"), 1), 1);
+    };
+    visit("198.18.0.6");
+    let outbound = |nw: &Netwatch| packets(nw, &lab.victim, VICTIM_IF, "outbound", "udp/137", "passed");
+    assert_eq!(eventually(1.0, WAIT, || outbound(&nw)), 1.0);
+    assert_eq!(
+        try_sample(&nw.metrics(&lab.victim), "netwatch_reverse_lookups_total", &[]),
+        None,
+        "a lookup of a port-8080 visitor counted as a reverse lookup before 8080 was a web port"
+    );
+
+    std::fs::write(
+        &config,
+        format!(
+            "{head}allowlist = [\"198.18.0.8/32\"]\nblocklist = [\"198.18.0.4/32\"]\nweb_ports = [8080]\n\n\
+             [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\n\
+             threshold = 3\nwindow_secs = 60\nauto_block = true\nblock_secs = 600\n\n\
+             [[rule]]\nprotocol = \"udp\"\nport = 138\ninbound = \"drop\"\noutbound = \"count\"\n"
+        ),
+    )
+    .unwrap();
+    nw.signal(libc::SIGHUP);
+    let reloads = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, reloads), 1.0, "{}", nw.log());
+
+    // What the maps now hold.
+    let status = nw.status();
+    let rule = |name: &str| {
+        status["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .unwrap_or_else(|| panic!("no rule {name}: {status:#}"))
+            .clone()
+    };
+    let udp137 = rule("udp/137");
+    assert_eq!(
+        (&udp137["threshold"], &udp137["window_secs"], &udp137["block_secs"]),
+        (&3.into(), &60.into(), &600.into())
+    );
+    assert_eq!(
+        (&rule("udp/138")["inbound"], &rule("udp/138")["outbound"]),
+        (&"drop".into(), &"count".into())
+    );
+    let listed = |list: &str| -> Vec<(String, String)> {
+        status[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["cidr"].as_str().unwrap().to_string(),
+                    e["origin"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut blocklist = listed("blocklist");
+    blocklist.sort();
+    assert_eq!(
+        blocklist,
+        [
+            ("198.18.0.3/32".into(), "cli".into()),
+            ("198.18.0.4/32".into(), "config".into())
+        ],
+        "the command-line block did not survive the reload"
+    );
+    assert_eq!(
+        listed("allowlist"),
+        [("198.18.0.8/32".to_string(), "config".to_string())]
+    );
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(rule_info(&m, "udp/137", "count", "count"), Some(1.0));
+    assert_eq!(rule_info(&m, "udp/138", "drop", "count"), Some(1.0));
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "allowlist")]), 1.0);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 2.0);
+
+    // What the traffic now meets.
+    let nb = udp_listener(&lab.victim, 137);
+    let dgm = udp_listener(&lab.victim, 138);
+    let targets = ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"];
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.3"], &targets[..2], 137), 2);
+    assert_eq!(count_received(&nb), 0, "the command-line block no longer applies");
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.4"], &targets[..2], 137), 2);
+    assert_eq!(count_received(&nb), 0, "the reloaded config's block does not apply");
+    // threshold 3 with auto-block: the third destination is dropped, and
+    // so is everything after it.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.5"], &targets, 137), 4);
+    assert_eq!(
+        count_received(&nb),
+        2,
+        "the reloaded threshold and auto-block do not apply"
+    );
+    let tracked = nw.lookup("198.18.0.5")["tracked"][0].clone();
+    assert_eq!(tracked["flagged"], true, "{tracked:#}");
+    assert!(tracked["blocked_until"].is_string(), "{tracked:#}");
+    // The allowlisted source is flagged, never blocked.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.8"], &targets, 137), 4);
+    assert_eq!(count_received(&nb), 4, "the reloaded allowlist does not apply");
+    let tracked = nw.lookup("198.18.0.8")["tracked"][0].clone();
+    assert_eq!(
+        (&tracked["flagged"], &tracked["blocked_until"]),
+        (&true.into(), &serde_json::Value::Null)
+    );
+    // The new rule drops.
+    assert_eq!(send_from_each(&lab.scanner, &["198.18.0.7"], &targets[..1], 138), 1);
+    assert_eq!(count_received(&dgm), 0, "the reloaded rule udp/138 does not drop");
+    // 8080 is a web port now: its visitor's lookup is a reverse lookup.
+    visit("198.18.0.6");
+    let reverse = eventually(Some(1.0), WAIT, || {
+        try_sample(&nw.metrics(&lab.victim), "netwatch_reverse_lookups_total", &[])
+    });
+    assert_eq!(reverse, Some(1.0), "the reloaded web port does not make visitors");
+}
+
+/// Where the driver has no native XDP (loopback), the program is attached
+/// in generic mode: the log and `status` say so, the attached gauge
+/// carries `mode="generic"`, and it enforces all the same.
+#[test]
+fn falls_back_to_generic_xdp_where_native_is_missing() {
+    require_privileged!();
+    let ns = Netns::new("gx");
+    let nw = Netwatch::start(&ns, &pin_dir(), &["--iface", "lo", "--mode", "enforce"]);
+    assert!(nw.log().contains("lo: native XDP not available"), "{}", nw.log());
+    assert_eq!(nw.status()["interfaces"][0]["xdp"], "generic");
+    let m = nw.metrics(&ns);
+    let attached = |mode: &str| {
+        try_sample(
+            &m,
+            "netwatch_interface_attached",
+            &[("interface", "lo"), ("hook", "xdp"), ("mode", mode)],
+        )
+    };
+    assert_eq!(attached("generic"), Some(1.0));
+    assert_eq!(attached("native"), None);
+    let link = ns.ip(&["-d", "link", "show", "lo"]);
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+
+    let nb = udp_listener(&ns, 137);
+    let dgm = udp_listener(&ns, 138);
+    assert_eq!(send_udp(&ns, "127.0.0.1:137", 4), 4);
+    assert_eq!(send_udp(&ns, "127.0.0.1:138", 4), 4);
+    assert_eq!(count_received(&nb), 0, "generic XDP did not enforce");
+    assert_eq!(count_received(&dgm), 4);
+    assert_eq!(packets(&nw, &ns, "lo", "inbound", "udp/137", "dropped"), 4.0);
+}
+
+/// The rule limit: 64 rules run, 65 are refused on reload (the running
+/// config stays in force); at start, see `bad_input_is_refused_with_a_clear_error`.
+/// (The 16 384-CIDR limit: `policy.rs`.)
+#[test]
+fn sixty_four_rules_run_and_a_65th_is_refused_on_reload() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = TempDir::new("cfg");
+    let config = dir.join("netwatch.toml");
+    let write = |rules: u32| {
+        let mut text = format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n");
+        for port in 20000..20000 + rules - 1 {
+            text.push_str(&format!(
+                "\n[[rule]]\nprotocol = \"tcp\"\nport = {port}\ninbound = \"count\"\n"
+            ));
+        }
+        // The last rule, in the last slot.
+        text.push_str("\n[[rule]]\nprotocol = \"udp\"\nport = 137\n");
+        std::fs::write(&config, text).unwrap();
+    };
+    assert_eq!(netwatch_common::MAX_RULES, 64, "the README's limit");
+    write(64);
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    assert_eq!(nw.status()["rules"].as_array().unwrap().len(), 64);
+    assert_eq!(sample(&nw.metrics(&lab.victim), "netwatch_rule_info", &[]), 64.0);
+    // The 64th rule applies.
+    let nb = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 2), 2);
+    assert_eq!(count_received(&nb), 0, "the 64th rule does not apply");
+    assert_eq!(
+        packets(&nw, &lab.victim, VICTIM_IF, "inbound", "udp/137", "dropped"),
+        2.0
+    );
+
+    write(65);
+    nw.signal(libc::SIGHUP);
+    let failures = || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_config_reloads_total",
+            &[("result", "failure")],
+        )
+    };
+    assert_eq!(eventually(1.0, WAIT, failures), 1.0, "{}", nw.log());
+    assert!(
+        nw.log().contains("65 rules given; at most 64 are supported"),
+        "{}",
+        nw.log()
+    );
+    assert_eq!(nw.status()["rules"].as_array().unwrap().len(), 64);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 1), 1);
+    assert_eq!(count_received(&nb), 0, "the running config was not kept");
+}
+
+/// `netwatch lab`, the README's run command (`cargo xtask run` runs it
+/// from the release build; here, the binary under test): the demo sweeps,
+/// flags, blocks and looks up what the README says, and leaves nothing
+/// behind. The lab uses fixed names (its namespaces, /sys/fs/bpf/netwatch-lab,
+/// /tmp/netwatch-lab-state), so it runs in a mount namespace of its own,
+/// with its own /run/netns, bpffs and /tmp: a lab someone else runs on the
+/// machine is neither seen nor touched.
+#[test]
+fn the_lab_demo_runs_and_leaves_nothing_behind() {
+    require_privileged!();
+    let script = r#"set -e
+mount -t tmpfs tmpfs /run/netns
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /tmp
+"$NETWATCH_BIN" lab
+echo "== left behind"
+ip netns list
+ls -A /sys/fs/bpf /tmp
+"#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("NETWATCH_BIN", netwatch_tests::daemon::bin())
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "netwatch lab failed:\n{stdout}\n{stderr}");
+    let (demo, left) = stdout.split_once("== left behind\n").expect("the lab ran to its end");
+    for line in [
+        // nbtscan's 256 probes, dropped; the scanner flagged once.
+        "netwatch_packets_total{action=\"dropped\",direction=\"inbound\",interface=\"lab-host0\",rule=\"udp/137\"} 256",
+        "netwatch_scanners_flagged_total{direction=\"inbound\",rule=\"udp/137\"} 1",
+        // The ten visitors' lookups: reverse lookups, dropped on egress.
+        "netwatch_reverse_lookups_total{action=\"dropped\",interface=\"lab-host0\",rule=\"udp/137\"} 10",
+        "#1 scan udp/137 inbound on lab-host0",
+        "udp/137 outbound reverse-lookup on lab-host0: 10 packets",
+    ] {
+        assert!(demo.contains(line), "the lab did not show {line:?}:\n{demo}");
+    }
+    let web_host = demo
+        .split("==> netwatch lookup 198.18.0.2")
+        .nth(1)
+        .expect("lookup of the web host");
+    assert!(web_host.contains("incidents: none"), "{web_host}");
+    // Namespaces, pins (bpffs's own maps.debug and progs.debug aside) and
+    // the state directory are gone.
+    let left: Vec<&str> = left
+        .lines()
+        .filter(|l| !l.is_empty() && !l.ends_with(':') && !["maps.debug", "progs.debug"].contains(l))
+        .collect();
+    assert!(left.is_empty(), "the lab left {left:?} behind");
 }

@@ -8,10 +8,11 @@ use std::{
 };
 
 use netwatch_tests::{
-    daemon::{Netwatch, netwatch, sample},
+    TempDir,
+    daemon::{Netwatch, http, netwatch, sample, try_sample},
     lab::*,
     netns::{Netns, veth},
-    pin_dir, require_privileged, unique,
+    pin_dir, require_privileged,
 };
 
 fn incidents(report: &serde_json::Value) -> &Vec<serde_json::Value> {
@@ -26,7 +27,7 @@ fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = std::env::temp_dir().join(unique("state"));
+    let state = TempDir::new("state");
     let args = ["--iface", VICTIM_IF];
     let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
 
@@ -97,6 +98,12 @@ fn real_scanners_are_flagged_and_looked_up() {
 
     // Restart on the same database: incidents are still there, and a new
     // sweep updates the open incident rather than adding one.
+    let sweep_incident = incidents(&nw.lookup(SCANNER_IP))
+        .iter()
+        .find(|i| i["rule"] == "udp/137")
+        .expect("the udp/137 incident")["id"]
+        .as_i64()
+        .unwrap();
     assert!(nw.stop().success());
     drop(nw);
     let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &state, &args);
@@ -106,32 +113,58 @@ fn real_scanners_are_flagged_and_looked_up() {
         "incidents lost across a restart"
     );
     lab.nbtscan("198.18.1.0/26");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sample(
-        &nw.metrics(&lab.victim),
-        "netwatch_scanners_flagged_total",
-        &[("rule", "udp/137")],
-    ) < 1.0
-    {
-        assert!(std::time::Instant::now() < deadline, "second sweep not flagged");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait for the controller to have recorded the new flag (it logs the
+    // incident the flag went to once the database write is done), not for
+    // a while: a late event must not slip past the duplicate check.
+    let recorded = format!("flagged {SCANNER_IP} (scan udp/137 inbound on {VICTIM_IF})");
+    let logged = eventually(true, Duration::from_secs(10), || nw.log().contains(&recorded));
+    assert!(logged, "second sweep not recorded:\n{}", nw.log());
+    let line = nw.log().lines().find(|l| l.contains(&recorded)).unwrap().to_string();
+    assert!(
+        line.ends_with(&format!("incident #{sweep_incident}")),
+        "the flag opened another incident instead of updating #{sweep_incident}: {line}"
+    );
     assert_eq!(
         incidents(&nw.lookup(SCANNER_IP)).len(),
         2,
         "an open incident was duplicated"
     );
+    assert_eq!(
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_scanners_flagged_total",
+            &[("rule", "udp/137"), ("direction", "inbound")]
+        ),
+        1.0
+    );
 
-    // A source tracked but not flagged also answers.
-    send_udp(&lab.scanner, "198.18.1.5:137", 3);
-    let quiet = "198.18.0.1";
-    let r = nw.lookup(quiet);
-    assert!(!r["tracked"].as_array().unwrap().is_empty());
+    // A source tracked but not flagged also answers: a second address of
+    // the scanner's host sends three probes to one destination.
+    let quiet = "198.18.0.3";
+    lab.scanner.ip(&["addr", "add", "198.18.0.3/24", "dev", SCANNER_IF]);
+    assert_eq!(send_udp_from(&lab.scanner, quiet, "198.18.1.5:137", 3), 3);
+    let packets = |r: &serde_json::Value| r["tracked"][0]["packets"].as_u64();
+    let r = {
+        let mut last = nw.lookup(quiet);
+        let got = eventually(Some(3), Duration::from_secs(3), || {
+            last = nw.lookup(quiet);
+            packets(&last)
+        });
+        assert_eq!(got, Some(3), "the quiet source's probes not tracked: {last:#}");
+        last
+    };
+    assert!(incidents(&r).is_empty(), "an unflagged source has an incident: {r:#}");
+    let tracked = r["tracked"].as_array().unwrap();
+    assert_eq!(tracked.len(), 1, "{r:#}");
+    assert_eq!(tracked[0]["source"], quiet);
+    assert_eq!(tracked[0]["rule"], "udp/137");
+    assert_eq!(tracked[0]["direction"], "inbound");
+    assert_eq!(tracked[0]["classification"], "scan");
+    assert_eq!(tracked[0]["flagged"], false, "{r:#}");
+    assert_eq!(tracked[0]["distinct_destinations"], 1);
     let unknown = nw.lookup("198.18.99.99");
     assert!(incidents(&unknown).is_empty() && unknown["tracked"].as_array().unwrap().is_empty());
     drop(nw);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// An IIS-like host (HTTP server that looks up every visitor on udp/137)
@@ -180,7 +213,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     }
     server.join().unwrap();
     let m = eventually_metric(&nw, &web, "netwatch_reverse_lookups_total", 40.0);
-    assert_eq!(m, 40.0);
+    assert_eq!(m, Some(40.0));
     let m = nw.metrics(&web);
     assert_eq!(
         sample(&m, "netwatch_scanners_flagged_total", &[]),
@@ -198,6 +231,67 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     assert_eq!(i["classification"], "scan");
     assert_eq!(i["direction"], "outbound");
     assert_eq!(i["rule"], "udp/137");
+
+    // The same over IPv6: 25 visitors of [2001:db8::80]:80, each looked up.
+    web.ip(&["addr", "add", "2001:db8::80/64", "dev", "nw-web0", "nodad"]);
+    for i in 0x100..0x119 {
+        clients.ip(&["addr", "add", &format!("2001:db8::{i:x}/64"), "dev", "nw-cli0", "nodad"]);
+    }
+    clients.ip(&["-6", "route", "add", "local", "2001:db8:2::/64", "dev", "lo"]);
+    web.ip(&["-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8::100"]);
+    let (listener, lookup) = web.run(|| {
+        (
+            TcpListener::bind("[2001:db8::80]:80").unwrap(),
+            UdpSocket::bind("[::]:0").unwrap(),
+        )
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..25 {
+            let (mut conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+        }
+    });
+    for i in 0x100..0x119u16 {
+        clients.run(|| {
+            let local = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            drop(tcp_connect_from6(local, "[2001:db8::80]:80".parse().unwrap()));
+        });
+    }
+    server.join().unwrap();
+    let m = eventually_metric(&nw, &web, "netwatch_reverse_lookups_total", 65.0);
+    assert_eq!(
+        m,
+        Some(65.0),
+        "IPv6 lookups of web visitors not counted as reverse lookups"
+    );
+    let report = nw.lookup("2001:db8::80");
+    assert!(
+        incidents(&report).is_empty(),
+        "IPv6 reverse lookups flagged: {report:#}"
+    );
+    assert_eq!(report["tracked"][0]["classification"], "reverse-lookup", "{report:#}");
+    assert_eq!(report["tracked"][0]["flagged"], false, "{report:#}");
+    assert_eq!(report["tracked"][0]["packets"], 25, "{report:#}");
+    // And an IPv6 sweep of 25 addresses that never visited is a scan.
+    let never: Vec<String> = (1..=25).map(|i| format!("2001:db8:2::{i:x}")).collect();
+    assert_eq!(sweep_from(&web, "2001:db8::80", &never, 137), 25);
+    let report = nw.wait_for_incident("2001:db8::80");
+    let i = &incidents(&report)[0];
+    assert_eq!(
+        (&i["classification"], &i["direction"], &i["rule"]),
+        (&"scan".into(), &"outbound".into(), &"udp/137".into())
+    );
+}
+
+/// A TCP connection from a chosen local IPv6 address.
+fn tcp_connect_from6(local: std::net::Ipv6Addr, remote: std::net::SocketAddr) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from((local, 0)).into()).unwrap();
+    socket.connect(&remote.into()).expect("visit");
+    socket.into()
 }
 
 /// A web host (198.18.0.80, 2001:db8::80) with `netwatch run --iface
@@ -513,8 +607,7 @@ fn lan_side_names_the_infected_host_behind_nat() {
         internet,
     } = RouterLab::new();
 
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     std::fs::write(
         &config,
@@ -540,7 +633,6 @@ fn lan_side_names_the_infected_host_behind_nat() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(send_udp(&inside, "198.18.1.200:137", 2), 2);
     assert_eq!(count_received(&far), 2, "unblock did not lift the auto-block");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 10, item 5: the probe that takes a scanner to its threshold goes
@@ -551,8 +643,7 @@ fn lan_side_names_the_infected_host_behind_nat() {
 fn a_threshold_probe_to_an_allowlisted_resolver_does_not_dodge_auto_block() {
     require_privileged!();
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cfg");
     let config = dir.join("netwatch.toml");
     std::fs::write(
         &config,
@@ -583,7 +674,6 @@ fn a_threshold_probe_to_an_allowlisted_resolver_does_not_dodge_auto_block() {
     let m = nw.metrics(&lab.victim);
     assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 1.0);
     assert_eq!(sample(&m, "netwatch_auto_blocks_total", &[]), 1.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `block`, `allow` and `unblock` change enforcement live.
@@ -623,6 +713,33 @@ fn block_and_allow_from_the_command_line() {
         .unwrap();
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api["blocklist"], json["blocklist"]);
+
+    // disallow: the allowlist entry goes and the block applies again.
+    let out = nw.cli(&["disallow", "198.18.0.1"]);
+    assert!(out.contains("allowlist: removed 198.18.0.1/32"), "{out}");
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 0, "disallow did not remove the allowlist entry");
+    let out = netwatch(&["disallow", "198.18.0.1", "--pin-dir", &nw.pin_dir]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("198.18.0.1/32 is not on the allowlist"), "{stderr}");
+
+    // --ttl: a block that ends by itself, in the datapath and the lists.
+    nw.cli(&["unblock", "198.18.0.0/24"]);
+    nw.cli(&["block", "198.18.0.0/24", "--ttl", "2s"]);
+    send_udp(&lab.scanner, "198.18.0.2:137", 3);
+    assert_eq!(count_received(&nb), 0, "a block with a TTL did not apply");
+    let expired = eventually(true, Duration::from_secs(6), || {
+        send_udp(&lab.scanner, "198.18.0.2:137", 1);
+        count_received(&nb) == 1
+    });
+    assert!(expired, "a 2 s block still applies after 6 s");
+    let listed = eventually(0, Duration::from_secs(8), || {
+        nw.status()["blocklist"].as_array().unwrap().len()
+    });
+    assert_eq!(listed, 0, "the expired entry is still listed");
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_list_entries", &[("list", "blocklist")]), 0.0);
 }
 
 fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u16) -> usize {
@@ -634,6 +751,230 @@ fn send_udp_many(ns: &Netns, prefix: &str, range: std::ops::Range<u32>, port: u1
     })
 }
 
-fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> f64 {
-    eventually(want, Duration::from_secs(3), || sample(&nw.metrics(ns), name, &[]))
+/// Waits for a metric that only appears once it is non-zero.
+fn eventually_metric(nw: &Netwatch, ns: &Netns, name: &str, want: f64) -> Option<f64> {
+    eventually(Some(want), Duration::from_secs(3), || {
+        try_sample(&nw.metrics(ns), name, &[])
+    })
+}
+
+/// Sends one udp/`port` datagram from `src` (an address of `ns`) to each
+/// of `dsts`; returns how many the kernel accepted.
+fn sweep_from(ns: &Netns, src: &str, dsts: &[String], port: u16) -> usize {
+    let src: std::net::IpAddr = src.parse().unwrap();
+    ns.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        dsts.iter()
+            .filter(|d| {
+                socket
+                    .send_to(b"probe", (d.parse::<std::net::IpAddr>().unwrap(), port))
+                    .is_ok()
+            })
+            .count()
+    })
+}
+
+/// IPv6 scanners are auto-blocked on the probed port only, counted in
+/// `sources_blocked`, and one `unblock` of a CIDR covering both lifts
+/// both blocks.
+#[test]
+fn ipv6_scanners_are_auto_blocked_and_unblocked_by_cidr() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.with_ipv6();
+    lab.scanner
+        .ip(&["addr", "add", "2001:db8::3/64", "dev", SCANNER_IF, "nodad"]);
+    let dir = TempDir::new("cfg");
+    let config = dir.join("netwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n\
+             inbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
+        ),
+    )
+    .unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let (nb, dgm) = lab.victim.run(|| {
+        let bind = |port| {
+            let s = UdpSocket::bind(("::", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            s
+        };
+        (bind(137), bind(138))
+    });
+    let targets =
+        |range: std::ops::RangeInclusive<u32>| -> Vec<String> { range.map(|i| format!("2001:db8:1::{i:x}")).collect() };
+    for scanner in ["2001:db8::1", "2001:db8::3"] {
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(1..=8), 137), 8);
+        // The 5th destination flags and blocks it, from that probe on.
+        assert_eq!(count_received(&nb), 4, "{scanner}: not blocked at its 5th destination");
+        // Only the probed port.
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(1..=2), 138), 2);
+        assert_eq!(count_received(&dgm), 2, "{scanner}: blocked on another port");
+        let report = nw.wait_for_incident(scanner);
+        let i = &incidents(&report)[0];
+        assert_eq!(
+            (&i["rule"], &i["blocked"]),
+            (&"udp/137".into(), &true.into()),
+            "{report:#}"
+        );
+        assert!(report["tracked"][0]["blocked_until"].is_string(), "{report:#}");
+    }
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(sample(&m, "netwatch_auto_blocks_total", &[]), 2.0);
+    // Counted from the open incidents, on the controller's 5 s refresh.
+    let blocked = |nw: &Netwatch| sample(&nw.metrics(&lab.victim), "netwatch_sources_blocked", &[]);
+    assert_eq!(eventually(2.0, Duration::from_secs(8), || blocked(&nw)), 2.0);
+
+    let out = nw.cli(&["unblock", "2001:db8::/64"]);
+    assert!(out.contains("lifted 2 auto-blocks inside 2001:db8::/64"), "{out}");
+    for scanner in ["2001:db8::1", "2001:db8::3"] {
+        assert_eq!(sweep_from(&lab.scanner, scanner, &targets(9..=10), 137), 2);
+        assert_eq!(count_received(&nb), 2, "{scanner}: still blocked after unblock");
+        assert_eq!(
+            nw.lookup(scanner)["tracked"][0]["blocked_until"],
+            serde_json::Value::Null
+        );
+    }
+    assert_eq!(eventually(0.0, Duration::from_secs(8), || blocked(&nw)), 0.0);
+}
+
+/// `top --limit` and `/api/top?limit=N` give the busiest sources, most
+/// packets first; `/api/incidents` the newest incidents; every API error
+/// has its status and a message saying what was wrong.
+#[test]
+fn top_and_the_http_api_answer_and_say_what_is_wrong() {
+    require_privileged!();
+    let lab = Lab::new();
+    for i in 3..=4 {
+        lab.scanner
+            .ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", SCANNER_IF]);
+    }
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
+    let dsts = |n: u32| -> Vec<String> { (1..=n).map(|i| format!("198.18.1.{i}")).collect() };
+    // 64 probes (flagged), 5 and 3 to as many destinations. (Each to
+    // another destination: see `top_counts_what_the_flood_memo_holds`.)
+    let _ = lab.nbtscan("198.18.1.0/26");
+    assert_eq!(sweep_from(&lab.scanner, "198.18.0.3", &dsts(5), 137), 5);
+    assert_eq!(sweep_from(&lab.scanner, "198.18.0.4", &dsts(3), 137), 3);
+    nw.wait_for_incident(SCANNER_IP);
+    let total = eventually(72.0, Duration::from_secs(3), || {
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_packets_total",
+            &[("rule", "udp/137")],
+        )
+    });
+    assert_eq!(total, 72.0);
+
+    let order = |sources: &serde_json::Value| -> Vec<(String, u64)> {
+        sources
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["source"].as_str().unwrap().to_string(),
+                    s["packets"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let busiest = vec![
+        (SCANNER_IP.to_string(), 64),
+        ("198.18.0.3".to_string(), 5),
+        ("198.18.0.4".to_string(), 3),
+    ];
+    let top: serde_json::Value = serde_json::from_str(&nw.cli(&["top", "--json", "--limit", "2"])).unwrap();
+    assert_eq!(order(&top["sources"]), busiest[..2], "top --limit 2");
+    let top: serde_json::Value = serde_json::from_str(&nw.cli(&["top", "--json"])).unwrap();
+    assert_eq!(order(&top["sources"]), busiest, "top");
+
+    let get = |path: &str| http(&lab.victim, "GET", path);
+    let json = |path: &str| -> serde_json::Value {
+        let (code, body) = get(path);
+        assert_eq!(code, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    };
+    assert_eq!(
+        order(&json("/api/top?limit=2")["sources"]),
+        busiest[..2],
+        "/api/top?limit=2"
+    );
+    assert_eq!(order(&json("/api/top")["sources"]), busiest, "/api/top");
+    let incidents = json("/api/incidents?limit=1");
+    assert_eq!(incidents["incidents"].as_array().unwrap().len(), 1);
+    assert_eq!(incidents["incidents"][0]["source"], SCANNER_IP);
+    assert_eq!(json("/api/incidents"), incidents, "one incident in all");
+    assert_eq!(json("/api/lookup/198.18.0.4")["tracked"][0]["packets"], 3);
+    let (code, body) = get("/");
+    assert_eq!(code, 200);
+    assert!(body.contains("/api/incidents?limit=N"), "{body}");
+
+    // Errors: status and a message.
+    for (method, path, code, says) in [
+        (
+            "GET",
+            "/api/lookup/not-an-ip",
+            400,
+            "\"not-an-ip\" is not an IP address",
+        ),
+        ("GET", "/api/top?limit=many", 400, "limit"),
+        ("GET", "/api/incidents?limit=-1", 400, "limit"),
+        ("GET", "/api/nothing-here", 404, ""),
+        ("POST", "/api/status", 405, ""),
+        ("DELETE", "/api/incidents", 405, ""),
+    ] {
+        let (got, body) = http(&lab.victim, method, path);
+        assert_eq!(got, code, "{method} {path}: {body}");
+        assert!(body.contains(says), "{method} {path}: {body:?} does not say {says:?}");
+    }
+    // The maps gone (`netwatch detach` behind the controller's back): the
+    // endpoints that read them answer 500 and say why; a lookup still
+    // answers from the incident database.
+    netwatch(&["detach", "--pin-dir", &nw.pin_dir]);
+    for path in ["/metrics", "/api/status", "/api/top"] {
+        let (code, body) = get(path);
+        assert_eq!(code, 500, "{path}: {body}");
+        assert!(body.contains("no netwatch state in"), "{path}: {body}");
+    }
+    let lookup = json(&format!("/api/lookup/{SCANNER_IP}"));
+    assert_eq!(lookup["incidents"][0]["source"], SCANNER_IP, "{lookup:#}");
+    assert_eq!(lookup["tracked"], serde_json::json!([]));
+}
+
+/// `top` must count what a source sent like `lookup` does, including the
+/// repeats of one (source, destination) that wait in a CPU's flood memo
+/// (README: "readers add the pending counts"). PRODUCT BUG (issue 16
+/// report): `sources::top` reads the per-source map without the memos, so
+/// a source that sent 10 datagrams to one destination shows 1 and is
+/// ranked below one that sent 5 to five destinations. Run with
+/// `cargo nextest run --test e2e_detection --run-ignored only`.
+#[test]
+#[ignore = "product bug: top leaves out the flood memo's pending counts"]
+fn top_counts_what_the_flood_memo_holds() {
+    require_privileged!();
+    let lab = Lab::new();
+    for i in 3..=4 {
+        lab.scanner
+            .ip(&["addr", "add", &format!("198.18.0.{i}/24"), "dev", SCANNER_IF]);
+    }
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
+    let dsts: Vec<String> = (1..=5).map(|i| format!("198.18.1.{i}")).collect();
+    assert_eq!(sweep_from(&lab.scanner, "198.18.0.3", &dsts, 137), 5);
+    assert_eq!(
+        sweep_from(&lab.scanner, "198.18.0.4", &vec!["198.18.1.9".to_string(); 10], 137),
+        10
+    );
+    let looked_up = eventually(Some(10), Duration::from_secs(3), || {
+        nw.lookup("198.18.0.4")["tracked"][0]["packets"].as_u64()
+    });
+    assert_eq!(looked_up, Some(10));
+    let top: serde_json::Value = serde_json::from_str(&nw.cli(&["top", "--json", "--limit", "1"])).unwrap();
+    assert_eq!(
+        (&top["sources"][0]["source"], &top["sources"][0]["packets"]),
+        (&"198.18.0.4".into(), &10.into()),
+        "{top:#}"
+    );
 }

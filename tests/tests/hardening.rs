@@ -9,15 +9,15 @@ use std::{
 };
 
 use netwatch_tests::{
+    TempDir,
     bench::flood::{DUT_IF, GEN_IF, Rig},
-    daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample},
+    daemon::{METRICS_ADDR, Netwatch, netwatch, sample, try_sample},
     lab::*,
     pin_dir, require_privileged, unique,
 };
 
-fn write_config(text: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
+fn write_config(text: &str) -> (TempDir, String) {
+    let dir = TempDir::new("cfg");
     let path = dir.join("netwatch.toml");
     std::fs::write(&path, text).unwrap();
     let p = path.to_str().unwrap().to_string();
@@ -28,93 +28,133 @@ fn metric(nw: &Netwatch, rig: &Rig, name: &str, labels: &[(&str, &str)]) -> f64 
     sample(&nw.metrics(&rig.dut), name, labels)
 }
 
+/// Now in seconds of CLOCK_MONOTONIC_COARSE: the clock the datapath
+/// reads (`bpf_ktime_get_coarse_ns`) for its per-second event budget.
+fn coarse_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64
+}
+
 /// 1.5 million distinct spoofed sources (the Opaserv figure), the last
-/// half million seen again on a second destination: the LRU evicts,
-/// counters stay exact, the
-/// controller's memory stays bounded, /metrics keeps answering, and the
-/// flood of flags reaches userspace only at the rate limit, the rest
-/// counted as lost.
+/// half million seen again on a second destination: the LRU fills and
+/// evicts, counters stay exact, /metrics keeps answering, and the flood
+/// of flags reaches userspace within the per-CPU event budget, every
+/// other flag counted as lost. (How much memory the controller uses and
+/// how fast /metrics answers are benchmark figures, not asserted here:
+/// other tests share the two cores.)
 #[test]
 fn a_flood_of_spoofed_sources_is_absorbed() {
     require_privileged!();
     const SOURCES: u32 = 1_500_000;
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let (_dir, config) = write_config(&format!(
         "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 2\n"
     ));
     let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
-    let pid = nw.pid();
+    let probes = [("rule", "udp/137"), ("direction", "inbound")];
 
-    let mut scrape_ms = Vec::new();
     // Pass 1: every source once. Pass 2: the last third again, towards
     // another destination: those are still tracked (the LRU evicted the
     // oldest), so each is flagged.
     const AGAIN: u32 = SOURCES / 3;
+    // The seconds of the datapath's clock the flags were raised in.
+    let mut flag_seconds = 0..=0;
     for (pass, base, count) in [(0u8, 0, SOURCES), (1, SOURCES - AGAIN, AGAIN)] {
         let mut frame = rig.probe6.clone();
         frame[14 + 24 + 15] = 2 + pass;
         rig.bench.set_sources(count, base);
-        std::thread::scope(|s| {
+        let first_second = coarse_secs();
+        let scrapes = std::thread::scope(|s| {
             let flood = s.spawn(|| rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, count));
+            let mut scrapes = 0;
+            // Bounded by the flood (a few seconds at most).
             while !flood.is_finished() {
-                let t = Instant::now();
-                rig.dut
+                let body = rig
+                    .dut
                     .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
                     .expect("/metrics under flood");
-                scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                assert!(try_sample(&body, "netwatch_packets_total", &probes).is_some());
+                scrapes += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
+            scrapes
         });
+        assert!(scrapes > 0, "no /metrics scrape during flood pass {pass}");
+        // Every frame counted once, exactly.
+        let want = (SOURCES + pass as u32 * AGAIN) as f64;
+        let counted = eventually(want, Duration::from_secs(10), || {
+            metric(&nw, &rig, "netwatch_packets_total", &probes)
+        });
+        assert_eq!(counted, want, "rule counter not exact under the flood (pass {pass})");
+        if pass == 1 {
+            // Every source seen twice is flagged, once, within this time.
+            let flagged = eventually(AGAIN as f64, Duration::from_secs(10), || {
+                metric(&nw, &rig, "netwatch_scanners_flagged_total", &[])
+            });
+            assert_eq!(flagged, AGAIN as f64, "every source seen twice is flagged, once");
+            flag_seconds = first_second..=coarse_secs();
+        }
     }
-    // Counters exact: every frame counted once.
-    let counted = metric(
-        &nw,
-        &rig,
-        "netwatch_packets_total",
-        &[("rule", "udp/137"), ("direction", "inbound")],
-    );
-    assert_eq!(
-        counted,
-        (SOURCES + AGAIN) as f64,
-        "rule counter not exact under the flood"
-    );
+    // No source was evicted before its second sighting (each was flagged),
+    // so each was created once.
     let created = metric(&nw, &rig, "netwatch_sources_created_total", &[]);
-    assert!(created >= SOURCES as f64, "sources created {created}");
-    // Flags: every source still tracked at its second destination is
-    // flagged in the kernel; events reach userspace at most at the rate
-    // limit, the rest counted as lost.
-    let flagged = metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]);
-    let lost = metric(&nw, &rig, "netwatch_events_lost_total", &[]);
-    assert_eq!(flagged, AGAIN as f64, "every source seen twice is flagged, once");
-    assert!(lost > 0.0 && lost < flagged, "lost {lost} of {flagged}");
-    // The LRU evicted: tracked never exceeds capacity (counted every 30 s,
-    // the first time at start-up, before the flood).
+    assert_eq!(created, SOURCES as f64, "sources created");
+
+    // Flag events: each flag either reached the controller or was counted
+    // as lost; at most MAX_EVENTS_PER_CPU_SECOND per CPU in each second
+    // the flags took reached it, and at least one CPU-second's worth (the
+    // ring buffer holds more than that).
+    let delivered = |m: &str| sample(m, "netwatch_flag_event_delay_seconds_count", &[]);
+    let lost = |m: &str| sample(m, "netwatch_events_lost_total", &[]);
+    let accounted = eventually(AGAIN as f64, Duration::from_secs(10), || {
+        let m = nw.metrics(&rig.dut);
+        delivered(&m) + lost(&m)
+    });
+    assert_eq!(accounted, AGAIN as f64, "flags neither delivered nor counted as lost");
+    let m = nw.metrics(&rig.dut);
+    let (delivered, lost) = (delivered(&m), lost(&m));
+    let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND as f64;
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as f64;
+    let seconds = flag_seconds.clone().count() as f64;
+    assert!(
+        delivered <= budget * cpus * seconds,
+        "{delivered} flag events delivered from flags raised in seconds {flag_seconds:?} on {cpus} CPUs: over the budget of {budget} per CPU per second"
+    );
+    assert!(
+        delivered >= budget,
+        "only {delivered} flag events delivered (lost {lost})"
+    );
+
+    // The LRU is full and evicting (counted every 30 s, the first time at
+    // start-up, before the flood). Full means every record but those the
+    // kernel keeps on its per-CPU free lists (LOCAL_FREE_TARGET, 128 per
+    // CPU, in kernel/bpf/bpf_lru_list.c).
     let deadline = Instant::now() + Duration::from_secs(75);
     let tracked = loop {
-        let tracked = metric(&nw, &rig, "netwatch_sources_tracked", &[]);
-        if tracked > 0.0 {
+        let tracked = try_sample(&nw.metrics(&rig.dut), "netwatch_sources_tracked", &[]);
+        if let Some(tracked) = tracked.filter(|t| *t > 0.0) {
             break tracked;
         }
         assert!(Instant::now() < deadline, "sources never counted");
         std::thread::sleep(Duration::from_millis(500));
     };
     let capacity = metric(&nw, &rig, "netwatch_sources_capacity", &[]);
+    assert_eq!(capacity, netwatch_common::MAX_SOURCES as f64);
     assert!(
-        tracked <= capacity && tracked > capacity * 0.5,
+        tracked <= capacity && capacity - tracked <= 128.0 * cpus,
         "tracked {tracked} of {capacity}"
     );
-    assert!(metric(&nw, &rig, "netwatch_sources_evicted_total", &[]) > 0.0);
-    let rss = rss_mib(pid);
-    scrape_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = scrape_ms[scrape_ms.len() / 2];
-    eprintln!(
-        "flood of {SOURCES} sources (+{AGAIN} again): counted {counted}, created {created}, tracked {tracked}, flagged {flagged}, events lost {lost}, \
-         controller RSS {rss:.1} MiB, /metrics median {median:.2} ms over {} scrapes during the flood",
-        scrape_ms.len()
+    assert_eq!(
+        metric(&nw, &rig, "netwatch_sources_evicted_total", &[]),
+        created - tracked,
+        "evicted is created minus tracked"
     );
-    assert!(rss < 64.0, "controller resident memory {rss:.1} MiB");
-    assert!(median < 50.0, "/metrics median {median:.1} ms under the flood");
-    let _ = std::fs::remove_dir_all(dir);
+    eprintln!(
+        "flood of {SOURCES} sources (+{AGAIN} again): created {created}, tracked {tracked}, flagged {AGAIN} in seconds {flag_seconds:?}, \
+         events delivered {delivered}, lost {lost}"
+    );
 }
 
 /// One scanner at full rate over thousands of destinations: exactly one
@@ -126,16 +166,19 @@ fn one_source_at_full_rate_raises_exactly_one_event() {
     let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--iface", DUT_IF]);
     rig.bench.set_destinations(50_000, 0);
     rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe6, 2_000_000);
-    std::thread::sleep(Duration::from_millis(500));
-    let m = nw.metrics(&rig.dut);
-    assert_eq!(sample(&m, "netwatch_scanners_flagged_total", &[]), 1.0);
-    assert_eq!(
-        sample(&m, "netwatch_flag_event_delay_seconds_count", &[]),
-        1.0,
-        "events delivered"
-    );
-    assert_eq!(sample(&m, "netwatch_events_lost_total", &[]), 0.0);
-    let report = nw.lookup("2001:db8:1::");
+    // Once every frame is counted, the kernel's flag count is final, and
+    // no more events can come than flags were raised.
+    let counted = eventually(2_000_000.0, Duration::from_secs(10), || {
+        metric(&nw, &rig, "netwatch_packets_total", &[("rule", "udp/137")])
+    });
+    assert_eq!(counted, 2_000_000.0);
+    assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 1.0);
+    let delivered = eventually(1.0, Duration::from_secs(5), || {
+        metric(&nw, &rig, "netwatch_flag_event_delay_seconds_count", &[])
+    });
+    assert_eq!(delivered, 1.0, "events delivered");
+    assert_eq!(metric(&nw, &rig, "netwatch_events_lost_total", &[]), 0.0);
+    let report = nw.wait_for_incident("2001:db8:1::");
     assert_eq!(report["incidents"].as_array().unwrap().len(), 1);
 }
 
@@ -145,7 +188,7 @@ fn one_source_at_full_rate_raises_exactly_one_event() {
 fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     require_privileged!();
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let (_dir, config) = write_config(&format!(
         "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\nallowlist = [\"198.18.0.1/32\"]\n\
          [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
     ));
@@ -154,7 +197,12 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     rig.bench
         .set_destinations(100, u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)));
     rig.bench.flood(&rig.gen_ns, GEN_IF, &rig.probe, 1000);
-    std::thread::sleep(Duration::from_millis(300));
+    let probes = [("rule", "udp/137"), ("direction", "inbound")];
+    let counted = |nw: &Netwatch, rig: &Rig| metric(nw, rig, "netwatch_packets_total", &probes);
+    assert_eq!(
+        eventually(1000.0, Duration::from_secs(5), || counted(&nw, &rig)),
+        1000.0
+    );
     assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 1.0);
     assert_eq!(
         metric(&nw, &rig, "netwatch_auto_blocks_total", &[]),
@@ -172,34 +220,53 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
         rig.bench.set_sources(3000, 0);
         rig.bench.flood(&rig.gen_ns, GEN_IF, &frame, 3000);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Every frame counted (passed, or dropped by an auto-block): the
+    // kernel's flag and block counts are final.
+    assert_eq!(
+        eventually(10_005.0, Duration::from_secs(5), || counted(&nw, &rig)),
+        10_005.0
+    );
+    assert_eq!(metric(&nw, &rig, "netwatch_scanners_flagged_total", &[]), 3001.0);
     let blocks = metric(&nw, &rig, "netwatch_auto_blocks_total", &[]);
     let capped = metric(&nw, &rig, "netwatch_auto_blocks_capped_total", &[]);
     assert_eq!(blocks, netwatch_common::MAX_AUTO_BLOCKS as f64);
     assert_eq!(blocks + capped, 3000.0);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
-/// XDP programs on `dev` in `ns`, and TC (TCX) links of netwatch programs
-/// using the maps pinned in `pins` (bpftool 7.1 does not show TCX
-/// attachments per device; links that other runs on the machine left
-/// behind are not this test's).
-fn programs_on(ns: &str, dev: &str, pins: &str) -> (usize, usize) {
-    let json =
-        |cmd: &mut Command| -> serde_json::Value { serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap() };
+/// XDP programs on `dev` in `ns`, and TCX links of programs that use
+/// the maps pinned in `pin_dir`: only what this test attached, whatever
+/// other tests run beside it. (bpftool 7.1 shows neither the device nor
+/// the namespace of a TCX link, so a link is ours when its program uses
+/// our pinned SETTINGS map.)
+fn programs_on(ns: &str, dev: &str, pin_dir: &str) -> (usize, usize) {
+    let json = |cmd: &mut Command| -> serde_json::Value {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
     let net = json(Command::new("nsenter").args([&format!("--net=/run/netns/{ns}"), "bpftool", "-j", "net", "show"]));
     let xdp = net[0]["xdp"]
         .as_array()
         .map_or(0, |a| a.iter().filter(|e| e["devname"] == dev).count());
-    let settings =
-        json(Command::new("bpftool").args(["-j", "map", "show", "pinned", &format!("{pins}/SETTINGS")]))["id"].clone();
+    let settings = json(Command::new("bpftool").args(["-j", "map", "show", "pinned", &format!("{pin_dir}/SETTINGS")]))
+        ["id"]
+        .as_u64()
+        .expect("pinned SETTINGS map id");
     let progs = json(Command::new("bpftool").args(["-j", "prog", "show"]));
     let tc_ids: Vec<u64> = progs
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| p["name"] == "netwatch_tc")
-        .filter(|p| p["map_ids"].as_array().is_some_and(|ids| ids.contains(&settings)))
+        .filter(|p| {
+            p["map_ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|id| id.as_u64() == Some(settings)))
+        })
         .filter_map(|p| p["id"].as_u64())
         .collect();
     let links = json(Command::new("bpftool").args(["-j", "link", "show"]));
@@ -220,7 +287,7 @@ fn sigkill_and_restart_lose_nothing() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = std::env::temp_dir().join(unique("state"));
+    let state = TempDir::new("state");
     let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     let _ = lab.nbtscan("198.18.1.0/26");
@@ -256,8 +323,6 @@ fn sigkill_and_restart_lose_nothing() {
         1,
         "incident lost"
     );
-    drop(nw);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// `--keep-attached`: a clean stop leaves enforcement in place for the
@@ -267,13 +332,31 @@ fn keep_attached_covers_a_controller_upgrade() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let args = ["--iface", VICTIM_IF, "--mode", "enforce", "--keep-attached"];
+    let args = [
+        "--iface",
+        VICTIM_IF,
+        "--egress",
+        VICTIM_IF,
+        "--mode",
+        "enforce",
+        "--keep-attached",
+    ];
     let nw = Netwatch::start(&lab.victim, &pins, &args);
     nw.stop_and_keep_pins();
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
+        (1, 1),
+        "--keep-attached did not keep the programs"
+    );
     let listener = udp_listener(&lab.victim, 137);
     assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 5), 5);
     assert_eq!(count_received(&listener), 0, "gap not enforced");
-    let mut nw = Netwatch::start(&lab.victim, &pins, &["--iface", VICTIM_IF, "--mode", "enforce"]);
+    let mut nw = Netwatch::start(&lab.victim, &pins, &args[..6]);
+    assert_eq!(
+        programs_on(&lab.victim.name, VICTIM_IF, &pins),
+        (1, 1),
+        "programs duplicated on re-adoption"
+    );
     let m = nw.metrics(&lab.victim);
     assert_eq!(
         sample(
@@ -392,15 +475,28 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
     // The interface vanishes while attached: the controller notices, keeps
     // serving and exits cleanly.
     let mut nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
-    lab.victim.ip(&["link", "del", VICTIM_IF]);
-    let gone = eventually(0.0, Duration::from_secs(10), || {
-        sample(
-            &nw.metrics(&lab.victim),
+    let attached = |m: &str| {
+        try_sample(
+            m,
             "netwatch_interface_attached",
             &[("interface", VICTIM_IF), ("hook", "xdp")],
         )
+    };
+    assert_eq!(
+        attached(&nw.metrics(&lab.victim)),
+        Some(1.0),
+        "not reported attached before the interface vanished"
+    );
+    lab.victim.ip(&["link", "del", VICTIM_IF]);
+    // The controller checks its interfaces every 5 s.
+    let gone = eventually(Some(0.0), Duration::from_secs(10), || {
+        attached(&nw.metrics(&lab.victim))
     });
-    assert_eq!(gone, 0.0, "vanished interface still reported attached");
+    assert_eq!(
+        gone,
+        Some(0.0),
+        "vanished interface still reported attached (or its series vanished)"
+    );
     assert!(nw.log().contains("disappeared while attached"));
     assert!(nw.stop().success(), "{}", nw.log());
 }

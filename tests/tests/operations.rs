@@ -9,6 +9,7 @@ use std::{
 };
 
 use netwatch_tests::{
+    TempDir,
     daemon::{METRICS_ADDR, Netwatch, netwatch},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
@@ -303,6 +304,47 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let _ = netwatch(&["detach", "--pin-dir", &pins]);
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_file(&log);
+}
+
+/// A privileged test run without root: it skips (and says so in the
+/// skip log `cargo xtask test --allow-skip` reads), unless
+/// NETWATCH_REQUIRE_PRIVILEGED=1, where it fails. This binary runs one
+/// of its own privileged tests as `nobody`.
+#[test]
+fn privileged_tests_skip_visibly_or_fail_without_root() {
+    require_privileged!();
+    let dir = TempDir::new("skip");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let log = dir.join("skipped");
+    let as_nobody = |require: Option<&str>| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "json_output_keeps_its_documented_schema", "--nocapture"])
+            .env("NETWATCH_SKIP_LOG", &log)
+            .env_remove("NETWATCH_REQUIRE_PRIVILEGED");
+        if let Some(v) = require {
+            cmd.env("NETWATCH_REQUIRE_PRIVILEGED", v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = as_nobody(Some("1"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a privileged test passed without root under NETWATCH_REQUIRE_PRIVILEGED=1"
+    );
+    assert!(stderr.contains("forbids skipping"), "{stderr}");
+    assert!(!log.exists(), "a test that failed was logged as skipped");
+
+    let out = as_nobody(None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipping: needs root"));
+    let logged = std::fs::read_to_string(&log).expect("skip not logged");
+    assert_eq!(logged, "operations::json_output_keeps_its_documented_schema\n");
 }
 
 #[test]

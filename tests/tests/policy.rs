@@ -265,3 +265,55 @@ fn the_command_line_refuses_what_the_config_refuses() {
         .collect();
     assert_eq!(blocked, vec![net("198.18.9.0/24")]);
 }
+
+/// A list holds 16 384 CIDRs per address family: installed in full, its
+/// last entry applies; `netwatch allow` of one more is refused, for that
+/// list and family only. (A config with 16 385 is refused at start, see
+/// e2e's `bad_input_is_refused_with_a_clear_error`.)
+#[test]
+fn lists_hold_16384_cidrs_per_family_and_refuse_one_more() {
+    require_privileged!();
+    assert_eq!(netwatch_common::MAX_CIDRS, 16_384, "the documented limit");
+    let mut p = policy(Mode::Enforce, &["udp/137"]);
+    // 198.19.0.0, 198.19.0.1, ... and, last, 198.18.0.9.
+    p.allowlist = (0..16_383u32)
+        .map(|i| {
+            IpNet::from(ipnet::Ipv4Net::from(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i,
+            )))
+        })
+        .chain([net("198.18.0.9/32")])
+        .collect();
+    let h = Harness::new(&p);
+    assert_eq!(h.snapshot().allowlist.len(), 16_384);
+    let from = |src: [u8; 4]| Frame::udp4(src, VICTIM, 1, 137).build();
+    assert!(
+        !h.dropped(Hook::Xdp(Inbound), &from([198, 18, 0, 9])),
+        "the 16 384th entry does not apply"
+    );
+    assert!(!h.dropped(Hook::Xdp(Inbound), &from([198, 19, 0, 0])));
+    assert!(h.dropped(Hook::Xdp(Inbound), &from([198, 18, 0, 10])));
+
+    let pins = h.pin_dir.to_str().unwrap();
+    let out = netwatch(&["allow", "198.18.0.11", "--pin-dir", pins]);
+    assert!(!out.status.success(), "a 16 385th allowlist entry was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the allowlist already has 16384 entries for this address family"),
+        "{stderr}"
+    );
+    assert!(h.dropped(
+        Hook::Xdp(Inbound),
+        &Frame::udp4([198, 18, 0, 11], VICTIM, 1, 137).build()
+    ));
+    for other in [["allow", "2001:db8:5::/48"], ["block", "198.18.0.10"]] {
+        let out = netwatch(&[other[0], other[1], "--pin-dir", pins]);
+        assert!(
+            out.status.success(),
+            "{other:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s = h.snapshot();
+    assert_eq!((s.allowlist.len(), s.blocklist.len()), (16_385, 1));
+}

@@ -60,7 +60,13 @@ enum Task {
     },
     /// Run every test: unit tests, BPF program tests and namespace tests.
     /// Extra arguments go to cargo-nextest (e.g. a test name filter).
+    /// Needs root (BPF, network namespaces): without it, it refuses to
+    /// run unless given `--allow-skip`.
     Test {
+        /// Without root, run anyway: the tests that need root skip, and
+        /// the run ends with how many did and which.
+        #[arg(long)]
+        allow_skip: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -104,9 +110,13 @@ fn main() -> Result<()> {
             setup::setup(&root)?;
             lint(&root)
         }
-        Task::Test { args } => {
+        Task::Test { allow_skip, args } => {
+            // Before setup or a build: a run that would report privileged
+            // tests green without running them must not start.
+            let require = std::env::var("NETWATCH_REQUIRE_PRIVILEGED").ok();
+            let privileges = Privileges::decide(effective_uid(), allow_skip, require.as_deref())?;
             setup::setup(&root)?;
-            test(&root, &args)
+            test(&root, &args, privileges)
         }
     }
 }
@@ -136,12 +146,17 @@ fn cargo(root: &Path) -> Command {
 fn run(root: &Path, args: &[String]) -> Result<()> {
     status(cargo(root).args(["build", "--release", "--bin", "netwatch"]))?;
     let bin = root.join("target/release/netwatch");
-    let args: Vec<String> = if args.is_empty() {
+    status(Command::new(bin).args(netwatch_args(args)))
+}
+
+/// What `cargo xtask run ARGS` runs netwatch with: the lab without
+/// arguments (the README's demo, tested as `netwatch lab` in e2e.rs).
+fn netwatch_args(args: &[String]) -> Vec<String> {
+    if args.is_empty() {
         vec!["lab".into()]
     } else {
         args.to_vec()
-    };
-    status(Command::new(bin).args(&args))
+    }
 }
 
 fn bench(root: &Path, args: &[String]) -> Result<()> {
@@ -182,7 +197,43 @@ fn lint(root: &Path) -> Result<()> {
     )
 }
 
-fn test(root: &Path, args: &[String]) -> Result<()> {
+/// How `cargo xtask test` treats the tests that need root.
+#[derive(Debug, PartialEq, Eq)]
+enum Privileges {
+    /// Running as root: every test runs, and one that still cannot get
+    /// what it needs fails (`NETWATCH_REQUIRE_PRIVILEGED=1`).
+    Required,
+    /// Not root and `--allow-skip`: privileged tests skip, and the run
+    /// reports how many and which.
+    SkipAllowed,
+}
+
+impl Privileges {
+    fn decide(euid: u32, allow_skip: bool, require_env: Option<&str>) -> Result<Self> {
+        if euid == 0 {
+            return Ok(Privileges::Required);
+        }
+        if allow_skip && require_env == Some("1") {
+            bail!("--allow-skip contradicts NETWATCH_REQUIRE_PRIVILEGED=1");
+        }
+        if allow_skip {
+            return Ok(Privileges::SkipAllowed);
+        }
+        bail!(
+            "cargo xtask test needs root (uid 0; this is uid {euid}): most tests load BPF programs and make network \
+             namespaces, and without root they would skip and be reported as passed. Run it as root \
+             (e.g. `sudo -E cargo xtask test`), or `cargo xtask test --allow-skip` to run what can run \
+             and be told what was skipped."
+        )
+    }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn test(root: &Path, args: &[String], privileges: Privileges) -> Result<()> {
     // The namespace tests drive the real binary.
     status(cargo(root).args(["build", "--bin", "netwatch"]))?;
     let bin = root.join("target/debug/netwatch");
@@ -203,5 +254,45 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         // Kernel state (namespaces, pins) is shared: one test at a time.
         cmd.args(["--", "--test-threads=1"]);
     }
-    status(&mut cmd)
+    match privileges {
+        Privileges::Required => status(cmd.env("NETWATCH_REQUIRE_PRIVILEGED", "1")),
+        Privileges::SkipAllowed => {
+            // Each test that skips appends its name here (tests/src/lib.rs).
+            let log = std::env::temp_dir().join(format!("netwatch-skipped-{}", std::process::id()));
+            let _ = std::fs::remove_file(&log);
+            let result = status(cmd.env("NETWATCH_SKIP_LOG", &log));
+            let skipped = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            let names: Vec<&str> = skipped.lines().collect();
+            eprintln!(
+                "\n{} tests needing root were SKIPPED, not run (--allow-skip):\n  {}",
+                names.len(),
+                names.join("\n  ")
+            );
+            result
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Privileges, netwatch_args};
+
+    #[test]
+    fn xtask_run_runs_the_lab_without_arguments() {
+        assert_eq!(netwatch_args(&[]), ["lab"]);
+        let args: Vec<String> = ["run", "--iface", "eth0:wan"].map(String::from).into();
+        assert_eq!(netwatch_args(&args), args);
+    }
+
+    #[test]
+    fn the_test_suite_refuses_to_skip_unless_told() {
+        assert_eq!(Privileges::decide(0, false, None).unwrap(), Privileges::Required);
+        assert_eq!(Privileges::decide(0, true, Some("1")).unwrap(), Privileges::Required);
+        let err = Privileges::decide(65534, false, None).unwrap_err().to_string();
+        assert!(err.contains("needs root") && err.contains("--allow-skip"), "{err}");
+        assert!(Privileges::decide(1000, false, Some("1")).is_err());
+        assert_eq!(Privileges::decide(65534, true, None).unwrap(), Privileges::SkipAllowed);
+        assert!(Privileges::decide(65534, true, Some("1")).is_err());
+    }
 }

@@ -138,19 +138,33 @@ pub struct XdpFilter {
     ns_name: String,
     dev: String,
     pin: PathBuf,
+    /// libxdp's bpffs directory for this instance (`LIBXDP_BPFFS`): its
+    /// own, so removing it never touches what another process pinned in
+    /// the shared `/sys/fs/bpf/xdp`.
+    libxdp_dir: PathBuf,
     program: Xdp,
+}
+
+/// `xdp-filter ARGS` in `ns`, with libxdp pinning under `libxdp_dir`.
+fn xdp_filter(ns_name: &str, libxdp_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns_name}"))
+        .arg("xdp-filter")
+        .env("LIBXDP_BPFFS", libxdp_dir);
+    cmd
 }
 
 impl XdpFilter {
     pub fn load(ns: &Netns, dev: &str, features: &str) -> Self {
-        sh(ns
-            .command("xdp-filter")
-            .args(["load", dev, "-m", "native", "-f", features]));
+        let libxdp_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique("libxdp"));
+        std::fs::create_dir(&libxdp_dir).expect("libxdp pin directory");
+        let xdp_filter = || xdp_filter(&ns.name, &libxdp_dir);
+        sh(xdp_filter().args(["load", dev, "-m", "native", "-f", features]));
         if features.contains("udp") || features == "all" {
-            sh(ns.command("xdp-filter").args(["port", "137", "-p", "udp"]));
+            sh(xdp_filter().args(["port", "137", "-p", "udp"]));
         }
         if features.contains("tcp") || features == "all" {
-            sh(ns.command("xdp-filter").args(["port", "5190", "-p", "tcp"]));
+            sh(xdp_filter().args(["port", "5190", "-p", "tcp"]));
         }
         let link: serde_json::Value =
             serde_json::from_str(&sh(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", dev]))).unwrap();
@@ -166,6 +180,7 @@ impl XdpFilter {
             ns_name: ns.name.clone(),
             dev: dev.to_string(),
             pin,
+            libxdp_dir,
             program,
         }
     }
@@ -180,11 +195,11 @@ impl Timed for XdpFilter {
 impl Drop for XdpFilter {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.pin);
-        let _ = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns_name))
-            .args(["xdp-filter", "unload", &self.dev])
+        let _ = xdp_filter(&self.ns_name, &self.libxdp_dir)
+            .args(["unload", &self.dev])
             .output();
-        // libxdp's own pin directory, once it holds nothing.
-        let _ = std::fs::remove_dir("/sys/fs/bpf/xdp");
+        // This instance's libxdp directory, which the unload left empty.
+        let _ = std::fs::remove_dir(self.libxdp_dir.join("xdp"));
+        let _ = std::fs::remove_dir(&self.libxdp_dir);
     }
 }

@@ -13,7 +13,7 @@ use super::{
     flood::{DUT_IF, GEN_IF, Rig},
     median, ms, sh,
 };
-use crate::daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample};
+use crate::daemon::{METRICS_ADDR, Netwatch, netwatch, rss_mib, sample, try_sample};
 
 pub struct Report {
     pub sources: u32,
@@ -87,7 +87,8 @@ pub fn run(size: Size) -> Report {
     let deadline = Instant::now() + Duration::from_secs(70);
     let mut tracked = 0.0;
     while Instant::now() < deadline {
-        tracked = sample(&nw.metrics(&rig.dut), "netwatch_sources_tracked", &[]);
+        // Absent until the first background count.
+        tracked = try_sample(&nw.metrics(&rig.dut), "netwatch_sources_tracked", &[]).unwrap_or(0.0);
         if tracked >= created * 0.9 {
             break;
         }
