@@ -367,11 +367,16 @@ impl Policy {
             if v4 > MAX_CIDRS as usize || list.len() - v4 > MAX_CIDRS as usize {
                 bail!("{name} has more than {MAX_CIDRS} entries per address family");
             }
-            for (i, net) in list.iter().enumerate() {
-                if list[..i].contains(net) {
+            // Sets and prefix walks, not pairwise scans: lists of 16 384
+            // entries are checked on every start and reload.
+            let mut seen = std::collections::HashSet::new();
+            for net in list.iter() {
+                if !seen.insert(*net) {
                     bail!("{name} lists {net} twice");
                 }
-                if let Some(wider) = list.iter().find(|other| *other != net && other.contains(net)) {
+            }
+            for net in list.iter() {
+                if let Some(wider) = covering(&seen, net, false) {
                     bail!("{name}: {net} overlaps {wider}, which already covers it; list one of them");
                 }
             }
@@ -380,15 +385,30 @@ impl Policy {
     }
 }
 
+/// The entry of `set` that contains `net` (`net` itself only when
+/// `inclusive`), found by walking `net`'s shorter prefixes.
+fn covering(set: &std::collections::HashSet<IpNet>, net: &IpNet, inclusive: bool) -> Option<IpNet> {
+    let longest = if inclusive {
+        net.prefix_len()
+    } else {
+        net.prefix_len().checked_sub(1)?
+    };
+    (0..=longest)
+        .rev()
+        .map(|len| IpNet::new(net.addr(), len).expect("shorter prefix").trunc())
+        .find(|wider| set.contains(wider))
+}
+
 /// Refuses a blocklist entry inside an allowlist entry: the allowlist
 /// always wins, so the block would never apply. The config and the
 /// `block`/`allow` commands give the same answer.
 pub fn check_allow_block<'a>(
-    allowlist: impl IntoIterator<Item = &'a IpNet> + Clone,
+    allowlist: impl IntoIterator<Item = &'a IpNet>,
     blocklist: impl IntoIterator<Item = &'a IpNet>,
 ) -> Result<()> {
+    let allow: std::collections::HashSet<IpNet> = allowlist.into_iter().copied().collect();
     for block in blocklist {
-        if let Some(allow) = allowlist.clone().into_iter().find(|a| a.contains(block)) {
+        if let Some(allow) = covering(&allow, block, true) {
             bail!(
                 "blocklist entry {block} is covered by allowlist entry {allow}; the allowlist always wins, so it would never apply"
             );

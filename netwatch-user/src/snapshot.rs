@@ -242,7 +242,9 @@ impl Snapshot {
                 for outcome in Outcome::ALL {
                     let index = rule_counter_index(iface.slot, Direction::Outbound as u32, rule.slot, outcome as u32);
                     let c = PinnedMaps::counter_sum(&reverse_map, index)?;
-                    if c.packets > 0 {
+                    // Only udp/137 has reverse lookups: its series exist
+                    // from the start, like every other counter's.
+                    if c.packets > 0 || rule.rule == "udp/137" {
                         reverse_lookups.push(RuleCounter {
                             interface: iface.name.clone(),
                             direction: Direction::Outbound.label(),

@@ -153,7 +153,7 @@ pub fn memo_map(maps: &PinnedMaps) -> Result<PerCpuArray<MapData, FloodCache>> {
 
 /// Counts of a flood still held in the CPUs' memos (see `FloodCache`):
 /// they belong to the record of the memo's key, and every reader of a
-/// record (`lookup`, flag events, incident refreshes, the census) adds
+/// record (`lookup`, `top`, flag events, incident refreshes, the census) adds
 /// them through this one type.
 pub struct Pending(Vec<FloodCache>);
 
@@ -310,7 +310,12 @@ pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceV
     // A min-heap of the best `limit` so far: memory stays O(limit).
     let mut heap: BinaryHeap<std::cmp::Reverse<(u64, u64, [u8; 20])>> = BinaryHeap::new();
     let mut states = StdHashMap::new();
+    // Ranked by what the sources sent, repeats still in the memos included.
+    let pending = Pending::read(&memo_map(maps)?)?;
     for_each(maps, |key, state| {
+        let mut state = *state;
+        pending.add_to(key, &mut state);
+        let state = &state;
         let raw = key_bytes(key);
         heap.push(std::cmp::Reverse((state.packets, state.bytes, raw)));
         states.insert(raw, (*key, *state));

@@ -944,15 +944,11 @@ fn top_and_the_http_api_answer_and_say_what_is_wrong() {
     assert_eq!(lookup["tracked"], serde_json::json!([]));
 }
 
-/// `top` must count what a source sent like `lookup` does, including the
+/// `top` counts what a source sent like `lookup` does, including the
 /// repeats of one (source, destination) that wait in a CPU's flood memo
-/// (README: "readers add the pending counts"). PRODUCT BUG (issue 16
-/// report): `sources::top` reads the per-source map without the memos, so
-/// a source that sent 10 datagrams to one destination shows 1 and is
-/// ranked below one that sent 5 to five destinations. Run with
-/// `cargo nextest run --test e2e_detection --run-ignored only`.
+/// (README: "readers add the pending counts"): a source that sent 10
+/// datagrams to one destination ranks above one that sent 5 to five.
 #[test]
-#[ignore = "product bug: top leaves out the flood memo's pending counts"]
 fn top_counts_what_the_flood_memo_holds() {
     require_privileged!();
     let lab = Lab::new();
