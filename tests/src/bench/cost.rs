@@ -474,15 +474,18 @@ pub fn print(report: &Report) {
         s.bare_repeat,
         s.bare_drop - s.bare_repeat
     );
-    println!("| program | ns per call | net ns per packet | / xdp-filter tcp,udp | / xdp-filter udp | / XDP_DROP |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| program | ns per call | net ns per packet | net / xdp-filter tcp,udp | net / xdp-filter udp | net / xdp-filter all | net / XDP_DROP (repeated) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, v: f64| {
+        let n = s.net(v);
         println!(
-            "| {name} | {v:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
-            s.net(v),
-            v / tu,
-            v / u,
-            s.net(v) / s.bare_repeat
+            "| {name} | {v:.1} | {n:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            n / s.net(tu),
+            n / s.net(u),
+            n / s.net(all),
+            n / s.bare_repeat
         )
     };
     line("netwatch, new destination every packet (scanner)", s.netwatch_cold);
