@@ -116,6 +116,13 @@ impl Harness {
         self.test_run(hook, frame, repeat).expect("BPF_PROG_TEST_RUN").duration
     }
 
+    /// Like [`Harness::time`], with the program's verdict (the same for
+    /// every run of the one frame).
+    pub fn time_verdict(&self, hook: Hook, frame: &[u8], repeat: u32) -> (std::time::Duration, u32) {
+        let r = self.test_run(hook, frame, repeat).expect("BPF_PROG_TEST_RUN");
+        (r.duration, r.return_value)
+    }
+
     fn test_run(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunResult, aya::programs::ProgramError> {
         match hook {
             Hook::Xdp(dir) => run_xdp(

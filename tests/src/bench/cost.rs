@@ -1,6 +1,8 @@
 //! Part 1: per-packet program cost through BPF_PROG_TEST_RUN, per traffic
-//! class, for netwatch, xdp-filter (dropping the same ports) and a bare
-//! `XDP_DROP`.
+//! class, for netwatch (empty lists, and a deployment's 1,000-entry
+//! allowlist), xdp-filter in three feature sets (dropping the same ports)
+//! and a bare `XDP_DROP`. Every timed run's verdict is checked against
+//! the class's expected verdict; a mismatch aborts the benchmark.
 
 use std::net::Ipv6Addr;
 
@@ -20,9 +22,33 @@ use crate::{
 const SRC: [u8; 4] = [198, 18, 0, 1];
 const DST: [u8; 4] = [198, 18, 0, 2];
 const BLOCKED: [u8; 4] = [198, 18, 0, 99];
+const SCANNER: [u8; 4] = [198, 18, 0, 50];
 
 fn v6(last: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
+}
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_ABORTED => "XDP_ABORTED",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "?",
+    }
+}
+
+/// The rule port a class's frame carries, as xdp-filter sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Udp137,
+    Tcp5190,
+    Other,
 }
 
 pub struct Class {
@@ -30,131 +56,442 @@ pub struct Class {
     pub frame: Vec<u8>,
     /// Netwatch runs this class in monitor mode (counting, not dropping).
     pub monitor: bool,
+    /// What netwatch must return.
+    pub netwatch: u32,
+    pub port: Port,
+    /// What xdp-filter returns when its parser does not reach the port,
+    /// if its features make it look for this L4 protocol (`None`: it
+    /// reaches the port, and drops it if its features cover it). It passes
+    /// PPPoE (an ethertype it does not know) and aborts (XDP_ABORTED:
+    /// dropped, with a trace event) on an IPv6 extension-header chain
+    /// longer than it walks and on a TCP header cut short.
+    pub xdpf_unparsed: Option<(u32, &'static str)>,
+}
+
+/// xdp-filter's feature sets, leanest first: `tcp,udp` is the leanest
+/// that drops both of netwatch's rule ports (xdp-filter has no tcp+udp
+/// program, so it loads the same `xdpfilt_dny_all` as `all`).
+pub const XDPF_FEATURES: [&str; 3] = ["udp", "tcp,udp", "all"];
+
+impl Class {
+    /// What xdp-filter loaded with `features` must return.
+    pub fn xdpf_verdict(&self, features: &str) -> u32 {
+        let covered = match self.port {
+            Port::Udp137 => features.contains("udp") || features == "all",
+            Port::Tcp5190 => features.contains("tcp") || features == "all",
+            Port::Other => false,
+        };
+        match self.xdpf_unparsed {
+            Some((v, l4)) if features.contains(l4) || features == "all" => v,
+            Some(_) => XDP_PASS,
+            None if covered => XDP_DROP,
+            None => XDP_PASS,
+        }
+    }
 }
 
 pub fn classes() -> Vec<Class> {
-    let c = |name, frame: Frame, monitor| Class {
+    const PARSES: Option<(u32, &str)> = None;
+    const PASSES: Option<(u32, &str)> = Some((XDP_PASS, "udp"));
+    const ABORTS_UDP: Option<(u32, &str)> = Some((XDP_ABORTED, "udp"));
+    const ABORTS_TCP: Option<(u32, &str)> = Some((XDP_ABORTED, "tcp"));
+    let c = |name, frame: Frame, monitor, netwatch, port, xdpf_unparsed| Class {
         name,
         frame: frame.build(),
         monitor,
+        netwatch,
+        port,
+        xdpf_unparsed,
     };
+    use Port::*;
     vec![
-        c("unmatched IPv4 UDP (udp/53)", Frame::udp4(SRC, DST, 40000, 53), false),
-        c("udp/137 counted", Frame::udp4(SRC, DST, 40000, 137), true),
-        c("udp/137 dropped", Frame::udp4(SRC, DST, 40000, 137), false),
-        c("tcp/5190 dropped", Frame::tcp4(SRC, DST, 40000, 5190), false),
+        c(
+            "unmatched IPv4 UDP (udp/53)",
+            Frame::udp4(SRC, DST, 40000, 53),
+            false,
+            XDP_PASS,
+            Other,
+            PARSES,
+        ),
+        c(
+            "udp/137 counted",
+            Frame::udp4(SRC, DST, 40000, 137),
+            true,
+            XDP_PASS,
+            Udp137,
+            PARSES,
+        ),
+        c(
+            "udp/137 dropped",
+            Frame::udp4(SRC, DST, 40000, 137),
+            false,
+            XDP_DROP,
+            Udp137,
+            PARSES,
+        ),
+        c(
+            "tcp/5190 dropped",
+            Frame::tcp4(SRC, DST, 40000, 5190),
+            false,
+            XDP_DROP,
+            Tcp5190,
+            PARSES,
+        ),
         c(
             "IPv6 TCP, 3 ext headers, tcp/5190",
             Frame::tcp6(v6(1), v6(2), 40000, 5190).ipv6_ext(&[Ext::HopByHop, Ext::Routing, Ext::DestOpts]),
             false,
+            XDP_DROP,
+            Tcp5190,
+            PARSES,
         ),
         c(
             "IPv6 UDP, 12 ext headers, udp/137",
             Frame::udp6(v6(1), v6(2), 40000, 137).ipv6_ext(&[Ext::DestOpts; 12]),
             false,
+            XDP_DROP,
+            Udp137,
+            ABORTS_UDP,
         ),
         c(
             "IPv6, 13 ext headers (fails closed)",
             Frame::udp6(v6(1), v6(2), 40000, 53).ipv6_ext(&[Ext::DestOpts; 13]),
             false,
+            XDP_DROP,
+            Other,
+            ABORTS_UDP,
         ),
         c(
             "TCP tiny first fragment (fails closed)",
             Frame::tcp4(SRC, DST, 40000, 80).ipv4_fragment(0, true).l4_keep(8),
             false,
+            XDP_DROP,
+            Other,
+            ABORTS_TCP,
         ),
         c(
             "PPPoE udp/137 dropped",
             Frame::udp4(SRC, DST, 40000, 137).pppoe(),
             false,
+            XDP_DROP,
+            Udp137,
+            PASSES,
         ),
         c(
             "802.1Q udp/137 dropped",
             Frame::udp4(SRC, DST, 40000, 137).vlan(&[0x8100]),
             false,
+            XDP_DROP,
+            Udp137,
+            PARSES,
         ),
         c(
             "source already blocked (udp/138)",
             Frame::udp4(BLOCKED, DST, 40000, 138),
             false,
+            XDP_DROP,
+            Other,
+            PARSES,
         ),
     ]
 }
 
+/// Aborts the benchmark when a timed run returned the wrong verdict.
+fn check(program: &str, class: &str, got: u32, want: u32) {
+    assert!(
+        got == want,
+        "benchmark aborted: {program} returned {} ({got}) for \"{class}\", expected {} ({want}); \
+         the programs compared must drop what they should drop and pass the rest",
+        verdict_name(got),
+        verdict_name(want)
+    );
+}
+
 pub struct Row {
     pub class: &'static str,
+    pub netwatch_verdict: u32,
     pub netwatch: f64,
-    pub xdp_filter: f64,
+    /// Netwatch with a deployment's lists (1,000 allowlist entries, none
+    /// matching the bench traffic).
+    pub netwatch_lists: f64,
+    /// xdp-filter per [`XDPF_FEATURES`], and the verdicts it returned.
+    pub xdp_filter: [f64; 3],
+    pub xdpf_verdicts: [u32; 3],
     pub bare_drop: f64,
+}
+
+/// The scanner (cold-memo) class, measured one run per call.
+pub struct Scanner {
+    pub destinations: u32,
+    pub calls: u32,
+    /// ns per call, one run each: netwatch with a new destination every
+    /// call, netwatch repeating one frame (memo warm), xdp-filter per
+    /// [`XDPF_FEATURES`] and bare XDP_DROP on the same frames.
+    pub netwatch_cold: f64,
+    pub netwatch_warm: f64,
+    pub xdp_filter: [f64; 3],
+    pub bare_drop: f64,
+    /// Bare XDP_DROP's ns per run with `repeat` runs per call (the
+    /// "udp/137 dropped" class): the per-call overhead is
+    /// `bare_drop - bare_repeat`.
+    pub bare_repeat: f64,
+}
+
+impl Scanner {
+    /// A one-run-per-call figure minus the per-call overhead (timer
+    /// reads, cold caches) that the bare program shows.
+    pub fn net(&self, per_call: f64) -> f64 {
+        per_call - (self.bare_drop - self.bare_repeat)
+    }
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub scanner: Scanner,
+}
+
+impl Report {
+    pub fn row(&self, class: &str) -> &Row {
+        self.rows.iter().find(|r| r.class == class).expect("class measured")
+    }
+}
+
+/// A deployment's allowlist: 1,000 entries (600 IPv4 /24s, 400 IPv6
+/// /48s), none covering the bench traffic (198.18.0.0/15, 2001:db8::/32).
+pub fn deployment_allowlist() -> Vec<ipnet::IpNet> {
+    let v4 = (0..600u32).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256));
+    let v6 = (0..400u32).map(|i| format!("fd00:{:x}:{:x}::/48", i / 256 + 1, i % 256));
+    v4.chain(v6).map(|s| s.parse().unwrap()).collect()
 }
 
 /// Netwatch as the benchmark runs it: udp/137 and tcp/5190 dropped,
 /// udp/138 counted with auto-block, and one source already auto-blocked.
-fn netwatch(mode: Mode) -> Harness {
+fn netwatch(mode: Mode, lists: bool) -> Harness {
     let mut auto: Rule = "udp/138=count".parse().unwrap();
     auto.detection.threshold = 2;
     auto.detection.block_secs = Some(3600);
-    let policy = Policy::new(
+    let mut policy = Policy::new(
         mode,
         vec!["udp/137".parse().unwrap(), "tcp/5190".parse().unwrap(), auto],
     );
+    if lists {
+        policy.allowlist = deployment_allowlist();
+    }
     let h = Harness::new(&policy);
     for dst in [[198, 18, 1, 1], [198, 18, 1, 2]] {
         h.run(Hook::Xdp(Inbound), &Frame::udp4(BLOCKED, dst, 1, 138).build());
     }
+    assert_eq!(
+        h.run(Hook::Xdp(Inbound), &Frame::udp4(BLOCKED, DST, 1, 138).build()),
+        if mode == Mode::Enforce { XDP_DROP } else { XDP_PASS },
+        "auto-block set-up"
+    );
     h
 }
 
-pub fn run(size: Size) -> Vec<Row> {
-    let enforce = netwatch(Mode::Enforce);
-    let monitor = netwatch(Mode::Monitor);
-    assert_eq!(
-        enforce.run(Hook::Xdp(Inbound), &Frame::udp4(BLOCKED, DST, 1, 138).build()),
-        1,
-        "auto-block set-up"
-    );
+/// Mean ns per call over `calls` calls of one run each, cycling through
+/// `frames`; every verdict checked against `want`.
+fn per_call(mut run: impl FnMut(&[u8]) -> (f64, u32), frames: &[Vec<u8>], calls: u32, what: &str, want: u32) -> f64 {
+    let mut total = 0.0;
+    for i in 0..calls as usize {
+        let (ns, verdict) = run(&frames[i % frames.len()]);
+        check(what, "scanner", verdict, want);
+        total += ns;
+    }
+    total / calls as f64
+}
+
+pub fn run(size: Size) -> Report {
+    super::pin_to_cpu0();
+    let enforce = netwatch(Mode::Enforce, false);
+    let monitor = netwatch(Mode::Monitor, false);
+    let enforce_lists = netwatch(Mode::Enforce, true);
+    let monitor_lists = netwatch(Mode::Monitor, true);
     let bench = BenchObject::load();
     let ns = Netns::new("cost");
     let peer = Netns::new("costp");
-    veth(&ns, "nwb-f0", "198.18.0.2/24", &peer, "nwb-f1", "198.18.0.1/24");
-    let filter = XdpFilter::load(&ns, "nwb-f0", "all");
+    // One veth per xdp-filter instance (one program per device).
+    let filters: Vec<XdpFilter> = XDPF_FEATURES
+        .iter()
+        .enumerate()
+        .map(|(i, features)| {
+            let (a, b) = (format!("nwb-f{i}"), format!("nwb-p{i}"));
+            veth(
+                &ns,
+                &a,
+                &format!("198.18.{}.2/24", 10 + i),
+                &peer,
+                &b,
+                &format!("198.18.{}.1/24", 10 + i),
+            );
+            XdpFilter::load(&ns, &a, features)
+        })
+        .collect();
+    let bare = DropProgram(&bench);
+    let nw = |h: &Harness, frame: &[u8], repeat| {
+        let (d, v) = h.time_verdict(Hook::Xdp(Inbound), frame, repeat);
+        (d.as_nanos() as f64, v)
+    };
 
     let mut rows = Vec::new();
     for class in classes() {
-        let h = if class.monitor { &monitor } else { &enforce };
-        let mut nw = Vec::new();
-        let mut xf = Vec::new();
-        let mut bare = Vec::new();
-        // Interleave the three so drift hits them alike.
+        let (h, hl) = if class.monitor {
+            (&monitor, &monitor_lists)
+        } else {
+            (&enforce, &enforce_lists)
+        };
+        let mut t_nw = Vec::new();
+        let mut t_nwl = Vec::new();
+        let mut t_xf = [Vec::new(), Vec::new(), Vec::new()];
+        let mut t_bare = Vec::new();
+        let mut xf_verdicts = [0; 3];
+        // Interleave the programs so drift hits them alike.
         for _ in 0..size.rounds {
-            nw.push(h.time(Hook::Xdp(Inbound), &class.frame, size.repeat).as_nanos() as f64);
-            xf.push(filter.ns_per_run(&class.frame, size.repeat));
-            bare.push(DropProgram(&bench).ns_per_run(&class.frame, size.repeat));
+            let (t, v) = nw(h, &class.frame, size.repeat);
+            check("netwatch", class.name, v, class.netwatch);
+            t_nw.push(t);
+            let (t, v) = nw(hl, &class.frame, size.repeat);
+            check("netwatch (1,000-entry allowlist)", class.name, v, class.netwatch);
+            t_nwl.push(t);
+            for (i, f) in filters.iter().enumerate() {
+                let (t, v) = f.timed(&class.frame, size.repeat);
+                let features = XDPF_FEATURES[i];
+                check(
+                    &format!("xdp-filter -f {features}"),
+                    class.name,
+                    v,
+                    class.xdpf_verdict(features),
+                );
+                xf_verdicts[i] = v;
+                t_xf[i].push(t);
+            }
+            let (t, v) = bare.timed(&class.frame, size.repeat);
+            check("bare XDP_DROP", class.name, v, XDP_DROP);
+            t_bare.push(t);
         }
+        let [a, b, c] = t_xf;
         rows.push(Row {
             class: class.name,
-            netwatch: median(nw),
-            xdp_filter: median(xf),
-            bare_drop: median(bare),
+            netwatch_verdict: class.netwatch,
+            netwatch: median(t_nw),
+            netwatch_lists: median(t_nwl),
+            xdp_filter: [median(a), median(b), median(c)],
+            xdpf_verdicts: xf_verdicts,
+            bare_drop: median(t_bare),
         });
     }
-    rows
+
+    // The scanner: one source, a new destination on every packet. A
+    // BPF_PROG_TEST_RUN call repeats one frame, so the memo would be warm
+    // after the first run; instead every call runs once, cycling through
+    // `destinations` frames, interleaved with the same one-run calls for
+    // the other programs (the kernel's per-run time then includes a
+    // per-call overhead, which bare XDP_DROP measures).
+    let destinations = 4096u32;
+    let frames: Vec<Vec<u8>> = (0..destinations)
+        .map(|i| Frame::udp4(SCANNER, [198, 19, (i >> 8) as u8, i as u8], 40000, 137).build())
+        .collect();
+    let calls = (size.repeat / 25).max(4096);
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let mut t_xf = [Vec::new(), Vec::new(), Vec::new()];
+    let mut t_bare = Vec::new();
+    for _ in 0..size.rounds {
+        cold.push(per_call(|f| nw(&enforce, f, 1), &frames, calls, "netwatch", XDP_DROP));
+        warm.push(per_call(
+            |f| nw(&enforce, f, 1),
+            &frames[..1],
+            calls,
+            "netwatch",
+            XDP_DROP,
+        ));
+        for (i, f) in filters.iter().enumerate() {
+            let what = format!("xdp-filter -f {}", XDPF_FEATURES[i]);
+            t_xf[i].push(per_call(|fr| f.timed(fr, 1), &frames, calls, &what, XDP_DROP));
+        }
+        t_bare.push(per_call(
+            |f| bare.timed(f, 1),
+            &frames,
+            calls,
+            "bare XDP_DROP",
+            XDP_DROP,
+        ));
+    }
+    let [a, b, c] = t_xf;
+    let bare_repeat = rows.iter().find(|r| r.class == "udp/137 dropped").unwrap().bare_drop;
+    Report {
+        rows,
+        scanner: Scanner {
+            destinations,
+            calls,
+            netwatch_cold: median(cold),
+            netwatch_warm: median(warm),
+            xdp_filter: [median(a), median(b), median(c)],
+            bare_drop: median(t_bare),
+            bare_repeat,
+        },
+    }
 }
 
-pub fn print(rows: &[Row]) {
+pub fn print(report: &Report) {
     println!(
-        "| traffic class | netwatch ns | xdp-filter ns | bare XDP_DROP ns | netwatch / xdp-filter | netwatch / XDP_DROP |"
+        "xdp-filter columns: `-f udp` (xdpfilt_dny_udp, drops udp/137 only), `-f tcp,udp` (the leanest that \
+         drops both rule ports: xdp-filter loads xdpfilt_dny_all for it), `-f all`. Headline ratio: netwatch \
+         / xdp-filter `-f tcp,udp`. Verdicts (0 XDP_ABORTED, 1 XDP_DROP, 2 XDP_PASS) were checked on every timed run.\n"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for r in rows {
+    println!(
+        "| traffic class | verdict nw / xf udp, tcp+udp, all | netwatch ns | netwatch, 1k allowlist ns | \
+         xdp-filter udp ns | xdp-filter tcp,udp ns | xdp-filter all ns | bare XDP_DROP ns | \
+         **netwatch / xdp-filter tcp,udp** | netwatch / xdp-filter udp | netwatch / xdp-filter all | netwatch / XDP_DROP |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &report.rows {
+        let [u, tu, all] = r.xdp_filter;
+        let [vu, vtu, vall] = r.xdpf_verdicts;
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} / {vu}, {vtu}, {vall} | {:.1} | {:.1} | {u:.1} | {tu:.1} | {all:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {:.2} |",
             r.class,
+            r.netwatch_verdict,
             r.netwatch,
-            r.xdp_filter,
+            r.netwatch_lists,
             r.bare_drop,
-            r.netwatch / r.xdp_filter,
+            r.netwatch / tu,
+            r.netwatch / u,
+            r.netwatch / all,
             r.netwatch / r.bare_drop
         );
     }
+    let s = &report.scanner;
+    let [u, tu, all] = s.xdp_filter;
+    println!(
+        "\nScanner (cold memo): one source, udp/137 to a new destination on every packet ({} destinations \
+         cycled), one run per BPF_PROG_TEST_RUN call ({} calls, median of rounds), interleaved with the same \
+         one-run calls for the others. ns per call includes a per-call overhead: bare XDP_DROP takes {:.1} ns \
+         per call vs {:.1} ns per run repeated, so \"net\" = per call - {:.1} ns.\n",
+        s.destinations,
+        s.calls,
+        s.bare_drop,
+        s.bare_repeat,
+        s.bare_drop - s.bare_repeat
+    );
+    println!(
+        "| program | ns per call | net ns per packet | net / xdp-filter tcp,udp | net / xdp-filter udp | net / xdp-filter all | net / XDP_DROP (repeated) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let line = |name: &str, v: f64| {
+        let n = s.net(v);
+        println!(
+            "| {name} | {v:.1} | {n:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            n / s.net(tu),
+            n / s.net(u),
+            n / s.net(all),
+            n / s.bare_repeat
+        )
+    };
+    line("netwatch, new destination every packet (scanner)", s.netwatch_cold);
+    line("netwatch, one destination (memo warm)", s.netwatch_warm);
+    line("xdp-filter -f udp", u);
+    line("xdp-filter -f tcp,udp", tu);
+    line("xdp-filter -f all", all);
+    line("bare XDP_DROP", s.bare_drop);
 }

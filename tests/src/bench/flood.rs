@@ -1,9 +1,12 @@
-//! Part 2: flood drop rate on a veth pair. The live-frames generator
+//! Part 2: flood drop rate on veth pairs. The live-frames generator
 //! in one namespace transmits a udp/137 flood to the device under test in
-//! another, on the same core; the rate is frames over wall time, for each
-//! filter in turn, on the same frames.
+//! another, on the same core; the rate is frames over wall time. Every
+//! filter sits on its own veth pair, all set up at once, so the rounds are
+//! interleaved (A, B, C, A, B, C, ...); after each round the device under
+//! test's counters must show it processed every frame, or the round is
+//! reported as short and left out of the median.
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
 use super::{
     Size, median,
@@ -11,7 +14,7 @@ use super::{
     sh,
 };
 use crate::{
-    daemon::Netwatch,
+    daemon::{Netwatch, try_sample},
     frames::Frame,
     netns::{Netns, veth},
 };
@@ -80,13 +83,6 @@ impl Rig {
             .collect();
         median(runs)
     }
-
-    fn gro(&self, on: bool) {
-        sh(self
-            .dut
-            .command("ethtool")
-            .args(["-K", DUT_IF, "gro", if on { "on" } else { "off" }]));
-    }
 }
 
 impl Default for Rig {
@@ -95,75 +91,191 @@ impl Default for Rig {
     }
 }
 
+/// What filters a lane's device under test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dut {
+    Bare,
+    Netwatch,
+    XdpFilter(&'static str),
+    Nft,
+    Iptables,
+    None,
+}
+
+impl Dut {
+    /// Runs an XDP program (frames reach it without GRO).
+    fn xdp(self) -> bool {
+        matches!(self, Dut::Bare | Dut::Netwatch | Dut::XdpFilter(_))
+    }
+}
+
+/// One measured row: a frame sent to a device under test.
+struct Lane {
+    name: &'static str,
+    /// Index of the veth pair.
+    pair: usize,
+    frame: Vec<u8>,
+    /// The DUT drops these frames in XDP (its veth's xdp_drops must count
+    /// every one).
+    xdp_drops: bool,
+    /// Netwatch's own counter for this frame: its rule counter (udp/137)
+    /// or its unmatched counter.
+    netwatch_counter: Option<&'static str>,
+}
+
 pub struct Row {
     pub name: &'static str,
+    /// Median over the rounds the DUT saw in full (over all rounds when
+    /// none did).
     pub mpps: f64,
+    pub rounds: usize,
+    /// Rounds whose DUT counters showed every frame processed.
+    pub full_rounds: usize,
+    /// The smallest share of the frames the DUT's counters showed in a
+    /// round, and the counter that was short.
+    pub worst_seen: f64,
+    pub short: Option<String>,
+}
+
+fn gen_if(pair: usize) -> String {
+    format!("nwb-g{pair}")
+}
+fn dut_if(pair: usize) -> String {
+    format!("nwb-d{pair}")
+}
+
+/// A device's `ethtool -S` counters, by name.
+fn ethtool_stats(ns: &Netns, dev: &str) -> std::collections::HashMap<String, u64> {
+    sh(ns.command("ethtool").args(["-S", dev]))
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> Vec<u8> {
+    let link: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", dev]))).unwrap();
+    link[0]["address"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect()
 }
 
 pub fn run(size: Size) -> Vec<Row> {
-    let mut rig = Rig::new();
-    let mut rows = Vec::new();
-    let mut row = |name, mpps| rows.push(Row { name, mpps });
-
-    // Bare XDP_DROP: the floor.
-    let id = rig.bench.attach_drop(&rig.dut, DUT_IF);
-    row("bare XDP_DROP", rig.rate(&rig.probe, size));
-    rig.bench.detach_drop(id);
-
-    // netwatch, enforce mode, per-source tracking included.
-    {
-        let pins = format!("/sys/fs/bpf/{}", crate::unique("fl"));
-        let nw = Netwatch::start(&rig.dut, &pins, &["--iface", DUT_IF, "--mode", "enforce"]);
-        row("netwatch enforce (udp/137 drop)", rig.rate(&rig.probe, size));
-        row(
-            "netwatch, unmatched udp/53 passed to the stack",
-            rig.rate(&rig.unmatched, size),
+    let gen_ns = Netns::new("gen");
+    let dut = Netns::new("dut");
+    let mut bench = BenchObject::load();
+    let duts = [
+        Dut::Bare,
+        Dut::Netwatch,
+        Dut::XdpFilter("all"),
+        Dut::XdpFilter("udp"),
+        Dut::Nft,
+        Dut::Iptables,
+        Dut::None,
+    ];
+    let mut frames = Vec::new();
+    for (pair, _) in duts.iter().enumerate() {
+        veth(
+            &gen_ns,
+            &gen_if(pair),
+            &format!("198.18.{}.1/24", 20 + pair),
+            &dut,
+            &dut_if(pair),
+            &format!("198.18.{}.2/24", 20 + pair),
         );
-        drop(nw);
+        let mac = mac_of(&dut, &dut_if(pair));
+        let frame = |port| {
+            let mut f = Frame::udp4(
+                [198, 18, 20 + pair as u8, 1],
+                [198, 18, 20 + pair as u8, 2],
+                40000,
+                port,
+            )
+            .build();
+            f[..6].copy_from_slice(&mac);
+            f
+        };
+        frames.push((frame(137), frame(53)));
     }
-    {
-        let _f = XdpFilter::load(&rig.dut, DUT_IF, "all");
-        row("xdp-filter (default: all features)", rig.rate(&rig.probe, size));
-    }
-    {
-        let _f = XdpFilter::load(&rig.dut, DUT_IF, "udp");
-        row("xdp-filter (udp only)", rig.rate(&rig.probe, size));
-    }
+    let lane = |name, pair: usize, unmatched: bool, xdp_drops, netwatch_counter| Lane {
+        name,
+        pair,
+        frame: if unmatched {
+            frames[pair].1.clone()
+        } else {
+            frames[pair].0.clone()
+        },
+        xdp_drops,
+        netwatch_counter,
+    };
+    let lanes = [
+        lane("bare XDP_DROP", 0, false, true, None),
+        lane(
+            "netwatch enforce (udp/137 drop)",
+            1,
+            false,
+            true,
+            Some("netwatch_packets_total"),
+        ),
+        lane(
+            "netwatch, unmatched udp/53 passed to the stack",
+            1,
+            true,
+            false,
+            Some("netwatch_unmatched_packets_total"),
+        ),
+        lane("xdp-filter (default: all features)", 2, false, true, None),
+        lane("xdp-filter (udp only)", 3, false, true, None),
+        lane("nftables netdev ingress drop", 4, false, false, None),
+        lane("iptables raw PREROUTING drop", 5, false, false, None),
+        lane("no filter (the stack answers udp/137)", 6, false, false, None),
+        lane("no filter, unmatched udp/53", 6, true, false, None),
+    ];
+
+    // Set every device under test up at once.
+    let bare_link = bench.attach_drop(&dut, &dut_if(0));
+    let pins = format!("/sys/fs/bpf/{}", crate::unique("fl"));
+    let nw = Netwatch::start(&dut, &pins, &["--iface", &dut_if(1), "--mode", "enforce"]);
+    let _xdpf_all = XdpFilter::load(&dut, &dut_if(2), "all");
+    let _xdpf_udp = XdpFilter::load(&dut, &dut_if(3), "udp");
     // Stack-side filters need the frames delivered without XDP: GRO on.
-    rig.gro(true);
-    {
-        sh(rig
-            .dut
-            .command("nft")
-            .args(["add", "table", "netdev", "netwatch_bench"]));
-        let chain = format!("{{ type filter hook ingress device \"{DUT_IF}\" priority -500 ; }}");
-        sh(rig
-            .dut
-            .command("nft")
-            .args(["add", "chain", "netdev", "netwatch_bench", "ingress", chain.as_str()]));
-        sh(rig.dut.command("nft").args([
-            "add",
-            "rule",
-            "netdev",
-            "netwatch_bench",
-            "ingress",
-            "udp",
-            "dport",
-            "137",
-            "drop",
-        ]));
-        row("nftables netdev ingress drop", rig.rate(&rig.probe, size));
-        sh(rig
-            .dut
-            .command("nft")
-            .args(["delete", "table", "netdev", "netwatch_bench"]));
+    for (pair, d) in duts.iter().enumerate() {
+        if !d.xdp() {
+            sh(dut.command("ethtool").args(["-K", &dut_if(pair), "gro", "on"]));
+        }
     }
-    {
-        sh(rig.dut.command("iptables").args([
+    let nft_if = dut_if(4);
+    sh(dut.command("nft").args(["add", "table", "netdev", "netwatch_bench"]));
+    let chain = format!("{{ type filter hook ingress device \"{nft_if}\" priority -500 ; }}");
+    sh(dut
+        .command("nft")
+        .args(["add", "chain", "netdev", "netwatch_bench", "ingress", chain.as_str()]));
+    sh(dut.command("nft").args([
+        "add",
+        "rule",
+        "netdev",
+        "netwatch_bench",
+        "ingress",
+        "udp",
+        "dport",
+        "137",
+        "drop",
+    ]));
+    let ipt_rule = |op: &str| {
+        let ipt_if = dut_if(5);
+        sh(dut.command("iptables").args([
             "-t",
             "raw",
-            "-A",
+            op,
             "PREROUTING",
+            "-i",
+            &ipt_if,
             "-p",
             "udp",
             "--dport",
@@ -171,36 +283,105 @@ pub fn run(size: Size) -> Vec<Row> {
             "-j",
             "DROP",
         ]));
-        row("iptables raw PREROUTING drop", rig.rate(&rig.probe, size));
-        sh(rig.dut.command("iptables").args(["-t", "raw", "-F", "PREROUTING"]));
+    };
+    ipt_rule("-A");
+
+    let netwatch_count = |metric: &str, pair: usize| {
+        try_sample(&nw.metrics(&dut), metric, &[("interface", dut_if(pair).as_str())]).unwrap_or(0.0) as u64
+    };
+    // Per lane: rates of all rounds, rates of the full rounds, share of
+    // the frames seen per round, the first short round's account.
+    type Tally = (Vec<f64>, Vec<f64>, Vec<f64>, Option<String>);
+    let mut results: Vec<Tally> = lanes
+        .iter()
+        .map(|_| (Vec::new(), Vec::new(), Vec::new(), None))
+        .collect();
+    for _ in 0..size.rounds {
+        for (l, res) in lanes.iter().zip(results.iter_mut()) {
+            let dev = dut_if(l.pair);
+            let before = ethtool_stats(&dut, &dev);
+            let nw_before = l.netwatch_counter.map(|m| netwatch_count(m, l.pair));
+            let t = bench.flood(&gen_ns, &gen_if(l.pair), &l.frame, size.flood_frames);
+            let after = ethtool_stats(&dut, &dev);
+            let delta = |k: &str| after.get(k).unwrap_or(&0) - before.get(k).unwrap_or(&0);
+            let mut counts = vec![("veth rx_queue_0_xdp_packets", delta("rx_queue_0_xdp_packets"))];
+            if l.xdp_drops {
+                counts.push(("veth rx_queue_0_xdp_drops", delta("rx_queue_0_xdp_drops")));
+            }
+            if let (Some(m), Some(b)) = (l.netwatch_counter, nw_before) {
+                counts.push((m, netwatch_count(m, l.pair) - b));
+            }
+            let frames = size.flood_frames as u64;
+            let worst = counts.iter().min_by_key(|c| c.1).unwrap();
+            let mpps = size.flood_frames as f64 / t.as_secs_f64() / 1e6;
+            res.0.push(mpps);
+            res.2.push(worst.1 as f64 / frames as f64);
+            if worst.1 >= frames {
+                res.1.push(mpps);
+            } else if res.3.is_none() {
+                res.3 = Some(format!("{} counted {} of {frames}", worst.0, worst.1));
+            }
+        }
     }
-    row("no filter (the stack answers udp/137)", rig.rate(&rig.probe, size));
-    row("no filter, unmatched udp/53", rig.rate(&rig.unmatched, size));
-    rig.gro(false);
-    std::thread::sleep(Duration::from_millis(10));
-    rows
+
+    ipt_rule("-D");
+    sh(dut.command("nft").args(["delete", "table", "netdev", "netwatch_bench"]));
+    drop(nw);
+    bench.detach_drop(bare_link);
+    lanes
+        .iter()
+        .zip(results)
+        .map(|(l, (all, full, seen, short))| Row {
+            name: l.name,
+            rounds: all.len(),
+            full_rounds: full.len(),
+            mpps: if full.is_empty() { median(all) } else { median(full) },
+            worst_seen: seen.iter().cloned().fold(f64::INFINITY, f64::min),
+            short,
+        })
+        .collect()
+}
+
+pub fn find(rows: &[Row], prefix: &str) -> f64 {
+    rows.iter()
+        .find(|r| r.name.starts_with(prefix))
+        .map(|r| r.mpps)
+        .unwrap_or(f64::NAN)
 }
 
 pub fn print(rows: &[Row]) {
-    let floor = rows
-        .iter()
-        .find(|r| r.name == "bare XDP_DROP")
-        .map(|r| r.mpps)
-        .unwrap_or(f64::NAN);
-    let filter = rows
-        .iter()
-        .find(|r| r.name.starts_with("xdp-filter (default"))
-        .map(|r| r.mpps)
-        .unwrap_or(f64::NAN);
-    println!("| device under test | Mpps | / bare XDP_DROP | / xdp-filter (default) |");
-    println!("|---|---:|---:|---:|");
+    let floor = find(rows, "bare XDP_DROP");
+    let filter = find(rows, "xdp-filter (default");
+    let filter_udp = find(rows, "xdp-filter (udp");
+    println!(
+        "| device under test | Mpps | / bare XDP_DROP | / xdp-filter (default) | / xdp-filter (udp only) | rounds the DUT saw in full |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} of {} |",
             r.name,
             r.mpps,
             r.mpps / floor,
-            r.mpps / filter
+            r.mpps / filter,
+            r.mpps / filter_udp,
+            r.full_rounds,
+            r.rounds
+        );
+    }
+    for r in rows.iter().filter(|r| r.full_rounds < r.rounds) {
+        println!(
+            "\nSHORT ROUNDS: {}: {} of {} rounds short (worst: {:.1} % of the frames; {}); {}",
+            r.name,
+            r.rounds - r.full_rounds,
+            r.rounds,
+            r.worst_seen * 100.0,
+            r.short.as_deref().unwrap_or(""),
+            if r.full_rounds == 0 {
+                "its rate is over all rounds"
+            } else {
+                "its rate is over the full rounds only"
+            }
         );
     }
 }

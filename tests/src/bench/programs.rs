@@ -24,10 +24,14 @@ pub trait Timed {
 
     /// Mean ns per run over `repeat` runs (the kernel's own figure).
     fn ns_per_run(&self, frame: &[u8], repeat: u32) -> f64 {
-        crate::harness::run_xdp(self.program(), frame, repeat)
-            .expect("BPF_PROG_TEST_RUN")
-            .duration
-            .as_nanos() as f64
+        self.timed(frame, repeat).0
+    }
+
+    /// Mean ns per run over `repeat` runs and the program's verdict
+    /// (its return value; the same for every run of the one frame).
+    fn timed(&self, frame: &[u8], repeat: u32) -> (f64, u32) {
+        let r = crate::harness::run_xdp(self.program(), frame, repeat).expect("BPF_PROG_TEST_RUN");
+        (r.duration.as_nanos() as f64, r.return_value)
     }
 }
 
