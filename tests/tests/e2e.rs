@@ -964,11 +964,15 @@ fn sixty_four_rules_run_and_a_65th_is_refused_on_reload() {
 #[test]
 fn the_lab_demo_runs_and_leaves_nothing_behind() {
     require_privileged!();
+    // The binary is copied onto a private tmpfs first: the checkout may
+    // itself live under /tmp, which the script hides.
     let script = r#"set -e
+mount -t tmpfs tmpfs /mnt
+cp "$NETWATCH_BIN" /mnt/netwatch
 mount -t tmpfs tmpfs /run/netns
 mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /tmp
-"$NETWATCH_BIN" lab
+/mnt/netwatch lab
 echo "== left behind"
 ip netns list
 ls -A /sys/fs/bpf /tmp
