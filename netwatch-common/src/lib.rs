@@ -91,6 +91,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The protocol a `RuleInfo` stores as its raw value.
+    pub const fn from_raw(raw: u8) -> Protocol {
+        if raw == Protocol::Tcp as u8 {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        }
+    }
+
     pub const fn label(self) -> &'static str {
         match self {
             Protocol::Udp => "udp",
@@ -178,6 +187,13 @@ pub struct RuleInfo {
     pub port: u16,
     pub action: [u8; 2],
     pub _pad: [u8; 2],
+}
+
+impl RuleInfo {
+    /// Where the slot's rule sits in `PORT_RULES`.
+    pub const fn port_rule_index(&self) -> u32 {
+        port_rule_index(Protocol::from_raw(self.protocol), self.port)
+    }
 }
 
 /// Interface roles. The role decides the direction XDP sees.

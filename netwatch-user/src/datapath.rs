@@ -30,8 +30,8 @@ use aya::{
 use log::{debug, info, warn};
 
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES, MAX_RULES, RuleInfo,
-    Settings, globals, maps,
+    ATTACHED_TC, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES, MAX_RULES, PortRule,
+    PortRules, RuleInfo, Settings, globals, maps,
 };
 
 use crate::policy::Role;
@@ -264,6 +264,17 @@ impl PinnedMaps {
             .into_iter()
             .filter(|(_, info)| info.in_use & (1 << live) != 0)
             .collect())
+    }
+
+    /// The rule slots of the version in force, with the rule the datapath
+    /// applies for each.
+    pub fn rules_in_force(&self) -> Result<Vec<(u32, RuleInfo, PortRule)>> {
+        let live = self.settings()?.active & 1;
+        let port_rules = self.array::<PortRules>(maps::PORT_RULES)?;
+        self.rules()?
+            .into_iter()
+            .map(|(slot, info)| Ok((slot, info, *port_rules.get(&info.port_rule_index(), 0)?.version(live))))
+            .collect()
     }
 
     /// Every rule slot, used or not.

@@ -325,14 +325,7 @@ pub fn change_lists(maps: &PinnedMaps, change: CliChange) -> Result<bool> {
 /// command-line entries as they are now).
 fn spec_in_force(maps: &PinnedMaps, settings: &Settings) -> Result<VersionSpec> {
     let live = settings.active & 1;
-    let port_rules = maps.array::<PortRules>(maps::PORT_RULES)?;
-    let mut rules = Vec::new();
-    for (slot, info) in maps.rule_slots_all()? {
-        if info.in_use & (1 << live) != 0 {
-            let index = port_rule_index(protocol_of(info.protocol), info.port);
-            rules.push((slot, info, *port_rules.get(&index, 0)?.version(live)));
-        }
-    }
+    let rules = maps.rules_in_force()?;
     let mut config = HashMap::new();
     for kind in ListKind::ALL {
         config.insert(
@@ -365,7 +358,7 @@ fn install(maps: &PinnedMaps, mut spec: VersionSpec, next: u32) -> Result<()> {
     let mut stale_indexes = HashSet::new();
     for (slot, mut info) in maps.rule_slots_all()? {
         if info.in_use & (1 << next) != 0 {
-            stale_indexes.insert(port_rule_index(protocol_of(info.protocol), info.port));
+            stale_indexes.insert(info.port_rule_index());
         }
         let wanted = spec.rules.iter().find(|(s, _, _)| *s == slot);
         let in_use = (info.in_use & !(1 << next)) | if wanted.is_some() { 1 << next } else { 0 };
@@ -384,7 +377,7 @@ fn install(maps: &PinnedMaps, mut spec: VersionSpec, next: u32) -> Result<()> {
         stale_indexes.insert(port_rule_index(Protocol::Tcp, *port));
     }
     for (_, info, rule) in &spec.rules {
-        wanted.insert(port_rule_index(protocol_of(info.protocol), info.port), *rule);
+        wanted.insert(info.port_rule_index(), *rule);
     }
     for port in spec.settings.web_ports.iter().filter(|p| **p != 0) {
         wanted.entry(port_rule_index(Protocol::Tcp, *port)).or_default().flags |= PORT_WEB;
@@ -621,12 +614,4 @@ fn new_hash_key() -> Result<[u64; HASH_KEY_WORDS]> {
         *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
     }
     Ok(key)
-}
-
-pub fn protocol_of(raw: u8) -> Protocol {
-    if raw == Protocol::Tcp as u8 {
-        Protocol::Tcp
-    } else {
-        Protocol::Udp
-    }
 }

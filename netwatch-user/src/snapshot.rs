@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, PortRules, Protocol, STAT_AUTO_BLOCKED,
+    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol, STAT_AUTO_BLOCKED,
     STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED, STAT_SOURCES_CREATED,
-    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, port_rule_index, rule_counter_index,
+    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
 };
 use serde::Serialize;
 
@@ -119,7 +119,7 @@ pub struct ClassCounter {
 }
 
 pub fn protocol_label(raw: u8) -> &'static str {
-    if raw == Protocol::Tcp as u8 { "tcp" } else { "udp" }
+    Protocol::from_raw(raw).label()
 }
 
 pub fn class_label(class: Class) -> &'static str {
@@ -152,18 +152,15 @@ impl Snapshot {
                 slot,
             })
             .collect();
-        let port_rules = maps.array::<PortRules>(maps::PORT_RULES)?;
-        let live = settings.active & 1;
         let mut rules = Vec::new();
-        for (slot, info) in maps.rules()? {
-            let protocol = if info.protocol == Protocol::Tcp as u8 {
-                Protocol::Tcp
-            } else {
-                Protocol::Udp
-            };
-            let params = *port_rules.get(&port_rule_index(protocol, info.port), 0)?.version(live);
+        // Slots whose rule recognises reverse lookups (udp/137).
+        let mut reverse_slots = std::collections::HashSet::new();
+        for (slot, info, params) in maps.rules_in_force()? {
+            if params.flags & PORT_REVERSE_LOOKUP != 0 {
+                reverse_slots.insert(slot);
+            }
             rules.push(RuleState {
-                rule: format!("{}/{}", protocol.label(), info.port),
+                rule: format!("{}/{}", protocol_label(info.protocol), info.port),
                 inbound: Action::from_u8(params.action[0]).label(),
                 outbound: Action::from_u8(params.action[1]).label(),
                 threshold: params.threshold,
@@ -242,9 +239,9 @@ impl Snapshot {
                 for outcome in Outcome::ALL {
                     let index = rule_counter_index(iface.slot, Direction::Outbound as u32, rule.slot, outcome as u32);
                     let c = PinnedMaps::counter_sum(&reverse_map, index)?;
-                    // Only udp/137 has reverse lookups: its series exist
-                    // from the start, like every other counter's.
-                    if c.packets > 0 || rule.rule == "udp/137" {
+                    // A rule that recognises reverse lookups has its series
+                    // from the start, like every other counter.
+                    if c.packets > 0 || reverse_slots.contains(&rule.slot) {
                         reverse_lookups.push(RuleCounter {
                             interface: iface.name.clone(),
                             direction: Direction::Outbound.label(),

@@ -11,8 +11,8 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use netwatch_common::{
-    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, PortRules, Protocol, SOURCE_FLAGGED, SourceKey,
-    SourceState, estimate_distinct, maps, port_rule_index,
+    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct,
+    maps,
 };
 use serde::Serialize;
 
@@ -402,24 +402,12 @@ pub fn sweep_auto_blocks(maps: &PinnedMaps) -> Result<usize> {
         return Ok(0);
     }
     let now = crate::clock::boot_secs();
-    let port_rules = maps.array::<PortRules>(maps::PORT_RULES)?;
-    let live = maps.settings()?.active & 1;
-    let mut auto_block_slots = HashSet::new();
-    for (slot, info) in maps.rules()? {
-        let protocol = if info.protocol == Protocol::Tcp as u8 {
-            Protocol::Tcp
-        } else {
-            Protocol::Udp
-        };
-        if port_rules
-            .get(&port_rule_index(protocol, info.port), 0)?
-            .version(live)
-            .block_secs
-            != 0
-        {
-            auto_block_slots.insert(slot as u8);
-        }
-    }
+    let auto_block_slots: HashSet<u8> = maps
+        .rules_in_force()?
+        .into_iter()
+        .filter(|(_, _, rule)| rule.block_secs != 0)
+        .map(|(slot, _, _)| slot as u8)
+        .collect();
     let mut map = blocks_map(maps)?;
     let mut deleted = 0;
     for (key, until) in entries {

@@ -24,7 +24,8 @@ pub enum Ext {
 }
 
 impl Ext {
-    fn proto(self) -> u8 {
+    /// The header's IPv6 next-header number.
+    pub fn proto(self) -> u8 {
         match self {
             Ext::HopByHop => 0,
             Ext::Routing => 43,

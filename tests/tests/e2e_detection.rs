@@ -22,6 +22,21 @@ fn incidents(report: &serde_json::Value) -> &Vec<serde_json::Value> {
 /// nbtscan sweeping a /24 local to the victim is flagged once and can be
 /// looked up; so is nmap against tcp/5190. Incidents survive a restart
 /// and a new flag updates the open incident instead of duplicating it.
+/// An IIS-like web server in `ns`: accepts `visits` connections on
+/// `http`, looks each visitor up on udp/137 (from a socket bound to
+/// `lookup_from`) and reads its request.
+fn iis_like_server(ns: &Netns, http: &str, lookup_from: &str, visits: usize) -> std::thread::JoinHandle<()> {
+    let (listener, lookup) = ns.run(|| (TcpListener::bind(http).unwrap(), UdpSocket::bind(lookup_from).unwrap()));
+    std::thread::spawn(move || {
+        for _ in 0..visits {
+            let (mut conn, peer) = listener.accept().unwrap();
+            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+        }
+    })
+}
+
 #[test]
 fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
@@ -191,20 +206,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     let nw = Netwatch::start(&web, &pin_dir(), &["--iface", "nw-web0:host", "--egress", "nw-web0"]);
 
     // The web server: accept, look the visitor up on udp/137, answer.
-    let (listener, lookup) = web.run(|| {
-        (
-            TcpListener::bind("198.18.0.80:80").unwrap(),
-            UdpSocket::bind("0.0.0.0:0").unwrap(),
-        )
-    });
-    let server = std::thread::spawn(move || {
-        for _ in 0..40 {
-            let (mut conn, peer) = listener.accept().unwrap();
-            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
-            let mut buf = [0u8; 64];
-            let _ = conn.read(&mut buf);
-        }
-    });
+    let server = iis_like_server(&web, "198.18.0.80:80", "0.0.0.0:0", 40);
     for i in 100..140 {
         clients.run(|| {
             let local = std::net::Ipv4Addr::new(198, 18, 0, i as u8);
@@ -239,20 +241,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     }
     clients.ip(&["-6", "route", "add", "local", "2001:db8:2::/64", "dev", "lo"]);
     web.ip(&["-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8::100"]);
-    let (listener, lookup) = web.run(|| {
-        (
-            TcpListener::bind("[2001:db8::80]:80").unwrap(),
-            UdpSocket::bind("[::]:0").unwrap(),
-        )
-    });
-    let server = std::thread::spawn(move || {
-        for _ in 0..25 {
-            let (mut conn, peer) = listener.accept().unwrap();
-            lookup.send_to(b"NBSTAT", (peer.ip(), 137)).unwrap();
-            let mut buf = [0u8; 64];
-            let _ = conn.read(&mut buf);
-        }
-    });
+    let server = iis_like_server(&web, "[2001:db8::80]:80", "[::]:0", 25);
     for i in 0x100..0x119u16 {
         clients.run(|| {
             let local = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);

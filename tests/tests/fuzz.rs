@@ -36,6 +36,7 @@ use aya_obj::programs::XdpAttachType;
 use netwatch_common::{Counter, LinkKind, maps};
 use netwatch_tests::{
     daemon::{METRICS_ADDR, Netwatch},
+    frames::Ext,
     harness::{self, Harness, Hook},
     netns::Netns,
     reference::{self, Class, Counted, Direction, Link, Malformed, Policy, Rule, Transport},
@@ -325,27 +326,6 @@ fn ipv4_packet(rng: &mut SmallRng) -> Draft {
     d
 }
 
-#[derive(Clone, Copy)]
-enum Ext {
-    HopByHop,
-    Routing,
-    DestOpts,
-    Auth,
-    Fragment { offset: u16, more: bool },
-}
-
-impl Ext {
-    fn number(self) -> u8 {
-        match self {
-            Ext::HopByHop => 0,
-            Ext::Routing => 43,
-            Ext::DestOpts => 60,
-            Ext::Auth => 51,
-            Ext::Fragment { .. } => 44,
-        }
-    }
-}
-
 fn extension_chain(rng: &mut SmallRng) -> Vec<Ext> {
     let n = match rng.random_range(0..100) {
         0..35 => 0,
@@ -429,7 +409,7 @@ fn ipv6_packet(rng: &mut SmallRng, room: usize) -> Draft {
     let mut room = room.saturating_sub(40 + body.len() + 8 * chain.len());
     let mut headers = Draft::default();
     for (i, ext) in chain.iter().enumerate() {
-        let next = chain.get(i + 1).map(|e| e.number()).unwrap_or(last);
+        let next = chain.get(i + 1).map(|e| e.proto()).unwrap_or(last);
         let h = extension(rng, *ext, next, room + 8);
         room = (room + 8).saturating_sub(h.len());
         headers.append(h);
@@ -441,7 +421,7 @@ fn ipv6_packet(rng: &mut SmallRng, room: usize) -> Draft {
     d.field(2);
     d.put(&((headers.len() + body.len()) as u16).to_be_bytes());
     d.field(1);
-    d.put(&[chain.first().map(|e| e.number()).unwrap_or(last), 64]);
+    d.put(&[chain.first().map(|e| e.proto()).unwrap_or(last), 64]);
     d.put(&v6_addr(rng));
     d.put(&v6_addr(rng));
     d.cut_here();
