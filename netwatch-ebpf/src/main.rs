@@ -76,14 +76,13 @@ pub fn netwatch_tc(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(want);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    if verdict::should_drop(
-        start,
-        end,
-        len as usize,
-        IFACE_SLOT.load(),
-        DIRECTION.load(),
-        link_kind(),
-    ) {
+    // `len` with no known upper bound, as XDP's `end - start` is. Passed
+    // as the 32-bit `skb->len`, its bounds make the 6.1 verifier split
+    // states at every length check and walk twice the instructions
+    // (920,000 of its 1,000,000; 457,000 this way).
+    let linear = end - start;
+    let frame_len = linear + core::hint::black_box(len as usize - linear);
+    if verdict::should_drop(start, end, frame_len, IFACE_SLOT.load(), DIRECTION.load(), link_kind()) {
         TC_ACT_SHOT
     } else {
         // Let any later TC program see the packet.

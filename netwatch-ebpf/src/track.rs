@@ -27,16 +27,27 @@ pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
 /// Adds a destination hash to the sketch; updates `distinct`.
 #[inline(always)]
 fn add_destination(state: &mut SourceState, hash: u32) {
+    // 0 marks an empty list slot (a new or reset sketch is all zeros), so
+    // the list scan stops at the first empty slot rather than at
+    // `distinct`: a loop bounded by a constant, which every verifier
+    // follows. A bound of `min(distinct, SKETCH_WORDS)` is one the 6.1
+    // verifier cannot (it loses the counter's range and reads past the end).
+    let hash = hash | 1;
     if state.flags & SOURCE_BITMAP == 0 {
-        let len = state.distinct as u32;
         for i in 0..SKETCH_WORDS {
-            if i as u32 >= len {
-                break;
-            }
-            if state.sketch[i] == hash {
+            let word = state.sketch[i];
+            if word == hash {
                 return;
             }
+            if word == 0 {
+                break;
+            }
         }
+        // A fresh load of `distinct` for the store: reusing the register the
+        // loop compared against leads older verifiers down the impossible
+        // `SKETCH_LIST_LEN <= len < SKETCH_LIST_LEN` branch.
+        // SAFETY: `state` is a valid map value.
+        let len = unsafe { core::ptr::read_volatile(&state.distinct) } as u32;
         if len < SKETCH_LIST_LEN {
             if let Some(slot) = state.sketch.get_mut(len as usize) {
                 *slot = hash;
