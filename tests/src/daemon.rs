@@ -86,7 +86,7 @@ impl Netwatch {
     }
 
     fn wait_ready(&mut self, ns: &Netns) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("netwatch run exited early ({status}):\n{}", self.log());
@@ -120,7 +120,7 @@ impl Netwatch {
     pub fn stop(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
@@ -174,7 +174,7 @@ impl Netwatch {
 
     /// Waits until `ip` has at least one incident; returns the lookup.
     pub fn wait_for_incident(&self, ip: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
         loop {
             let report = self.lookup(ip);
             if !report["incidents"].as_array().unwrap().is_empty() {
@@ -231,7 +231,8 @@ pub fn http(ns: &Netns, method: &str, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     ns.run(|| {
         let mut s = std::net::TcpStream::connect(METRICS_ADDR).expect("connect to the endpoint");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(crate::patience(Duration::from_secs(10))))
+            .unwrap();
         write!(
             s,
             "{method} {path} HTTP/1.0\r\nHost: {METRICS_ADDR}\r\nContent-Length: 0\r\n\r\n"

@@ -102,7 +102,9 @@ pub fn send_udp_from(ns: &Netns, src: &str, dst: &str, count: usize) -> usize {
 pub fn udp_listener(ns: &Netns, port: u16) -> UdpSocket {
     ns.run(|| {
         let socket = UdpSocket::bind(("0.0.0.0", port)).unwrap();
-        socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        socket
+            .set_read_timeout(Some(crate::patience(Duration::from_millis(300))))
+            .unwrap();
         socket
     })
 }
@@ -124,7 +126,7 @@ pub fn tcp_connect(ns: &Netns, dst: &str, timeout: Duration) -> bool {
 
 /// Polls `f` until it returns `want` or `within` passes; returns the last value.
 pub fn eventually<T: PartialEq + Copy>(want: T, within: Duration, mut f: impl FnMut() -> T) -> T {
-    let deadline = Instant::now() + within;
+    let deadline = Instant::now() + crate::patience(within);
     loop {
         let got = f();
         if got == want || Instant::now() > deadline {
@@ -195,7 +197,7 @@ pub fn tcp_connect_from(local: std::net::IpAddr, remote: SocketAddr) -> std::io:
     use socket2::{Domain, SockAddr, Socket, Type};
     let socket = Socket::new(Domain::for_address(remote), Type::STREAM, None)?;
     socket.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
-    socket.connect_timeout(&SockAddr::from(remote), Duration::from_secs(2))?;
+    socket.connect_timeout(&SockAddr::from(remote), crate::patience(Duration::from_secs(2)))?;
     Ok(socket.into())
 }
 

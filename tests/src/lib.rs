@@ -50,6 +50,19 @@ macro_rules! require_privileged {
     };
 }
 
+/// How long to wait for something the system under test does: `d`, times
+/// `NETWATCH_TEST_PATIENCE` where that is set. A kernel run under qemu's
+/// emulation (`cargo xtask test --kernel`) sets it: everything there,
+/// verifying programs above all, takes several times longer.
+pub fn patience(d: std::time::Duration) -> std::time::Duration {
+    let factor = std::env::var("NETWATCH_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    d * factor
+}
+
 /// A name unique to this test process, for pin directories and namespaces.
 pub fn unique(tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -46,7 +46,7 @@ pub fn start_prometheus(ns: &Netns) -> Prometheus {
         .spawn()
         .expect("prometheus (Debian package prometheus)");
     let prom = Prometheus { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + crate::patience(Duration::from_secs(30));
     while ns
         .run(|| netwatch_user::netns::http_get(PROM_ADDR, "/-/ready"))
         .is_err()

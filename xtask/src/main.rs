@@ -5,6 +5,7 @@
 //! Debian packages the tests drive); `run` and `test` call it first, so
 //! the README's two commands work on a fresh machine.
 
+mod kernel;
 mod setup;
 
 use std::{
@@ -67,6 +68,14 @@ enum Task {
         /// the run ends with how many did and which.
         #[arg(long)]
         allow_skip: bool,
+        /// Run inside this Debian kernel (e.g. 6.1, 6.12) booted under
+        /// qemu instead of the running one: the test binaries named by
+        /// `--suites`, with ARGS as test name filters.
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
+        /// Test binaries a `--kernel` run takes.
+        #[arg(long, value_name = "LIST", default_value = kernel::DEFAULT_SUITES, requires = "kernel")]
+        suites: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -110,13 +119,22 @@ fn main() -> Result<()> {
             setup::setup(&root)?;
             lint(&root)
         }
-        Task::Test { allow_skip, args } => {
+        Task::Test {
+            allow_skip,
+            kernel,
+            suites,
+            args,
+        } => {
             // Before setup or a build: a run that would report privileged
             // tests green without running them must not start.
             let require = std::env::var("NETWATCH_REQUIRE_PRIVILEGED").ok();
             let privileges = Privileges::decide(effective_uid(), allow_skip, require.as_deref())?;
             setup::setup(&root)?;
-            test(&root, &args, privileges)
+            match kernel {
+                // The guest is root whoever runs qemu: nothing skips there.
+                Some(version) => kernel::test_in_kernel(&root, &version, &suites, &args),
+                None => test(&root, &args, privileges),
+            }
         }
     }
 }
