@@ -969,6 +969,7 @@ fn the_lab_demo_runs_and_leaves_nothing_behind() {
     let script = r#"set -e
 mount -t tmpfs tmpfs /mnt
 cp "$NETWATCH_BIN" /mnt/netwatch
+mkdir -p /run/netns
 mount -t tmpfs tmpfs /run/netns
 mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /tmp

@@ -43,7 +43,8 @@ const GUEST_MODULES: &[&str] = &["veth", "tun", "8021q", "sch_ingress", "cls_bpf
 
 /// Host programs the tests run, copied into the guest with their libraries.
 const GUEST_TOOLS: &[&str] = &[
-    "ip", "tc", "bpftool", "nsenter", "setpriv", "unshare", "mount", "umount", "nbtscan", "nmap", "ethtool", "promtool",
+    "dash", "ip", "tc", "bpftool", "nsenter", "setpriv", "unshare", "mount", "umount", "nbtscan", "nmap", "ethtool",
+    "promtool",
 ];
 
 /// Data files those programs read.
@@ -391,6 +392,9 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The guest's PID 1: mounts, modules, loopback, the tests, power off.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
+# busybox's own sh runs its applets before PATH: scripts get Debian's shell
+# so that `ip` in them is iproute2.
+ln -sf /usr/bin/dash /bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
