@@ -8,16 +8,19 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::{
-    config::{DEFAULT_PIN_DIR, DEFAULT_STATE_DIR},
-    policy::{IfaceSpec, Mode, Rule, parse_cidr},
-};
+use crate::policy::{IfaceSpec, Mode, Rule, parse_cidr};
 
 /// Count and drop NetBIOS (udp/137) and AOL/ICQ (tcp/5190) probes at line
 /// rate with XDP and TC, and export what was seen to Prometheus.
 #[derive(Debug, Parser)]
 #[command(name = "netwatch", version, about, long_about = None)]
 pub struct Cli {
+    /// TOML configuration file: `run` and `check-config` read all of it,
+    /// the other commands take `pin_dir` and `state_dir` from it. A
+    /// missing default file means built-in defaults; a missing file given
+    /// here is an error. [default: /etc/netwatch/netwatch.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,6 +48,15 @@ pub enum Command {
     Disallow(ListArgs),
     /// Remove every program, link and pinned map netwatch made.
     Detach(PinDirArg),
+    /// Incidents from the database, newest first.
+    Incidents(IncidentsArgs),
+    /// Check the configuration as `run` would, without attaching anything:
+    /// exit 0 if it is valid, else non-zero with an error naming the
+    /// setting (and, for TOML syntax, the line).
+    CheckConfig(CheckConfigArgs),
+    /// Write the man pages or the shell completions into DIR (packaging).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
     /// Build a throwaway network-namespace lab, run netwatch and a real
     /// NetBIOS scanner in it, print what netwatch saw, and clean up.
     Lab(LabArgs),
@@ -53,15 +65,55 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct PinDirArg {
     /// bpffs directory holding netwatch's pinned maps and links.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR, env = "NETWATCH_PIN_DIR")]
-    pub pin_dir: PathBuf,
+    /// [default: $NETWATCH_PIN_DIR, else `pin_dir` of the config file,
+    /// else /sys/fs/bpf/netwatch]
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct StateDirArg {
-    /// Directory of the incident database.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, env = "NETWATCH_STATE_DIR")]
-    pub state_dir: PathBuf,
+    /// Directory of the incident database. [default: $NETWATCH_STATE_DIR,
+    /// else `state_dir` of the config file, else /var/lib/netwatch]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    #[command(flatten)]
+    pub state_dir: StateDirArg,
+    /// Only incidents seen within this long, e.g. `30m`, `2h`, `7d`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Print JSON: {"incidents": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Skip the checks against this host's network namespace (that every
+    /// named interface exists and has a link type netwatch can parse):
+    /// for checking a file written for another machine.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[arg(value_enum)]
+    pub what: Generated,
+    /// Directory to write into (created if missing).
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Generated {
+    /// netwatch.8 and one page per subcommand (netwatch-run.8, ...).
+    Man,
+    /// netwatch.bash, _netwatch (zsh) and netwatch.fish.
+    Completions,
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +147,7 @@ pub struct BlockArgs {
     #[arg(value_parser = parse_net)]
     pub cidr: IpNet,
     /// How long the entry applies, e.g. `30m`, `2h`, `7d`; none = until removed.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
     #[command(flatten)]
     pub pin_dir: PinDirArg,
@@ -128,9 +180,6 @@ pub struct RunArgs {
     /// Address of the Prometheus endpoint (/metrics). [default: 127.0.0.1:9737]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<SocketAddr>,
-    /// TOML configuration file; flags given on the command line override it.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// Rule `PROTO/PORT[=ACTION|=INBOUND,OUTBOUND]` with ACTION `count` or
     /// `drop` (default `drop`), e.g. `udp/138`, `tcp/445=count,drop`.
     /// Replaces the default rules (udp/137, tcp/5190). Repeatable.
@@ -142,10 +191,13 @@ pub struct RunArgs {
     /// Source CIDR dropped on rule ports in enforce mode. Repeatable.
     #[arg(long = "block", value_name = "CIDR", value_parser = parse_net)]
     pub blocklist: Vec<IpNet>,
-    /// bpffs directory for pinned maps and links. [default: /sys/fs/bpf/netwatch]
+    /// bpffs directory for pinned maps and links. [default:
+    /// $NETWATCH_PIN_DIR, else `pin_dir` of the config file, else
+    /// /sys/fs/bpf/netwatch]
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
-    /// Directory of the incident database. [default: /var/lib/netwatch]
+    /// Directory of the incident database. [default: $NETWATCH_STATE_DIR,
+    /// else `state_dir` of the config file, else /var/lib/netwatch]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Attach XDP in generic (SKB) mode without trying native mode first.
@@ -153,6 +205,7 @@ pub struct RunArgs {
     pub xdp_generic: bool,
     /// Leave the programs attached (counting and enforcing) when the
     /// controller exits; the next `run` re-adopts them, `detach` removes them.
+    /// Also `keep_attached = true` in the config file.
     #[arg(long)]
     pub keep_attached: bool,
 }
@@ -182,6 +235,47 @@ fn parse_rule(s: &str) -> Result<Rule, String> {
     s.parse().map_err(|e: anyhow::Error| format!("{e:#}"))
 }
 
+/// A duration such as `90s`, `30m`, `2h`, `7d` (humantime's syntax).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 90s, 30m, 2h or 7d: {e}"))
+}
+
 fn parse_net(s: &str) -> Result<IpNet, String> {
     parse_cidr(s).map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::*;
+
+    #[test]
+    fn durations_read_as_humans_write_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        let err = parse_duration("soon").unwrap_err();
+        assert!(err.contains("\"soon\"") && err.contains("30m"), "{err}");
+        assert!(parse_duration("10").is_err(), "a bare number has no unit");
+    }
+
+    #[test]
+    fn config_is_a_global_flag() {
+        let before = Cli::try_parse_from(["netwatch", "--config", "/a.toml", "status"]).unwrap();
+        assert_eq!(before.config.as_deref(), Some(std::path::Path::new("/a.toml")));
+        let after = Cli::try_parse_from(["netwatch", "incidents", "--since", "2h", "--config", "/b.toml"]).unwrap();
+        assert_eq!(after.config.as_deref(), Some(std::path::Path::new("/b.toml")));
+        match after.command {
+            Command::Incidents(args) => assert_eq!(args.since, Some(Duration::from_secs(7200))),
+            other => panic!("{other:?}"),
+        }
+        let bad = Cli::try_parse_from(["netwatch", "incidents", "--since", "later"]).unwrap_err();
+        assert!(bad.to_string().contains("--since"), "{bad}");
+        Cli::command().debug_assert();
+    }
 }

@@ -16,6 +16,99 @@ use crate::policy::{
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/netwatch";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9737";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/netwatch";
+pub const DEFAULT_CONFIG: &str = "/etc/netwatch/netwatch.toml";
+pub const PIN_DIR_ENV: &str = "NETWATCH_PIN_DIR";
+pub const STATE_DIR_ENV: &str = "NETWATCH_STATE_DIR";
+
+/// Which config file the command line names: `--config FILE`, or the
+/// default path (which may be absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Given with `--config`: a missing file is an error.
+    pub explicit: bool,
+}
+
+impl ConfigSource {
+    pub fn new(flag: Option<&Path>) -> Self {
+        match flag {
+            Some(path) => ConfigSource {
+                path: path.to_path_buf(),
+                explicit: true,
+            },
+            None => ConfigSource {
+                path: DEFAULT_CONFIG.into(),
+                explicit: false,
+            },
+        }
+    }
+
+    /// The parsed file; `None` when the default file does not exist.
+    pub fn load(&self) -> Result<Option<ConfigFile>> {
+        if !self.explicit && !self.path.exists() {
+            return Ok(None);
+        }
+        ConfigFile::load(&self.path).map(Some)
+    }
+}
+
+/// Where a directory setting comes from: the flag, else the environment
+/// variable, else the config file, else the built-in default.
+pub fn resolve_dir(flag: Option<&Path>, env: Option<&std::ffi::OsStr>, file: Option<&Path>, default: &str) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| file.map(Path::to_path_buf))
+        .unwrap_or_else(|| default.into())
+}
+
+/// `pin_dir` and `state_dir` for the commands that read what `run` left:
+/// flag > `NETWATCH_PIN_DIR` / `NETWATCH_STATE_DIR` > config file >
+/// default. The file is read only when a flag or variable leaves a
+/// setting open, and at most once.
+pub struct Dirs<'a> {
+    source: &'a ConfigSource,
+    file: std::cell::OnceCell<Option<ConfigFile>>,
+}
+
+impl<'a> Dirs<'a> {
+    pub fn new(source: &'a ConfigSource) -> Self {
+        Dirs {
+            source,
+            file: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn file(&self) -> Result<Option<&ConfigFile>> {
+        if self.file.get().is_none() {
+            let _ = self.file.set(self.source.load()?);
+        }
+        Ok(self.file.get().and_then(Option::as_ref))
+    }
+
+    fn resolve(
+        &self,
+        flag: Option<&Path>,
+        env: &str,
+        key: fn(&ConfigFile) -> Option<&Path>,
+        default: &str,
+    ) -> Result<PathBuf> {
+        let env = std::env::var_os(env).filter(|v| !v.is_empty());
+        let file = if flag.is_some() || env.is_some() {
+            None
+        } else {
+            self.file()?.and_then(key)
+        };
+        Ok(resolve_dir(flag, env.as_deref(), file, default))
+    }
+
+    pub fn pin_dir(&self, flag: Option<&Path>) -> Result<PathBuf> {
+        self.resolve(flag, PIN_DIR_ENV, |f| f.pin_dir.as_deref(), DEFAULT_PIN_DIR)
+    }
+
+    pub fn state_dir(&self, flag: Option<&Path>) -> Result<PathBuf> {
+        self.resolve(flag, STATE_DIR_ENV, |f| f.state_dir.as_deref(), DEFAULT_STATE_DIR)
+    }
+}
 
 /// The file as written. Every key is optional; unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +130,9 @@ pub struct ConfigFile {
     /// TCP ports whose visitors' NetBIOS lookups are reverse lookups.
     pub web_ports: Option<Vec<i64>>,
     pub visitor_secs: Option<i64>,
+    /// Leave the programs attached when the controller exits (service
+    /// restarts and package upgrades keep enforcing).
+    pub keep_attached: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +185,7 @@ pub struct Overrides {
     pub rules: Vec<Rule>,
     pub allowlist: Vec<ipnet::IpNet>,
     pub blocklist: Vec<ipnet::IpNet>,
+    pub keep_attached: bool,
 }
 
 /// The merged, validated configuration of a running controller.
@@ -100,6 +197,7 @@ pub struct RunConfig {
     pub interfaces: Vec<IfaceSpec>,
     pub egress: Vec<String>,
     pub policy: Policy,
+    pub keep_attached: bool,
 }
 
 impl RunConfig {
@@ -229,6 +327,91 @@ impl RunConfig {
             interfaces,
             egress,
             policy,
+            keep_attached: flags.keep_attached || file.keep_attached.unwrap_or(false),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{ffi::OsStr, path::Path};
+
+    use super::*;
+
+    #[test]
+    fn a_directory_comes_from_the_flag_then_the_environment_then_the_file_then_the_default() {
+        let (flag, env, file) = (Some(Path::new("/f")), Some(OsStr::new("/e")), Some(Path::new("/c")));
+        assert_eq!(resolve_dir(flag, env, file, "/d"), Path::new("/f"));
+        assert_eq!(resolve_dir(None, env, file, "/d"), Path::new("/e"));
+        assert_eq!(resolve_dir(None, None, file, "/d"), Path::new("/c"));
+        assert_eq!(resolve_dir(None, None, None, "/d"), Path::new("/d"));
+        // An empty variable is as good as unset.
+        assert_eq!(resolve_dir(None, Some(OsStr::new("")), file, "/d"), Path::new("/c"));
+        assert_eq!(resolve_dir(flag, None, None, "/d"), Path::new("/f"));
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("netwatch-config-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("netwatch.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_commands_take_pin_dir_and_state_dir_from_the_config_file() {
+        // Tests run in parallel: this one does not depend on the variables
+        // being unset, it only checks the file's part when they are.
+        if std::env::var_os(PIN_DIR_ENV).is_some() || std::env::var_os(STATE_DIR_ENV).is_some() {
+            return;
+        }
+        let path = temp_file("dirs", "pin_dir = \"/sys/fs/bpf/nw-conf\"\nstate_dir = \"/srv/nw\"\n");
+        let source = ConfigSource::new(Some(&path));
+        let dirs = Dirs::new(&source);
+        assert_eq!(dirs.pin_dir(None).unwrap(), Path::new("/sys/fs/bpf/nw-conf"));
+        assert_eq!(dirs.state_dir(None).unwrap(), Path::new("/srv/nw"));
+        assert_eq!(dirs.pin_dir(Some(Path::new("/x"))).unwrap(), Path::new("/x"));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_missing_default_config_means_defaults_and_a_missing_given_one_is_an_error() {
+        let absent = Path::new("/nonexistent/netwatch.toml");
+        let implicit = ConfigSource {
+            path: absent.into(),
+            explicit: false,
+        };
+        assert!(implicit.load().unwrap().is_none());
+        let explicit = ConfigSource::new(Some(absent));
+        let err = format!("{:#}", explicit.load().unwrap_err());
+        assert!(err.contains("/nonexistent/netwatch.toml"), "{err}");
+        // A flag never reads the file, so a broken file does not matter.
+        let broken = temp_file("broken", "pin_dir = [\n");
+        let source = ConfigSource::new(Some(&broken));
+        let dirs = Dirs::new(&source);
+        assert_eq!(dirs.pin_dir(Some(Path::new("/p"))).unwrap(), Path::new("/p"));
+        if std::env::var_os(STATE_DIR_ENV).is_none() {
+            let err = format!("{:#}", dirs.state_dir(None).unwrap_err());
+            assert!(err.contains("line 1"), "{err}");
+        }
+        std::fs::remove_dir_all(broken.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn keep_attached_comes_from_the_flag_or_the_file() {
+        let file = ConfigFile::parse("keep_attached = true\ninterfaces = [\"eth0\"]\n").unwrap();
+        assert!(
+            RunConfig::build(Some(&file), &Overrides::default())
+                .unwrap()
+                .keep_attached
+        );
+        assert!(!RunConfig::build(None, &Overrides::default()).unwrap().keep_attached);
+        let flags = Overrides {
+            keep_attached: true,
+            ..Overrides::default()
+        };
+        assert!(RunConfig::build(None, &flags).unwrap().keep_attached);
+        let err = ConfigFile::parse("keep_attached = \"yes\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("keep_attached"), "{err}");
     }
 }

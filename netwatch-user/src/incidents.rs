@@ -260,6 +260,13 @@ impl Store {
         self.query("ORDER BY last_seen DESC, id DESC LIMIT ?1", params![limit as i64])
     }
 
+    /// Incidents last seen at or after `cutoff` (every one without it),
+    /// newest first.
+    pub fn seen_since(&self, cutoff: Option<SystemTime>) -> Result<Vec<Incident>> {
+        let from = cutoff.map_or(i64::MIN, unix_secs);
+        self.query("WHERE last_seen >= ?1 ORDER BY last_seen DESC, id DESC", params![from])
+    }
+
     fn query(&self, tail: &str, args: impl rusqlite::Params) -> Result<Vec<Incident>> {
         // A database no `run` of this version has opened yet (read-only
         // here) may lack the column.

@@ -133,6 +133,8 @@ pub fn lab(args: &LabArgs) -> Result<()> {
             "enforce",
         ])
         .args(["--pin-dir", PIN_DIR, "--metrics-addr", METRICS])
+        // The lab's own settings, not a host config's (/etc/netwatch).
+        .args(["--config", "/dev/null"])
         .arg("--state-dir")
         .arg(&state_dir)
         .stdout(Stdio::null())

@@ -3,6 +3,8 @@
 //! them; each change is installed as a new policy version (see
 //! `install`), so it never races a reload.
 
+use std::path::Path;
+
 use anyhow::{Result, bail};
 use netwatch_common::LIST_FOREVER;
 
@@ -14,8 +16,8 @@ use crate::{
     sources,
 };
 
-pub fn add(kind: ListKind, args: &BlockArgs) -> Result<()> {
-    let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
+pub fn add(kind: ListKind, pin_dir: &Path, args: &BlockArgs) -> Result<()> {
+    let maps = PinnedMaps::open(pin_dir)?;
     let until = match args.ttl {
         None => LIST_FOREVER,
         Some(ttl) if ttl.as_secs() == 0 => bail!("--ttl must be at least one second"),
@@ -38,8 +40,8 @@ pub fn add(kind: ListKind, args: &BlockArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn remove(kind: ListKind, args: &ListArgs) -> Result<()> {
-    let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
+pub fn remove(kind: ListKind, pin_dir: &Path, args: &ListArgs) -> Result<()> {
+    let maps = PinnedMaps::open(pin_dir)?;
     let removed = install::change_lists(&maps, CliChange::Remove { kind, net: args.cidr })?;
     let lifted = if kind == ListKind::Block {
         sources::lift_auto_blocks(&maps, args.cidr)?

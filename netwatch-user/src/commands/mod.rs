@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
+mod check;
 mod detach;
+mod generate;
 pub mod lab;
 mod lists;
 pub mod query;
@@ -11,20 +13,40 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Command},
+    config::{ConfigSource, Dirs},
     install::ListKind,
 };
 
 pub fn dispatch(cli: Cli) -> Result<()> {
+    let source = ConfigSource::new(cli.config.as_deref());
+    // pin_dir and state_dir of the commands that read what `run` left.
+    let dirs = Dirs::new(&source);
     match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Status(args) => status::status(&args),
-        Command::Lookup(args) => query::lookup(&args),
-        Command::Top(args) => query::top(&args),
-        Command::Block(args) => lists::add(ListKind::Block, &args),
-        Command::Unblock(args) => lists::remove(ListKind::Block, &args),
-        Command::Allow(args) => lists::add(ListKind::Allow, &args),
-        Command::Disallow(args) => lists::remove(ListKind::Allow, &args),
-        Command::Detach(args) => detach::detach(&args.pin_dir),
+        Command::Run(args) => run::run(args, &source),
+        Command::CheckConfig(args) => check::check_config(&source, &args),
+        Command::Status(args) => status::status(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, args.json),
+        Command::Lookup(args) => query::lookup(
+            &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?,
+            &dirs.state_dir(args.state_dir.state_dir.as_deref())?,
+            args.ip,
+            args.json,
+        ),
+        Command::Incidents(args) => query::incidents(
+            &dirs.state_dir(args.state_dir.state_dir.as_deref())?,
+            args.since,
+            args.json,
+        ),
+        Command::Top(args) => query::top(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, args.limit, args.json),
+        Command::Block(args) => lists::add(ListKind::Block, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args),
+        Command::Unblock(args) => {
+            lists::remove(ListKind::Block, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args)
+        }
+        Command::Allow(args) => lists::add(ListKind::Allow, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args),
+        Command::Disallow(args) => {
+            lists::remove(ListKind::Allow, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args)
+        }
+        Command::Detach(args) => detach::detach(&dirs.pin_dir(args.pin_dir.as_deref())?),
+        Command::Generate(args) => generate::generate(args.what, &args.dir),
         Command::Lab(args) => lab::lab(&args),
     }
 }

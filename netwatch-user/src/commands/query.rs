@@ -1,12 +1,16 @@
 //! `lookup` and `top`: what netwatch knows about sources.
 
-use std::{fmt::Write as _, net::IpAddr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    cli::{LookupArgs, TopArgs},
     clock::rfc3339,
     datapath::PinnedMaps,
     incidents::{Incident, Store},
@@ -50,9 +54,9 @@ pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<Loo
     })
 }
 
-pub fn lookup(args: &LookupArgs) -> Result<()> {
-    let report = lookup_report(&args.pin_dir.pin_dir, &args.state_dir.state_dir, args.ip)?;
-    if args.json {
+pub fn lookup(pin_dir: &Path, state_dir: &Path, ip: IpAddr, json: bool) -> Result<()> {
+    let report = lookup_report(pin_dir, state_dir, ip)?;
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -64,30 +68,7 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
         let _ = writeln!(out, "incidents (newest first):");
     }
     for i in &report.incidents {
-        let blocked = match (i.blocked, i.blocked_until) {
-            (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
-            _ => String::new(),
-        };
-        let recovered = if i.recovered {
-            " (recovered: its flag event was lost)"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            out,
-            "  #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",
-            i.id,
-            i.classification.label(),
-            i.rule,
-            i.direction,
-            i.interface,
-            i.packets,
-            i.distinct_destinations,
-            rfc3339(i.first_seen),
-            rfc3339(i.last_seen),
-            blocked,
-            recovered
-        );
+        let _ = writeln!(out, "  {}", describe_incident(i));
     }
     for b in &report.blocks {
         let _ = writeln!(
@@ -105,6 +86,70 @@ pub fn lookup(args: &LookupArgs) -> Result<()> {
         }
     }
     print!("{out}");
+    Ok(())
+}
+
+/// One incident on one line, as `lookup` and `incidents` print it
+/// (without its source address).
+fn describe_incident(i: &Incident) -> String {
+    let blocked = match (i.blocked, i.blocked_until) {
+        (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
+        _ => String::new(),
+    };
+    let recovered = if i.recovered {
+        " (recovered: its flag event was lost)"
+    } else {
+        ""
+    };
+    format!(
+        "#{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",
+        i.id,
+        i.classification.label(),
+        i.rule,
+        i.direction,
+        i.interface,
+        i.packets,
+        i.distinct_destinations,
+        rfc3339(i.first_seen),
+        rfc3339(i.last_seen),
+        blocked,
+        recovered
+    )
+}
+
+/// The answer to `incidents`, as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct IncidentsReport {
+    /// Newest first.
+    pub incidents: Vec<Incident>,
+}
+
+/// Incidents last seen within `since` (all without it), newest first; no
+/// database yet means none.
+pub fn incidents_report(state_dir: &Path, since: Option<Duration>) -> Result<IncidentsReport> {
+    let cutoff = since.map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH));
+    let incidents = match Store::open_read_only(state_dir)? {
+        Some(store) => store.seen_since(cutoff)?,
+        None => Vec::new(),
+    };
+    Ok(IncidentsReport { incidents })
+}
+
+pub fn incidents(state_dir: &Path, since: Option<Duration>, json: bool) -> Result<()> {
+    let report = incidents_report(state_dir, since)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if report.incidents.is_empty() {
+        match since {
+            Some(d) => println!("no incidents in the last {}", humantime::format_duration(d)),
+            None => println!("no incidents"),
+        }
+    }
+    for i in &report.incidents {
+        println!("{:<40} {}", i.source, describe_incident(i));
+    }
     Ok(())
 }
 
@@ -139,9 +184,9 @@ pub fn top_report(pin_dir: &Path, limit: usize) -> Result<TopReport> {
     })
 }
 
-pub fn top(args: &TopArgs) -> Result<()> {
-    let report = top_report(&args.pin_dir.pin_dir, args.limit)?;
-    if args.json {
+pub fn top(pin_dir: &Path, limit: usize, json: bool) -> Result<()> {
+    let report = top_report(pin_dir, limit)?;
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }

@@ -1,6 +1,7 @@
 //! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -12,11 +13,12 @@ use tokio::io::{Interest, unix::AsyncFd};
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
 use netwatch_common::{Direction, LinkKind};
-use tokio::signal::unix::{SignalKind, signal};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::RunArgs,
-    config::{ConfigFile, Overrides, RunConfig},
+    config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
     datapath::{self, Attachments, PinnedMaps},
     detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
     http::{self, AppState},
@@ -27,37 +29,92 @@ use crate::{
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
+    // flag > environment > config file > default
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     Overrides {
         mode: args.mode,
         metrics_addr: args.metrics_addr,
-        pin_dir: args.pin_dir.clone(),
-        state_dir: args.state_dir.clone(),
+        pin_dir: args.pin_dir.clone().or_else(|| env(PIN_DIR_ENV)),
+        state_dir: args.state_dir.clone().or_else(|| env(STATE_DIR_ENV)),
         interfaces: args.interfaces.clone(),
         egress: args.egress.clone(),
         rules: args.rules.clone(),
         allowlist: args.allowlist.clone(),
         blocklist: args.blocklist.clone(),
+        keep_attached: args.keep_attached,
     }
 }
 
-/// Reads the config file (if any) and merges the flags over it.
-fn load_config(args: &RunArgs) -> Result<RunConfig> {
-    let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
-    RunConfig::build(file.as_ref(), &overrides(args))
-}
-
-pub fn run(args: RunArgs) -> Result<()> {
-    let config = load_config(&args)?;
+/// Reads the config file (the default one only if it exists) and merges
+/// the flags over it.
+pub fn load_config(args: &RunArgs, source: &ConfigSource) -> Result<RunConfig> {
+    let file = source.load()?;
+    let config = RunConfig::build(file.as_ref(), &overrides(args))
+        .with_context(|| format!("config file {}", source.path.display()))?;
     if config.interfaces.is_empty() && config.egress.is_empty() {
         bail!(
-            "no interface to attach to: give --iface IFACE[:wan|lan|host] or --egress IFACE (or `interfaces`/`egress` in the config file)"
+            "no interface to attach to: give --iface IFACE[:wan|lan|host] or --egress IFACE, or set `interfaces` or `egress` in {}",
+            source.path.display()
         );
     }
-    // Check every interface before attaching anything.
-    for name in config.interfaces.iter().map(|i| &i.name).chain(&config.egress) {
-        datapath::ifindex(name)?;
-        datapath::link_kind(name)?;
+    Ok(config)
+}
+
+/// What `run` checks against this host before attaching anything: every
+/// interface exists in this network namespace and has a link type the
+/// programs can parse.
+pub fn check_interfaces(config: &RunConfig) -> Result<()> {
+    let named = config
+        .interfaces
+        .iter()
+        .map(|i| ("interfaces", &i.name))
+        .chain(config.egress.iter().map(|e| ("egress", e)));
+    for (key, name) in named {
+        datapath::ifindex(name)
+            .and_then(|_| datapath::link_kind(name))
+            .with_context(|| format!("{key}: {name:?}"))?;
     }
+    Ok(())
+}
+
+/// The signals `run` handles, installed before anything is attached: a
+/// SIGHUP or SIGTERM arriving while programs are being attached is
+/// queued and handled by the main loop, never fatal with links in place.
+struct Signals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Needs to run inside the tokio runtime's context.
+    fn install() -> Result<Self> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+}
+
+/// Tells systemd (Type=notify), if it is listening; a failure is logged,
+/// never fatal.
+fn notify(states: &[NotifyState]) {
+    if let Err(err) = sd_notify::notify(states) {
+        warn!("sd_notify: {err}");
+    }
+}
+
+pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
+    let config = load_config(&args, source)?;
+    // Check every interface before attaching anything.
+    check_interfaces(&config)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let signals = {
+        let _context = runtime.enter();
+        Signals::install()?
+    };
 
     let listener = http::bind(config.metrics_addr)?;
     datapath::prepare_pin_dir(&config.pin_dir)?;
@@ -90,18 +147,20 @@ pub fn run(args: RunArgs) -> Result<()> {
         return Err(err);
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let result = runtime.block_on(serve_until_signal(&args, &config, &maps, listener));
+    let result = runtime.block_on(serve_until_signal(&args, source, &config, &maps, listener, signals));
+    notify(&[NotifyState::Stopping]);
+    // keep_attached as the last reload left it.
+    let keep_attached = result.as_ref().map_or(config.keep_attached, |c| c.keep_attached);
 
-    if args.keep_attached {
-        info!("leaving programs attached (--keep-attached); `netwatch detach` removes them");
+    if keep_attached {
+        info!("leaving programs attached (keep_attached); `netwatch detach` removes them");
         std::mem::forget(attachments);
     } else {
         attachments.detach();
         datapath::mark_all_detached(&maps)?;
         info!("detached; counters stay pinned in {}", config.pin_dir.display());
     }
-    result
+    result.map(drop)
 }
 
 fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachments, xdp_generic: bool) -> Result<()> {
@@ -148,10 +207,13 @@ const COUNT_EVERY: Duration = Duration::from_secs(30);
 
 async fn serve_until_signal(
     args: &RunArgs,
+    source: &ConfigSource,
     config: &RunConfig,
     maps: &PinnedMaps,
     listener: std::net::TcpListener,
-) -> Result<()> {
+    mut signals: Signals,
+) -> Result<RunConfig> {
+    // The configuration in force when the loop ends.
     let mut detector = Detector::open(maps, &config.state_dir)?;
     let stats = Arc::new(Mutex::new(ControllerStats::default()));
     let state = AppState {
@@ -174,16 +236,26 @@ async fn serve_until_signal(
     let mut count = tokio::time::interval(COUNT_EVERY);
     let mut counting: Option<tokio::task::JoinHandle<Result<sources::Census>>> = None;
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    // systemd's watchdog (WatchdogSec=): pinged from this loop, so a
+    // stuck loop gets the service restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    if let Some(d) = watchdog {
+        info!("systemd watchdog every {} ms", d.as_millis());
+    }
+    // Programs are attached, handlers installed, the endpoint serves.
+    notify(&[NotifyState::Ready, NotifyState::Status("attached and serving")]);
+
     let mut current = config.clone();
     loop {
         tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sighup.recv() => {
-                let outcome = reload(args, &current, maps);
+            _ = signals.int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = signals.term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = signals.hup.recv() => {
+                let mut reloading = vec![NotifyState::Reloading];
+                reloading.extend(NotifyState::monotonic_usec_now().ok());
+                notify(&reloading);
+                let outcome = reload(args, source, &current, maps);
                 let mut s = stats.lock().expect("stats lock");
                 match outcome {
                     Ok(new) => {
@@ -193,13 +265,18 @@ async fn serve_until_signal(
                         if let Err(err) = detector.reload_names(maps) {
                             warn!("re-reading rule names after the reload: {err:#}");
                         }
+                        notify(&[NotifyState::Ready, NotifyState::Status("reloaded")]);
                     }
                     Err(err) => {
                         s.reloads_failed += 1;
                         s.last_reload_ok = false;
                         error!("reload rejected, the previous configuration stays in force: {err:#}");
+                        notify(&[NotifyState::Ready, NotifyState::Status("reload rejected, previous configuration in force")]);
                     }
                 }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                notify(&[NotifyState::Watchdog]);
             }
             guard = events.readable_mut() => {
                 let mut guard = guard?;
@@ -272,21 +349,27 @@ async fn serve_until_signal(
         }
     }
     server.abort();
-    Ok(())
+    Ok(current)
 }
 
 /// Re-reads the config file and applies rules, lists and mode. Interface
 /// and address changes need a restart and are reported, not applied.
-fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunConfig> {
-    if args.config.is_none() {
-        bail!("SIGHUP: no --config file to reload");
+fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, maps: &PinnedMaps) -> Result<RunConfig> {
+    if !source.explicit && !source.path.exists() {
+        bail!(
+            "SIGHUP: no config file to reload ({} does not exist)",
+            source.path.display()
+        );
     }
-    let new = load_config(args)?;
+    let new = load_config(args, source)?;
     if new.interfaces != current.interfaces || new.egress != current.egress {
         warn!("reload: interface changes take effect on the next restart");
     }
     if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir {
         warn!("reload: metrics_addr and pin_dir changes take effect on the next restart");
+    }
+    if new.keep_attached != current.keep_attached {
+        info!("reload: keep_attached is now {}", new.keep_attached);
     }
     install::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
     info!(

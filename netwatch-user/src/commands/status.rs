@@ -1,17 +1,18 @@
 use std::fmt::Write as _;
 
+use std::path::Path;
+
 use anyhow::Result;
 
 use crate::{
-    cli::StatusArgs,
     datapath::PinnedMaps,
     snapshot::{ListView, Snapshot},
 };
 
-pub fn status(args: &StatusArgs) -> Result<()> {
-    let maps = PinnedMaps::open(&args.pin_dir.pin_dir)?;
+pub fn status(pin_dir: &Path, json: bool) -> Result<()> {
+    let maps = PinnedMaps::open(pin_dir)?;
     let snapshot = Snapshot::read(&maps)?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", render_text(&snapshot));
