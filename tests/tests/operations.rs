@@ -217,50 +217,168 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
     drop(nw);
 }
 
-/// The systemd unit's capability set is enough: netwatch runs, attaches,
-/// counts and serves with exactly those capabilities.
+/// One `KEY=` setting of the systemd unit (the last one wins, as in systemd).
+fn unit_setting(key: &str) -> String {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .last()
+        .unwrap_or_else(|| panic!("the unit has no {key}="))
+        .to_string()
+}
+
+/// The system calls a `SystemCallFilter=` allow-list admits, with its
+/// `@groups` expanded as this machine's systemd defines them
+/// (`systemd-analyze syscall-filter`).
+fn syscall_allow_list(filter: &str) -> BTreeSet<String> {
+    let out = Command::new("systemd-analyze")
+        .arg("syscall-filter")
+        .output()
+        .expect("systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut current = None;
+    for line in text.lines() {
+        if line.starts_with('@') {
+            current = Some(line.trim().to_string());
+            groups.insert(line.trim().to_string(), Vec::new());
+        } else if let Some(g) = &current {
+            let item = line.trim();
+            if !item.is_empty() && !item.starts_with('#') {
+                groups.get_mut(g).unwrap().push(item.to_string());
+            }
+        }
+    }
+    fn expand(item: &str, groups: &std::collections::BTreeMap<String, Vec<String>>, out: &mut BTreeSet<String>) {
+        if item.starts_with('@') {
+            for i in groups
+                .get(item)
+                .unwrap_or_else(|| panic!("unknown syscall group {item}"))
+            {
+                expand(i, groups, out);
+            }
+        } else {
+            out.insert(item.to_string());
+        }
+    }
+    let mut allowed = BTreeSet::new();
+    assert!(!filter.starts_with('~'), "a deny-list filter: {filter}");
+    for item in filter.split_whitespace() {
+        expand(item, &groups, &mut allowed);
+    }
+    assert!(allowed.len() > 100, "{filter} expanded to {} calls", allowed.len());
+    allowed
+}
+
+/// Loads a seccomp filter that admits the listed calls and fails every
+/// other with EPERM (as `SystemCallErrorNumber=EPERM`), then execs the
+/// rest of argv. libseccomp's Python binding (Debian python3-seccomp).
+const SECCOMP_EXEC: &str = r#"
+import errno, os, sys, seccomp
+f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+for name in open(sys.argv[1]).read().split():
+    try:
+        f.add_rule(seccomp.ALLOW, name)
+    except (RuntimeError, ValueError, OSError):
+        pass  # not a system call on this architecture
+f.load()
+os.execv(sys.argv[2], sys.argv[2:])
+"#;
+
+/// The systemd unit's capability set and system call filter are enough:
+/// netwatch runs, attaches, counts, serves and reloads with exactly
+/// those capabilities and calls (both read from the unit file). Without
+/// the unit's extra `bpf` the same filter stops it, so the filter is
+/// really applied. The unit's namespace settings (ProtectSystem=, ...)
+/// need systemd itself and are not applied here.
 #[test]
 fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     require_privileged!();
-    let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();
-    let caps: Vec<String> = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .unwrap()
+    let caps: Vec<String> = unit_setting("CapabilityBoundingSet")
         .split_whitespace()
         .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
         .collect();
+    assert_eq!(
+        unit_setting("AmbientCapabilities"),
+        unit_setting("CapabilityBoundingSet")
+    );
+    assert_eq!(unit_setting("NoNewPrivileges"), "yes");
+    assert_eq!(unit_setting("SystemCallErrorNumber"), "EPERM");
     let set = format!("-all,{}", caps.join(","));
+    let allowed = syscall_allow_list(&unit_setting("SystemCallFilter"));
+    assert!(allowed.contains("bpf") && !allowed.contains("mount") && !allowed.contains("perf_event_open"));
+    let dir = TempDir::new("unitsec");
+    let list_file = |name: &str, calls: &BTreeSet<String>| {
+        let path = dir.join(name);
+        std::fs::write(&path, calls.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap();
+        path
+    };
+    let unit_calls = list_file("unit-calls", &allowed);
+    let mut without_bpf = allowed.clone();
+    without_bpf.remove("bpf");
+    let calls_without_bpf = list_file("calls-without-bpf", &without_bpf);
+
     let lab = Lab::new();
     let pins = format!("/sys/fs/bpf/{}", unique("cap"));
     let state = std::env::temp_dir().join(unique("capstate"));
     let log = std::env::temp_dir().join(unique("caplog"));
-    let mut child = lab
-        .victim
-        .command("setpriv")
-        .args(["--bounding-set", &set, "--inh-caps", "-all", "--"])
-        .arg(netwatch_tests::daemon::bin())
-        .args([
-            "run",
-            "--iface",
-            VICTIM_IF,
-            "--egress",
-            VICTIM_IF,
-            "--pin-dir",
-            &pins,
-            "--metrics-addr",
-            METRICS_ADDR,
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let config = dir.join("netwatch.toml");
+    std::fs::write(&config, "mode = \"monitor\"\n").unwrap();
+    let start = |calls: &std::path::Path| {
+        lab.victim
+            .command("setpriv")
+            .args(["--bounding-set", &set, "--inh-caps", "-all", "--no-new-privs", "--"])
+            .args(["/usr/bin/python3", "-c", SECCOMP_EXEC])
+            .arg(calls)
+            .arg(netwatch_tests::daemon::bin())
+            .args([
+                "run",
+                "--iface",
+                VICTIM_IF,
+                "--egress",
+                VICTIM_IF,
+                "--pin-dir",
+                &pins,
+                "--metrics-addr",
+                METRICS_ADDR,
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+
+    // The control: the unit's filter without bpf(2) stops netwatch.
+    let mut child = start(&calls_without_bpf);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "netwatch ran without bpf(2) in its filter:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("Operation not permitted"), "{stderr}");
+    let _ = netwatch(&["detach", "--pin-dir", &pins]);
+
+    let mut child = start(&unit_calls);
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = loop {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
-                "netwatch exited with capabilities {set}: {status}\n{}",
+                "netwatch exited with capabilities {set} and the unit's system call filter: {status}\n{}",
                 std::fs::read_to_string(&log).unwrap()
             );
         }
@@ -280,6 +398,14 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap().to_string();
     assert!(eff.ends_with("000000c000001000"), "unexpected capabilities: {eff}");
+    let seccomp = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap().to_string();
+    assert!(seccomp.ends_with('2'), "no seccomp filter in force: {seccomp}");
+    let nnp = status
+        .lines()
+        .find(|l| l.starts_with("NoNewPrivs:"))
+        .unwrap()
+        .to_string();
+    assert!(nnp.ends_with('1'), "{nnp}");
     assert!(metrics.contains("netwatch_interface_attached{hook=\"tc_egress\""));
     send_udp(&lab.scanner, "198.18.0.2:137", 4);
     let counted = eventually(4.0, Duration::from_secs(3), || {
@@ -294,6 +420,18 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
         )
     });
     assert_eq!(counted, 4.0);
+    // A reload (SIGHUP) under the filter applies the file's new mode.
+    std::fs::write(&config, "mode = \"enforce\"\n").unwrap();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let reloaded = eventually(1.0, Duration::from_secs(5), || {
+        let m = lab
+            .victim
+            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .unwrap();
+        netwatch_tests::daemon::sample(&m, "netwatch_config_reloads_total", &[("result", "success")])
+    });
+    assert_eq!(reloaded, 1.0, "{}", std::fs::read_to_string(&log).unwrap());
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(

@@ -31,6 +31,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     // The differential test's corpus is built by scapy in a venv.
     "python3-venv",
+    // The unit test of the systemd unit: its system call filter's groups
+    // (systemd-analyze syscall-filter) applied with libseccomp.
+    "systemd",
+    "python3-seccomp",
 ];
 
 /// The packet library that builds the differential test's corpus
