@@ -5,6 +5,7 @@
 //! Debian packages the tests drive); `run` and `test` call it first, so
 //! the README's two commands work on a fresh machine.
 
+mod deb;
 mod kernel;
 mod setup;
 
@@ -58,6 +59,17 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the Debian package target/debian/netwatch_*.deb (cargo-deb,
+    /// installed into .tools/). `--test` builds it as two versions and
+    /// checks install, upgrade and purge with dpkg in a throwaway Debian
+    /// root (see xtask/src/deb.rs).
+    Deb {
+        /// Package version, with revision (default: the crate's, `-1`).
+        #[arg(long, value_name = "VERSION", conflicts_with = "test")]
+        deb_version: Option<String>,
+        #[arg(long)]
+        test: bool,
     },
     /// Run every test: unit tests, BPF program tests and namespace tests.
     /// Extra arguments go to cargo-nextest (e.g. a test name filter).
@@ -114,6 +126,14 @@ fn main() -> Result<()> {
                 Command::new(root.join("target/debug/netwatch-charts"))
                     .env("NETWATCH_BIN", root.join("target/debug/netwatch")),
             )
+        }
+        Task::Deb { deb_version, test } => {
+            setup::setup(&root)?;
+            if test {
+                deb::test(&root)
+            } else {
+                deb::build(&root, deb_version.as_deref()).map(drop)
+            }
         }
         Task::Lint => {
             setup::setup(&root)?;

@@ -35,6 +35,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // (systemd-analyze syscall-filter) applied with libseccomp.
     "systemd",
     "python3-seccomp",
+    // The package test (`cargo xtask deb --test`): a minimal Debian root
+    // to install into, and man/groff to render the man pages.
+    "debootstrap",
+    "man-db",
 ];
 
 /// The packet library that builds the differential test's corpus
@@ -50,6 +54,7 @@ pub fn setup(root: &Path) -> Result<()> {
     ensure_bpf_linker(root, &nightly)?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
     ensure_scapy(root)?;
+    crate::deb::ensure_cargo_deb(root)?;
     Ok(())
 }
 
