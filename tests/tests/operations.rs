@@ -221,8 +221,8 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
 fn unit_setting(key: &str) -> String {
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();
     unit.lines()
-        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("the unit has no {key}="))
         .to_string()
 }
