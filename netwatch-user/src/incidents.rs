@@ -331,6 +331,42 @@ mod tests {
         }
     }
 
+    /// `incidents --since`: only incidents last seen within the window,
+    /// newest first; without a window, all of them.
+    #[test]
+    fn incidents_seen_since_a_cutoff_newest_first() {
+        let dir = std::env::temp_dir().join(format!("netwatch-incidents-since-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        let now = SystemTime::now();
+        let mut ids = Vec::new();
+        for (source, age) in [
+            ("198.18.0.1", 3 * hour),
+            ("198.18.0.2", hour / 2),
+            ("198.18.0.3", hour * 25),
+        ] {
+            let mut obs = observation(Seen::Flag, 30);
+            obs.source = source.parse().unwrap();
+            obs.first_seen = now - age;
+            obs.last_seen = now - age;
+            ids.push(store.record(&obs, hour).unwrap());
+        }
+        let sources = |v: Vec<Incident>| v.iter().map(|i| i.source.to_string()).collect::<Vec<_>>();
+        assert_eq!(sources(store.seen_since(Some(now - hour)).unwrap()), ["198.18.0.2"]);
+        assert_eq!(
+            sources(store.seen_since(Some(now - 4 * hour)).unwrap()),
+            ["198.18.0.2", "198.18.0.1"]
+        );
+        assert_eq!(
+            sources(store.seen_since(None).unwrap()),
+            ["198.18.0.2", "198.18.0.1", "198.18.0.3"]
+        );
+        assert!(store.seen_since(Some(now + hour)).unwrap().is_empty());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A database made before the `recovered` column existed opens, read
     /// only and for writing, with its incidents intact and not recovered.
     #[test]

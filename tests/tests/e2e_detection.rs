@@ -37,6 +37,53 @@ fn iis_like_server(ns: &Netns, http: &str, lookup_from: &str, visits: usize) -> 
     })
 }
 
+/// `netwatch incidents` lists the incidents `lookup` found, newest first,
+/// from the database given by flag, by NETWATCH_STATE_DIR over a config
+/// file, and by the config file's `state_dir`.
+fn incidents_lists_what_lookup_finds(report: &serde_json::Value, state: &std::path::Path) {
+    let dir = TempDir::new("incidents-cli");
+    let state = state.to_str().unwrap();
+    let ids = |out: std::process::Output| -> Vec<i64> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["incidents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_i64().unwrap())
+            .collect()
+    };
+    let want: Vec<i64> = incidents(report).iter().map(|i| i["id"].as_i64().unwrap()).collect();
+    assert_eq!(want.len(), 2);
+    assert_eq!(ids(netwatch(&["incidents", "--json", "--state-dir", state])), want);
+    let config = dir.join("netwatch.toml");
+    std::fs::write(&config, format!("state_dir = \"{state}\"\n")).unwrap();
+    let config = config.to_str().unwrap();
+    assert_eq!(ids(netwatch(&["--config", config, "incidents", "--json"])), want);
+    let elsewhere = dir.join("elsewhere.toml");
+    std::fs::write(&elsewhere, "state_dir = \"/nonexistent/netwatch\"\n").unwrap();
+    let out = std::process::Command::new(netwatch_tests::daemon::bin())
+        .args(["--config", elsewhere.to_str().unwrap(), "incidents", "--json"])
+        .env("NETWATCH_STATE_DIR", state)
+        .output()
+        .unwrap();
+    assert_eq!(ids(out), want, "NETWATCH_STATE_DIR does not beat the config file");
+    let out = netwatch(&["--config", elsewhere.to_str().unwrap(), "incidents", "--json"]);
+    assert_eq!(ids(out), Vec::<i64>::new(), "the config file's state_dir was not used");
+    // The text form: one line per incident, the source first.
+    let out = netwatch(&["incidents", "--since", "1h", "--state-dir", state]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with(SCANNER_IP) && lines[0].contains(&format!("#{} scan tcp/5190", want[0])),
+        "{text}"
+    );
+    let out = netwatch(&["incidents", "--since", "an hour", "--state-dir", state]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
+}
+
 #[test]
 fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
@@ -92,6 +139,7 @@ fn real_scanners_are_flagged_and_looked_up() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(incidents(&report)[0]["rule"], "tcp/5190", "newest first");
+    incidents_lists_what_lookup_finds(&report, &state);
     let m = nw.metrics(&lab.victim);
     assert_eq!(
         sample(

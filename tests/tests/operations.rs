@@ -491,7 +491,18 @@ fn every_command_and_flag_has_help() {
     assert!(out.status.success());
     let top = String::from_utf8_lossy(&out.stdout).to_string();
     for cmd in [
-        "run", "status", "lookup", "top", "block", "unblock", "allow", "disallow", "detach", "lab",
+        "run",
+        "status",
+        "lookup",
+        "top",
+        "block",
+        "unblock",
+        "allow",
+        "disallow",
+        "detach",
+        "lab",
+        "incidents",
+        "check-config",
     ] {
         assert!(top.contains(cmd), "--help does not list {cmd}");
         let out = netwatch(&[cmd, "--help"]);
@@ -636,4 +647,182 @@ fn json_output_keeps_its_documented_schema() {
     )
     .unwrap();
     assert_eq!(keys(&api), keys(&lookup));
+}
+
+/// Reads notify datagrams until one has `want` (as a line), returning
+/// every line seen on the way.
+fn notified_until(sock: &std::os::unix::net::UnixDatagram, want: &str, log: &std::path::Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "no {want} ({e}); notified {seen:?}\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        let done = msg.lines().any(|l| l == want);
+        seen.extend(msg.lines().map(String::from));
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// The unit's Type=notify and WatchdogSec= as systemd sees them over
+/// NOTIFY_SOCKET: READY=1 only once the programs are attached, watchdog
+/// pings when WATCHDOG_USEC asks for them, RELOADING=1 (with
+/// MONOTONIC_USEC) then READY=1 around a SIGHUP, STOPPING=1 on SIGTERM;
+/// with `keep_attached = true` in the config the programs stay attached
+/// after the stop. And a storm of SIGHUPs from the moment it starts never
+/// kills a netwatch that has attached anything.
+#[test]
+fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
+    require_privileged!();
+    use std::os::unix::{net::UnixDatagram, process::ExitStatusExt as _};
+    let lab = Lab::new();
+    let dir = TempDir::new("notify");
+    let pins = format!("/sys/fs/bpf/{}", unique("notify"));
+    let state = dir.join("state");
+    let config = dir.join("netwatch.toml");
+    let write_config = |mode: &str, keep: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "mode = \"{mode}\"\ninterfaces = [\"{VICTIM_IF}:host\"]\negress = [\"{VICTIM_IF}\"]\n\
+                 pin_dir = \"{pins}\"\nstate_dir = \"{}\"\nmetrics_addr = \"{METRICS_ADDR}\"\nkeep_attached = {keep}\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+    };
+    let log = dir.join("log");
+    let start = |sock: &std::path::Path| {
+        lab.victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", sock)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("WATCHDOG_PID")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let link_pins = || -> Vec<String> {
+        std::fs::read_dir(format!("{pins}/links"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // 1. SIGHUP every millisecond from the start: netwatch either dies of
+    // it before attaching anything, or gets ready and reloads.
+    write_config("monitor", false);
+    let storm_sock = dir.join("storm.sock");
+    let sock = UnixDatagram::bind(&storm_sock).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut child = start(&storm_sock);
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    let outcome = loop {
+        // SAFETY: kill(2) on our child (not yet reaped).
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        if let Some(status) = child.try_wait().unwrap() {
+            break Err(status);
+        }
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+        {
+            break Ok(());
+        }
+        assert!(Instant::now() < deadline, "neither ready nor dead under SIGHUPs");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    match outcome {
+        Err(status) => {
+            assert_eq!(status.signal(), Some(libc::SIGHUP), "{status}");
+            assert!(
+                link_pins().is_empty(),
+                "killed by SIGHUP with links attached: {:?}",
+                link_pins()
+            );
+            eprintln!("SIGHUP storm: netwatch died before attaching anything");
+        }
+        Ok(()) => {
+            eprintln!("SIGHUP storm: netwatch got ready");
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            assert!(
+                child.wait().unwrap().success(),
+                "{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+    }
+    let _ = netwatch(&["detach", "--pin-dir", &pins]);
+    drop(sock);
+
+    // 2. The protocol, step by step.
+    write_config("monitor", true);
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = start(&sock_path);
+    let pid = child.id() as i32;
+    let seen = notified_until(&sock, "READY=1", &log);
+    assert!(
+        !seen.iter().any(|l| l == "RELOADING=1" || l == "STOPPING=1"),
+        "{seen:?}"
+    );
+    let links = link_pins();
+    assert!(
+        links.iter().any(|l| l.starts_with("xdp_")) && links.iter().any(|l| l.starts_with("tc_")),
+        "READY=1 before the programs were attached: links {links:?}"
+    );
+    let started = Instant::now();
+    notified_until(&sock, "WATCHDOG=1", &log);
+    notified_until(&sock, "WATCHDOG=1", &log);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "two watchdog pings took {:?} for WATCHDOG_USEC=1 s",
+        started.elapsed()
+    );
+
+    write_config("enforce", true);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let seen = notified_until(&sock, "RELOADING=1", &log);
+    let reloading = seen.iter().position(|l| l == "RELOADING=1").unwrap();
+    let after = notified_until(&sock, "READY=1", &log);
+    let usec = seen[reloading..]
+        .iter()
+        .chain(&after)
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("RELOADING=1 without MONOTONIC_USEC");
+    assert!(usec.parse::<u64>().unwrap() > 0);
+    assert!(!after.iter().any(|l| l == "STOPPING=1"), "{after:?}");
+    let status = netwatch(&["status", "--json", "--pin-dir", &pins]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["mode"], "enforce", "the reload did not apply");
+
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    notified_until(&sock, "STOPPING=1", &log);
+    assert!(
+        child.wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("leaving programs attached"), "{log_text}");
+    assert!(!link_pins().is_empty(), "keep_attached = true, yet the links are gone");
+    let out = netwatch(&["detach", "--pin-dir", &pins]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(link_pins().is_empty());
 }
