@@ -77,9 +77,10 @@ pub fn check_interfaces(config: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// The signals `run` handles, installed before anything is attached: a
-/// SIGHUP or SIGTERM arriving while programs are being attached is
-/// queued and handled by the main loop, never fatal with links in place.
+/// The signals `run` handles, installed before anything is attached (and
+/// held back while attaching, see [`HoldSignals`]): a SIGHUP or SIGTERM
+/// arriving meanwhile is handled by the main loop once it runs, never
+/// fatal with links in place.
 struct Signals {
     int: Signal,
     term: Signal,
@@ -97,6 +98,42 @@ impl Signals {
     }
 }
 
+/// SIGHUP, SIGTERM and SIGINT held back (blocked in this thread, and so
+/// in every thread it starts) while the programs are loaded and attached:
+/// the verifier gives up on a load with a signal pending (EAGAIN), so a
+/// `systemctl reload` or stop arriving then would fail the start. They
+/// stay pending and reach the handlers once this is dropped.
+struct HoldSignals {
+    old: libc::sigset_t,
+}
+
+impl HoldSignals {
+    fn new() -> Result<Self> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset;
+        // pthread_sigmask only reads `set` and writes `old`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            if rc != 0 {
+                bail!("blocking signals: {}", std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(HoldSignals { old })
+        }
+    }
+}
+
+impl Drop for HoldSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
 /// Tells systemd (Type=notify), if it is listening; a failure is logged,
 /// never fatal.
 fn notify(states: &[NotifyState]) {
@@ -106,6 +143,7 @@ fn notify(states: &[NotifyState]) {
 }
 
 pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
+    let held = HoldSignals::new()?;
     let config = load_config(&args, source)?;
     // Check every interface before attaching anything.
     check_interfaces(&config)?;
@@ -147,6 +185,8 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
         return Err(err);
     }
 
+    // Signals that came while attaching are delivered to the handlers now.
+    drop(held);
     let result = runtime.block_on(serve_until_signal(&args, source, &config, &maps, listener, signals));
     notify(&[NotifyState::Stopping]);
     // keep_attached as the last reload left it.
