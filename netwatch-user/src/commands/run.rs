@@ -49,8 +49,12 @@ fn overrides(args: &RunArgs) -> Overrides {
 /// the flags over it.
 pub fn load_config(args: &RunArgs, source: &ConfigSource) -> Result<RunConfig> {
     let file = source.load()?;
-    let config = RunConfig::build(file.as_ref(), &overrides(args))
-        .with_context(|| format!("config file {}", source.path.display()))?;
+    let built = RunConfig::build(file.as_ref(), &overrides(args));
+    // Errors name the file only when there is one (flags can be at fault).
+    let config = match file {
+        Some(_) => built.with_context(|| format!("config file {}", source.path.display()))?,
+        None => built?,
+    };
     if config.interfaces.is_empty() && config.egress.is_empty() {
         bail!(
             "no interface to attach to: give --iface IFACE[:wan|lan|host] or --egress IFACE, or set `interfaces` or `egress` in {}",
