@@ -487,6 +487,13 @@ fn privileged_tests_skip_visibly_or_fail_without_root() {
 
 #[test]
 fn every_command_and_flag_has_help() {
+    let out = netwatch(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("netwatch {}\n", env!("CARGO_PKG_VERSION")),
+        "--version is not the crate's version"
+    );
     let out = netwatch(&["--help"]);
     assert!(out.status.success());
     let top = String::from_utf8_lossy(&out.stdout).to_string();
@@ -685,6 +692,8 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     let lab = Lab::new();
     let dir = TempDir::new("notify");
     let pins = format!("/sys/fs/bpf/{}", unique("notify"));
+    // The config names another pin directory: NETWATCH_PIN_DIR wins.
+    let decoy = format!("/sys/fs/bpf/{}", unique("decoy"));
     let state = dir.join("state");
     let config = dir.join("netwatch.toml");
     let write_config = |mode: &str, keep: bool| {
@@ -692,7 +701,7 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
             &config,
             format!(
                 "mode = \"{mode}\"\ninterfaces = [\"{VICTIM_IF}:host\"]\negress = [\"{VICTIM_IF}\"]\n\
-                 pin_dir = \"{pins}\"\nstate_dir = \"{}\"\nmetrics_addr = \"{METRICS_ADDR}\"\nkeep_attached = {keep}\n",
+                 pin_dir = \"{decoy}\"\nstate_dir = \"{}\"\nmetrics_addr = \"{METRICS_ADDR}\"\nkeep_attached = {keep}\n",
                 state.display()
             ),
         )
@@ -706,6 +715,7 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
             .arg("--config")
             .arg(&config)
             .env("NOTIFY_SOCKET", sock)
+            .env("NETWATCH_PIN_DIR", &pins)
             .env("WATCHDOG_USEC", "1000000")
             .env_remove("WATCHDOG_PID")
             .stderr(std::fs::File::create(&log).unwrap())
@@ -833,4 +843,104 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     let out = netwatch(&["detach", "--pin-dir", &pins]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(link_pins().is_empty());
+    assert!(
+        !std::path::Path::new(&decoy).exists(),
+        "run used the config's pin_dir over NETWATCH_PIN_DIR"
+    );
+}
+
+/// `check-config` validates what `run` would, attaches nothing, and
+/// names the setting (and for syntax the line) of what is wrong.
+#[test]
+fn check_config_names_the_setting_and_the_line() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = TempDir::new("check");
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let check = |args: &[&str]| {
+        let out = lab
+            .victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args(args)
+            .env_remove("NETWATCH_PIN_DIR")
+            .env_remove("NETWATCH_STATE_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let pins = format!("/sys/fs/bpf/{}", unique("check"));
+    let good = file(
+        "good.toml",
+        &format!("mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}:wan\"]\npin_dir = \"{pins}\"\n"),
+    );
+    let (ok, out) = check(&["check-config", "--config", &good]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("OK") && out.contains(&format!("{VICTIM_IF}:wan")) && out.contains("enforce"),
+        "{out}"
+    );
+    assert!(
+        !std::path::Path::new(&pins).exists(),
+        "check-config made the pin directory"
+    );
+
+    let cases: Vec<(String, Vec<&str>, &str)> = vec![
+        (
+            file("syntax.toml", "mode = \"monitor\"\ninterfaces = [\"a\"\n"),
+            vec![],
+            "line 2",
+        ),
+        (
+            file(
+                "port.toml",
+                &format!("interfaces = [\"{VICTIM_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 70000\n"),
+            ),
+            vec![],
+            "rule[0] (udp/70000)",
+        ),
+        (
+            file("key.toml", "interface = [\"eth0\"]\n"),
+            vec![],
+            "unknown field `interface`",
+        ),
+        (
+            file("none.toml", "mode = \"monitor\"\n"),
+            vec![],
+            "no interface to attach to",
+        ),
+        (
+            file("absent.toml", "interfaces = [\"nw-absent0:wan\"]\n"),
+            vec![],
+            "interfaces: \"nw-absent0\": interface \"nw-absent0\" does not exist",
+        ),
+        (
+            file("egress.toml", "egress = [\"nw-absent1\"]\n"),
+            vec![],
+            "egress: \"nw-absent1\"",
+        ),
+        (
+            dir.join("missing.toml").to_str().unwrap().to_string(),
+            vec![],
+            "missing.toml",
+        ),
+    ];
+    for (path, extra, want) in &cases {
+        let mut args = vec!["check-config", "--config", path.as_str()];
+        args.extend(extra);
+        let (ok, out) = check(&args);
+        assert!(!ok, "check-config accepted {path}: {out}");
+        assert!(out.contains(want), "{path}: wanted {want:?} in: {out}");
+    }
+    // --offline skips only the checks against this namespace.
+    let (ok, out) = check(&["check-config", "--offline", "--config", &cases[4].0]);
+    assert!(ok && out.contains("--offline"), "{out}");
+    let (ok, out) = check(&["check-config", "--offline", "--config", &cases[1].0]);
+    assert!(!ok && out.contains("rule[0]"), "{out}");
 }
