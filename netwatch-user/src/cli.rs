@@ -162,7 +162,7 @@ pub struct ListArgs {
     pub pin_dir: PinDirArg,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct RunArgs {
     /// Interface to attach XDP to, with its role: `wan` (router uplink,
     /// sees inbound), `lan` (router LAN side, sees outbound traffic with

@@ -21,19 +21,7 @@ pub fn check_config(source: &ConfigSource, args: &CheckConfigArgs) -> Result<()>
         bail!("config file {} does not exist", source.path.display());
     }
     // No flags: the file alone, with the environment `run` would see.
-    let none = RunArgs {
-        interfaces: Vec::new(),
-        egress: Vec::new(),
-        mode: None,
-        metrics_addr: None,
-        rules: Vec::new(),
-        allowlist: Vec::new(),
-        blocklist: Vec::new(),
-        pin_dir: None,
-        state_dir: None,
-        xdp_generic: false,
-        keep_attached: false,
-    };
+    let none = RunArgs::default();
     let config = load_config(&none, source)?;
     if !args.offline {
         check_interfaces(&config)?;
