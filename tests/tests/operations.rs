@@ -325,8 +325,9 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let log = std::env::temp_dir().join(unique("caplog"));
     let config = dir.join("netwatch.toml");
     std::fs::write(&config, "mode = \"monitor\"\n").unwrap();
-    let start = |calls: &std::path::Path| {
-        lab.victim
+    let start = |calls: &std::path::Path| Started {
+        child: lab
+            .victim
             .command("setpriv")
             .args(["--bounding-set", &set, "--inh-caps", "-all", "--no-new-privs", "--"])
             .args(["/usr/bin/python3", "-c", SECCOMP_EXEC])
@@ -349,7 +350,8 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
             .arg(&state)
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap(),
+        pin_dirs: vec![pins.clone()],
     };
 
     // The control: the unit's filter without bpf(2) stops netwatch.
@@ -656,6 +658,38 @@ fn json_output_keeps_its_documented_schema() {
     assert_eq!(keys(&api), keys(&lookup));
 }
 
+/// A `netwatch run` a test started: killed if still running when
+/// dropped (a failed assertion), and its pin directories detached.
+struct Started {
+    child: std::process::Child,
+    pin_dirs: Vec<String>,
+}
+
+impl std::ops::Deref for Started {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Started {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for dir in &self.pin_dirs {
+            let _ = netwatch(&["detach", "--pin-dir", dir]);
+        }
+    }
+}
+
 /// Reads notify datagrams until one has `want` (as a line), returning
 /// every line seen on the way.
 fn notified_until(sock: &std::os::unix::net::UnixDatagram, want: &str, log: &std::path::Path) -> Vec<String> {
@@ -709,7 +743,8 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     };
     let log = dir.join("log");
     let start = |sock: &std::path::Path| {
-        lab.victim
+        let child = lab
+            .victim
             .command(netwatch_tests::daemon::bin().to_str().unwrap())
             .arg("run")
             .arg("--config")
@@ -720,7 +755,11 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
             .env_remove("WATCHDOG_PID")
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap();
+        Started {
+            child,
+            pin_dirs: vec![pins.clone(), decoy.clone()],
+        }
     };
     let link_pins = || -> Vec<String> {
         std::fs::read_dir(format!("{pins}/links"))
