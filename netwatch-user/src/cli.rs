@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use crate::{
     config::{DEFAULT_PIN_DIR, DEFAULT_STATE_DIR},
     policy::{IfaceSpec, Mode, Rule, parse_cidr},
+    tc::TcAttach,
 };
 
 /// Count and drop NetBIOS (udp/137) and AOL/ICQ (tcp/5190) probes at line
@@ -155,6 +156,10 @@ pub struct RunArgs {
     /// controller exits; the next `run` re-adopts them, `detach` removes them.
     #[arg(long)]
     pub keep_attached: bool,
+    /// How TC egress attaches: `auto` (TCX where the kernel has it, Linux
+    /// 6.6+, else a clsact filter through netlink), `tcx` or `netlink`. [default: auto]
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub tc_attach: Option<TcAttach>,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
+use crate::tc::TcAttach;
+
 use crate::policy::{
     Action, DEFAULT_BLOCK_SECS, DEFAULT_VISITOR_SECS, DEFAULT_WEB_PORTS, IfaceSpec, Mode, Policy, Rule, default_rules,
     parse_cidr, parse_port, parse_protocol,
@@ -37,6 +39,9 @@ pub struct ConfigFile {
     /// TCP ports whose visitors' NetBIOS lookups are reverse lookups.
     pub web_ports: Option<Vec<i64>>,
     pub visitor_secs: Option<i64>,
+    /// How TC egress attaches: `auto` (TCX where the kernel has it, else
+    /// netlink), `tcx` or `netlink`.
+    pub tc_attach: Option<TcAttach>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +94,7 @@ pub struct Overrides {
     pub rules: Vec<Rule>,
     pub allowlist: Vec<ipnet::IpNet>,
     pub blocklist: Vec<ipnet::IpNet>,
+    pub tc_attach: Option<TcAttach>,
 }
 
 /// The merged, validated configuration of a running controller.
@@ -99,6 +105,7 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub interfaces: Vec<IfaceSpec>,
     pub egress: Vec<String>,
+    pub tc_attach: TcAttach,
     pub policy: Policy,
 }
 
@@ -228,6 +235,7 @@ impl RunConfig {
             state_dir,
             interfaces,
             egress,
+            tc_attach: flags.tc_attach.or(file.tc_attach).unwrap_or_default(),
             policy,
         })
     }

@@ -15,3 +15,4 @@ pub mod netns;
 pub mod policy;
 pub mod snapshot;
 pub mod sources;
+pub mod tc;

@@ -37,6 +37,7 @@ fn overrides(args: &RunArgs) -> Overrides {
         rules: args.rules.clone(),
         allowlist: args.allowlist.clone(),
         blocklist: args.blocklist.clone(),
+        tc_attach: args.tc_attach,
     }
 }
 
@@ -109,10 +110,11 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
         let index = datapath::ifindex(&iface.name)?;
         let slot = datapath::claim_iface_slot(maps, &iface.name, iface.role, index)?;
         let mode = attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
-        let tc = config.egress.contains(&iface.name);
-        if tc {
-            attachments.attach_tc_egress(&iface.name, slot)?;
-        }
+        let tc = if config.egress.contains(&iface.name) {
+            Some(attachments.attach_tc_egress(&iface.name, slot, config.tc_attach)?)
+        } else {
+            None
+        };
         datapath::mark_attached(maps, slot, Some(mode), tc)?;
         info!(
             "{}: role {}, XDP {}{}",
@@ -123,7 +125,7 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
                 Some(datapath::XdpAttachMode::Generic) => "generic",
                 None => "re-adopted",
             },
-            if tc { ", TC egress" } else { "" }
+            tc.map(|path| format!(", TC egress ({path})")).unwrap_or_default()
         );
     }
     for name in config
@@ -132,9 +134,9 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
         .filter(|e| !config.interfaces.iter().any(|i| &i.name == *e))
     {
         let slot = datapath::claim_iface_slot(maps, name, Role::Host, datapath::ifindex(name)?)?;
-        attachments.attach_tc_egress(name, slot)?;
-        datapath::mark_attached(maps, slot, None, true)?;
-        info!("{name}: TC egress");
+        let path = attachments.attach_tc_egress(name, slot, config.tc_attach)?;
+        datapath::mark_attached(maps, slot, None, Some(path))?;
+        info!("{name}: TC egress ({path})");
     }
     Ok(())
 }
@@ -285,8 +287,8 @@ fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunC
     if new.interfaces != current.interfaces || new.egress != current.egress {
         warn!("reload: interface changes take effect on the next restart");
     }
-    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir {
-        warn!("reload: metrics_addr and pin_dir changes take effect on the next restart");
+    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir || new.tc_attach != current.tc_attach {
+        warn!("reload: metrics_addr, pin_dir and tc_attach changes take effect on the next restart");
     }
     install::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
     info!(
@@ -299,6 +301,7 @@ fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunC
     Ok(RunConfig {
         interfaces: current.interfaces.clone(),
         egress: current.egress.clone(),
+        tc_attach: current.tc_attach,
         ..new
     })
 }
