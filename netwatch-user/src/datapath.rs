@@ -30,8 +30,8 @@ use aya::{
 use log::{debug, info, warn};
 
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES, MAX_RULES, PortRule,
-    PortRules, RuleInfo, Settings, globals, maps,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES,
+    MAX_RULES, PortRule, PortRules, RuleInfo, Settings, globals, maps,
 };
 
 use crate::{
@@ -417,7 +417,9 @@ fn link_type(iface: &str) -> Result<u16> {
 /// a '.', which VLAN devices (`eth0.100`) have; no interface name holds a
 /// ':', so a '.' becomes ':'.
 fn link_pin(pin_dir: &Path, hook: &str, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("{hook}_{}", iface.replace('.', ":")))
+    pin_dir
+        .join("links")
+        .join(format!("{hook}_{}", iface.replace('.', ":")))
 }
 
 /// The hook and interface a pin under `links/` is for.
@@ -658,7 +660,10 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
     // Extra netwatch filters (a second one can only come from an older
     // netwatch or a hand-made copy): one is enough.
     for (extra, _) in found.iter().skip(1) {
-        warn!("{iface}: removing a duplicate netwatch TC filter (pref {})", extra.priority);
+        warn!(
+            "{iface}: removing a duplicate netwatch TC filter (pref {})",
+            extra.priority
+        );
         tc::delete_filter(index, tc::Hook::Egress, extra)?;
     }
     program
@@ -692,9 +697,9 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
             if !tc::has_clsact(index).with_context(|| format!("listing the qdiscs of {iface}"))? {
                 aya::programs::tc::qdisc_add_clsact(iface)
                     .with_context(|| format!("adding a clsact qdisc to {iface}"))?;
-                program.pin(link_pin(pin_dir, TC_NL_QDISC, iface)).with_context(|| {
-                    format!("recording that netwatch added the clsact qdisc of {iface}")
-                })?;
+                program
+                    .pin(link_pin(pin_dir, TC_NL_QDISC, iface))
+                    .with_context(|| format!("recording that netwatch added the clsact qdisc of {iface}"))?;
             }
             let attached = program.attach_with_options(
                 iface,
@@ -724,15 +729,22 @@ fn remove_tc_netlink(pin_dir: &Path, iface: &str) -> Result<usize> {
     }
     // Gone with its interface otherwise.
     if let Ok(index) = ifindex(iface) {
-        for (filter, _) in find_tc_netlink(pin_dir, iface, index)? {
-            tc::delete_filter(index, tc::Hook::Egress, &filter)
+        let ours = find_tc_netlink(pin_dir, iface, index)?;
+        for (filter, _) in &ours {
+            tc::delete_filter(index, tc::Hook::Egress, filter)
                 .with_context(|| format!("removing netwatch's TC egress filter on {iface}"))?;
-            info!("{iface}: removed the netlink TC egress filter (pref {})", filter.priority);
+            info!(
+                "{iface}: removed the netlink TC egress filter (pref {})",
+                filter.priority
+            );
         }
-        if pins[2].exists() && tc::has_clsact(index)? {
+        // Only where netwatch's filter was found: this is the interface
+        // (and network namespace) netwatch added the qdisc to.
+        if !ours.is_empty() && pins[2].exists() && tc::has_clsact(index)? {
             let left = tc::filters(index, tc::Hook::Ingress)?.len() + tc::filters(index, tc::Hook::Egress)?.len();
             if left == 0 {
-                tc::delete_clsact(index).with_context(|| format!("removing the clsact qdisc netwatch added to {iface}"))?;
+                tc::delete_clsact(index)
+                    .with_context(|| format!("removing the clsact qdisc netwatch added to {iface}"))?;
                 info!("{iface}: removed the clsact qdisc netwatch added");
             } else {
                 info!("{iface}: left the clsact qdisc netwatch added in place: {left} other filters use it");

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod datapath;
 pub mod detector;
+pub mod features;
 pub mod http;
 pub mod incidents;
 pub mod install;

@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol, STAT_AUTO_BLOCKED,
-    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED, STAT_SOURCES_CREATED,
-    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol,
+    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED,
+    STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
 };
 use serde::Serialize;
 

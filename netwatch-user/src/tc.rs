@@ -145,12 +145,20 @@ struct Socket(std::os::fd::OwnedFd);
 impl Socket {
     fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a new descriptor we own.
-        Ok(Self(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+        Ok(Self(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
     }
 
     /// Sends one request and collects the payloads of the replies until
@@ -348,7 +356,10 @@ mod tests {
         assert_eq!(resolve(TcAttach::Netlink, true, "eth0").unwrap(), TcPath::Netlink);
         assert_eq!(resolve(TcAttach::Tcx, true, "eth0").unwrap(), TcPath::Tcx);
         let err = resolve(TcAttach::Tcx, false, "eth0").unwrap_err().to_string();
-        assert!(err.contains("6.6") && err.contains("eth0") && err.contains("--tc-attach"), "{err}");
+        assert!(
+            err.contains("6.6") && err.contains("eth0") && err.contains("--tc-attach"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         datapath::link_kind(name)?;
     }
 
+    // Before loading anything: a kernel without what the programs use is
+    // refused with the missing feature's name, not a verifier dump.
+    crate::features::check()?;
     let listener = http::bind(config.metrics_addr)?;
     datapath::prepare_pin_dir(&config.pin_dir)?;
     let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
@@ -287,7 +290,8 @@ fn reload(args: &RunArgs, current: &RunConfig, maps: &PinnedMaps) -> Result<RunC
     if new.interfaces != current.interfaces || new.egress != current.egress {
         warn!("reload: interface changes take effect on the next restart");
     }
-    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir || new.tc_attach != current.tc_attach {
+    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir || new.tc_attach != current.tc_attach
+    {
         warn!("reload: metrics_addr, pin_dir and tc_attach changes take effect on the next restart");
     }
     install::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
