@@ -59,6 +59,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         datapath::ifindex(name)?;
         datapath::link_kind(name)?;
     }
+    for name in &config.egress {
+        crate::tc::resolve(config.tc_attach, crate::tc::tcx_supported(name)?, name)?;
+    }
 
     // Before loading anything: a kernel without what the programs use is
     // refused with the missing feature's name, not a verifier dump.
