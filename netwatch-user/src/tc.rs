@@ -10,7 +10,7 @@
 //! filter is netwatch's only if it runs a program netwatch pinned, so
 //! other tools' filters are never touched.
 
-use std::{fmt, io, os::fd::AsRawFd as _, str::FromStr};
+use std::{fmt, io, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
@@ -27,18 +27,6 @@ pub enum TcAttach {
     Tcx,
     /// A clsact `bpf` filter through netlink, on any kernel.
     Netlink,
-}
-
-impl FromStr for TcAttach {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "tcx" => Ok(Self::Tcx),
-            "netlink" => Ok(Self::Netlink),
-            other => bail!("tc_attach {other:?} must be one of auto, tcx, netlink"),
-        }
-    }
 }
 
 /// How TC egress is (to be) attached to one interface.
@@ -346,11 +334,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settings_parse_and_resolve() {
-        assert_eq!("auto".parse::<TcAttach>().unwrap(), TcAttach::Auto);
-        assert_eq!("netlink".parse::<TcAttach>().unwrap(), TcAttach::Netlink);
-        let err = "tc".parse::<TcAttach>().unwrap_err().to_string();
-        assert!(err.contains("auto, tcx, netlink"), "{err}");
+    fn settings_resolve_by_kernel() {
         assert_eq!(resolve(TcAttach::Auto, true, "eth0").unwrap(), TcPath::Tcx);
         assert_eq!(resolve(TcAttach::Auto, false, "eth0").unwrap(), TcPath::Netlink);
         assert_eq!(resolve(TcAttach::Netlink, true, "eth0").unwrap(), TcPath::Netlink);

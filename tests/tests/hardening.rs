@@ -278,7 +278,7 @@ fn programs_on(ns: &str, dev: &str, pin_dir: &str) -> (usize, usize) {
         .count();
     let filters = net[0]["tc"].as_array().map_or(0, |a| {
         a.iter()
-            .filter(|e| e["devname"] == dev && e["prog_id"].as_u64().is_some_and(|id| tc_ids.contains(&id)))
+            .filter(|e| e["devname"] == dev && e["id"].as_u64().is_some_and(|id| tc_ids.contains(&id)))
             .count()
     });
     (xdp, tc + filters)
