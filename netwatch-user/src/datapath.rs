@@ -10,7 +10,7 @@
 //! after a crash.
 
 use std::{
-    fs,
+    fs, io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -694,7 +694,8 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
             // record without a filter (re-attached next run), never a
             // filter without a record.
             repin(program, pin_dir, TC_NL, iface)?;
-            if !tc::has_clsact(index).with_context(|| format!("listing the qdiscs of {iface}"))? {
+            let added_clsact = !tc::has_clsact(index).with_context(|| format!("listing the qdiscs of {iface}"))?;
+            if added_clsact {
                 aya::programs::tc::qdisc_add_clsact(iface)
                     .with_context(|| format!("adding a clsact qdisc to {iface}"))?;
                 program
@@ -710,6 +711,13 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
                 Ok(id) => id,
                 Err(err) => {
                     let _ = remove_tc_netlink(pin_dir, iface);
+                    let empty = || -> io::Result<bool> {
+                        Ok(tc::filters(index, tc::Hook::Ingress)?.is_empty()
+                            && tc::filters(index, tc::Hook::Egress)?.is_empty())
+                    };
+                    if added_clsact && empty().unwrap_or(false) {
+                        let _ = tc::delete_clsact(index);
+                    }
                     return Err(err).with_context(|| format!("attaching TC egress to {iface} through netlink"));
                 }
             };
@@ -888,4 +896,22 @@ pub fn mark_all_detached(maps: &PinnedMaps) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_have_no_dot_and_name_their_interface() {
+        let pin = link_pin(Path::new("/sys/fs/bpf/netwatch"), TC_NL, "eth0.100");
+        assert_eq!(pin, Path::new("/sys/fs/bpf/netwatch/links/tcnl_eth0:100"));
+        let name = pin.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_link_pin(name), Some((TC_NL, "eth0.100".to_string())));
+        assert_eq!(parse_link_pin("tc_wg_home"), Some(("tc", "wg_home".to_string())));
+        assert_eq!(
+            parse_link_pin("tcqdisc_br-lan"),
+            Some((TC_NL_QDISC, "br-lan".to_string()))
+        );
+    }
 }
