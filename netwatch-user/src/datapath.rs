@@ -702,10 +702,26 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
                     .pin(link_pin(pin_dir, TC_NL_QDISC, iface))
                     .with_context(|| format!("recording that netwatch added the clsact qdisc of {iface}"))?;
             }
+            // First in line: a filter before netwatch's that ends
+            // classification (any non-direct-action match does) would hide
+            // packets from it; netwatch's own pass lets the others run.
+            let others = tc::filters(index, tc::Hook::Egress)
+                .with_context(|| format!("listing the TC egress filters of {iface}"))?;
+            let priority = match others.iter().map(|f| f.priority).min() {
+                None => 0, // the kernel's choice, 49152
+                Some(first) if first > 1 => first - 1,
+                Some(_) => {
+                    warn!("{iface}: another TC egress filter has pref 1 and runs before netwatch's");
+                    0
+                }
+            };
             let attached = program.attach_with_options(
                 iface,
                 TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions::default()),
+                TcAttachOptions::Netlink(NlOptions {
+                    priority,
+                    ..NlOptions::default()
+                }),
             );
             let id = match attached {
                 Ok(id) => id,

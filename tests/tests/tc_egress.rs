@@ -177,15 +177,32 @@ fn netlink_leaves_other_filters_and_their_qdisc_alone() {
     let lab = Lab::new();
     let pins = pin_dir();
     tc(&lab.victim, &["qdisc", "add", "dev", VICTIM_IF, "clsact"]);
+    // Another tool's filter, of netwatch's own kind (cls_bpf): a classic
+    // BPF program that classifies everything into 1:1 and drops nothing.
     let foreign = [
-        "filter", "add", "dev", VICTIM_IF, "egress", "prio", "7", "protocol", "ip", "u32", "match", "ip", "dport", "9",
-        "0xffff", "classid", "1:1",
+        "filter",
+        "add",
+        "dev",
+        VICTIM_IF,
+        "egress",
+        "prio",
+        "7",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 4294967295,",
+        "classid",
+        "1:1",
     ];
     tc(&lab.victim, &foreign);
     let show = || tc(&lab.victim, &["filter", "show", "dev", VICTIM_IF, "egress"]);
-    let foreign_lines = |s: &str| s.lines().filter(|l| l.contains("u32")).count();
+    let foreign_lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.contains("pref 7") && l.contains("handle"))
+            .map(str::to_string)
+            .collect()
+    };
     let before = foreign_lines(&show());
-    assert!(before > 0);
+    assert_eq!(before.len(), 1, "{}", show());
 
     let args = [
         "--egress",
@@ -197,7 +214,10 @@ fn netlink_leaves_other_filters_and_their_qdisc_alone() {
         "--keep-attached",
     ];
     let nw = Netwatch::start(&lab.victim, &pins, &args);
-    assert_eq!(netwatch_filters(&lab.victim).len(), 1);
+    let ours = netwatch_filters(&lab.victim);
+    assert_eq!(ours.len(), 1);
+    // Ahead of the other filter, which would end classification first.
+    assert_eq!(ours[0].0, "6", "{}", show());
     nw.stop_and_keep_pins();
     assert_eq!(
         netwatch_filters(&lab.victim).len(),
