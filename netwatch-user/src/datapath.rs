@@ -549,11 +549,12 @@ impl Attachments {
                         info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
                     }
                     None => {
+                        // First in line, as the netlink filter is.
                         let id = program
                             .attach_with_options(
                                 iface,
                                 TcAttachType::Egress,
-                                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                                TcAttachOptions::TcxOrder(LinkOrder::first()),
                             )
                             .with_context(|| format!("attaching TC egress to {iface} through TCX"))?;
                         let link = FdLink::try_from(program.take_link(id)?)?;
