@@ -59,13 +59,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         datapath::ifindex(name)?;
         datapath::link_kind(name)?;
     }
+    // Before loading anything: a kernel without what the programs use is
+    // refused with the missing feature's name, not a verifier dump.
+    crate::features::check()?;
     for name in &config.egress {
         crate::tc::resolve(config.tc_attach, crate::tc::tcx_supported(name)?, name)?;
     }
 
-    // Before loading anything: a kernel without what the programs use is
-    // refused with the missing feature's name, not a verifier dump.
-    crate::features::check()?;
     let listener = http::bind(config.metrics_addr)?;
     datapath::prepare_pin_dir(&config.pin_dir)?;
     let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
