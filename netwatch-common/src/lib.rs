@@ -206,7 +206,8 @@ pub const ROLE_HOST: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceInfo {
     pub in_use: u8,
-    /// Bit 0: XDP attached; bit 1: TC egress attached.
+    /// Bit 0: XDP attached; bit 1: TC egress attached; bit 2: TC egress
+    /// is a netlink (clsact) filter rather than a TCX link.
     pub attached: u8,
     pub xdp_generic: u8,
     pub _pad: u8,
@@ -216,6 +217,7 @@ pub struct IfaceInfo {
 }
 pub const ATTACHED_XDP: u8 = 1;
 pub const ATTACHED_TC: u8 = 2;
+pub const ATTACHED_TC_NETLINK: u8 = 4;
 
 pub const MODE_MONITOR: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;

@@ -8,7 +8,10 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::policy::{IfaceSpec, Mode, Rule, parse_cidr};
+use crate::{
+    policy::{IfaceSpec, Mode, Rule, parse_cidr},
+    tc::TcAttach,
+};
 
 /// Count and drop NetBIOS (udp/137) and AOL/ICQ (tcp/5190) probes at line
 /// rate with XDP and TC, and export what was seen to Prometheus.
@@ -208,6 +211,10 @@ pub struct RunArgs {
     /// Also `keep_attached = true` in the config file.
     #[arg(long)]
     pub keep_attached: bool,
+    /// How TC egress attaches: `auto` (TCX where the kernel has it, Linux
+    /// 6.6+, else a clsact filter through netlink), `tcx` or `netlink`. [default: auto]
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub tc_attach: Option<TcAttach>,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
+use crate::tc::TcAttach;
+
 use crate::policy::{
     Action, DEFAULT_BLOCK_SECS, DEFAULT_VISITOR_SECS, DEFAULT_WEB_PORTS, IfaceSpec, Mode, Policy, Rule, default_rules,
     parse_cidr, parse_port, parse_protocol,
@@ -133,6 +135,9 @@ pub struct ConfigFile {
     /// Leave the programs attached when the controller exits (service
     /// restarts and package upgrades keep enforcing).
     pub keep_attached: Option<bool>,
+    /// How TC egress attaches: `auto` (TCX where the kernel has it, else
+    /// netlink), `tcx` or `netlink`.
+    pub tc_attach: Option<TcAttach>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +191,7 @@ pub struct Overrides {
     pub allowlist: Vec<ipnet::IpNet>,
     pub blocklist: Vec<ipnet::IpNet>,
     pub keep_attached: bool,
+    pub tc_attach: Option<TcAttach>,
 }
 
 /// The merged, validated configuration of a running controller.
@@ -196,6 +202,7 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub interfaces: Vec<IfaceSpec>,
     pub egress: Vec<String>,
+    pub tc_attach: TcAttach,
     pub policy: Policy,
     pub keep_attached: bool,
 }
@@ -326,6 +333,7 @@ impl RunConfig {
             state_dir,
             interfaces,
             egress,
+            tc_attach: flags.tc_attach.or(file.tc_attach).unwrap_or_default(),
             policy,
             keep_attached: flags.keep_attached || file.keep_attached.unwrap_or(false),
         })

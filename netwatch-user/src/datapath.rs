@@ -10,7 +10,7 @@
 //! after a crash.
 
 use std::{
-    fs,
+    fs, io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -20,9 +20,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, LpmTrie, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
     sys::SyscallError,
@@ -30,11 +30,14 @@ use aya::{
 use log::{debug, info, warn};
 
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES, MAX_RULES, PortRule,
-    PortRules, RuleInfo, Settings, globals, maps,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES,
+    MAX_RULES, PortRule, PortRules, RuleInfo, Settings, globals, maps,
 };
 
-use crate::policy::Role;
+use crate::{
+    policy::Role,
+    tc::{self, TcAttach, TcPath},
+};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
@@ -410,16 +413,44 @@ fn link_type(iface: &str) -> Result<u16> {
     Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
+/// The pin of `hook` on `iface` under `links/`. bpffs refuses names with
+/// a '.', which VLAN devices (`eth0.100`) have; no interface name holds a
+/// ':', so a '.' becomes ':'.
 fn link_pin(pin_dir: &Path, hook: &str, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("{hook}_{iface}"))
+    pin_dir
+        .join("links")
+        .join(format!("{hook}_{}", iface.replace('.', ":")))
+}
+
+/// The hook and interface a pin under `links/` is for.
+fn parse_link_pin(name: &str) -> Option<(&str, String)> {
+    let (hook, iface) = name.split_once('_')?;
+    Some((hook, iface.replace(':', ".")))
+}
+
+/// Pins under `links/` that record a netlink TC filter (see `tc`):
+/// the program the filter runs; the next program while it replaces the
+/// filter's; and a mark that netwatch created the interface's clsact
+/// qdisc (a second pin of a program: bpffs holds BPF objects only).
+const TC_NL: &str = "tcnl";
+const TC_NL_NEXT: &str = "tcnlnext";
+const TC_NL_QDISC: &str = "tcqdisc";
+
+/// What one attachment left under the pin directory.
+enum Pinned {
+    /// A BPF link pin: removing it detaches.
+    Link(PathBuf),
+    /// A netlink TC egress filter on this interface.
+    TcNetlink(String),
 }
 
 /// The programs this controller has attached. Dropping it leaves the
-/// pinned links in place; [`Attachments::detach`] removes them.
+/// pinned links and netlink filters in place; [`Attachments::detach`]
+/// removes them.
 pub struct Attachments {
     pin_dir: PathBuf,
-    /// Program instances and the link pins they own.
-    instances: Vec<(Ebpf, PathBuf)>,
+    /// Program instances and what they own under the pin directory.
+    instances: Vec<(Ebpf, Pinned)>,
 }
 
 impl Attachments {
@@ -487,55 +518,272 @@ impl Attachments {
                 Some(mode)
             }
         };
-        self.instances.push((ebpf, pin));
+        self.instances.push((ebpf, Pinned::Link(pin)));
         Ok(mode)
     }
 
-    /// Attaches the TC egress program to `iface` (TCX).
-    pub fn attach_tc_egress(&mut self, iface: &str, slot: u32) -> Result<()> {
+    /// Attaches the TC egress program to `iface`, through TCX or netlink
+    /// as `setting` and the kernel decide (see `tc`). What an earlier run
+    /// left attached is re-adopted: its program is replaced in place, with
+    /// no gap. An earlier run's attachment through the other path is
+    /// removed once the new one is in place. Returns the path taken.
+    pub fn attach_tc_egress(&mut self, iface: &str, slot: u32, setting: TcAttach) -> Result<TcPath> {
         let link = link_kind(iface)?;
+        let index = ifindex(iface)?;
+        let path = tc::resolve(setting, tc::tcx_supported(iface)?, iface)?;
         let mut ebpf = load_instance(&self.pin_dir, slot, Direction::Outbound, link)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_PROGRAM)
             .context("TC program missing from object")?
             .try_into()?;
         program.load().context("loading the TC program (verifier)")?;
-        let pin = link_pin(&self.pin_dir, "tc", iface);
-        match readopt(&pin)? {
-            Some(old) => {
-                let link = SchedClassifierLink::try_from(old)?;
-                program
-                    .attach_to_link(link)
-                    .with_context(|| format!("replacing the TC program on {iface}"))?;
-                info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
+        let tcx_pin = link_pin(&self.pin_dir, "tc", iface);
+        let pinned = match path {
+            TcPath::Tcx => {
+                match readopt(&tcx_pin)? {
+                    Some(old) => {
+                        let link = SchedClassifierLink::try_from(old)?;
+                        program
+                            .attach_to_link(link)
+                            .with_context(|| format!("replacing the TC program on {iface}"))?;
+                        info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
+                    }
+                    None => {
+                        // First in line, as the netlink filter is.
+                        let id = program
+                            .attach_with_options(
+                                iface,
+                                TcAttachType::Egress,
+                                TcAttachOptions::TcxOrder(LinkOrder::first()),
+                            )
+                            .with_context(|| format!("attaching TC egress to {iface} through TCX"))?;
+                        let link = FdLink::try_from(program.take_link(id)?)?;
+                        link.pin(&tcx_pin)
+                            .with_context(|| format!("pinning TC link at {}", tcx_pin.display()))?;
+                    }
+                }
+                if remove_tc_netlink(&self.pin_dir, iface)? > 0 {
+                    info!("{iface}: removed the netlink TC filter of an earlier run (now TCX)");
+                }
+                Pinned::Link(tcx_pin)
             }
-            None => {
-                ifindex(iface)?;
-                let id = program
-                    .attach_with_options(
-                        iface,
-                        TcAttachType::Egress,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .with_context(|| format!("attaching TC egress to {iface}"))?;
-                let link = FdLink::try_from(program.take_link(id)?)?;
-                link.pin(&pin)
-                    .with_context(|| format!("pinning TC link at {}", pin.display()))?;
+            TcPath::Netlink => {
+                attach_tc_netlink(&self.pin_dir, program, iface, index)?;
+                if tcx_pin.exists() {
+                    fs::remove_file(&tcx_pin).with_context(|| format!("removing {}", tcx_pin.display()))?;
+                    info!("{iface}: removed the TCX link of an earlier run (now a netlink filter)");
+                }
+                Pinned::TcNetlink(iface.to_string())
             }
-        }
-        self.instances.push((ebpf, pin));
-        Ok(())
+        };
+        self.instances.push((ebpf, pinned));
+        Ok(path)
     }
 
     /// Detaches every program this controller attached (by removing the
-    /// link pins); maps stay pinned, so counters continue next run.
+    /// link pins, and the netlink filters with their records); maps stay
+    /// pinned, so counters continue next run.
     pub fn detach(self) {
-        for (_, pin) in &self.instances {
-            if let Err(err) = fs::remove_file(pin) {
-                warn!("removing link pin {}: {err}", pin.display());
+        for (_, pinned) in &self.instances {
+            match pinned {
+                Pinned::Link(pin) => {
+                    if let Err(err) = fs::remove_file(pin) {
+                        warn!("removing link pin {}: {err}", pin.display());
+                    }
+                }
+                Pinned::TcNetlink(iface) => {
+                    if let Err(err) = remove_tc_netlink(&self.pin_dir, iface) {
+                        warn!("removing the netlink TC filter on {iface}: {err:#}");
+                    }
+                }
             }
         }
     }
+}
+
+/// The id of a pinned program, if the pin exists.
+fn pinned_prog_id(pin: &Path) -> Result<Option<u32>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let info = ProgramInfo::from_pin(pin).with_context(|| format!("{} is not a pinned BPF program", pin.display()))?;
+    Ok(Some(info.id()))
+}
+
+/// netwatch's netlink filter on `iface`'s egress: the one that runs a
+/// program recorded under the pin directory. `true` when it runs the
+/// program of the `next` pin (a run stopped between replacing the
+/// filter's program and renaming its pin).
+fn find_tc_netlink(pin_dir: &Path, iface: &str, index: u32) -> Result<Vec<(tc::Filter, bool)>> {
+    let record = pinned_prog_id(&link_pin(pin_dir, TC_NL, iface))?;
+    let next = pinned_prog_id(&link_pin(pin_dir, TC_NL_NEXT, iface))?;
+    if record.is_none() && next.is_none() {
+        return Ok(Vec::new());
+    }
+    let filters =
+        tc::filters(index, tc::Hook::Egress).with_context(|| format!("listing the TC egress filters of {iface}"))?;
+    Ok(filters
+        .into_iter()
+        .filter_map(|f| match f.prog_id {
+            Some(id) if Some(id) == record => Some((f, false)),
+            Some(id) if Some(id) == next => Some((f, true)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Pins `program` at `pin` through a temporary name and a rename, so the
+/// record of a filter is never missing.
+fn repin(program: &mut SchedClassifier, pin_dir: &Path, hook: &str, iface: &str) -> Result<()> {
+    let next = link_pin(pin_dir, TC_NL_NEXT, iface);
+    let pin = link_pin(pin_dir, hook, iface);
+    if !next.exists() {
+        program
+            .pin(&next)
+            .with_context(|| format!("pinning the TC program at {}", next.display()))?;
+    }
+    fs::rename(&next, &pin).with_context(|| format!("renaming {} to {}", next.display(), pin.display()))
+}
+
+/// Attaches `program` as a `bpf` filter on `iface`'s clsact egress hook,
+/// replacing the program of netwatch's filter there if an earlier run
+/// left one (same priority and handle: one filter, no gap).
+fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str, index: u32) -> Result<()> {
+    let next = link_pin(pin_dir, TC_NL_NEXT, iface);
+    let mut found = find_tc_netlink(pin_dir, iface, index)?;
+    if let Some((_, true)) = found.first() {
+        // The earlier run replaced the program but did not rename its pin.
+        fs::rename(&next, link_pin(pin_dir, TC_NL, iface)).context("completing an earlier run's re-pin")?;
+    }
+    if next.exists() {
+        fs::remove_file(&next).with_context(|| format!("removing {}", next.display()))?;
+    }
+    // Extra netwatch filters (a second one can only come from an older
+    // netwatch or a hand-made copy): one is enough.
+    for (extra, _) in found.iter().skip(1) {
+        warn!(
+            "{iface}: removing a duplicate netwatch TC filter (pref {})",
+            extra.priority
+        );
+        tc::delete_filter(index, tc::Hook::Egress, extra)?;
+    }
+    program
+        .pin(&next)
+        .with_context(|| format!("pinning the TC program at {}", next.display()))?;
+    match found.drain(..).next() {
+        Some((filter, _)) => {
+            let old = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Egress,
+                filter.priority,
+                TcHandle::from(filter.handle),
+                None,
+            )?;
+            let id = program
+                .attach_to_link(old)
+                .with_context(|| format!("replacing the program of the TC filter on {iface}"))?;
+            // The filter outlives this process: never detach it on drop.
+            std::mem::forget(program.take_link(id)?);
+            repin(program, pin_dir, TC_NL, iface)?;
+            info!(
+                "{iface}: re-adopted the netlink TC egress filter of an earlier run (pref {})",
+                filter.priority
+            );
+        }
+        None => {
+            // Recorded before the filter exists: a crash in between leaves a
+            // record without a filter (re-attached next run), never a
+            // filter without a record.
+            repin(program, pin_dir, TC_NL, iface)?;
+            let added_clsact = !tc::has_clsact(index).with_context(|| format!("listing the qdiscs of {iface}"))?;
+            if added_clsact {
+                aya::programs::tc::qdisc_add_clsact(iface)
+                    .with_context(|| format!("adding a clsact qdisc to {iface}"))?;
+                program
+                    .pin(link_pin(pin_dir, TC_NL_QDISC, iface))
+                    .with_context(|| format!("recording that netwatch added the clsact qdisc of {iface}"))?;
+            }
+            // First in line: a filter before netwatch's that ends
+            // classification (any non-direct-action match does) would hide
+            // packets from it; netwatch's own pass lets the others run.
+            let others = tc::filters(index, tc::Hook::Egress)
+                .with_context(|| format!("listing the TC egress filters of {iface}"))?;
+            let priority = match others.iter().map(|f| f.priority).min() {
+                None => 0, // the kernel's choice, 49152
+                Some(first) if first > 1 => first - 1,
+                Some(_) => {
+                    warn!("{iface}: another TC egress filter has pref 1 and runs before netwatch's");
+                    0
+                }
+            };
+            let attached = program.attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority,
+                    ..NlOptions::default()
+                }),
+            );
+            let id = match attached {
+                Ok(id) => id,
+                Err(err) => {
+                    let _ = remove_tc_netlink(pin_dir, iface);
+                    let empty = || -> io::Result<bool> {
+                        Ok(tc::filters(index, tc::Hook::Ingress)?.is_empty()
+                            && tc::filters(index, tc::Hook::Egress)?.is_empty())
+                    };
+                    if added_clsact && empty().unwrap_or(false) {
+                        let _ = tc::delete_clsact(index);
+                    }
+                    return Err(err).with_context(|| format!("attaching TC egress to {iface} through netlink"));
+                }
+            };
+            std::mem::forget(program.take_link(id)?);
+        }
+    }
+    Ok(())
+}
+
+/// Removes netwatch's netlink TC filter on `iface` and its records, and
+/// the clsact qdisc if netwatch added it and no filter is left on it.
+/// Other filters are never touched. Returns the number of pins removed.
+fn remove_tc_netlink(pin_dir: &Path, iface: &str) -> Result<usize> {
+    let pins = [TC_NL, TC_NL_NEXT, TC_NL_QDISC].map(|hook| link_pin(pin_dir, hook, iface));
+    if !pins.iter().any(|p| p.exists()) {
+        return Ok(0);
+    }
+    // Gone with its interface otherwise.
+    if let Ok(index) = ifindex(iface) {
+        let ours = find_tc_netlink(pin_dir, iface, index)?;
+        for (filter, _) in &ours {
+            tc::delete_filter(index, tc::Hook::Egress, filter)
+                .with_context(|| format!("removing netwatch's TC egress filter on {iface}"))?;
+            info!(
+                "{iface}: removed the netlink TC egress filter (pref {})",
+                filter.priority
+            );
+        }
+        // Only where netwatch's filter was found: this is the interface
+        // (and network namespace) netwatch added the qdisc to.
+        if !ours.is_empty() && pins[2].exists() && tc::has_clsact(index)? {
+            let left = tc::filters(index, tc::Hook::Ingress)?.len() + tc::filters(index, tc::Hook::Egress)?.len();
+            if left == 0 {
+                tc::delete_clsact(index)
+                    .with_context(|| format!("removing the clsact qdisc netwatch added to {iface}"))?;
+                info!("{iface}: removed the clsact qdisc netwatch added");
+            } else {
+                info!("{iface}: left the clsact qdisc netwatch added in place: {left} other filters use it");
+            }
+        }
+    }
+    let mut removed = 0;
+    for pin in &pins {
+        if pin.exists() {
+            fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Opens a link pinned by an earlier run, if any.
@@ -572,6 +820,19 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
     let mut removed = 0;
     let links = pin_dir.join("links");
     if links.exists() {
+        // Netlink filters first: their records identify them.
+        let mut tc_netlink = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(&links)? {
+            let name = entry?.file_name();
+            if let Some((hook, iface)) = name.to_str().and_then(parse_link_pin)
+                && [TC_NL, TC_NL_NEXT, TC_NL_QDISC].contains(&hook)
+            {
+                tc_netlink.insert(iface);
+            }
+        }
+        for iface in tc_netlink {
+            removed += remove_tc_netlink(pin_dir, &iface)?;
+        }
         for entry in fs::read_dir(&links)? {
             let path = entry?.path();
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -603,7 +864,12 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
 /// Marks what is attached to an interface slot, for `status`.
 /// `xdp` is `Some(None)` for a re-adopted XDP link, whose mode is as
 /// recorded before.
-pub fn mark_attached(maps: &PinnedMaps, slot: u32, xdp: Option<Option<XdpAttachMode>>, tc: bool) -> Result<()> {
+pub fn mark_attached(
+    maps: &PinnedMaps,
+    slot: u32,
+    xdp: Option<Option<XdpAttachMode>>,
+    tc: Option<TcPath>,
+) -> Result<()> {
     update_iface(maps, slot, |info| {
         if let Some(mode) = xdp {
             info.attached |= ATTACHED_XDP;
@@ -611,8 +877,12 @@ pub fn mark_attached(maps: &PinnedMaps, slot: u32, xdp: Option<Option<XdpAttachM
                 info.xdp_generic = (mode == XdpAttachMode::Generic) as u8;
             }
         }
-        if tc {
+        if let Some(path) = tc {
             info.attached |= ATTACHED_TC;
+            info.attached &= !ATTACHED_TC_NETLINK;
+            if path == TcPath::Netlink {
+                info.attached |= ATTACHED_TC_NETLINK;
+            }
         }
     })
 }
@@ -643,4 +913,22 @@ pub fn mark_all_detached(maps: &PinnedMaps) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_have_no_dot_and_name_their_interface() {
+        let pin = link_pin(Path::new("/sys/fs/bpf/netwatch"), TC_NL, "eth0.100");
+        assert_eq!(pin, Path::new("/sys/fs/bpf/netwatch/links/tcnl_eth0:100"));
+        let name = pin.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_link_pin(name), Some((TC_NL, "eth0.100".to_string())));
+        assert_eq!(parse_link_pin("tc_wg_home"), Some(("tc", "wg_home".to_string())));
+        assert_eq!(
+            parse_link_pin("tcqdisc_br-lan"),
+            Some((TC_NL_QDISC, "br-lan".to_string()))
+        );
+    }
 }

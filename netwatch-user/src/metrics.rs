@@ -243,7 +243,7 @@ pub fn render(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Resu
             .with_label_values(&[i.name.as_str(), i.role, "xdp", i.xdp.unwrap_or("none")])
             .set(i.xdp.is_some() as i64);
         attached
-            .with_label_values(&[i.name.as_str(), i.role, "tc_egress", "tcx"])
+            .with_label_values(&[i.name.as_str(), i.role, "tc_egress", i.tc_egress_mode.unwrap_or("none")])
             .set(i.tc_egress as i64);
     }
     let lists = gauge_vec(

@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol, STAT_AUTO_BLOCKED,
-    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED, STAT_SOURCES_CREATED,
-    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol,
+    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED,
+    STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
 };
 use serde::Serialize;
 
@@ -78,6 +78,8 @@ pub struct InterfaceState {
     /// `native`, `generic` or `null` when no XDP program is attached.
     pub xdp: Option<&'static str>,
     pub tc_egress: bool,
+    /// How TC egress is attached: `tcx`, `netlink` or `null` when it is not.
+    pub tc_egress_mode: Option<&'static str>,
     #[serde(skip)]
     pub slot: u32,
 }
@@ -149,6 +151,13 @@ impl Snapshot {
                     "native"
                 }),
                 tc_egress: info.attached & ATTACHED_TC != 0,
+                tc_egress_mode: (info.attached & ATTACHED_TC != 0).then_some(
+                    if info.attached & ATTACHED_TC_NETLINK != 0 {
+                        "netlink"
+                    } else {
+                        "tcx"
+                    },
+                ),
                 slot,
             })
             .collect();

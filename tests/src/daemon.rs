@@ -216,7 +216,16 @@ impl Drop for Netwatch {
             let _ = child.wait();
         }
         if self.detach_on_drop {
-            let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
+            // In the namespace of the interfaces (netlink TC filters are
+            // found there), or outside if it is gone.
+            let inside = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.ns_name))
+                .arg(bin())
+                .args(["detach", "--pin-dir", &self.pin_dir])
+                .output();
+            if !inside.is_ok_and(|o| o.status.success()) {
+                let _ = netwatch(&["detach", "--pin-dir", &self.pin_dir]);
+            }
         }
         let _ = std::fs::remove_file(&self.log);
         if self.owns_state {

@@ -549,6 +549,17 @@ fn bad_input_is_refused_with_a_clear_error() {
             "unknown variant `block`",
         ),
         (
+            vec!["--egress".into(), "lo".into(), "--tc-attach".into(), "tc".into()],
+            "invalid value 'tc' for '--tc-attach <HOW>'",
+        ),
+        (
+            vec![
+                "--config".into(),
+                file("tc.toml", "egress = [\"lo\"]\ntc_attach = \"tc\"\n"),
+            ],
+            "unknown variant `tc`, expected one of `auto`, `tcx`, `netlink`",
+        ),
+        (
             vec!["--config".into(), file("syntax.toml", "[[rule]\nprotocol = \"udp\"\n")],
             "line 1",
         ),

@@ -1001,8 +1001,20 @@ fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeM
 // ---------------------------------------------------------------------
 
 /// The id of the program netwatch attached at `hook` (`xdp` or `tc`) of
-/// the lab's interface, from the link it pinned.
+/// the lab's interface, from the link it pinned (or, for TC egress
+/// attached through netlink, the program it pinned).
 fn prog_id(pins: &str, hook: &str) -> u64 {
+    let filter = format!("{pins}/links/tcnl_{IFACE}");
+    if hook == "tc" && std::path::Path::new(&filter).exists() {
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show", "pinned", &filter])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prog show JSON");
+        return v["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no program at {filter}: {v}"));
+    }
     let link = format!("{pins}/links/{hook}_{IFACE}");
     let out = Command::new("bpftool")
         .args(["-j", "link", "show", "pinned", &link])

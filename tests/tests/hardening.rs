@@ -233,11 +233,11 @@ fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     assert_eq!(blocks + capped, 3000.0);
 }
 
-/// XDP programs on `dev` in `ns`, and TCX links of programs that use
-/// the maps pinned in `pin_dir`: only what this test attached, whatever
-/// other tests run beside it. (bpftool 7.1 shows neither the device nor
-/// the namespace of a TCX link, so a link is ours when its program uses
-/// our pinned SETTINGS map.)
+/// XDP programs on `dev` in `ns`, and TC egress attachments (TCX links
+/// and clsact filters) of programs that use the maps pinned in `pin_dir`:
+/// only what this test attached, whatever other tests run beside it.
+/// (bpftool 7.1 shows neither the device nor the namespace of a TCX link,
+/// so a link is ours when its program uses our pinned SETTINGS map.)
 fn programs_on(ns: &str, dev: &str, pin_dir: &str) -> (usize, usize) {
     let json = |cmd: &mut Command| -> serde_json::Value {
         let out = cmd.output().unwrap();
@@ -276,7 +276,12 @@ fn programs_on(ns: &str, dev: &str, pin_dir: &str) -> (usize, usize) {
         .iter()
         .filter(|l| l["prog_id"].as_u64().is_some_and(|id| tc_ids.contains(&id)))
         .count();
-    (xdp, tc)
+    let filters = net[0]["tc"].as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|e| e["devname"] == dev && e["id"].as_u64().is_some_and(|id| tc_ids.contains(&id)))
+            .count()
+    });
+    (xdp, tc + filters)
 }
 
 /// SIGKILL: the programs stay attached (their links are pinned) and keep

@@ -578,7 +578,7 @@ fn json_output_keeps_its_documented_schema() {
     );
     assert_eq!(
         keys(&status["interfaces"][0]),
-        ["ifindex", "name", "role", "tc_egress", "xdp"]
+        ["ifindex", "name", "role", "tc_egress", "tc_egress_mode", "xdp"]
     );
     assert_eq!(
         keys(&status["rules"][0]),

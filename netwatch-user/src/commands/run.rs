@@ -42,6 +42,7 @@ fn overrides(args: &RunArgs) -> Overrides {
         allowlist: args.allowlist.clone(),
         blocklist: args.blocklist.clone(),
         keep_attached: args.keep_attached,
+        tc_attach: args.tc_attach,
     }
 }
 
@@ -151,6 +152,12 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     let config = load_config(&args, source)?;
     // Check every interface before attaching anything.
     check_interfaces(&config)?;
+    // Before loading anything: a kernel without what the programs use is
+    // refused with the missing feature's name, not a verifier dump.
+    crate::features::check()?;
+    for name in &config.egress {
+        crate::tc::resolve(config.tc_attach, crate::tc::tcx_supported(name)?, name)?;
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let signals = {
@@ -212,10 +219,11 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
         let index = datapath::ifindex(&iface.name)?;
         let slot = datapath::claim_iface_slot(maps, &iface.name, iface.role, index)?;
         let mode = attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
-        let tc = config.egress.contains(&iface.name);
-        if tc {
-            attachments.attach_tc_egress(&iface.name, slot)?;
-        }
+        let tc = if config.egress.contains(&iface.name) {
+            Some(attachments.attach_tc_egress(&iface.name, slot, config.tc_attach)?)
+        } else {
+            None
+        };
         datapath::mark_attached(maps, slot, Some(mode), tc)?;
         info!(
             "{}: role {}, XDP {}{}",
@@ -226,7 +234,7 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
                 Some(datapath::XdpAttachMode::Generic) => "generic",
                 None => "re-adopted",
             },
-            if tc { ", TC egress" } else { "" }
+            tc.map(|path| format!(", TC egress ({path})")).unwrap_or_default()
         );
     }
     for name in config
@@ -235,9 +243,9 @@ fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachmen
         .filter(|e| !config.interfaces.iter().any(|i| &i.name == *e))
     {
         let slot = datapath::claim_iface_slot(maps, name, Role::Host, datapath::ifindex(name)?)?;
-        attachments.attach_tc_egress(name, slot)?;
-        datapath::mark_attached(maps, slot, None, true)?;
-        info!("{name}: TC egress");
+        let path = attachments.attach_tc_egress(name, slot, config.tc_attach)?;
+        datapath::mark_attached(maps, slot, None, Some(path))?;
+        info!("{name}: TC egress ({path})");
     }
     Ok(())
 }
@@ -409,8 +417,9 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, maps: &Pin
     if new.interfaces != current.interfaces || new.egress != current.egress {
         warn!("reload: interface changes take effect on the next restart");
     }
-    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir {
-        warn!("reload: metrics_addr and pin_dir changes take effect on the next restart");
+    if new.metrics_addr != current.metrics_addr || new.pin_dir != current.pin_dir || new.tc_attach != current.tc_attach
+    {
+        warn!("reload: metrics_addr, pin_dir and tc_attach changes take effect on the next restart");
     }
     if new.keep_attached != current.keep_attached {
         info!("reload: keep_attached is now {}", new.keep_attached);
@@ -426,6 +435,7 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, maps: &Pin
     Ok(RunConfig {
         interfaces: current.interfaces.clone(),
         egress: current.egress.clone(),
+        tc_attach: current.tc_attach,
         ..new
     })
 }

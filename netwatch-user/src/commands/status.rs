@@ -45,7 +45,10 @@ pub fn render_text(s: &Snapshot) -> String {
             .xdp
             .map(|m| format!("xdp {m}"))
             .unwrap_or_else(|| "xdp detached".into());
-        let tc = if i.tc_egress { ", tc egress" } else { "" };
+        let tc = i
+            .tc_egress_mode
+            .map(|m| format!(", tc egress ({m})"))
+            .unwrap_or_default();
         let _ = writeln!(out, "  {:<16} role {:<5} {xdp}{tc}", i.name, i.role);
     }
     let _ = writeln!(out, "rules:");
