@@ -33,8 +33,8 @@ const KERNEL_PACKAGES: &[&str] = &[
 ];
 
 /// Test binaries a kernel run takes unless told otherwise: the BPF program
-/// tests and the namespace end-to-end tests.
-pub const DEFAULT_SUITES: &str = "datapath,e2e";
+/// tests, the namespace end-to-end tests and TC egress on either path.
+pub const DEFAULT_SUITES: &str = "datapath,e2e,tc_egress";
 
 /// Modules the tests need that the cloud kernels build as modules: veth
 /// pairs and tun devices, VLAN devices, and the clsact qdisc with its BPF
