@@ -74,7 +74,14 @@ pub const FEATURES: &[Feature] = &[
         name: "BPF global data",
         since: (5, 2),
         used_for: "per-attachment constants (interface slot, direction, link type)",
-        probe: || Ok(aya::features().bpf_global_data()),
+        // aya's answer is a bare bool, false also when bpf(2) itself is
+        // refused (no capability, a seccomp filter): ask only once a map
+        // can be made, so "cannot tell" never reads as "missing".
+        probe: || {
+            is_map_supported(MapType::Array)
+                .map_err(text)
+                .map(|_| aya::features().bpf_global_data())
+        },
     },
     Feature {
         name: "the bpf_jiffies64 helper",
