@@ -99,8 +99,25 @@ fn alert_rules_pass_promtool_unit_tests() {
         "NetwatchSourceMapNearFull",
         "NetwatchEventsLost",
         "NetwatchDown",
+        "NetwatchReloadFailed",
+        "NetwatchIncidentStoreErrors",
+        "NetwatchAutoBlockCapReached",
     ] {
         assert!(names.iter().any(|n| n == needed), "no alert {needed}");
+    }
+    // Every alert links to its runbook, a heading of the README.
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/netwatch.rules.yml")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for name in &names {
+        let url = format!(
+            "runbook_url: \"file:///usr/share/doc/netwatch/README.md#{}\"",
+            name.to_lowercase()
+        );
+        assert!(rules.contains(&url), "alert {name} has no runbook_url {url}");
+        assert!(
+            readme.contains(&format!("\n#### {name}\n")),
+            "README has no runbook for {name}"
+        );
     }
 }
 
