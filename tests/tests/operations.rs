@@ -46,17 +46,54 @@ fn dashboard_is_importable_and_every_panel_has_a_query() {
             "panel {} not on the datasource variable",
             p["title"]
         );
+        let title = &p["title"];
+        assert!(
+            p["description"].as_str().is_some_and(|d| d.len() > 20),
+            "panel {title} has no description"
+        );
+        assert!(
+            p["fieldConfig"]["defaults"]["unit"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty()),
+            "panel {title} has no unit"
+        );
         let targets = p["targets"].as_array().unwrap();
-        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        assert!(!targets.is_empty(), "panel {title} has no query");
         for t in targets {
             let expr = t["expr"].as_str().unwrap();
             assert!(
                 !expr.trim().is_empty() && !metric_names(expr).is_empty(),
-                "panel {}: {expr:?}",
-                p["title"]
+                "panel {title}: {expr:?}"
             );
+            // Every selector is narrowed to the chosen job, so two
+            // Prometheus jobs scraping netwatch never add up.
+            for selector in expr.split('{').skip(1) {
+                assert!(
+                    selector.contains("job=~\"$job\""),
+                    "panel {title}: a selector without $job in {expr:?}"
+                );
+            }
         }
     }
+    // The Mode panel shows the mode by name, not the value 1.
+    let mode = panels.iter().find(|p| p["title"] == "Mode").expect("a Mode panel");
+    assert_eq!(mode["options"]["textMode"], "name");
+    assert_eq!(mode["targets"][0]["legendFormat"], "{{mode}}");
+    // grafana.com import conventions: the datasource is an input, and
+    // every panel type the dashboard uses is declared.
+    assert_eq!(d["__inputs"][0]["type"], "datasource");
+    assert_eq!(d["__inputs"][0]["pluginId"], "prometheus");
+    let required: BTreeSet<&str> = d["__requires"]
+        .as_array()
+        .expect("__requires")
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    for p in panels {
+        let kind = p["type"].as_str().unwrap();
+        assert!(required.contains(kind), "__requires lacks the {kind} panel");
+    }
+    assert!(required.contains("grafana") && required.contains("prometheus"));
     // The main questions have panels.
     let titles: Vec<&str> = panels.iter().map(|p| p["title"].as_str().unwrap()).collect();
     for t in [
