@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
+    datapath::tc::TcAttach,
     policy::{IfaceSpec, Mode, Rule, parse_cidr},
-    tc::TcAttach,
 };
 
 /// Count and drop NetBIOS (udp/137) and AOL/ICQ (tcp/5190) probes at line

@@ -45,8 +45,8 @@ use netwatch_tests::{
 use netwatch_user::{
     config::{ConfigFile, Overrides, RunConfig},
     datapath::PinnedMaps,
+    observe::snapshot::Snapshot,
     policy::Mode,
-    snapshot::Snapshot,
 };
 use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng, seq::IndexedRandom};
 

@@ -5,7 +5,7 @@ mod detach;
 mod generate;
 pub mod lab;
 mod lists;
-pub mod query;
+mod query;
 mod run;
 mod status;
 
@@ -14,7 +14,7 @@ use anyhow::Result;
 use crate::{
     cli::{Cli, Command},
     config::{ConfigSource, Dirs},
-    install::ListKind,
+    datapath::lists::ListKind,
 };
 
 pub fn dispatch(cli: Cli) -> Result<()> {

@@ -19,13 +19,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     cli::RunArgs,
     config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
+    datapath::install,
     datapath::{self, Attachments, PinnedMaps},
-    detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
-    http::{self, AppState},
-    install,
-    metrics::ControllerStats,
+    detection::detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
+    detection::sources,
+    observe::http::{self, AppState},
+    observe::metrics::ControllerStats,
     policy::Role,
-    sources,
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
@@ -156,7 +156,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     // refused with the missing feature's name, not a verifier dump.
     crate::features::check()?;
     for name in &config.egress {
-        crate::tc::resolve(config.tc_attach, crate::tc::tcx_supported(name)?, name)?;
+        crate::datapath::tc::resolve(config.tc_attach, crate::datapath::tc::tcx_supported(name)?, name)?;
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -16,8 +16,8 @@ use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, 
 use crate::{
     clock::{boot_secs, to_system},
     datapath::PinnedMaps,
-    incidents::{Classification, Observation, Seen, Store},
-    sources::{self, Names, Pending, addr_of, classification_of, key_for},
+    detection::incidents::{Classification, Observation, Seen, Store},
+    detection::sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
 /// A flag within this long of an incident's last sighting updates it

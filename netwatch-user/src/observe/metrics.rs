@@ -8,7 +8,7 @@ use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextE
 
 use netwatch_common::{MAX_AUTO_BLOCKS, MAX_SOURCES};
 
-use crate::snapshot::Snapshot;
+use crate::observe::snapshot::Snapshot;
 
 /// Controller-side facts that do not live in the maps.
 #[derive(Debug, Clone)]

@@ -10,7 +10,10 @@ use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use log::warn;
 
-use crate::{datapath::PinnedMaps, metrics, metrics::ControllerStats, snapshot::Snapshot};
+use crate::{
+    datapath::PinnedMaps,
+    observe::{metrics, metrics::ControllerStats, snapshot::Snapshot},
+};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -77,14 +80,14 @@ async fn api_lookup(
     let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
         return (StatusCode::BAD_REQUEST, format!("{ip:?} is not an IP address\n")).into_response();
     };
-    json(move || crate::commands::query::lookup_report(&state.pin_dir, &state.state_dir, ip)).await
+    json(move || crate::observe::reports::lookup_report(&state.pin_dir, &state.state_dir, ip)).await
 }
 
 async fn api_top(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> axum::response::Response {
-    json(move || crate::commands::query::top_report(&state.pin_dir, q.limit.unwrap_or(10).min(1000))).await
+    json(move || crate::observe::reports::top_report(&state.pin_dir, q.limit.unwrap_or(10).min(1000))).await
 }
 
 async fn api_incidents(
@@ -92,7 +95,7 @@ async fn api_incidents(
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> axum::response::Response {
     json(move || {
-        let incidents = match crate::incidents::Store::open_read_only(&state.state_dir)? {
+        let incidents = match crate::detection::incidents::Store::open_read_only(&state.state_dir)? {
             Some(store) => store.recent(q.limit.unwrap_or(100).min(10_000))?,
             None => Vec::new(),
         };
