@@ -6,12 +6,14 @@ use anyhow::Result;
 
 use crate::{
     clock::rfc3339,
+    datapath::PinnedMaps,
     detection::{incidents::Incident, sources::SourceView},
     observe::reports::{incidents_report, lookup_report, top_report},
 };
 
 pub fn lookup(pin_dir: &Path, state_dir: &Path, ip: IpAddr, json: bool) -> Result<()> {
-    let report = lookup_report(pin_dir, state_dir, ip)?;
+    // Pins may be gone (after `detach`): incidents still answer.
+    let report = lookup_report(PinnedMaps::open(pin_dir).ok().as_ref(), state_dir, ip)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -111,7 +113,7 @@ fn describe(s: &SourceView) -> String {
 }
 
 pub fn top(pin_dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let report = top_report(pin_dir, limit)?;
+    let report = top_report(&PinnedMaps::open(pin_dir)?, limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

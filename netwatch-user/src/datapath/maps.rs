@@ -1,7 +1,12 @@
 //! The handle on the pinned maps, for the controller and the query
 //! commands.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
@@ -12,31 +17,68 @@ use netwatch_common::{
 use super::pins::{check_pinned_layout, ensure_accessible};
 
 /// Handle on the pinned maps, for the controller and the query commands.
+///
+/// Opened once (the pin directory checked, every map opened); clones share
+/// the open maps, so `run` opens it once for its main loop, the detector
+/// and the HTTP endpoint, and each command once per invocation. A typed
+/// map taken from it is a duplicate of the held descriptor, no path
+/// lookup and no parse of the object.
+#[derive(Clone)]
 pub struct PinnedMaps {
+    inner: Arc<Opened>,
+}
+
+struct Opened {
     dir: PathBuf,
+    maps: HashMap<&'static str, MapData>,
 }
 
 impl PinnedMaps {
     /// Opens the pin directory of a netwatch that has run at least once.
     pub fn open(dir: &Path) -> Result<Self> {
         ensure_accessible(dir)?;
-        if !dir.join(maps::SETTINGS).exists() {
-            bail!(
-                "no netwatch state in {}: is `netwatch run` running (or did it ever run) with this --pin-dir?",
-                dir.display()
-            );
-        }
+        ensure_state(dir)?;
         check_pinned_layout(dir)?;
-        Ok(Self { dir: dir.to_path_buf() })
+        // A pin that cannot be opened now is tried again (and its error
+        // reported) when it is asked for.
+        let maps = maps::ALL
+            .iter()
+            .filter_map(|name| Some((*name, MapData::from_pin(dir.join(name)).ok()?)))
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Opened {
+                dir: dir.to_path_buf(),
+                maps,
+            }),
+        })
+    }
+
+    /// Itself while its maps are still pinned: a reader serving others
+    /// (the HTTP endpoint) answers as a fresh open would once
+    /// `netwatch detach` has removed the pins behind the controller's back.
+    pub fn still_pinned(&self) -> Result<&Self> {
+        ensure_state(self.dir())?;
+        Ok(self)
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.inner.dir
     }
 
     pub fn map_by_name(&self, name: &str) -> Result<Map> {
-        let path = self.dir.join(name);
-        let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+        let path = self.inner.dir.join(name);
+        let data = match self.inner.maps.get(name) {
+            Some(held) => {
+                let fd = held
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .with_context(|| format!("duplicating the descriptor of pinned map {}", path.display()))?;
+                MapData::from_fd(fd)
+            }
+            None => MapData::from_pin(&path),
+        }
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
         Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
     }
 
@@ -104,4 +146,15 @@ impl PinnedMaps {
             bytes: acc.bytes + c.bytes,
         }))
     }
+}
+
+/// Refuses a pin directory without netwatch's maps.
+fn ensure_state(dir: &Path) -> Result<()> {
+    if !dir.join(maps::SETTINGS).exists() {
+        bail!(
+            "no netwatch state in {}: is `netwatch run` running (or did it ever run) with this --pin-dir?",
+            dir.display()
+        );
+    }
+    Ok(())
 }

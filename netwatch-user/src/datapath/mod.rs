@@ -1,5 +1,7 @@
 //! The eBPF datapath as the controller sees it: one module per concern.
 //!
+//! - `controller`: [`Datapath`], what `run` drives: open, apply, attach,
+//!   detach;
 //! - `load`: the embedded object, one program instance per attachment;
 //! - `pins`: the pin directory (bpffs, lock, layout check);
 //! - `maps`: [`PinnedMaps`], the handle on the pinned maps;
@@ -16,6 +18,7 @@
 //! the pinned maps.
 
 mod attach;
+mod controller;
 mod iface;
 pub mod install;
 pub mod lists;
@@ -26,6 +29,7 @@ mod slots;
 pub mod tc;
 
 pub use attach::{Attachments, XdpAttachMode, detach_all};
+pub use controller::Datapath;
 pub use iface::{ifindex, link_kind};
 pub use load::{BENCH_GEN_OBJECT, EBPF_OBJECT, TC_PROGRAM, XDP_PROGRAM, load_instance};
 pub use maps::PinnedMaps;

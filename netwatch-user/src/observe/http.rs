@@ -17,7 +17,8 @@ use crate::{
 
 #[derive(Clone)]
 pub struct AppState {
-    pub pin_dir: PathBuf,
+    /// Opened once by `run`, shared with its main loop and the detector.
+    pub maps: PinnedMaps,
     pub state_dir: PathBuf,
     pub stats: Arc<Mutex<ControllerStats>>,
 }
@@ -70,7 +71,7 @@ async fn json<T: serde::Serialize + Send + 'static>(
 }
 
 async fn api_status(State(state): State<AppState>) -> axum::response::Response {
-    json(move || Snapshot::read(&PinnedMaps::open(&state.pin_dir)?)).await
+    json(move || Snapshot::read(state.maps.still_pinned()?)).await
 }
 
 async fn api_lookup(
@@ -80,14 +81,14 @@ async fn api_lookup(
     let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
         return (StatusCode::BAD_REQUEST, format!("{ip:?} is not an IP address\n")).into_response();
     };
-    json(move || crate::observe::reports::lookup_report(&state.pin_dir, &state.state_dir, ip)).await
+    json(move || crate::observe::reports::lookup_report(state.maps.still_pinned().ok(), &state.state_dir, ip)).await
 }
 
 async fn api_top(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> axum::response::Response {
-    json(move || crate::observe::reports::top_report(&state.pin_dir, q.limit.unwrap_or(10).min(1000))).await
+    json(move || crate::observe::reports::top_report(state.maps.still_pinned()?, q.limit.unwrap_or(10).min(1000))).await
 }
 
 async fn api_incidents(
@@ -106,8 +107,7 @@ async fn api_incidents(
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     let result = tokio::task::spawn_blocking(move || -> Result<String> {
-        let maps = PinnedMaps::open(&state.pin_dir)?;
-        let snapshot = Snapshot::read(&maps)?;
+        let snapshot = Snapshot::read(state.maps.still_pinned()?)?;
         let stats = state.stats.lock().map(|s| s.clone()).unwrap_or_default();
         metrics::render(&snapshot, Some(&stats))
     })

@@ -31,21 +31,22 @@ pub struct LookupReport {
     pub blocks: Vec<BlockView>,
 }
 
-pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
+/// `maps` is `None` when the pins are gone (after `detach`): incidents
+/// still answer.
+pub fn lookup_report(maps: Option<&PinnedMaps>, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
     let incidents = match Store::open_read_only(state_dir)? {
         Some(store) => store.by_source(ip)?,
         None => Vec::new(),
     };
-    // Pins may be gone (after `detach`): incidents still answer.
-    let (tracked, blocks) = match PinnedMaps::open(pin_dir) {
-        Ok(maps) => {
-            let names = Names::read(&maps)?;
+    let (tracked, blocks) = match maps {
+        Some(maps) => {
+            let names = Names::read(maps)?;
             (
-                sources::lookup(&maps, &names, ip)?,
-                sources::blocks_of(&maps, &names, ip)?,
+                sources::lookup(maps, &names, ip)?,
+                sources::blocks_of(maps, &names, ip)?,
             )
         }
-        Err(_) => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Vec::new()),
     };
     Ok(LookupReport {
         ip,
@@ -78,9 +79,8 @@ pub struct TopReport {
     pub sources: Vec<SourceView>,
 }
 
-pub fn top_report(pin_dir: &Path, limit: usize) -> Result<TopReport> {
-    let maps = PinnedMaps::open(pin_dir)?;
+pub fn top_report(maps: &PinnedMaps, limit: usize) -> Result<TopReport> {
     Ok(TopReport {
-        sources: sources::top(&maps, &Names::read(&maps)?, limit)?,
+        sources: sources::top(maps, &Names::read(maps)?, limit)?,
     })
 }
