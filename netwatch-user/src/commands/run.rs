@@ -1,10 +1,6 @@
 //! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::RingBuf;
 use netwatch_common::maps;
@@ -23,7 +19,7 @@ use crate::{
     detection::detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
     detection::sources,
     observe::http::{self, AppState},
-    observe::metrics::ControllerStats,
+    observe::metrics::{ControllerStats, Metrics},
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
@@ -214,11 +210,11 @@ async fn serve_until_signal(
     let maps = datapath.maps();
     // The configuration in force when the loop ends.
     let mut detector = Detector::open(maps, &config.state_dir)?;
-    let stats = Arc::new(Mutex::new(ControllerStats::default()));
+    let stats = Arc::new(ControllerStats::default());
     let state = AppState {
         maps: maps.clone(),
         state_dir: config.state_dir.clone(),
-        stats: stats.clone(),
+        metrics: Arc::new(Metrics::new(maps.clone(), stats.clone())?),
     };
     let server = http::serve(listener, state)?;
     info!(
@@ -255,11 +251,9 @@ async fn serve_until_signal(
                 reloading.extend(NotifyState::monotonic_usec_now().ok());
                 notify(&reloading);
                 let outcome = reload(args, source, &current, datapath);
-                let mut s = stats.lock().expect("stats lock");
                 match outcome {
                     Ok(new) => {
-                        s.reloads_ok += 1;
-                        s.last_reload_ok = true;
+                        stats.reload(true);
                         current = new;
                         if let Err(err) = detector.reload_names(maps) {
                             warn!("re-reading rule names after the reload: {err:#}");
@@ -267,8 +261,7 @@ async fn serve_until_signal(
                         notify(&[NotifyState::Ready, NotifyState::Status("reloaded")]);
                     }
                     Err(err) => {
-                        s.reloads_failed += 1;
-                        s.last_reload_ok = false;
+                        stats.reload(false);
                         error!("reload rejected, the previous configuration stays in force: {err:#}");
                         notify(&[NotifyState::Ready, NotifyState::Status("reload rejected, previous configuration in force")]);
                     }
@@ -288,16 +281,16 @@ async fn serve_until_signal(
                 let now = crate::clock::boot_nanos();
                 for event in &batch {
                     let delay = now.saturating_sub(event.flagged_ns) as f64 / 1e9;
-                    stats.lock().expect("stats lock").flag_delay.observe(delay);
+                    stats.flag_delay(delay);
                     if let Err(err) = detector.on_event(event) {
-                        stats.lock().expect("stats lock").incident_errors += 1;
+                        stats.incident_error();
                         error!("recording an incident failed (the kernel keeps counting; retried on refresh): {err:#}");
                     }
                 }
             }
             _ = refresh.tick() => {
                 if let Err(err) = detector.refresh() {
-                    stats.lock().expect("stats lock").incident_errors += 1;
+                    stats.incident_error();
                     error!("updating open incidents failed: {err:#}");
                 }
                 // Command-line list entries whose --ttl has passed: out of
@@ -323,7 +316,7 @@ async fn serve_until_signal(
                 counting = None;
                 match done {
                     Ok(Ok(census)) => {
-                        stats.lock().expect("stats lock").sources_tracked = Some(census.tracked);
+                        stats.sources_tracked(census.tracked);
                         // Flags whose events were lost: recorded now.
                         match detector.recover(&census.flagged) {
                             Ok(0) => {}
@@ -336,7 +329,7 @@ async fn serve_until_signal(
                                 }
                             ),
                             Err(err) => {
-                                stats.lock().expect("stats lock").incident_errors += 1;
+                                stats.incident_error();
                                 error!("recording recovered incidents failed: {err:#}");
                             }
                         }

@@ -1,10 +1,6 @@
 //! The read-only HTTP endpoint: `/metrics` for Prometheus.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -12,7 +8,7 @@ use log::warn;
 
 use crate::{
     datapath::PinnedMaps,
-    observe::{metrics, metrics::ControllerStats, snapshot::Snapshot},
+    observe::{metrics::Metrics, snapshot::Snapshot},
 };
 
 #[derive(Clone)]
@@ -20,7 +16,8 @@ pub struct AppState {
     /// Opened once by `run`, shared with its main loop and the detector.
     pub maps: PinnedMaps,
     pub state_dir: PathBuf,
-    pub stats: Arc<Mutex<ControllerStats>>,
+    /// The process's registry, reading `maps` at scrape time.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Binds the endpoint's socket; done before anything is attached, so a
@@ -106,12 +103,7 @@ async fn api_incidents(
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
-    let result = tokio::task::spawn_blocking(move || -> Result<String> {
-        let snapshot = Snapshot::read(state.maps.still_pinned()?)?;
-        let stats = state.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        metrics::render(&snapshot, Some(&stats))
-    })
-    .await;
+    let result = tokio::task::spawn_blocking(move || -> Result<String> { state.metrics.render() }).await;
     match result {
         Ok(Ok(body)) => (
             StatusCode::OK,
