@@ -4,13 +4,11 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use netwatch_common::LinkKind;
 
 pub fn ifindex(name: &str) -> Result<u32> {
-    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
-    // SAFETY: valid C string.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 {
-        bail!("interface {name:?} does not exist in this network namespace");
+    if name.contains('\0') {
+        bail!("interface name {name:?} contains NUL");
     }
-    Ok(index)
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|_| anyhow!("interface {name:?} does not exist in this network namespace"))
 }
 
 /// Where frames on `iface` start, from its link type (`ARPHRD_*`, as

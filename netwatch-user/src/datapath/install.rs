@@ -12,7 +12,6 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    os::fd::AsRawFd as _,
     path::Path,
 };
 
@@ -54,10 +53,7 @@ pub fn lock(pin_dir: &Path) -> Result<PolicyLock> {
         Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
     }
     let dir = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-    }
+    dir.lock().with_context(|| format!("locking {}", path.display()))?;
     Ok(PolicyLock { _dir: dir })
 }
 

@@ -36,12 +36,9 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// Mounts bpffs at /sys/fs/bpf where the system has not (as bpftool does).
 fn mount_bpffs() -> Result<()> {
-    let target = std::ffi::CString::new(BPFFS_ROOT)?;
-    let fstype = std::ffi::CString::new("bpf")?;
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    use nix::mount::{MsFlags, mount};
+    if let Err(errno) = mount(Some("bpf"), BPFFS_ROOT, Some("bpf"), MsFlags::empty(), None::<&str>) {
+        let err = std::io::Error::from(errno);
         bail!("{BPFFS_ROOT} is not a BPF filesystem and mounting one there failed: {err}");
     }
     info!("mounted bpffs at {BPFFS_ROOT}");
@@ -55,10 +52,8 @@ pub struct PinDirLock {
 }
 
 pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
-    use std::os::fd::AsRawFd as _;
     let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if dir.try_lock().is_err() {
         bail!(
             "another `netwatch run` is using {}; stop it first, or give this one its own --pin-dir",
             pin_dir.display()
@@ -68,14 +63,8 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    statfs(path).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// The shape of a map: what must agree between a pin and this build.
