@@ -5,7 +5,8 @@
 //!   them, and attachments;
 //! - `detection`: flag events into incidents;
 //! - `observe`: snapshots, reports, metrics and the HTTP endpoint;
-//! - `commands`: one module per subcommand, on top of the others.
+//! - `commands`: one module per subcommand, on top of the others;
+//! - `lab` (cargo feature `lab`, on by default): the namespace demo.
 
 pub mod cli;
 pub mod clock;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod datapath;
 pub mod detection;
 pub mod features;
-pub mod netns;
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod observe;
 pub mod policy;

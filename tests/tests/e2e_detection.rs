@@ -258,7 +258,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     for i in 100..140 {
         clients.run(|| {
             let local = std::net::Ipv4Addr::new(198, 18, 0, i as u8);
-            drop(netwatch_user::netns::tcp_connect_from(local, "198.18.0.80:80".parse().unwrap()).expect("visit"));
+            drop(netwatch_user::lab::netns::tcp_connect_from(local, "198.18.0.80:80".parse().unwrap()).expect("visit"));
         });
     }
     server.join().unwrap();
@@ -746,7 +746,7 @@ fn block_and_allow_from_the_command_line() {
     // The JSON API serves the same data, read-only.
     let body = lab
         .victim
-        .run(|| netwatch_user::netns::http_get(netwatch_tests::daemon::METRICS_ADDR, "/api/status"))
+        .run(|| netwatch_user::lab::netns::http_get(netwatch_tests::daemon::METRICS_ADDR, "/api/status"))
         .unwrap();
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api["blocklist"], json["blocklist"]);

@@ -73,7 +73,7 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
             while !flood.is_finished() {
                 let body = rig
                     .dut
-                    .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+                    .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
                     .expect("/metrics under flood");
                 assert!(try_sample(&body, "netwatch_packets_total", &probes).is_some());
                 scrapes += 1;
@@ -692,7 +692,7 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
     let incidents = loop {
         let body = rig
             .dut
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
             .unwrap();
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         let incidents = json["incidents"].as_array().unwrap().clone();

@@ -386,7 +386,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
         }
         if let Ok(m) = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
         {
             break m;
         }
@@ -413,7 +413,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let counted = eventually(4.0, Duration::from_secs(3), || {
         let m = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
             .unwrap();
         netwatch_tests::daemon::sample(
             &m,
@@ -429,7 +429,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let reloaded = eventually(1.0, Duration::from_secs(5), || {
         let m = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
             .unwrap();
         netwatch_tests::daemon::sample(&m, "netwatch_config_reloads_total", &[("result", "success")])
     });
@@ -651,7 +651,7 @@ fn json_output_keeps_its_documented_schema() {
     // The HTTP API serves the same shapes.
     let api: serde_json::Value = serde_json::from_str(
         &lab.victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, &format!("/api/lookup/{SCANNER_IP}")))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, &format!("/api/lookup/{SCANNER_IP}")))
             .unwrap(),
     )
     .unwrap();

@@ -3,7 +3,6 @@
 mod check;
 mod detach;
 mod generate;
-pub mod lab;
 mod lists;
 mod query;
 mod run;
@@ -47,6 +46,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Detach(args) => detach::detach(&dirs.pin_dir(args.pin_dir.as_deref())?),
         Command::Generate(args) => generate::generate(args.what, &args.dir),
-        Command::Lab(args) => lab::lab(&args),
+        #[cfg(feature = "lab")]
+        Command::Lab(args) => crate::lab::lab(&args),
     }
 }
