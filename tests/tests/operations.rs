@@ -9,7 +9,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    TempDir,
+    TempDir, assert_success,
     daemon::{METRICS_ADDR, Netwatch, netwatch},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
@@ -235,7 +235,7 @@ fn syscall_allow_list(filter: &str) -> BTreeSet<String> {
         .arg("syscall-filter")
         .output()
         .expect("systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let mut current = None;
@@ -481,7 +481,7 @@ fn privileged_tests_skip_visibly_or_fail_without_root() {
     assert!(!log.exists(), "a test that failed was logged as skipped");
 
     let out = as_nobody(None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping: needs root"));
     let logged = std::fs::read_to_string(&log).expect("skip not logged");
     assert_eq!(logged, "operations::json_output_keeps_its_documented_schema\n");
@@ -880,7 +880,7 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     assert!(log_text.contains("leaving programs attached"), "{log_text}");
     assert!(!link_pins().is_empty(), "keep_attached = true, yet the links are gone");
     let out = netwatch(&["detach", "--pin-dir", &pins]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert!(link_pins().is_empty());
     assert!(
         !std::path::Path::new(&decoy).exists(),
