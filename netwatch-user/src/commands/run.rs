@@ -14,12 +14,15 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     cli::RunArgs,
     config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
-    datapath::install,
-    datapath::{self, Datapath},
-    detection::detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
-    detection::sources,
-    observe::http::{self, AppState},
-    observe::metrics::{ControllerStats, Metrics},
+    datapath::{self, Datapath, install},
+    detection::{
+        detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
+        sources,
+    },
+    observe::{
+        http::{self, AppState},
+        metrics::{ControllerStats, Metrics},
+    },
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
@@ -150,7 +153,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     // refused with the missing feature's name, not a verifier dump.
     crate::features::check()?;
     for name in &config.egress {
-        crate::datapath::tc::resolve(config.tc_attach, crate::datapath::tc::tcx_supported(name)?, name)?;
+        datapath::tc::resolve(config.tc_attach, datapath::tc::tcx_supported(name)?, name)?;
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
