@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
+    datapath::tc::TcAttach,
     policy::{IfaceSpec, Mode, Rule, parse_cidr},
-    tc::TcAttach,
 };
 
 /// Count and drop NetBIOS (udp/137) and AOL/ICQ (tcp/5190) probes at line
@@ -62,6 +62,7 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Build a throwaway network-namespace lab, run netwatch and a real
     /// NetBIOS scanner in it, print what netwatch saw, and clean up.
+    #[cfg(feature = "lab")]
     Lab(LabArgs),
 }
 
@@ -226,6 +227,7 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+#[cfg(feature = "lab")]
 #[derive(Debug, Args)]
 pub struct LabArgs {
     /// Keep running (metrics endpoint up) until Ctrl-C instead of cleaning

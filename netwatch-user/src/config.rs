@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
-use crate::tc::TcAttach;
+use crate::datapath::tc::TcAttach;
 
 use crate::policy::{
     Action, DEFAULT_BLOCK_SECS, DEFAULT_VISITOR_SECS, DEFAULT_WEB_PORTS, IfaceSpec, Mode, Policy, Rule, default_rules,

@@ -1,19 +1,21 @@
 //! The netwatch controller: loads and attaches the datapath, keeps its
 //! maps in step with the configuration, and reports what it counted.
+//!
+//! - `datapath`: the eBPF object, its pinned maps, policy written into
+//!   them, and attachments;
+//! - `detection`: flag events into incidents;
+//! - `observe`: snapshots, reports, metrics and the HTTP endpoint;
+//! - `commands`: one module per subcommand, on top of the others;
+//! - `lab` (cargo feature `lab`, on by default): the namespace demo.
 
 pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod datapath;
-pub mod detector;
+pub mod detection;
 pub mod features;
-pub mod http;
-pub mod incidents;
-pub mod install;
-pub mod metrics;
-pub mod netns;
+#[cfg(feature = "lab")]
+pub mod lab;
+pub mod observe;
 pub mod policy;
-pub mod snapshot;
-pub mod sources;
-pub mod tc;

@@ -416,3 +416,103 @@ pub fn check_allow_block<'a>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(r: Result<impl fmt::Debug>) -> String {
+        format!("{:#}", r.expect_err("refused"))
+    }
+
+    #[test]
+    fn rules_read_as_the_readme_writes_them() {
+        let r: Rule = "udp/137".parse().unwrap();
+        assert_eq!(
+            (r.protocol, r.port, r.inbound(), r.outbound()),
+            (Protocol::Udp, 137, Action::Drop, Action::Drop)
+        );
+        let r: Rule = "tcp/445=count".parse().unwrap();
+        assert_eq!((r.inbound(), r.outbound()), (Action::Count, Action::Count));
+        let r: Rule = "udp/137=count,drop".parse().unwrap();
+        assert_eq!((r.inbound(), r.outbound()), (Action::Count, Action::Drop));
+        assert_eq!(r.to_string(), "udp/137 inbound=count outbound=drop");
+        assert!(r.is_netbios_ns());
+        assert_eq!(
+            default_rules().iter().map(Rule::label).collect::<Vec<_>>(),
+            ["udp/137", "tcp/5190"]
+        );
+    }
+
+    #[test]
+    fn a_bad_rule_names_itself_and_the_expected_form() {
+        for (rule, says) in [
+            ("udp137", "missing '/'"),
+            ("icmp/1", "protocol \"icmp\" is not one of udp, tcp"),
+            ("udp/0", "port 0 is out of range 1-65535"),
+            ("udp/65536", "out of range"),
+            ("udp/x", "port \"x\" is not a number"),
+            ("udp/137=block", "action \"block\" is not one of count, drop"),
+            ("udp/137=count,", "action \"\" is not one of count, drop"),
+        ] {
+            let message = err(rule.parse::<Rule>());
+            assert!(message.contains(&format!("rule {rule:?}")), "{message}");
+            assert!(message.contains(says), "{rule}: {message}");
+            assert!(message.contains("expected PROTO/PORT"), "{message}");
+        }
+    }
+
+    #[test]
+    fn cidrs_are_networks_and_bare_addresses_are_hosts() {
+        assert_eq!(parse_cidr("198.18.0.0/24").unwrap().to_string(), "198.18.0.0/24");
+        assert_eq!(parse_cidr("198.18.0.7").unwrap().to_string(), "198.18.0.7/32");
+        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+        assert_eq!(
+            err(parse_cidr("198.18.0.1/24")),
+            "\"198.18.0.1/24\" has host bits set; did you mean 198.18.0.0/24?"
+        );
+        assert!(err(parse_cidr("nonsense")).contains("is not a CIDR"));
+    }
+
+    #[test]
+    fn interfaces_take_a_role() {
+        let spec: IfaceSpec = "eth0:wan".parse().unwrap();
+        assert_eq!((spec.name.as_str(), spec.role), ("eth0", Role::Wan));
+        assert_eq!("eth1".parse::<IfaceSpec>().unwrap().role, Role::Host);
+        assert!(err("eth0:dmz".parse::<IfaceSpec>()).contains("role \"dmz\" is not one of wan, lan, host"));
+        assert!(err("a-name-of-16-bytes".parse::<IfaceSpec>()).contains("is not a valid interface name"));
+    }
+
+    #[test]
+    fn validation_refuses_duplicates_overlaps_and_blocks_inside_the_allowlist() {
+        let nets = |list: &[&str]| list.iter().map(|s| parse_cidr(s).unwrap()).collect::<Vec<_>>();
+        let mut policy = Policy::new(Mode::Enforce, default_rules());
+        policy.validate().unwrap();
+
+        policy.rules.push("udp/137=count".parse().unwrap());
+        assert_eq!(err(policy.validate()), "rule udp/137 is given twice");
+        policy.rules = default_rules();
+
+        policy.allowlist = nets(&["198.18.0.0/24", "198.18.0.0/24"]);
+        assert_eq!(err(policy.validate()), "allowlist lists 198.18.0.0/24 twice");
+        policy.allowlist = nets(&["198.18.0.0/16", "198.18.3.0/24"]);
+        assert!(err(policy.validate()).contains("allowlist: 198.18.3.0/24 overlaps 198.18.0.0/16"));
+
+        policy.allowlist = nets(&["198.18.0.0/24"]);
+        policy.blocklist = nets(&["198.18.0.9/32", "2001:db8::/32"]);
+        assert!(
+            err(policy.validate())
+                .contains("blocklist entry 198.18.0.9/32 is covered by allowlist entry 198.18.0.0/24")
+        );
+        policy.blocklist = nets(&["198.19.0.0/24", "2001:db8::/32"]);
+        policy.validate().unwrap();
+
+        policy.rules = (1..=MAX_RULES as u16 + 1)
+            .map(|port| Rule::new(Protocol::Udp, port, Action::Drop, Action::Drop).unwrap())
+            .collect();
+        assert_eq!(
+            err(policy.validate()),
+            format!("{} rules given; at most {MAX_RULES} are supported", MAX_RULES + 1)
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! The real `netwatch` binary, run inside a test namespace.
 
-pub use netwatch_user::netns::http_get;
+pub use netwatch_user::lab::netns::http_get;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},

@@ -11,9 +11,9 @@ use aya::{
 use netwatch_common::{Direction, FlagEvent, HASH_KEY_WORDS, LinkKind, Settings};
 use netwatch_user::{
     datapath::{self, PinnedMaps, TC_PROGRAM, XDP_PROGRAM},
+    detection::sources::{self, Names, SourceView},
+    observe::snapshot::Snapshot,
     policy::{Policy, Role},
-    snapshot::Snapshot,
-    sources::{self, Names, SourceView},
 };
 
 pub const XDP_PASS: u32 = 2;
@@ -81,7 +81,7 @@ impl Harness {
                 .set(0, settings, 0)
                 .unwrap();
         }
-        netwatch_user::install::apply_policy(&maps, policy).expect("apply policy");
+        netwatch_user::datapath::install::apply_policy(&maps, policy).expect("apply policy");
         let events = RingBuf::try_from(maps.map_by_name(netwatch_common::maps::EVENTS).unwrap()).unwrap();
         Harness {
             pin_dir,
@@ -93,7 +93,7 @@ impl Harness {
     }
 
     pub fn apply(&self, policy: &Policy) {
-        netwatch_user::install::apply_policy(&self.maps, policy).expect("apply policy");
+        netwatch_user::datapath::install::apply_policy(&self.maps, policy).expect("apply policy");
     }
 
     /// Runs one frame; returns the program's return value.
@@ -183,7 +183,7 @@ impl Harness {
         let mut ring = self.events.lock().unwrap();
         let mut out = Vec::new();
         while let Some(item) = ring.next() {
-            out.extend(netwatch_user::detector::parse_event(&item));
+            out.extend(netwatch_user::detection::detector::parse_event(&item));
         }
         out
     }

@@ -116,3 +116,58 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `netwatch.toml` in a directory of its own, removed (with the
+/// directory) when dropped.
+pub struct ConfigFile {
+    _dir: TempDir,
+    path: std::path::PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: impl AsRef<str>) -> Self {
+        let dir = TempDir::new("cfg");
+        let path = dir.join("netwatch.toml");
+        let file = ConfigFile { _dir: dir, path };
+        file.write(text.as_ref());
+        file
+    }
+
+    /// Replaces the file's text (as an edit before a SIGHUP does).
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("writing the config file");
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The path as `--config` takes it.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("UTF-8 temp path")
+    }
+}
+
+/// What a finished command wrote to stderr.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that a command succeeded, with its stderr if it did not.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(out.status.success(), "{}", stderr(out));
+}
+
+/// Asserts that a command failed with `says` on its stderr; returns the
+/// stderr for further checks.
+#[track_caller]
+pub fn assert_fails_saying(out: &std::process::Output, says: &str) -> String {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "succeeded, expected a failure saying {says:?}: {err}"
+    );
+    assert!(err.contains(says), "{err:?} does not say {says:?}");
+    err
+}

@@ -40,7 +40,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        netwatch_user::netns::run_in(&self.name, f).expect("enter network namespace")
+        netwatch_user::lab::netns::run_in(&self.name, f).expect("enter network namespace")
     }
 
     /// `sysctl -qw SETTING` inside the namespace.

@@ -48,7 +48,7 @@ pub fn start_prometheus(ns: &Netns) -> Prometheus {
     let prom = Prometheus { child, dir };
     let deadline = Instant::now() + crate::patience(Duration::from_secs(30));
     while ns
-        .run(|| netwatch_user::netns::http_get(PROM_ADDR, "/-/ready"))
+        .run(|| netwatch_user::lab::netns::http_get(PROM_ADDR, "/-/ready"))
         .is_err()
     {
         assert!(
@@ -75,7 +75,7 @@ pub fn encode(q: &str) -> String {
 
 pub fn query(ns: &Netns, q: &str) -> serde_json::Value {
     let body = ns
-        .run(|| netwatch_user::netns::http_get(PROM_ADDR, &format!("/api/v1/query?query={}", encode(q))))
+        .run(|| netwatch_user::lab::netns::http_get(PROM_ADDR, &format!("/api/v1/query?query={}", encode(q))))
         .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "success", "{q}: {v}");

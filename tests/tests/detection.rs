@@ -628,7 +628,9 @@ fn unblock_frees_the_slot_and_keeps_what_the_kernel_counted() {
         });
         std::thread::sleep(Duration::from_millis(5));
         netwatch_tests::harness::pin_to_cpu(0);
-        let lifted = netwatch_user::sources::lift_auto_blocks(&h.maps, parse_cidr("198.18.0.66/32").unwrap()).unwrap();
+        let lifted =
+            netwatch_user::detection::sources::lift_auto_blocks(&h.maps, parse_cidr("198.18.0.66/32").unwrap())
+                .unwrap();
         flood.join().unwrap();
         lifted
     });
@@ -778,7 +780,7 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     use netwatch_tests::harness::pin_to_cpu;
     let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 3, 300, None)]));
     let state = std::env::temp_dir().join(netwatch_tests::unique("state"));
-    let mut detector = netwatch_user::detector::Detector::open(&h.maps, &state).unwrap();
+    let mut detector = netwatch_user::detection::detector::Detector::open(&h.maps, &state).unwrap();
     let repeat = Frame::udp4(SCANNER, target(0), 1, 137).build();
     // CPU 0: one probe and ten repeats of it, held in CPU 0's memo.
     pin_to_cpu(0);
@@ -791,7 +793,7 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     assert_eq!(events.len(), 1);
     detector.on_event(&events[0]).unwrap();
     let packets = || {
-        let store = netwatch_user::incidents::Store::open_read_only(&state)
+        let store = netwatch_user::detection::incidents::Store::open_read_only(&state)
             .unwrap()
             .unwrap();
         let incidents = store.by_source(IpAddr::from(SCANNER)).unwrap();

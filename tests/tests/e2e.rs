@@ -751,7 +751,7 @@ fn sighup_reloads_lists_detection_and_web_ports() {
         let local: std::net::Ipv4Addr = from.parse().unwrap();
         // A completed handshake is what makes a visitor.
         lab.scanner
-            .run(|| netwatch_user::netns::tcp_connect_from(local, "198.18.0.2:8080".parse().unwrap()))
+            .run(|| netwatch_user::lab::netns::tcp_connect_from(local, "198.18.0.2:8080".parse().unwrap()))
             .expect("connect to 8080");
         assert_eq!(send_udp(&lab.victim, &format!("{from}:137"), 1), 1);
     };

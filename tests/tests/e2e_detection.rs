@@ -8,7 +8,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    TempDir,
+    ConfigFile, TempDir, assert_success,
     daemon::{Netwatch, http, netwatch, sample, try_sample},
     lab::*,
     netns::{Netns, veth},
@@ -44,7 +44,7 @@ fn incidents_lists_what_lookup_finds(report: &serde_json::Value, state: &std::pa
     let dir = TempDir::new("incidents-cli");
     let state = state.to_str().unwrap();
     let ids = |out: std::process::Output| -> Vec<i64> {
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_success(&out);
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         json["incidents"]
             .as_array()
@@ -258,7 +258,7 @@ fn iis_reverse_lookups_are_not_flagged_but_a_sweep_is() {
     for i in 100..140 {
         clients.run(|| {
             let local = std::net::Ipv4Addr::new(198, 18, 0, i as u8);
-            drop(netwatch_user::netns::tcp_connect_from(local, "198.18.0.80:80".parse().unwrap()).expect("visit"));
+            drop(netwatch_user::lab::netns::tcp_connect_from(local, "198.18.0.80:80".parse().unwrap()).expect("visit"));
         });
     }
     server.join().unwrap();
@@ -391,7 +391,7 @@ impl WebLab {
             .args(["-qw", "net.ipv4.tcp_synack_retries=0"])
             .output()
             .expect("sysctl");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_success(&out);
         let nw = Netwatch::start(&web, &pin_dir(), &["--iface", "nw-web0:host", "--egress", "nw-web0"]);
         WebLab { web, clients, nw }
     }
@@ -644,14 +644,10 @@ fn lan_side_names_the_infected_host_behind_nat() {
         internet,
     } = RouterLab::new();
 
-    let dir = TempDir::new("cfg");
-    let config = dir.join("netwatch.toml");
-    std::fs::write(
-        &config,
+    let config = ConfigFile::new(
         "mode = \"enforce\"\ninterfaces = [\"nw-lan:lan\", \"nw-wan:wan\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nthreshold = 10\nauto_block = true\nblock_secs = 600\n",
-    )
-    .unwrap();
-    let nw = Netwatch::start(&router, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    );
+    let nw = Netwatch::start(&router, &pin_dir(), &["--config", config.arg()]);
     let far = udp_listener(&internet, 137);
     assert_eq!(send_udp_many(&inside, "198.18.1.", 1..101, 137), 100);
     let arrived = count_received(&far);
@@ -667,7 +663,7 @@ fn lan_side_names_the_infected_host_behind_nat() {
 
     // `netwatch unblock` lifts it at once.
     let out = netwatch(&["unblock", "198.18.10.2", "--pin-dir", &nw.pin_dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert_eq!(send_udp(&inside, "198.18.1.200:137", 2), 2);
     assert_eq!(count_received(&far), 2, "unblock did not lift the auto-block");
 }
@@ -680,16 +676,10 @@ fn lan_side_names_the_infected_host_behind_nat() {
 fn a_threshold_probe_to_an_allowlisted_resolver_does_not_dodge_auto_block() {
     require_privileged!();
     let lab = Lab::new();
-    let dir = TempDir::new("cfg");
-    let config = dir.join("netwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\nallowlist = [\"198.18.1.53/32\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
-        ),
-    )
-    .unwrap();
-    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\nallowlist = [\"198.18.1.53/32\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
+    ));
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.arg()]);
     let listener = udp_listener(&lab.victim, 137);
     assert_eq!(send_udp_many(&lab.scanner, "198.18.1.", 1..5, 137), 4);
     assert_eq!(send_udp(&lab.scanner, "198.18.1.53:137", 1), 1);
@@ -727,7 +717,7 @@ fn block_and_allow_from_the_command_line() {
     send_udp(&lab.scanner, "198.18.0.2:137", 3);
     assert_eq!(count_received(&nb), 3);
     let out = netwatch(&["block", "198.18.0.0/24", "--ttl", "1h", "--pin-dir", &nw.pin_dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     send_udp(&lab.scanner, "198.18.0.2:137", 3);
     assert_eq!(count_received(&nb), 0, "block did not apply");
     let out = netwatch(&["allow", "198.18.0.1", "--pin-dir", &nw.pin_dir]);
@@ -746,7 +736,7 @@ fn block_and_allow_from_the_command_line() {
     // The JSON API serves the same data, read-only.
     let body = lab
         .victim
-        .run(|| netwatch_user::netns::http_get(netwatch_tests::daemon::METRICS_ADDR, "/api/status"))
+        .run(|| netwatch_user::lab::netns::http_get(netwatch_tests::daemon::METRICS_ADDR, "/api/status"))
         .unwrap();
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(api["blocklist"], json["blocklist"]);
@@ -821,17 +811,11 @@ fn ipv6_scanners_are_auto_blocked_and_unblocked_by_cidr() {
     lab.with_ipv6();
     lab.scanner
         .ip(&["addr", "add", "2001:db8::3/64", "dev", SCANNER_IF, "nodad"]);
-    let dir = TempDir::new("cfg");
-    let config = dir.join("netwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n\
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\ninterfaces = [\"{VICTIM_IF}\"]\n\n[[rule]]\nprotocol = \"udp\"\nport = 137\n\
              inbound = \"count\"\nthreshold = 5\nauto_block = true\nblock_secs = 600\n"
-        ),
-    )
-    .unwrap();
-    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.to_str().unwrap()]);
+    ));
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--config", config.arg()]);
     let (nb, dgm) = lab.victim.run(|| {
         let bind = |port| {
             let s = UdpSocket::bind(("::", port)).unwrap();

@@ -45,8 +45,8 @@ use netwatch_tests::{
 use netwatch_user::{
     config::{ConfigFile, Overrides, RunConfig},
     datapath::PinnedMaps,
+    observe::snapshot::Snapshot,
     policy::Mode,
-    snapshot::Snapshot,
 };
 use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng, seq::IndexedRandom};
 
@@ -1214,7 +1214,7 @@ fn fuzzed_frames_agree_with_the_reference_classifier() {
     let metrics = nw.metrics(&ns);
     assert!(metrics.contains("netwatch_info"));
     assert!(
-        ns.run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/api/status"))
+        ns.run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/api/status"))
             .is_ok()
     );
     let now = labelled_metrics(&metrics, IFACE);

@@ -9,20 +9,12 @@ use std::{
 };
 
 use netwatch_tests::{
-    TempDir,
+    ConfigFile, TempDir, assert_fails_saying, assert_success,
     bench::flood::{DUT_IF, GEN_IF, Rig},
     daemon::{METRICS_ADDR, Netwatch, netwatch, sample, try_sample},
     lab::*,
     pin_dir, require_privileged, unique,
 };
-
-fn write_config(text: &str) -> (TempDir, String) {
-    let dir = TempDir::new("cfg");
-    let path = dir.join("netwatch.toml");
-    std::fs::write(&path, text).unwrap();
-    let p = path.to_str().unwrap().to_string();
-    (dir, p)
-}
 
 fn metric(nw: &Netwatch, rig: &Rig, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(&nw.metrics(&rig.dut), name, labels)
@@ -49,10 +41,10 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
     require_privileged!();
     const SOURCES: u32 = 1_500_000;
     let mut rig = Rig::new();
-    let (_dir, config) = write_config(&format!(
+    let config = ConfigFile::new(format!(
         "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 2\n"
     ));
-    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", config.arg()]);
     let probes = [("rule", "udp/137"), ("direction", "inbound")];
 
     // Pass 1: every source once. Pass 2: the last third again, towards
@@ -73,7 +65,7 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
             while !flood.is_finished() {
                 let body = rig
                     .dut
-                    .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+                    .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
                     .expect("/metrics under flood");
                 assert!(try_sample(&body, "netwatch_packets_total", &probes).is_some());
                 scrapes += 1;
@@ -188,11 +180,11 @@ fn one_source_at_full_rate_raises_exactly_one_event() {
 fn spoofed_probes_cannot_block_the_gateway_and_blocks_are_capped() {
     require_privileged!();
     let mut rig = Rig::new();
-    let (_dir, config) = write_config(&format!(
+    let config = ConfigFile::new(format!(
         "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\nallowlist = [\"198.18.0.1/32\"]\n\
          [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
     ));
-    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", config.arg()]);
     // The gateway (198.18.0.1, the generator side's own address) "scans".
     rig.bench
         .set_destinations(100, u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)));
@@ -405,7 +397,7 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     let run = |pins: &str| {
         lab.victim
             .command(netwatch_tests::daemon::bin().to_str().unwrap())
@@ -429,14 +421,10 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
     let _ = std::fs::remove_dir_all(&foreign);
     // Not bpffs.
     let out = run("/tmp/netwatch-not-bpffs/pins");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is not on a BPF filesystem"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_fails_saying(&out, "is not on a BPF filesystem");
     // Missing pins for a query.
     let out = netwatch(&["status", "--pin-dir", "/sys/fs/bpf/netwatch-never-ran"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no netwatch state in"));
+    assert_fails_saying(&out, "no netwatch state in");
 
     // A full disk under the incident database: errors counted, kernel
     // counting unaffected, the incident written once there is room.
@@ -598,11 +586,11 @@ fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
     const FLOOD: u32 = 1_300_000;
     const FLOOD_BASE: u32 = 0x0100_0000;
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let config = ConfigFile::new(format!(
         "mode = \"enforce\"\ninterfaces = [\"{DUT_IF}\"]\n\
          [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\nthreshold = 3\nauto_block = true\nblock_secs = 600\n"
     ));
-    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", config.arg()]);
     let frames: Vec<Vec<u8>> = (0..4u8)
         .map(|d| {
             let mut f = rig.probe6.clone();
@@ -637,7 +625,7 @@ fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
 
     // `unblock` lifts exactly the block it names.
     let out = netwatch(&["unblock", "2001:db8:1::100", "--pin-dir", &nw.pin_dir]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("lifted 1 auto-block"),
         "{}",
@@ -657,7 +645,6 @@ fn auto_blocks_outlive_a_flood_that_evicts_their_records() {
     assert_eq!(blocked["blocks"].as_array().unwrap().len(), 1, "{blocked:#}");
     assert_eq!(blocked["blocks"][0]["rule"], "udp/137");
     assert!(nw.lookup("2001:db8:1::100")["blocks"].as_array().unwrap().is_empty());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 10, item 8: 5000 spoofed scanners flagged within a second or
@@ -670,10 +657,10 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
     const SCANNERS: u32 = 5000;
     const BASE: u32 = 0x2_0000;
     let mut rig = Rig::new();
-    let (dir, config) = write_config(&format!(
+    let config = ConfigFile::new(format!(
         "mode = \"monitor\"\ninterfaces = [\"{DUT_IF}\"]\n[[rule]]\nprotocol = \"udp\"\nport = 137\nthreshold = 3\n"
     ));
-    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", &config]);
+    let nw = Netwatch::start(&rig.dut, &pin_dir(), &["--config", config.arg()]);
     for d in 0..3u8 {
         let mut frame = rig.probe6.clone();
         frame[14 + 24 + 15] = 20 + d;
@@ -692,7 +679,7 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
     let incidents = loop {
         let body = rig
             .dut
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/api/incidents?limit=10000"))
             .unwrap();
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         let incidents = json["incidents"].as_array().unwrap().clone();
@@ -730,5 +717,4 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

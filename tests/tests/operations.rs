@@ -9,7 +9,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    TempDir,
+    TempDir, assert_success,
     daemon::{METRICS_ADDR, Netwatch, netwatch},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
@@ -289,7 +289,7 @@ fn syscall_allow_list(filter: &str) -> BTreeSet<String> {
         .arg("syscall-filter")
         .output()
         .expect("systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let mut current = None;
@@ -440,7 +440,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
         }
         if let Ok(m) = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
         {
             break m;
         }
@@ -467,7 +467,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let counted = eventually(4.0, Duration::from_secs(3), || {
         let m = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
             .unwrap();
         netwatch_tests::daemon::sample(
             &m,
@@ -483,7 +483,7 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
     let reloaded = eventually(1.0, Duration::from_secs(5), || {
         let m = lab
             .victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
             .unwrap();
         netwatch_tests::daemon::sample(&m, "netwatch_config_reloads_total", &[("result", "success")])
     });
@@ -535,7 +535,7 @@ fn privileged_tests_skip_visibly_or_fail_without_root() {
     assert!(!log.exists(), "a test that failed was logged as skipped");
 
     let out = as_nobody(None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipping: needs root"));
     let logged = std::fs::read_to_string(&log).expect("skip not logged");
     assert_eq!(logged, "operations::json_output_keeps_its_documented_schema\n");
@@ -705,7 +705,7 @@ fn json_output_keeps_its_documented_schema() {
     // The HTTP API serves the same shapes.
     let api: serde_json::Value = serde_json::from_str(
         &lab.victim
-            .run(|| netwatch_user::netns::http_get(METRICS_ADDR, &format!("/api/lookup/{SCANNER_IP}")))
+            .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, &format!("/api/lookup/{SCANNER_IP}")))
             .unwrap(),
     )
     .unwrap();
@@ -934,7 +934,7 @@ fn tells_systemd_ready_reloading_stopping_and_pings_the_watchdog() {
     assert!(log_text.contains("leaving programs attached"), "{log_text}");
     assert!(!link_pins().is_empty(), "keep_attached = true, yet the links are gone");
     let out = netwatch(&["detach", "--pin-dir", &pins]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_success(&out);
     assert!(link_pins().is_empty());
     assert!(
         !std::path::Path::new(&decoy).exists(),

@@ -20,7 +20,10 @@ use netwatch_tests::{
 use netwatch_user::{
     clock::boot_secs,
     datapath::PinnedMaps,
-    install::{self, CliChange, ListKind},
+    datapath::{
+        install::{self, CliChange},
+        lists::ListKind,
+    },
     policy::{Mode, Policy, Rule},
 };
 

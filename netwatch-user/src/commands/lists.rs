@@ -12,8 +12,11 @@ use crate::{
     cli::{BlockArgs, ListArgs},
     clock::{boot_rfc3339, boot_secs},
     datapath::PinnedMaps,
-    install::{self, CliChange, ListKind},
-    sources,
+    datapath::{
+        install::{self, CliChange},
+        lists::ListKind,
+    },
+    detection::sources,
 };
 
 pub fn add(kind: ListKind, pin_dir: &Path, args: &BlockArgs) -> Result<()> {

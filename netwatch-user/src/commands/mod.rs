@@ -3,9 +3,8 @@
 mod check;
 mod detach;
 mod generate;
-pub mod lab;
 mod lists;
-pub mod query;
+mod query;
 mod run;
 mod status;
 
@@ -14,7 +13,7 @@ use anyhow::Result;
 use crate::{
     cli::{Cli, Command},
     config::{ConfigSource, Dirs},
-    install::ListKind,
+    datapath::lists::ListKind,
 };
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -47,6 +46,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Detach(args) => detach::detach(&dirs.pin_dir(args.pin_dir.as_deref())?),
         Command::Generate(args) => generate::generate(args.what, &args.dir),
-        Command::Lab(args) => lab::lab(&args),
+        #[cfg(feature = "lab")]
+        Command::Lab(args) => crate::lab::lab(&args),
     }
 }

@@ -1,61 +1,19 @@
 //! `lookup` and `top`: what netwatch knows about sources.
 
-use std::{
-    fmt::Write as _,
-    net::IpAddr,
-    path::Path,
-    time::{Duration, SystemTime},
-};
+use std::{fmt::Write as _, net::IpAddr, path::Path, time::Duration};
 
 use anyhow::Result;
-use serde::Serialize;
 
 use crate::{
     clock::rfc3339,
     datapath::PinnedMaps,
-    incidents::{Incident, Store},
-    sources::{self, BlockView, Names, SourceView},
+    detection::{incidents::Incident, sources::SourceView},
+    observe::reports::{incidents_report, lookup_report, top_report},
 };
 
-/// The answer to `lookup IP`, as printed with `--json` and served at
-/// `/api/lookup/IP`.
-#[derive(Debug, Serialize)]
-pub struct LookupReport {
-    pub ip: IpAddr,
-    /// Newest first.
-    pub incidents: Vec<Incident>,
-    /// What the kernel tracks about the address right now.
-    pub tracked: Vec<SourceView>,
-    /// Its auto-blocks in force (they outlive the records in `tracked`).
-    pub blocks: Vec<BlockView>,
-}
-
-pub fn lookup_report(pin_dir: &Path, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
-    let incidents = match Store::open_read_only(state_dir)? {
-        Some(store) => store.by_source(ip)?,
-        None => Vec::new(),
-    };
-    // Pins may be gone (after `detach`): incidents still answer.
-    let (tracked, blocks) = match PinnedMaps::open(pin_dir) {
-        Ok(maps) => {
-            let names = Names::read(&maps)?;
-            (
-                sources::lookup(&maps, &names, ip)?,
-                sources::blocks_of(&maps, &names, ip)?,
-            )
-        }
-        Err(_) => (Vec::new(), Vec::new()),
-    };
-    Ok(LookupReport {
-        ip,
-        incidents,
-        tracked,
-        blocks,
-    })
-}
-
 pub fn lookup(pin_dir: &Path, state_dir: &Path, ip: IpAddr, json: bool) -> Result<()> {
-    let report = lookup_report(pin_dir, state_dir, ip)?;
+    // Pins may be gone (after `detach`): incidents still answer.
+    let report = lookup_report(PinnedMaps::open(pin_dir).ok().as_ref(), state_dir, ip)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -117,24 +75,6 @@ fn describe_incident(i: &Incident) -> String {
     )
 }
 
-/// The answer to `incidents`, as printed with `--json`.
-#[derive(Debug, Serialize)]
-pub struct IncidentsReport {
-    /// Newest first.
-    pub incidents: Vec<Incident>,
-}
-
-/// Incidents last seen within `since` (all without it), newest first; no
-/// database yet means none.
-pub fn incidents_report(state_dir: &Path, since: Option<Duration>) -> Result<IncidentsReport> {
-    let cutoff = since.map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH));
-    let incidents = match Store::open_read_only(state_dir)? {
-        Some(store) => store.seen_since(cutoff)?,
-        None => Vec::new(),
-    };
-    Ok(IncidentsReport { incidents })
-}
-
 pub fn incidents(state_dir: &Path, since: Option<Duration>, json: bool) -> Result<()> {
     let report = incidents_report(state_dir, since)?;
     if json {
@@ -172,20 +112,8 @@ fn describe(s: &SourceView) -> String {
     )
 }
 
-#[derive(Debug, Serialize)]
-pub struct TopReport {
-    pub sources: Vec<SourceView>,
-}
-
-pub fn top_report(pin_dir: &Path, limit: usize) -> Result<TopReport> {
-    let maps = PinnedMaps::open(pin_dir)?;
-    Ok(TopReport {
-        sources: sources::top(&maps, &Names::read(&maps)?, limit)?,
-    })
-}
-
 pub fn top(pin_dir: &Path, limit: usize, json: bool) -> Result<()> {
-    let report = top_report(pin_dir, limit)?;
+    let report = top_report(&PinnedMaps::open(pin_dir)?, limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -1,10 +1,6 @@
 //! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::RingBuf;
 use netwatch_common::maps;
@@ -12,20 +8,21 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use anyhow::{Context as _, Result, bail};
 use log::{error, info, warn};
-use netwatch_common::{Direction, LinkKind};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::RunArgs,
     config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
-    datapath::{self, Attachments, PinnedMaps},
-    detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
-    http::{self, AppState},
-    install,
-    metrics::ControllerStats,
-    policy::Role,
-    sources,
+    datapath::{self, Datapath, install},
+    detection::{
+        detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
+        sources,
+    },
+    observe::{
+        http::{self, AppState},
+        metrics::{ControllerStats, Metrics},
+    },
 };
 
 fn overrides(args: &RunArgs) -> Overrides {
@@ -156,7 +153,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     // refused with the missing feature's name, not a verifier dump.
     crate::features::check()?;
     for name in &config.egress {
-        crate::tc::resolve(config.tc_attach, crate::tc::tcx_supported(name)?, name)?;
+        datapath::tc::resolve(config.tc_attach, datapath::tc::tcx_supported(name)?, name)?;
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -166,17 +163,8 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     };
 
     let listener = http::bind(config.metrics_addr)?;
-    datapath::prepare_pin_dir(&config.pin_dir)?;
-    let _lock = datapath::lock_pin_dir(&config.pin_dir)?;
-    // Loading an instance creates (or re-opens) the pinned maps.
-    drop(datapath::load_instance(
-        &config.pin_dir,
-        0,
-        Direction::Inbound,
-        LinkKind::Ethernet,
-    )?);
-    let maps = PinnedMaps::open(&config.pin_dir)?;
-    install::apply_policy(&maps, &config.policy)?;
+    let mut datapath = Datapath::open(&config.pin_dir)?;
+    datapath.apply(&config.policy)?;
     info!(
         "mode {}, rules: {}",
         config.policy.mode.label(),
@@ -188,66 +176,23 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
             .collect::<Vec<_>>()
             .join("; ")
     );
-
-    let mut attachments = Attachments::new(&config.pin_dir);
-    if let Err(err) = attach_all(&config, &maps, &mut attachments, args.xdp_generic) {
-        attachments.detach();
-        let _ = datapath::mark_all_detached(&maps);
-        return Err(err);
-    }
+    datapath.attach(&config.interfaces, &config.egress, config.tc_attach, args.xdp_generic)?;
 
     // Signals that came while attaching are delivered to the handlers now.
     drop(held);
-    let result = runtime.block_on(serve_until_signal(&args, source, &config, &maps, listener, signals));
+    let result = runtime.block_on(serve_until_signal(&args, source, &config, &datapath, listener, signals));
     notify(&[NotifyState::Stopping]);
     // keep_attached as the last reload left it.
     let keep_attached = result.as_ref().map_or(config.keep_attached, |c| c.keep_attached);
 
     if keep_attached {
         info!("leaving programs attached (keep_attached); `netwatch detach` removes them");
-        std::mem::forget(attachments);
+        datapath.leave_attached();
     } else {
-        attachments.detach();
-        datapath::mark_all_detached(&maps)?;
+        datapath.detach()?;
         info!("detached; counters stay pinned in {}", config.pin_dir.display());
     }
     result.map(drop)
-}
-
-fn attach_all(config: &RunConfig, maps: &PinnedMaps, attachments: &mut Attachments, xdp_generic: bool) -> Result<()> {
-    for iface in &config.interfaces {
-        let index = datapath::ifindex(&iface.name)?;
-        let slot = datapath::claim_iface_slot(maps, &iface.name, iface.role, index)?;
-        let mode = attachments.attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
-        let tc = if config.egress.contains(&iface.name) {
-            Some(attachments.attach_tc_egress(&iface.name, slot, config.tc_attach)?)
-        } else {
-            None
-        };
-        datapath::mark_attached(maps, slot, Some(mode), tc)?;
-        info!(
-            "{}: role {}, XDP {}{}",
-            iface.name,
-            iface.role.label(),
-            match mode {
-                Some(datapath::XdpAttachMode::Native) => "native",
-                Some(datapath::XdpAttachMode::Generic) => "generic",
-                None => "re-adopted",
-            },
-            tc.map(|path| format!(", TC egress ({path})")).unwrap_or_default()
-        );
-    }
-    for name in config
-        .egress
-        .iter()
-        .filter(|e| !config.interfaces.iter().any(|i| &i.name == *e))
-    {
-        let slot = datapath::claim_iface_slot(maps, name, Role::Host, datapath::ifindex(name)?)?;
-        let path = attachments.attach_tc_egress(name, slot, config.tc_attach)?;
-        datapath::mark_attached(maps, slot, None, Some(path))?;
-        info!("{name}: TC egress ({path})");
-    }
-    Ok(())
 }
 
 /// How often open incidents are brought up to date from the kernel (and
@@ -261,17 +206,18 @@ async fn serve_until_signal(
     args: &RunArgs,
     source: &ConfigSource,
     config: &RunConfig,
-    maps: &PinnedMaps,
+    datapath: &Datapath,
     listener: std::net::TcpListener,
     mut signals: Signals,
 ) -> Result<RunConfig> {
+    let maps = datapath.maps();
     // The configuration in force when the loop ends.
     let mut detector = Detector::open(maps, &config.state_dir)?;
-    let stats = Arc::new(Mutex::new(ControllerStats::default()));
+    let stats = Arc::new(ControllerStats::default());
     let state = AppState {
-        pin_dir: config.pin_dir.clone(),
+        maps: maps.clone(),
         state_dir: config.state_dir.clone(),
-        stats: stats.clone(),
+        metrics: Arc::new(Metrics::new(maps.clone(), stats.clone())?),
     };
     let server = http::serve(listener, state)?;
     info!(
@@ -307,12 +253,10 @@ async fn serve_until_signal(
                 let mut reloading = vec![NotifyState::Reloading];
                 reloading.extend(NotifyState::monotonic_usec_now().ok());
                 notify(&reloading);
-                let outcome = reload(args, source, &current, maps);
-                let mut s = stats.lock().expect("stats lock");
+                let outcome = reload(args, source, &current, datapath);
                 match outcome {
                     Ok(new) => {
-                        s.reloads_ok += 1;
-                        s.last_reload_ok = true;
+                        stats.reload(true);
                         current = new;
                         if let Err(err) = detector.reload_names(maps) {
                             warn!("re-reading rule names after the reload: {err:#}");
@@ -320,8 +264,7 @@ async fn serve_until_signal(
                         notify(&[NotifyState::Ready, NotifyState::Status("reloaded")]);
                     }
                     Err(err) => {
-                        s.reloads_failed += 1;
-                        s.last_reload_ok = false;
+                        stats.reload(false);
                         error!("reload rejected, the previous configuration stays in force: {err:#}");
                         notify(&[NotifyState::Ready, NotifyState::Status("reload rejected, previous configuration in force")]);
                     }
@@ -341,16 +284,16 @@ async fn serve_until_signal(
                 let now = crate::clock::boot_nanos();
                 for event in &batch {
                     let delay = now.saturating_sub(event.flagged_ns) as f64 / 1e9;
-                    stats.lock().expect("stats lock").flag_delay.observe(delay);
+                    stats.flag_delay(delay);
                     if let Err(err) = detector.on_event(event) {
-                        stats.lock().expect("stats lock").incident_errors += 1;
+                        stats.incident_error();
                         error!("recording an incident failed (the kernel keeps counting; retried on refresh): {err:#}");
                     }
                 }
             }
             _ = refresh.tick() => {
                 if let Err(err) = detector.refresh() {
-                    stats.lock().expect("stats lock").incident_errors += 1;
+                    stats.incident_error();
                     error!("updating open incidents failed: {err:#}");
                 }
                 // Command-line list entries whose --ttl has passed: out of
@@ -361,22 +304,22 @@ async fn serve_until_signal(
                 if let Err(err) = sources::sweep_auto_blocks(maps) {
                     warn!("sweeping expired auto-blocks: {err:#}");
                 }
-                if let Err(err) = datapath::check_interfaces(maps) {
+                if let Err(err) = datapath.check_interfaces() {
                     warn!("checking interfaces: {err:#}");
                 }
             }
             _ = count.tick(), if counting.is_none() => {
-                let pin_dir = config.pin_dir.clone();
+                let maps = maps.clone();
                 let followed = detector.followed_keys();
                 counting = Some(tokio::task::spawn_blocking(move || {
-                    sources::census(&PinnedMaps::open(&pin_dir)?, &followed, MAX_RECOVERED_PER_WALK)
+                    sources::census(&maps, &followed, MAX_RECOVERED_PER_WALK)
                 }));
             }
             done = async { counting.as_mut().expect("guarded").await }, if counting.is_some() => {
                 counting = None;
                 match done {
                     Ok(Ok(census)) => {
-                        stats.lock().expect("stats lock").sources_tracked = Some(census.tracked);
+                        stats.sources_tracked(census.tracked);
                         // Flags whose events were lost: recorded now.
                         match detector.recover(&census.flagged) {
                             Ok(0) => {}
@@ -389,7 +332,7 @@ async fn serve_until_signal(
                                 }
                             ),
                             Err(err) => {
-                                stats.lock().expect("stats lock").incident_errors += 1;
+                                stats.incident_error();
                                 error!("recording recovered incidents failed: {err:#}");
                             }
                         }
@@ -406,7 +349,7 @@ async fn serve_until_signal(
 
 /// Re-reads the config file and applies rules, lists and mode. Interface
 /// and address changes need a restart and are reported, not applied.
-fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, maps: &PinnedMaps) -> Result<RunConfig> {
+fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, datapath: &Datapath) -> Result<RunConfig> {
     if !source.explicit && !source.path.exists() {
         bail!(
             "SIGHUP: no config file to reload ({} does not exist)",
@@ -424,7 +367,9 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, maps: &Pin
     if new.keep_attached != current.keep_attached {
         info!("reload: keep_attached is now {}", new.keep_attached);
     }
-    install::apply_policy(maps, &new.policy).context("writing the new policy into the maps")?;
+    datapath
+        .apply(&new.policy)
+        .context("writing the new policy into the maps")?;
     info!(
         "reloaded: mode {}, {} rules, {} allowlist and {} blocklist entries",
         new.policy.mode.label(),

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::{
     datapath::PinnedMaps,
-    snapshot::{ListView, Snapshot},
+    observe::snapshot::{ListView, Snapshot},
 };
 
 pub fn status(pin_dir: &Path, json: bool) -> Result<()> {

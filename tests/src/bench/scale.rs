@@ -63,7 +63,7 @@ fn scrape_ms(rig: &Rig, n: usize) -> f64 {
             .map(|_| {
                 let t = Instant::now();
                 rig.dut
-                    .run(|| netwatch_user::netns::http_get(METRICS_ADDR, "/metrics"))
+                    .run(|| netwatch_user::lab::netns::http_get(METRICS_ADDR, "/metrics"))
                     .expect("scrape");
                 ms(t.elapsed())
             })
@@ -147,7 +147,7 @@ pub fn run(size: Size) -> Report {
         .unwrap();
     let flag_lookup_ms = rig.dut.run(|| {
         loop {
-            let body = netwatch_user::netns::http_get(METRICS_ADDR, "/api/lookup/198.18.0.1").unwrap();
+            let body = netwatch_user::lab::netns::http_get(METRICS_ADDR, "/api/lookup/198.18.0.1").unwrap();
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             if !v["incidents"].as_array().unwrap().is_empty() {
                 break ms(sent.elapsed());

@@ -157,7 +157,7 @@ fn visits(lab: &Lab, n: u8) {
     lab.scanner.run(|| {
         for i in 0..n {
             let local = std::net::Ipv4Addr::new(198, 18, 0, 100 + i);
-            let _ = netwatch_user::netns::tcp_connect_from(local, "198.18.0.2:80".parse().unwrap());
+            let _ = netwatch_user::lab::netns::tcp_connect_from(local, "198.18.0.2:80".parse().unwrap());
             std::thread::sleep(Duration::from_millis(300));
         }
     });
@@ -176,7 +176,7 @@ fn query_range(lab: &Lab, expr: &str, legend: &str, start: SystemTime, end: Syst
     );
     let body = lab
         .victim
-        .run(|| netwatch_user::netns::http_get(PROM_ADDR, &path))
+        .run(|| netwatch_user::lab::netns::http_get(PROM_ADDR, &path))
         .expect("query_range");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "success", "{expr}: {v}");

@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::{
     clock::boot_rfc3339,
+    datapath::lists::ListKind,
     datapath::{PinnedMaps, iface_name},
-    install::ListKind,
     policy::{Action, Mode, Role},
 };
 
@@ -267,7 +267,7 @@ impl Snapshot {
             sources_created: stat(STAT_SOURCES_CREATED)?,
             events_lost: stat(STAT_EVENTS_LOST)?,
             auto_blocks: stat(STAT_AUTO_BLOCKED)?,
-            auto_blocks_in_force: crate::sources::blocks_in_force(maps)?,
+            auto_blocks_in_force: crate::detection::sources::blocks_in_force(maps)?,
             auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
             visitors_recorded: stat(STAT_VISITORS_RECORDED)?,
             web_syn_acks: stat(STAT_HANDSHAKES_STARTED)?,

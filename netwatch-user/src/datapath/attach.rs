@@ -1,24 +1,19 @@
-//! Loading, pinning and attaching the eBPF datapath, and writing policy
-//! into its maps.
+//! Attaching: XDP through BPF links, TC egress through TCX or a netlink
+//! filter (see `tc`), each re-adopted from an earlier run; and detaching
+//! everything netwatch pinned.
 //!
-//! Every map is pinned by name under the pin directory, so counters and
-//! enforcement state outlive the controller. Each attachment (XDP on an
-//! interface, TC egress on an interface) is its own program instance with
-//! the interface slot and direction set as load-time constants, sharing
-//! the pinned maps. Links are pinned under `links/` so that a restarted
-//! controller re-adopts them and `netwatch detach` can remove them even
-//! after a crash.
+//! Links are pinned under `links/` so that a restarted controller
+//! re-adopts them and `netwatch detach` can remove them even after a
+//! crash.
 
 use std::{
     fs, io,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, PerCpuArray},
+    Ebpf,
     programs::{
         LinkOrder, ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -28,389 +23,20 @@ use aya::{
     sys::SyscallError,
 };
 use log::{debug, info, warn};
+use netwatch_common::{Direction, maps};
 
-use netwatch_common::{
-    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Counter, Direction, IfaceInfo, LinkKind, ListEntry, MAX_IFACES,
-    MAX_RULES, PortRule, PortRules, RuleInfo, Settings, globals, maps,
-};
-
-use crate::{
-    policy::Role,
+use super::{
+    iface::{ifindex, link_kind},
+    load::{TC_PROGRAM, XDP_PROGRAM, load_instance},
+    pins::ensure_accessible,
     tc::{self, TcAttach, TcPath},
 };
-
-/// The eBPF object built by build.rs.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
-
-/// The benchmark traffic generator (used by `cargo xtask bench` only; the
-/// `netwatch` binary does not reference it, so the linker leaves it out).
-pub static BENCH_GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-bench-gen"));
-
-pub const XDP_PROGRAM: &str = "netwatch_xdp";
-pub const TC_PROGRAM: &str = "netwatch_tc";
 
 /// How an XDP program ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpAttachMode {
     Native,
     Generic,
-}
-
-/// Loads one instance of the object with its maps bound to the pins in
-/// `pin_dir` (created there if missing) and its globals set.
-pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction, link: LinkKind) -> Result<Ebpf> {
-    let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
-    let mut loader = EbpfLoader::new();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let direction = direction as u32;
-    let link = link as u32;
-    loader
-        .override_global(globals::IFACE_SLOT, &iface_slot, true)
-        .override_global(globals::DIRECTION, &direction, true)
-        .override_global(globals::LINK_KIND, &link, true);
-    loader.load(EBPF_OBJECT).with_context(|| {
-        format!(
-            "loading the netwatch eBPF object with maps pinned in {}",
-            pin_dir.display()
-        )
-    })
-}
-
-/// Creates the pin directory with root-only permissions, or checks that
-/// an existing one is on bpffs.
-pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
-    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent) && parent == Path::new(BPFFS_ROOT) {
-        mount_bpffs()?;
-    }
-    if !is_bpffs(parent) && !is_bpffs(pin_dir) {
-        bail!(
-            "{} is not on a BPF filesystem (bpffs); mount one with `mount -t bpf bpf {}` or choose another --pin-dir",
-            parent.display(),
-            parent.display()
-        );
-    }
-    for dir in [pin_dir.to_path_buf(), pin_dir.join("links")] {
-        fs::create_dir_all(&dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
-    }
-    check_pinned_layout(pin_dir)
-}
-
-const BPFFS_ROOT: &str = "/sys/fs/bpf";
-
-/// Mounts bpffs at /sys/fs/bpf where the system has not (as bpftool does).
-fn mount_bpffs() -> Result<()> {
-    let target = std::ffi::CString::new(BPFFS_ROOT)?;
-    let fstype = std::ffi::CString::new("bpf")?;
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        bail!("{BPFFS_ROOT} is not a BPF filesystem and mounting one there failed: {err}");
-    }
-    info!("mounted bpffs at {BPFFS_ROOT}");
-    Ok(())
-}
-
-/// Holds an exclusive lock on the pin directory while `run` is running,
-/// so two controllers never fight over the same maps and links.
-pub struct PinDirLock {
-    _file: fs::File,
-}
-
-pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
-    use std::os::fd::AsRawFd as _;
-    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "another `netwatch run` is using {}; stop it first, or give this one its own --pin-dir",
-            pin_dir.display()
-        );
-    }
-    Ok(PinDirLock { _file: dir })
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// The shape of a map: what must agree between a pin and this build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct MapLayout {
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-}
-
-impl std::fmt::Display for MapLayout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "key {} B, value {} B, {} entries",
-            self.key_size, self.value_size, self.max_entries
-        )
-    }
-}
-
-/// Refuses pins whose layout differs from this build's maps (a foreign
-/// object, or an incompatible older netwatch), instead of reading garbage.
-fn check_pinned_layout(pin_dir: &Path) -> Result<()> {
-    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| anyhow!("parsing the eBPF object: {e}"))?;
-    for name in maps::ALL {
-        let path = pin_dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let m = object
-            .maps
-            .get(name)
-            .with_context(|| format!("map {name} missing from the eBPF object"))?;
-        let expected = MapLayout {
-            key_size: m.key_size(),
-            value_size: m.value_size(),
-            max_entries: m.max_entries(),
-        };
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("{} exists but is not a pinned BPF map", path.display()))?;
-        let pinned = MapLayout {
-            key_size: info.key_size(),
-            value_size: info.value_size(),
-            max_entries: info.max_entries(),
-        };
-        if pinned != expected {
-            bail!(
-                "pinned map {} has layout ({pinned}) but this netwatch expects ({expected}); it was made by another \
-                 program or an incompatible netwatch version: run `netwatch detach --pin-dir {}` to remove it",
-                path.display(),
-                pin_dir.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Handle on the pinned maps, for the controller and the query commands.
-pub struct PinnedMaps {
-    dir: PathBuf,
-}
-
-impl PinnedMaps {
-    /// Opens the pin directory of a netwatch that has run at least once.
-    pub fn open(dir: &Path) -> Result<Self> {
-        ensure_accessible(dir)?;
-        if !dir.join(maps::SETTINGS).exists() {
-            bail!(
-                "no netwatch state in {}: is `netwatch run` running (or did it ever run) with this --pin-dir?",
-                dir.display()
-            );
-        }
-        check_pinned_layout(dir)?;
-        Ok(Self { dir: dir.to_path_buf() })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn map_by_name(&self, name: &str) -> Result<Map> {
-        let path = self.dir.join(name);
-        let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
-        Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
-    }
-
-    pub fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<MapData, V>> {
-        Ok(Array::try_from(self.map_by_name(name)?)?)
-    }
-
-    pub fn per_cpu_array<V: aya::Pod>(&self, name: &str) -> Result<PerCpuArray<MapData, V>> {
-        Ok(PerCpuArray::try_from(self.map_by_name(name)?)?)
-    }
-
-    pub fn lpm<K: aya::Pod>(&self, name: &str) -> Result<LpmTrie<MapData, K, ListEntry>> {
-        Ok(LpmTrie::try_from(self.map_by_name(name)?)?)
-    }
-
-    pub fn settings(&self) -> Result<Settings> {
-        Ok(self.array::<Settings>(maps::SETTINGS)?.get(&0, 0)?)
-    }
-
-    /// Every interface slot that has been used (its counters persist).
-    pub fn iface_slots(&self) -> Result<Vec<(u32, IfaceInfo)>> {
-        let map = self.array::<IfaceInfo>(maps::IFACE_INFO)?;
-        let mut out = Vec::new();
-        for slot in 0..MAX_IFACES {
-            let info = map.get(&slot, 0)?;
-            if info.name[0] != 0 {
-                out.push((slot, info));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The rule slots of the policy version in force.
-    pub fn rules(&self) -> Result<Vec<(u32, RuleInfo)>> {
-        let live = self.settings()?.active & 1;
-        Ok(self
-            .rule_slots_all()?
-            .into_iter()
-            .filter(|(_, info)| info.in_use & (1 << live) != 0)
-            .collect())
-    }
-
-    /// The rule slots of the version in force, with the rule the datapath
-    /// applies for each.
-    pub fn rules_in_force(&self) -> Result<Vec<(u32, RuleInfo, PortRule)>> {
-        let live = self.settings()?.active & 1;
-        let port_rules = self.array::<PortRules>(maps::PORT_RULES)?;
-        self.rules()?
-            .into_iter()
-            .map(|(slot, info)| Ok((slot, info, *port_rules.get(&info.port_rule_index(), 0)?.version(live))))
-            .collect()
-    }
-
-    /// Every rule slot, used or not.
-    pub fn rule_slots_all(&self) -> Result<Vec<(u32, RuleInfo)>> {
-        let map = self.array::<RuleInfo>(maps::RULE_INFO)?;
-        (0..MAX_RULES).map(|slot| Ok((slot, map.get(&slot, 0)?))).collect()
-    }
-
-    /// Sum over CPUs of one per-CPU counter.
-    pub fn counter_sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {
-        let values = map.get(&index, 0)?;
-        Ok(values.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
-    }
-}
-
-/// Finds the slot an interface had before (by name), or a free one.
-pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32) -> Result<u32> {
-    let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
-    let infos: Vec<IfaceInfo> = (0..MAX_IFACES).map(|s| map.get(&s, 0)).collect::<Result<_, _>>()?;
-    let name_bytes = iface_name_bytes(name)?;
-    let slot = infos
-        .iter()
-        .position(|i| i.name == name_bytes)
-        .or_else(|| infos.iter().position(|i| i.in_use == 0 && i.name == [0; 16]))
-        .or_else(|| infos.iter().position(|i| i.in_use == 0))
-        .ok_or_else(|| anyhow!("more than {MAX_IFACES} interfaces"))? as u32;
-    let mut info = infos[slot as usize];
-    if info.name != name_bytes {
-        info = IfaceInfo::default();
-    }
-    info.in_use = 1;
-    info.role = role.as_u32();
-    info.ifindex = ifindex;
-    info.name = name_bytes;
-    map.set(slot, info, 0)?;
-    Ok(slot)
-}
-
-pub fn update_iface(maps: &PinnedMaps, slot: u32, f: impl FnOnce(&mut IfaceInfo)) -> Result<()> {
-    let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
-    let mut info = map.get(&slot, 0)?;
-    f(&mut info);
-    map.set(slot, info, 0)?;
-    Ok(())
-}
-
-fn iface_name_bytes(name: &str) -> Result<[u8; 16]> {
-    let mut out = [0u8; 16];
-    if name.is_empty() || name.len() > 15 {
-        bail!("interface name {name:?} must be 1 to 15 bytes");
-    }
-    out[..name.len()].copy_from_slice(name.as_bytes());
-    Ok(out)
-}
-
-pub fn iface_name(info: &IfaceInfo) -> String {
-    let end = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
-    String::from_utf8_lossy(&info.name[..end]).into_owned()
-}
-
-pub fn ifindex(name: &str) -> Result<u32> {
-    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
-    // SAFETY: valid C string.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 {
-        bail!("interface {name:?} does not exist in this network namespace");
-    }
-    Ok(index)
-}
-
-/// Where frames on `iface` start, from its link type (`ARPHRD_*`, as
-/// SIOCGIFHWADDR reports it in this network namespace). A device whose
-/// frames netwatch cannot parse is refused, never attached blind.
-pub fn link_kind(iface: &str) -> Result<LinkKind> {
-    const ARPHRD_ETHER: u16 = 1;
-    const ARPHRD_PPP: u16 = 512;
-    const ARPHRD_RAWIP: u16 = 519;
-    const ARPHRD_TUNNEL: u16 = 768;
-    const ARPHRD_TUNNEL6: u16 = 769;
-    const ARPHRD_LOOPBACK: u16 = 772;
-    const ARPHRD_SIT: u16 = 776;
-    const ARPHRD_IPGRE: u16 = 778;
-    const ARPHRD_IP6GRE: u16 = 823;
-    const ARPHRD_NONE: u16 = 0xfffe;
-    let kind = link_type(iface)?;
-    match kind {
-        ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(LinkKind::Ethernet),
-        ARPHRD_NONE | ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT | ARPHRD_IPGRE
-        | ARPHRD_IP6GRE => Ok(LinkKind::Ip),
-        other => bail!(
-            "interface {iface:?} has link type {other} (ARPHRD_*), whose frames netwatch cannot parse; it \
-             supports Ethernet-framed devices (Ethernet, veth, bridge, bond, VLAN, PPPoE's physical port) and \
-             L3 devices (tun, ppp, wireguard, ipip, sit, gre, ip6tnl)"
-        ),
-    }
-}
-
-/// The `ARPHRD_*` link type of `iface` in this network namespace.
-fn link_type(iface: &str) -> Result<u16> {
-    let name = std::ffi::CString::new(iface).map_err(|_| anyhow!("interface name {iface:?} contains NUL"))?;
-    // SAFETY: an ifreq is plain data; zeroes are a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes_with_nul();
-    if bytes.len() > req.ifr_name.len() {
-        bail!("interface name {iface:?} is longer than 15 bytes");
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket(2); closed by OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a socket to read link types");
-    }
-    // SAFETY: fd is a new descriptor we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: SIOCGIFHWADDR fills `req.ifr_ifru.ifru_hwaddr`.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::SIOCGIFHWADDR,
-            &mut req as *mut libc::ifreq,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("reading the link type of interface {iface:?}"));
-    }
-    // SAFETY: the ioctl succeeded, so the hwaddr member is set.
-    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 /// The pin of `hook` on `iface` under `links/`. bpffs refuses names with
@@ -799,17 +425,6 @@ fn readopt(pin: &Path) -> Result<Option<FdLink>> {
     }
 }
 
-/// The pin directory is root-only (0700): say so rather than "not found".
-fn ensure_accessible(dir: &Path) -> Result<()> {
-    match fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "permission denied reading {}: netwatch's pinned maps are root-only; run this as root",
-            dir.display()
-        ),
-        _ => Ok(()),
-    }
-}
-
 /// Removes every program, link and map netwatch pinned under `pin_dir`.
 /// Returns the number of pins removed.
 pub fn detach_all(pin_dir: &Path) -> Result<usize> {
@@ -848,7 +463,7 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
             removed += 1;
         }
     }
-    let lock = pin_dir.join(crate::install::LOCK_DIR);
+    let lock = pin_dir.join(crate::datapath::install::LOCK_DIR);
     if lock.exists() {
         fs::remove_dir(&lock).with_context(|| format!("removing {}", lock.display()))?;
     }
@@ -859,60 +474,6 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
         )
     })?;
     Ok(removed)
-}
-
-/// Marks what is attached to an interface slot, for `status`.
-/// `xdp` is `Some(None)` for a re-adopted XDP link, whose mode is as
-/// recorded before.
-pub fn mark_attached(
-    maps: &PinnedMaps,
-    slot: u32,
-    xdp: Option<Option<XdpAttachMode>>,
-    tc: Option<TcPath>,
-) -> Result<()> {
-    update_iface(maps, slot, |info| {
-        if let Some(mode) = xdp {
-            info.attached |= ATTACHED_XDP;
-            if let Some(mode) = mode {
-                info.xdp_generic = (mode == XdpAttachMode::Generic) as u8;
-            }
-        }
-        if let Some(path) = tc {
-            info.attached |= ATTACHED_TC;
-            info.attached &= !ATTACHED_TC_NETLINK;
-            if path == TcPath::Netlink {
-                info.attached |= ATTACHED_TC_NETLINK;
-            }
-        }
-    })
-}
-
-/// Notices interfaces that went away (or were replaced) while attached:
-/// the kernel detached their programs; mark them so, keep their counters.
-pub fn check_interfaces(maps: &PinnedMaps) -> Result<()> {
-    for (slot, info) in maps.iface_slots()? {
-        if info.attached == 0 {
-            continue;
-        }
-        let name = iface_name(&info);
-        if ifindex(&name).ok() != Some(info.ifindex) {
-            warn!("interface {name} disappeared while attached: its programs are gone, its counters are kept");
-            update_iface(maps, slot, |i| i.attached = 0)?;
-        }
-    }
-    Ok(())
-}
-
-/// Clears the attached bits of every slot (the controller is going away).
-pub fn mark_all_detached(maps: &PinnedMaps) -> Result<()> {
-    for slot in 0..MAX_IFACES {
-        update_iface(maps, slot, |info| {
-            info.attached = 0;
-            info.in_use = 0;
-            info.ifindex = 0;
-        })?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,22 +1,23 @@
 //! The read-only HTTP endpoint: `/metrics` for Prometheus.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use log::warn;
 
-use crate::{datapath::PinnedMaps, metrics, metrics::ControllerStats, snapshot::Snapshot};
+use crate::{
+    datapath::PinnedMaps,
+    observe::{metrics::Metrics, snapshot::Snapshot},
+};
 
 #[derive(Clone)]
 pub struct AppState {
-    pub pin_dir: PathBuf,
+    /// Opened once by `run`, shared with its main loop and the detector.
+    pub maps: PinnedMaps,
     pub state_dir: PathBuf,
-    pub stats: Arc<Mutex<ControllerStats>>,
+    /// The process's registry, reading `maps` at scrape time.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Binds the endpoint's socket; done before anything is attached, so a
@@ -67,7 +68,7 @@ async fn json<T: serde::Serialize + Send + 'static>(
 }
 
 async fn api_status(State(state): State<AppState>) -> axum::response::Response {
-    json(move || Snapshot::read(&PinnedMaps::open(&state.pin_dir)?)).await
+    json(move || Snapshot::read(state.maps.still_pinned()?)).await
 }
 
 async fn api_lookup(
@@ -77,14 +78,14 @@ async fn api_lookup(
     let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
         return (StatusCode::BAD_REQUEST, format!("{ip:?} is not an IP address\n")).into_response();
     };
-    json(move || crate::commands::query::lookup_report(&state.pin_dir, &state.state_dir, ip)).await
+    json(move || crate::observe::reports::lookup_report(state.maps.still_pinned().ok(), &state.state_dir, ip)).await
 }
 
 async fn api_top(
     State(state): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> axum::response::Response {
-    json(move || crate::commands::query::top_report(&state.pin_dir, q.limit.unwrap_or(10).min(1000))).await
+    json(move || crate::observe::reports::top_report(state.maps.still_pinned()?, q.limit.unwrap_or(10).min(1000))).await
 }
 
 async fn api_incidents(
@@ -92,7 +93,7 @@ async fn api_incidents(
     axum::extract::Query(q): axum::extract::Query<Limit>,
 ) -> axum::response::Response {
     json(move || {
-        let incidents = match crate::incidents::Store::open_read_only(&state.state_dir)? {
+        let incidents = match crate::detection::incidents::Store::open_read_only(&state.state_dir)? {
             Some(store) => store.recent(q.limit.unwrap_or(100).min(10_000))?,
             None => Vec::new(),
         };
@@ -102,13 +103,7 @@ async fn api_incidents(
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
-    let result = tokio::task::spawn_blocking(move || -> Result<String> {
-        let maps = PinnedMaps::open(&state.pin_dir)?;
-        let snapshot = Snapshot::read(&maps)?;
-        let stats = state.stats.lock().map(|s| s.clone()).unwrap_or_default();
-        metrics::render(&snapshot, Some(&stats))
-    })
-    .await;
+    let result = tokio::task::spawn_blocking(move || -> Result<String> { state.metrics.render() }).await;
     match result {
         Ok(Ok(body)) => (
             StatusCode::OK,

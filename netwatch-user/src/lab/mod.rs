@@ -3,6 +3,13 @@
 //! every visitor by NetBIOS; ten visitors come by; then an infected host
 //! sweeps a /24 (local to the protected host) with nbtscan and tcp/5190
 //! with nmap. The lab prints what netwatch saw and removes everything.
+//!
+//! Not part of the product's core: it drives the `netwatch` binary from
+//! outside, as a user would, and is built with the `lab` cargo feature
+//! (on by default, so `cargo xtask run` shows it). `netns` holds its
+//! namespace plumbing and HTTP client, which the tests share.
+
+pub mod netns;
 
 use std::{
     io::Read as _,
@@ -13,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cli::LabArgs, netns};
+use crate::cli::LabArgs;
 
 const SCANNER: &str = "netwatch-lab-outside";
 const HOST: &str = "netwatch-lab-host";

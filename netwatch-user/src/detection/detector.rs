@@ -16,8 +16,8 @@ use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, 
 use crate::{
     clock::{boot_secs, to_system},
     datapath::PinnedMaps,
-    incidents::{Classification, Observation, Seen, Store},
-    sources::{self, Names, Pending, addr_of, classification_of, key_for},
+    detection::incidents::{Classification, Observation, Seen, Store},
+    detection::sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
 /// A flag within this long of an incident's last sighting updates it
@@ -35,7 +35,7 @@ pub struct Detector {
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
     memos: PerCpuArray<MapData, FloodCache>,
     blocks: BpfHashMap<MapData, SourceKey, u32>,
-    maps_dir: std::path::PathBuf,
+    maps: PinnedMaps,
     names: Names,
     /// Flagged sources whose incidents are still open, with when they were
     /// last seen moving.
@@ -51,7 +51,7 @@ impl Detector {
             sources: sources::sources_map(maps)?,
             memos: sources::memo_map(maps)?,
             blocks: sources::blocks_map(maps)?,
-            maps_dir: maps.dir().to_path_buf(),
+            maps: maps.clone(),
             names,
             followed: HashMap::new(),
         };
@@ -111,8 +111,7 @@ impl Detector {
     pub fn on_event(&mut self, event: &FlagEvent) -> Result<()> {
         if self.names.rule_slots().all(|s| s != event.key.rule) {
             // A rule added by a reload since we last looked.
-            let maps = PinnedMaps::open(&self.maps_dir)?;
-            self.names = Names::read(&maps)?;
+            self.names = Names::read(&self.maps)?;
         }
         let mut state = SourceState {
             packets: event.packets,
@@ -209,8 +208,7 @@ impl Detector {
             .iter()
             .any(|(k, _)| self.names.rule_slots().all(|s| s != k.rule))
         {
-            let maps = PinnedMaps::open(&self.maps_dir)?;
-            self.names = Names::read(&maps)?;
+            self.names = Names::read(&self.maps)?;
         }
         let pending = Pending::read(&self.memos)?;
         let mut keys = Vec::new();

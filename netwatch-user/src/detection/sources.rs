@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     clock::boot_rfc3339,
     datapath::{PinnedMaps, iface_name},
-    incidents::Classification,
+    detection::incidents::Classification,
 };
 
 /// A tracked source as the CLI and the HTTP API show it.
@@ -86,7 +86,11 @@ impl Names {
             .map(|(slot, info)| {
                 (
                     slot as u8,
-                    format!("{}/{}", crate::snapshot::protocol_label(info.protocol), info.port),
+                    format!(
+                        "{}/{}",
+                        crate::observe::snapshot::protocol_label(info.protocol),
+                        info.port
+                    ),
                 )
             })
             .collect();

@@ -5,7 +5,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    os::fd::AsRawFd as _,
     time::Duration,
 };
 
@@ -18,9 +17,9 @@ pub fn run_in<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-            // SAFETY: setns on this thread only, with a valid fd.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("entering {path}: {}", std::io::Error::last_os_error());
+            // On this thread only.
+            if let Err(errno) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                bail!("entering {path}: {}", std::io::Error::from(errno));
             }
             Ok(f())
         })

@@ -1,0 +1,41 @@
+//! Loading the eBPF object: one instance per attachment, its maps bound
+//! to the pins and its per-attachment constants set. Every program
+//! instance the controller creates is loaded here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use aya::{Ebpf, EbpfLoader};
+use netwatch_common::{Direction, LinkKind, globals, maps};
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
+
+/// The benchmark traffic generator (used by `cargo xtask bench` only; the
+/// `netwatch` binary does not reference it, so the linker leaves it out).
+pub static BENCH_GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-bench-gen"));
+
+pub const XDP_PROGRAM: &str = "netwatch_xdp";
+pub const TC_PROGRAM: &str = "netwatch_tc";
+
+/// Loads one instance of the object with its maps bound to the pins in
+/// `pin_dir` (created there if missing) and its globals set.
+pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction, link: LinkKind) -> Result<Ebpf> {
+    let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let direction = direction as u32;
+    let link = link as u32;
+    loader
+        .override_global(globals::IFACE_SLOT, &iface_slot, true)
+        .override_global(globals::DIRECTION, &direction, true)
+        .override_global(globals::LINK_KIND, &link, true);
+    loader.load(EBPF_OBJECT).with_context(|| {
+        format!(
+            "loading the netwatch eBPF object with maps pinned in {}",
+            pin_dir.display()
+        )
+    })
+}

@@ -1,0 +1,11 @@
+//! Detection: flag events from the kernel become incidents.
+//!
+//! - `detector`: reads flag events, keeps open incidents up to date, and
+//!   recovers flags whose events were lost;
+//! - `incidents`: the SQLite incident database;
+//! - `sources`: the per-source records, auto-blocks and pending memo
+//!   counts, as `lookup`, `top` and the detector read them.
+
+pub mod detector;
+pub mod incidents;
+pub mod sources;
