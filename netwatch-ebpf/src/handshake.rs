@@ -11,7 +11,7 @@ use netwatch_common::{
 use crate::{
     helpers::{coarse_monotonic_secs, increment, ipv4_as_16, source_addr16},
     maps::{HANDSHAKES, PORT_RULES, SETTINGS, STATS, VISITORS},
-    parse::{Addrs, Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{Addrs, Packet, TCP_ACK, TCP_RST, TCP_SYN, TcpHead},
 };
 
 /// The packet's source and destination as a `VisitorKey`'s local
@@ -37,12 +37,12 @@ fn visitor_key(addrs: &Addrs) -> VisitorKey {
     }
 }
 
-/// The 32-bit number at `offset` of the TCP header.
+/// The TCP header's first bytes. Only called for TCP packets (flags
+/// set), whose `tcp` the parser checked is inside the frame.
 #[inline(always)]
-fn tcp_u32(packet: &Packet, offset: usize) -> u32 {
-    // SAFETY: only called for TCP packets (flags set), whose `tcp` points
-    // at 14 bytes the parser checked are inside the frame.
-    u32::from_be_bytes(unsafe { *((packet.tcp as usize + offset) as *const [u8; 4]) })
+fn tcp_head(packet: &Packet) -> &TcpHead {
+    // SAFETY: as above.
+    unsafe { &*packet.tcp }
 }
 
 /// Watches web handshakes: remembers a SYN-ACK leaving a web port, and
@@ -61,14 +61,18 @@ pub fn observe_web_handshake(packet: &Packet, rule_flags: u32, dir: u32) {
                 family,
                 _pad: 0,
             };
-            record_visitor_on_ack(&key, tcp_u32(packet, 8));
+            record_visitor_on_ack(&key, u32::from_be_bytes(tcp_head(packet).ack));
         }
     } else if flags == TCP_SYN | TCP_ACK
         && let Some(rules) = PORT_RULES.get(port_rule_index(Protocol::Tcp, packet.src_port))
         && let Some(settings) = SETTINGS.get(0)
         && rules.version(settings.active_version()).flags & PORT_WEB != 0
     {
-        remember_syn_ack(&visitor_key(&packet.addrs), packet.dst_port, tcp_u32(packet, 4));
+        remember_syn_ack(
+            &visitor_key(&packet.addrs),
+            packet.dst_port,
+            u32::from_be_bytes(tcp_head(packet).seq),
+        );
     }
 }
 
