@@ -70,6 +70,7 @@ struct PppoeHdr {
 
 /// IPv4 header without options.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Hdr {
     version_ihl: u8,
     _tos: u8,
@@ -97,6 +98,7 @@ struct Ipv6Hdr {
 /// The start of an IPv6 extension header (hop-by-hop, routing,
 /// destination options, AH): next header and length.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv6ExtHdr {
     next_hdr: u8,
     len: u8,
@@ -105,6 +107,7 @@ struct Ipv6ExtHdr {
 /// The first half of an IPv6 fragment header: up to the offset and the
 /// more-fragments flag (the identification is not read).
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv6FragHdr {
     next_hdr: u8,
     _reserved: u8,
@@ -114,6 +117,7 @@ struct Ipv6FragHdr {
 /// UDP and TCP source and destination ports: the first 4 bytes of either
 /// header.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ports {
     src: [u8; 2],
     dst: [u8; 2],
@@ -300,7 +304,7 @@ fn link_ip(frame: Frame) -> Result<(Network, usize), Class> {
 
 #[inline(always)]
 fn ipv4(frame: Frame, offset: usize) -> Result<Transport, Class> {
-    let ip = frame.header::<Ipv4Hdr>(offset).ok_or(Class::Ipv4Truncated)?;
+    let ip = *frame.header::<Ipv4Hdr>(offset).ok_or(Class::Ipv4Truncated)?;
     let header_len = ((ip.version_ihl & 0x0f) as usize) * 4;
     let total_len = u16::from_be_bytes(ip.total_len) as usize;
     if ip.version_ihl >> 4 != 4 || header_len < IPV4_HLEN || total_len < header_len {
@@ -361,12 +365,12 @@ fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext = frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                let ext = *frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
                 next = ext.next_hdr;
                 (ext.len as usize + 1) * 8
             }
             IPPROTO_AH => {
-                let ext = frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                let ext = *frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
                 next = ext.next_hdr;
                 // AH counts its length in 4-octet units, minus 2.
                 (ext.len as usize + 2) * 4
@@ -377,7 +381,7 @@ fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
                 if offset + IPV6_FRAG_HLEN > ip_end {
                     return Err(Class::Ipv6ExtTruncated);
                 }
-                let frag = frame.header::<Ipv6FragHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                let frag = *frame.header::<Ipv6FragHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
                 let offset_and_more = u16::from_be_bytes(frag.offset_and_more);
                 if offset_and_more & 0xfff8 != 0 {
                     return Err(Class::Fragment);
@@ -440,7 +444,7 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
             return Err(Class::TcpTinyFragment);
         }
     }
-    let ports = frame.header::<Ports>(t.offset).ok_or(Class::L4Truncated)?;
+    let ports = *frame.header::<Ports>(t.offset).ok_or(Class::L4Truncated)?;
     let (tcp, tcp_flags) = match protocol {
         Protocol::Tcp => {
             let tcp = frame.header::<TcpHead>(t.offset).ok_or(Class::L4Truncated)?;
