@@ -7,6 +7,9 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod handshake;
+mod helpers;
+mod lists;
 mod maps;
 mod parse;
 mod track;

@@ -1,28 +1,25 @@
 //! Bounds-checked header parsing shared by the XDP and TC programs.
 //!
-//! Every read goes through [`Frame::at`], which proves to the verifier
-//! that the bytes lie inside the frame; nothing is read past it.
+//! Every read goes through [`Frame::header`], which proves to the
+//! verifier that a header lies inside the frame; nothing is read past it.
+//! Headers are `#[repr(C)]` structs of byte arrays (network order, no
+//! alignment: a frame's headers sit at any offset), read field by field.
 //!
 //! The parser fails closed: where a frame could carry a rule port that it
 //! cannot read (a header cut short, a longer IPv6 extension-header chain
 //! than it walks, a tiny TCP first fragment), it returns a class that
 //! enforce mode drops (`Class::fails_closed`), never a pass by default.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 use netwatch_common::{Class, LinkKind, MAX_IPV6_EXT_HEADERS, Protocol};
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_P_PPP_SES: u16 = 0x8864;
-const VLAN_HLEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
-/// PPPoE session header (RFC 2516: ver/type, code, session id, length)
-/// followed by the 2-byte PPP protocol field.
-const PPPOE_HLEN: usize = 6;
 const PPP_IP: u16 = 0x0021;
 const PPP_IPV6: u16 = 0x0057;
 
@@ -34,13 +31,97 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
+const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
+const IPV6_HLEN: usize = size_of::<Ipv6Hdr>();
 const UDP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
 /// Source and destination port: all a first fragment must hold to be
 /// matched on its ports.
-const PORTS_LEN: usize = 4;
+const PORTS_LEN: usize = size_of::<Ports>();
+/// An IPv6 fragment header's length (next header, reserved, offset and
+/// flags, identification).
+const IPV6_FRAG_HLEN: usize = 8;
+
+/// Ethernet II header.
+#[repr(C)]
+struct EthHdr {
+    _dst: [u8; 6],
+    _src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+/// An 802.1Q or 802.1ad tag: what follows the ethertype that announced it.
+#[repr(C)]
+struct VlanHdr {
+    _tci: [u8; 2],
+    ether_type: [u8; 2],
+}
+
+/// PPPoE session header (RFC 2516: ver/type, code, session id, length)
+/// followed by the PPP protocol field.
+#[repr(C)]
+struct PppoeHdr {
+    _ver_type: u8,
+    _code: u8,
+    _session: [u8; 2],
+    _length: [u8; 2],
+    protocol: [u8; 2],
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    _tos: u8,
+    total_len: [u8; 2],
+    _id: [u8; 2],
+    frag_off: [u8; 2],
+    _ttl: u8,
+    protocol: u8,
+    _check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+struct Ipv6Hdr {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_hdr: u8,
+    _hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The start of an IPv6 extension header (hop-by-hop, routing,
+/// destination options, AH): next header and length.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6ExtHdr {
+    next_hdr: u8,
+    len: u8,
+}
+
+/// The first half of an IPv6 fragment header: up to the offset and the
+/// more-fragments flag (the identification is not read).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6FragHdr {
+    next_hdr: u8,
+    _reserved: u8,
+    offset_and_more: [u8; 2],
+}
+
+/// UDP and TCP source and destination ports: the first 4 bytes of either
+/// header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ports {
+    src: [u8; 2],
+    dst: [u8; 2],
+}
 
 /// No header offset the parser computes exceeds this: a larger one lies
 /// past any frame XDP or TC hands us. Keeping offsets below it lets the
@@ -70,7 +151,15 @@ pub struct Packet {
 }
 
 /// The first 14 bytes of a TCP header: up to and including the flags.
-pub type TcpHead = [u8; 14];
+#[repr(C)]
+pub struct TcpHead {
+    _src_port: [u8; 2],
+    _dst_port: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    _data_offset: u8,
+    flags: u8,
+}
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -100,16 +189,26 @@ impl Frame {
         }
     }
 
+    /// A pointer to a `T` at `offset`, unchecked: for fields of a header
+    /// [`Frame::header`] has checked.
+    #[inline(always)]
+    fn ptr<T>(self, offset: usize) -> *const T {
+        (self.start + offset) as *const T
+    }
+
+    /// The header `T` at `offset`, if all of it is inside the frame.
+    /// `T` is a `#[repr(C)]` struct of bytes and byte arrays (alignment 1).
+    #[inline(always)]
+    fn header<T>(self, offset: usize) -> Option<&'static T> {
+        // SAFETY: `at` checked that the header is inside the frame, which
+        // stays in place while the program runs; `T` has alignment 1.
+        self.at::<T>(offset).map(|p| unsafe { &*p })
+    }
+
     /// The `N` bytes at `offset`, if inside the frame.
     #[inline(always)]
     fn bytes<const N: usize>(self, offset: usize) -> Option<[u8; N]> {
-        // SAFETY: `at` checked that all N bytes are inside the frame.
-        self.at::<[u8; N]>(offset).map(|p| unsafe { *p })
-    }
-
-    #[inline(always)]
-    fn be16(self, offset: usize) -> Option<u16> {
-        self.bytes::<2>(offset).map(u16::from_be_bytes)
+        self.header::<[u8; N]>(offset).copied()
     }
 
     #[inline(always)]
@@ -160,22 +259,24 @@ pub fn parse(start: usize, end: usize, len: usize, link: LinkKind) -> Parsed {
 /// PPPoE session header.
 #[inline(always)]
 fn link_ethernet(frame: Frame) -> Result<(Network, usize), Class> {
-    let mut ethertype = frame.be16(12).ok_or(Class::EthTruncated)?;
-    let mut offset = ETH_HLEN;
+    let eth = frame.header::<EthHdr>(0).ok_or(Class::EthTruncated)?;
+    let mut ethertype = u16::from_be_bytes(eth.ether_type);
+    let mut offset = size_of::<EthHdr>();
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        ethertype = frame.be16(offset + 2).ok_or(Class::VlanTruncated)?;
-        offset += VLAN_HLEN;
+        let tag = frame.header::<VlanHdr>(offset).ok_or(Class::VlanTruncated)?;
+        ethertype = u16::from_be_bytes(tag.ether_type);
+        offset += size_of::<VlanHdr>();
     }
     match ethertype {
         ETH_P_IP => Ok((Network::Ipv4, offset)),
         ETH_P_IPV6 => Ok((Network::Ipv6, offset)),
         ETH_P_PPP_SES => {
-            let protocol = frame.be16(offset + PPPOE_HLEN).ok_or(Class::PppoeTruncated)?;
-            let offset = offset + PPPOE_HLEN + 2;
-            match protocol {
+            let pppoe = frame.header::<PppoeHdr>(offset).ok_or(Class::PppoeTruncated)?;
+            let offset = offset + size_of::<PppoeHdr>();
+            match u16::from_be_bytes(pppoe.protocol) {
                 PPP_IP => Ok((Network::Ipv4, offset)),
                 PPP_IPV6 => Ok((Network::Ipv6, offset)),
                 // LCP, IPCP, CHAP, ...: control, never a rule port.
@@ -203,10 +304,10 @@ fn link_ip(frame: Frame) -> Result<(Network, usize), Class> {
 
 #[inline(always)]
 fn ipv4(frame: Frame, offset: usize) -> Result<Transport, Class> {
-    let ip = frame.bytes::<IPV4_HLEN>(offset).ok_or(Class::Ipv4Truncated)?;
-    let header_len = ((ip[0] & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    if ip[0] >> 4 != 4 || header_len < IPV4_HLEN || total_len < header_len {
+    let ip = *frame.header::<Ipv4Hdr>(offset).ok_or(Class::Ipv4Truncated)?;
+    let header_len = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(ip.total_len) as usize;
+    if ip.version_ihl >> 4 != 4 || header_len < IPV4_HLEN || total_len < header_len {
         // Linux drops these in ip_rcv.
         return Err(Class::Ipv4BadHeader);
     }
@@ -214,32 +315,33 @@ fn ipv4(frame: Frame, offset: usize) -> Result<Transport, Class> {
     if offset + total_len > frame.len() {
         return Err(Class::Ipv4Truncated);
     }
-    let fragment = u16::from_be_bytes([ip[6], ip[7]]);
+    let fragment = u16::from_be_bytes(ip.frag_off);
     if fragment & 0x1fff != 0 {
         return Err(Class::Fragment);
     }
     Ok(Transport {
-        proto: ip[9],
+        proto: ip.protocol,
         offset: offset + header_len,
         ip_end: offset + total_len,
         first_fragment: fragment & 0x2000 != 0,
+        // From the frame start, not from `ip`: a pointer derived from the
+        // checked header pointer keeps that check's range, and the
+        // verifier then tells apart (and walks twice) states that differ
+        // only in it.
         addrs: Addrs::V4 {
-            src: (frame.start + offset + 12) as *const [u8; 4],
-            dst: (frame.start + offset + 16) as *const [u8; 4],
+            src: frame.ptr(offset + offset_of!(Ipv4Hdr, src)),
+            dst: frame.ptr(offset + offset_of!(Ipv4Hdr, dst)),
         },
     })
 }
 
 #[inline(always)]
 fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
-    if frame.at::<[u8; IPV6_HLEN]>(offset).is_none() {
-        return Err(Class::Ipv6Truncated);
-    }
-    let fixed = frame.bytes::<8>(offset).ok_or(Class::Ipv6Truncated)?;
-    if fixed[0] >> 4 != 6 {
+    let ip = frame.header::<Ipv6Hdr>(offset).ok_or(Class::Ipv6Truncated)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
         return Err(Class::Ipv6BadHeader);
     }
-    let payload_len = u16::from_be_bytes([fixed[4], fixed[5]]) as usize;
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
     // Payload length 0 is a jumbogram's (its length is in an option):
     // the frame end is then the best bound we have.
     let ip_end = if payload_len == 0 {
@@ -250,11 +352,12 @@ fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
     if ip_end > frame.len() {
         return Err(Class::Ipv6Truncated);
     }
+    // From the frame start, as for IPv4.
     let addrs = Addrs::V6 {
-        src: (frame.start + offset + 8) as *const [u8; 16],
-        dst: (frame.start + offset + 24) as *const [u8; 16],
+        src: frame.ptr(offset + offset_of!(Ipv6Hdr, src)),
+        dst: frame.ptr(offset + offset_of!(Ipv6Hdr, dst)),
     };
-    let mut next = fixed[6];
+    let mut next = ip.next_hdr;
     let mut offset = offset + IPV6_HLEN;
     let mut first_fragment = false;
     // The walk ends at the first header that is not an extension header;
@@ -262,32 +365,32 @@ fn ipv6(frame: Frame, offset: usize) -> Result<Transport, Class> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext = frame.bytes::<2>(offset).ok_or(Class::Ipv6ExtTruncated)?;
-                next = ext[0];
-                (ext[1] as usize + 1) * 8
+                let ext = *frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                next = ext.next_hdr;
+                (ext.len as usize + 1) * 8
             }
             IPPROTO_AH => {
-                let ext = frame.bytes::<2>(offset).ok_or(Class::Ipv6ExtTruncated)?;
-                next = ext[0];
+                let ext = *frame.header::<Ipv6ExtHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                next = ext.next_hdr;
                 // AH counts its length in 4-octet units, minus 2.
-                (ext[1] as usize + 2) * 4
+                (ext.len as usize + 2) * 4
             }
             IPPROTO_FRAGMENT => {
                 // The whole header must be in the packet before its offset
                 // may call the packet a non-first fragment (which passes).
-                if offset + 8 > ip_end {
+                if offset + IPV6_FRAG_HLEN > ip_end {
                     return Err(Class::Ipv6ExtTruncated);
                 }
-                let frag = frame.bytes::<4>(offset).ok_or(Class::Ipv6ExtTruncated)?;
-                let offset_and_more = u16::from_be_bytes([frag[2], frag[3]]);
+                let frag = *frame.header::<Ipv6FragHdr>(offset).ok_or(Class::Ipv6ExtTruncated)?;
+                let offset_and_more = u16::from_be_bytes(frag.offset_and_more);
                 if offset_and_more & 0xfff8 != 0 {
                     return Err(Class::Fragment);
                 }
                 // Any fragment header with more to come makes this a first
                 // fragment (nested fragmentation, RFC 8200 section 4.5).
                 first_fragment |= offset_and_more & 1 != 0;
-                next = frag[0];
-                8
+                next = frag.next_hdr;
+                IPV6_FRAG_HLEN
             }
             _ => break,
         };
@@ -341,20 +444,18 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
             return Err(Class::TcpTinyFragment);
         }
     }
-    let ports = frame.bytes::<PORTS_LEN>(t.offset).ok_or(Class::L4Truncated)?;
+    let ports = *frame.header::<Ports>(t.offset).ok_or(Class::L4Truncated)?;
     let (tcp, tcp_flags) = match protocol {
         Protocol::Tcp => {
-            let tcp = frame.at::<TcpHead>(t.offset).ok_or(Class::L4Truncated)?;
-            // Data offset and flags; flags are the second byte.
-            // SAFETY: `at` checked that the 14 bytes are inside the frame.
-            (tcp, unsafe { (*tcp)[13] })
+            let tcp = frame.header::<TcpHead>(t.offset).ok_or(Class::L4Truncated)?;
+            (tcp as *const TcpHead, tcp.flags)
         }
         Protocol::Udp => (core::ptr::null(), 0),
     };
     Ok(Packet {
         protocol,
-        dst_port: u16::from_be_bytes([ports[2], ports[3]]),
-        src_port: u16::from_be_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_be_bytes(ports.dst),
+        src_port: u16::from_be_bytes(ports.src),
         tcp_flags,
         tcp,
         addrs: t.addrs,

@@ -9,20 +9,16 @@ use aya_ebpf::{
     helpers::bpf_jiffies64,
 };
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS,
-    SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED,
-    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, HASH_KEY_WORDS, KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule,
+    SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
+    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
 };
 
-use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
-
-#[inline(always)]
-pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
-    if let Some(v) = map.get_ptr_mut(index) {
-        // SAFETY: per-CPU value.
-        unsafe { *v += 1 };
-    }
-}
+use crate::{
+    helpers::{coarse_monotonic_secs, increment, source_key_and_destination_hash},
+    maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS},
+    parse::Addrs,
+};
 
 /// Adds a destination hash to the sketch; updates `distinct`.
 #[inline(always)]
@@ -138,11 +134,32 @@ pub struct Tracked {
     pub blocked: bool,
 }
 
-/// Records one packet from `key`'s source to the destination `dst_hash`.
-/// `may_block`: the mode is enforce and the source is not allowlisted (so
-/// auto-block, if the rule has it on, applies).
+/// Records one packet of `bytes` that matched `rule` from the source in
+/// `addrs`, on interface slot `iface` in direction `dir`; `reverse`: a
+/// reverse lookup rather than a probe; `hash_key` keys the
+/// destination hash. `may_block`: the mode is enforce and the source is
+/// not allowlisted (so auto-block, if the rule has it on, applies).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes: u64, may_block: bool) -> Tracked {
+pub fn track_source(
+    addrs: &Addrs,
+    rule: &PortRule,
+    dir: u32,
+    reverse: bool,
+    hash_key: &[u64; HASH_KEY_WORDS],
+    iface: u32,
+    bytes: u64,
+    may_block: bool,
+) -> Tracked {
+    let (key, dst_hash) = source_key_and_destination_hash(addrs, rule.slot(), dir, reverse, hash_key);
+    record_packet(&key, rule, dst_hash, iface, bytes, may_block)
+}
+
+/// Records one packet from `key`'s source to the destination `dst_hash`:
+/// in the per-CPU flood memo when it repeats the last tuple, else in the
+/// source's record (its sketch, its flag, its auto-block).
+#[inline(always)]
+fn record_packet(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes: u64, may_block: bool) -> Tracked {
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
         return Tracked { blocked: false };
     };
@@ -163,7 +180,7 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
             blocked: cache.blocked != 0,
         };
     }
-    let now = crate::verdict::secs(crate::verdict::now_ns());
+    let now = coarse_monotonic_secs();
     // Fold what the memo holds into its record: here if it is this
     // source's, else with a lookup of its own.
     let (pending_packets, pending_bytes) = (cache.pending_packets as u64, cache.pending_bytes as u64);
@@ -191,7 +208,7 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
             };
             // BPF_NOEXIST: another CPU may have created it meanwhile.
             if SOURCES.insert(key, fresh, 1).is_ok() {
-                bump_stat(&STATS, STAT_SOURCES_CREATED);
+                increment(&STATS, STAT_SOURCES_CREATED);
             }
             match SOURCES.get_ptr_mut(key) {
                 Some(state) => state,
@@ -235,14 +252,14 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
         if auto_block && blocked_until == 0 {
             blocked_until = start_block(key, now + rule.block_secs);
         }
-        bump_stat(
+        increment(
             &FLAG_COUNTERS,
             flag_counter_index(key.rule as u32, key.direction as u32),
         );
         if within_event_budget(now) {
             emit(key, state, blocked_until);
         } else {
-            bump_stat(&STATS, STAT_EVENTS_LOST);
+            increment(&STATS, STAT_EVENTS_LOST);
         }
     }
     let blocked = blocked_until != 0;
@@ -279,13 +296,13 @@ const EEXIST: i32 = 17;
 fn start_block(key: &SourceKey, until: u32) -> u32 {
     match AUTO_BLOCKS.insert(key, until, BPF_NOEXIST as u64) {
         Ok(()) => {
-            bump_stat(&STATS, STAT_AUTO_BLOCKED);
+            increment(&STATS, STAT_AUTO_BLOCKED);
             until
         }
         // Another CPU blocked it meanwhile: one block, one slot.
         Err(err) if err == -EEXIST => until,
         Err(_) => {
-            bump_stat(&STATS, STAT_AUTO_BLOCKS_CAPPED);
+            increment(&STATS, STAT_AUTO_BLOCKS_CAPPED);
             0
         }
     }
@@ -329,6 +346,6 @@ fn emit(key: &SourceKey, state: &SourceState, blocked_until: u32) {
             // Flags are rare: wake the controller now, not at the next batch.
             entry.submit(BPF_RB_FORCE_WAKEUP as u64);
         }
-        None => bump_stat(&STATS, STAT_EVENTS_LOST),
+        None => increment(&STATS, STAT_EVENTS_LOST),
     }
 }

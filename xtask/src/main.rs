@@ -212,27 +212,33 @@ fn lint(root: &Path) -> Result<()> {
         "--workspace",
         "--exclude",
         "netwatch-ebpf",
+        "--exclude",
+        "netwatch-bench-ebpf",
         "--all-targets",
         "--",
         "-D",
         "warnings",
     ]))?;
-    status(
-        Command::new("cargo")
-            .current_dir(root.join("netwatch-ebpf"))
-            .args([
-                "+nightly",
-                "clippy",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            .env("PATH", setup::path_with_tools(root)),
-    )
+    // The BPF crates, for their target.
+    for crate_dir in ["netwatch-ebpf", "netwatch-bench-ebpf"] {
+        status(
+            Command::new("cargo")
+                .current_dir(root.join(crate_dir))
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("PATH", setup::path_with_tools(root)),
+        )?;
+    }
+    Ok(())
 }
 
 /// How `cargo xtask test` treats the tests that need root.

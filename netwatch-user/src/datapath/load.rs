@@ -11,10 +11,6 @@ use netwatch_common::{Direction, LinkKind, globals, maps};
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
 
-/// The benchmark traffic generator (used by `cargo xtask bench` only; the
-/// `netwatch` binary does not reference it, so the linker leaves it out).
-pub static BENCH_GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-bench-gen"));
-
 pub const XDP_PROGRAM: &str = "netwatch_xdp";
 pub const TC_PROGRAM: &str = "netwatch_tc";
 

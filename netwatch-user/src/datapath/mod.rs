@@ -31,7 +31,7 @@ pub mod tc;
 pub use attach::{Attachments, XdpAttachMode, detach_all};
 pub use controller::Datapath;
 pub use iface::{ifindex, link_kind};
-pub use load::{BENCH_GEN_OBJECT, EBPF_OBJECT, TC_PROGRAM, XDP_PROGRAM, load_instance};
+pub use load::{EBPF_OBJECT, TC_PROGRAM, XDP_PROGRAM, load_instance};
 pub use maps::PinnedMaps;
 pub use pins::{PinDirLock, lock_pin_dir, prepare_pin_dir};
 pub use slots::{check_interfaces, claim_iface_slot, iface_name, mark_all_detached, mark_attached, update_iface};

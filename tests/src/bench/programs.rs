@@ -14,7 +14,6 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use aya_obj::programs::XdpAttachType;
-use netwatch_user::datapath::BENCH_GEN_OBJECT;
 
 use crate::{bench::sh, netns::Netns};
 
@@ -34,6 +33,10 @@ pub trait Timed {
         (r.duration.as_nanos() as f64, r.return_value)
     }
 }
+
+/// The benchmark's own BPF object (netwatch-bench-ebpf, built by
+/// tests/build.rs): the generator and the bare `XDP_DROP` program.
+static BENCH_GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-bench-gen"));
 
 /// The bench object: the bare `XDP_DROP` program and the generator.
 pub struct BenchObject {
