@@ -35,3 +35,30 @@ pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction, link
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use netwatch_common::maps;
+
+    use super::EBPF_OBJECT;
+
+    /// Every map the kernel object declares is one the controller pins
+    /// (`maps::ALL`), and the other way round: a map left off the list
+    /// would not be shared, each attachment silently getting its own copy.
+    #[test]
+    fn the_object_declares_exactly_the_maps_the_controller_pins() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the built eBPF object parses");
+        let declared: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            // The loader's own sections for global data, not maps of ours.
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        let pinned: BTreeSet<&str> = maps::ALL.into_iter().collect();
+        assert_eq!(declared, pinned, "maps in the object vs netwatch_common::maps::ALL");
+        assert_eq!(pinned.len(), maps::ALL.len(), "a name listed twice in maps::ALL");
+    }
+}
