@@ -210,7 +210,11 @@ pub struct IfaceInfo {
     /// is a netlink (clsact) filter rather than a TCX link.
     pub attached: u8,
     pub xdp_generic: u8,
-    pub _pad: u8,
+    /// The hooks the running controller's configuration asks for on this
+    /// interface ([`ATTACHED_XDP`], [`ATTACHED_TC`]); 0 for an interface
+    /// that is no longer configured (its counters are kept, its series
+    /// are not exported).
+    pub configured: u8,
     pub role: u32,
     pub ifindex: u32,
     pub name: [u8; 16],

@@ -10,7 +10,7 @@ use std::{
 
 use netwatch_tests::{
     TempDir,
-    daemon::{METRICS_ADDR, Netwatch, netwatch},
+    daemon::{METRICS_ADDR, Netwatch, absent, netwatch, sample},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
     pin_dir,
@@ -215,6 +215,148 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
     }
     drop(prom);
     drop(nw);
+}
+
+/// Runs the shipped `NetwatchNotAttached` rule with promtool over the
+/// `netwatch_interface_attached` series a real `/metrics` exported (held
+/// for 15 minutes) and returns the alerts that fire at 10 minutes, as
+/// `interface/hook` (promtool's test reports what fired when it was not
+/// expected).
+fn not_attached_alerts(exposition: &str) -> Vec<String> {
+    let series: Vec<(String, String)> = exposition
+        .lines()
+        .filter(|l| l.starts_with("netwatch_interface_attached{"))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let series = series.replacen('{', "{job=\"netwatch\",instance=\"h:9737\",", 1);
+            (series, value.to_string())
+        })
+        .collect();
+    assert!(
+        !series.is_empty(),
+        "no netwatch_interface_attached series:\n{exposition}"
+    );
+    let dir = TempDir::new("promtool");
+    let rules = repo().join("deploy/prometheus/netwatch.rules.yml");
+    let mut test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+        rules.display()
+    );
+    for (series, value) in &series {
+        test += &format!("      - series: '{series}'\n        values: '{value}+0x15'\n");
+    }
+    test += "    alert_rule_test:\n      - eval_time: 10m\n        alertname: NetwatchNotAttached\n        exp_alerts: []\n";
+    let file = dir.join("test.yml");
+    std::fs::write(&file, test).unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return Vec::new();
+    }
+    // "got:[...interface="eth1"...hook="tc_egress"...]"
+    let got = text
+        .split("got:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("promtool failed:\n{text}"));
+    let mut fired = Vec::new();
+    for alert in got.split("Labels:").skip(1) {
+        let label = |name: &str| {
+            alert
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        fired.push(format!("{}/{}", label("interface"), label("hook")));
+    }
+    assert!(!fired.is_empty(), "promtool failed:\n{text}");
+    fired
+}
+
+/// The README's two set-ups, exported by the real binary: a router (XDP
+/// on wan and lan, no egress) has no tc_egress series at all, an
+/// IIS-style host (XDP + egress) has both hooks; NetwatchNotAttached is
+/// silent on both while everything is attached. An interface dropped
+/// from the configuration is forgotten at the next start, the counters
+/// of the others continue.
+#[test]
+fn metrics_export_only_configured_hooks_and_interfaces() {
+    require_privileged!();
+    let RouterLab {
+        inside,
+        router,
+        internet: _internet,
+    } = RouterLab::new();
+    let pins = pin_dir();
+    let nw = Netwatch::start(&router, &pins, &["--iface", "nw-wan:wan", "--iface", "nw-lan:lan"]);
+    assert_eq!(send_udp(&inside, "198.18.1.9:137", 5), 5);
+    let text = nw.metrics(&router);
+    for iface in ["nw-wan", "nw-lan"] {
+        assert_eq!(
+            sample(
+                &text,
+                "netwatch_interface_attached",
+                &[("interface", iface), ("hook", "xdp")]
+            ),
+            1.0
+        );
+    }
+    assert!(
+        absent(&text, "netwatch_interface_attached", &[("hook", "tc_egress")]),
+        "a tc_egress series without --egress:\n{text}"
+    );
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    let wan_before = sample(&text, "netwatch_unmatched_packets_total", &[("interface", "nw-wan")]);
+    assert!(sample(&text, "netwatch_packets_total", &[("interface", "nw-lan")]) >= 5.0);
+    nw.stop_and_keep_pins();
+
+    // nw-lan dropped from the configuration: no series of it any more,
+    // nw-wan's counters continue.
+    let nw = Netwatch::start(&router, &pins, &["--iface", "nw-wan:wan"]);
+    let text = nw.metrics(&router);
+    assert!(
+        !text.contains("nw-lan"),
+        "a removed interface is still exported:\n{text}"
+    );
+    assert!(sample(&text, "netwatch_unmatched_packets_total", &[("interface", "nw-wan")]) >= wan_before);
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    drop(nw);
+
+    // IIS-shaped: XDP and TC egress on the same interface.
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", &format!("{VICTIM_IF}:host"), "--egress", VICTIM_IF],
+    );
+    let text = nw.metrics(&lab.victim);
+    for hook in ["xdp", "tc_egress"] {
+        assert_eq!(
+            sample(
+                &text,
+                "netwatch_interface_attached",
+                &[("interface", VICTIM_IF), ("hook", hook)]
+            ),
+            1.0
+        );
+    }
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    // The check does see a detached hook.
+    let detached = text
+        .replace(
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"tcx\",role=\"host\"}} 1"),
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"tcx\",role=\"host\"}} 0"),
+        )
+        .replace(
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"netlink\",role=\"host\"}} 1"),
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"netlink\",role=\"host\"}} 0"),
+        );
+    assert_eq!(not_attached_alerts(&detached), vec![format!("{VICTIM_IF}/tc_egress")]);
 }
 
 /// One `KEY=` setting of the systemd unit (the last one wins, as in systemd).

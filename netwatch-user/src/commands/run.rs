@@ -316,7 +316,7 @@ async fn serve_until_signal(
                 counting = None;
                 match done {
                     Ok(Ok(census)) => {
-                        stats.sources_tracked(census.tracked);
+                        stats.sources_counted(census.tracked, census.created);
                         // Flags whose events were lost: recorded now.
                         match detector.recover(&census.flagged) {
                             Ok(0) => {}

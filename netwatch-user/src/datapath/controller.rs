@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use log::info;
-use netwatch_common::{Direction, LinkKind};
+use netwatch_common::{ATTACHED_TC, ATTACHED_XDP, Direction, LinkKind};
 
 use super::{
     attach::{Attachments, XdpAttachMode},
@@ -82,9 +82,11 @@ impl Datapath {
         xdp_generic: bool,
     ) -> Result<()> {
         let maps = &self.maps;
+        slots::clear_configured(maps)?;
         for iface in interfaces {
             let index = ifindex(&iface.name)?;
-            let slot = claim_iface_slot(maps, &iface.name, iface.role, index)?;
+            let hooks = ATTACHED_XDP | if egress.contains(&iface.name) { ATTACHED_TC } else { 0 };
+            let slot = claim_iface_slot(maps, &iface.name, iface.role, index, hooks)?;
             let mode = self
                 .attachments
                 .attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
@@ -107,7 +109,7 @@ impl Datapath {
             );
         }
         for name in egress.iter().filter(|e| !interfaces.iter().any(|i| &i.name == *e)) {
-            let slot = claim_iface_slot(maps, name, Role::Host, ifindex(name)?)?;
+            let slot = claim_iface_slot(maps, name, Role::Host, ifindex(name)?, ATTACHED_TC)?;
             let path = self.attachments.attach_tc_egress(name, slot, tc_attach)?;
             mark_attached(maps, slot, None, Some(path))?;
             info!("{name}: TC egress ({path})");

@@ -70,7 +70,7 @@ pub struct FlagCount {
     pub flagged: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct InterfaceState {
     pub name: String,
     pub role: &'static str,
@@ -80,6 +80,10 @@ pub struct InterfaceState {
     pub tc_egress: bool,
     /// How TC egress is attached: `tcx`, `netlink` or `null` when it is not.
     pub tc_egress_mode: Option<&'static str>,
+    /// The hooks the running controller's configuration asks for
+    /// (`ATTACHED_XDP`, `ATTACHED_TC`); 0 once dropped from it.
+    #[serde(skip)]
+    pub configured: u8,
     #[serde(skip)]
     pub slot: u32,
 }
@@ -98,7 +102,7 @@ pub struct RuleState {
     pub slot: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RuleCounter {
     pub interface: String,
     pub direction: &'static str,
@@ -158,6 +162,7 @@ impl Snapshot {
                         "tcx"
                     },
                 ),
+                configured: info.configured,
                 slot,
             })
             .collect();
