@@ -69,7 +69,14 @@ fn incidents_lists_what_lookup_finds(report: &serde_json::Value, state: &std::pa
         .unwrap();
     assert_eq!(ids(out), want, "NETWATCH_STATE_DIR does not beat the config file");
     let out = netwatch(&["--config", elsewhere.to_str().unwrap(), "incidents", "--json"]);
-    assert_eq!(ids(out), Vec::<i64>::new(), "the config file's state_dir was not used");
+    // The config file's state_dir was used: it does not exist, which is
+    // an error naming it (not an empty list).
+    assert!(!out.status.success(), "the config file's state_dir was not used");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/netwatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The text form: one line per incident, the source first.
     let out = netwatch(&["incidents", "--since", "1h", "--state-dir", state]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -359,6 +359,119 @@ fn metrics_export_only_configured_hooks_and_interfaces() {
     assert_eq!(not_attached_alerts(&detached), vec![format!("{VICTIM_IF}/tc_egress")]);
 }
 
+/// `netwatch ARGS` as the unprivileged user nobody (setpriv).
+fn netwatch_as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(netwatch_tests::daemon::bin())
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+/// Fails, exit status non-zero, with an error that names `path` (and
+/// says `why`); never an empty answer.
+fn assert_refused(out: &std::process::Output, path: &std::path::Path, why: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit 0 where {} is unreadable ({why}):\n{}{stderr}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(path.to_str().unwrap()) && stderr.contains(why),
+        "the error does not name {} and {why:?}:\n{stderr}",
+        path.display()
+    );
+}
+
+/// `lookup` and `incidents` never take an unreadable state for an empty
+/// one: a database or pin directory the user may not read, a state
+/// directory or database that does not exist, a file that is not an
+/// incident database, each give an error naming the path, exit non-zero.
+#[test]
+fn unreadable_state_is_an_error_naming_the_path() {
+    require_privileged!();
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("unreadable");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_pins = dir.join("no-pins");
+    let no_pins = no_pins.to_str().unwrap();
+    // A state directory as `run` makes it (0700, root), with a database.
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let db = state.join("incidents.sqlite");
+    assert!(
+        Command::new("sqlite3")
+            .arg(&db)
+            .arg("CREATE TABLE t (x);")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or_else(|_| {
+                std::fs::write(&db, b"").unwrap();
+                true
+            })
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let s = state.to_str().unwrap();
+
+    // Permission: as a user other than root.
+    let out = netwatch_as_nobody(&["lookup", "198.18.0.1", "--pin-dir", no_pins, "--state-dir", s]);
+    assert_refused(&out, &db, "permission denied");
+    let out = netwatch_as_nobody(&["incidents", "--state-dir", s]);
+    assert_refused(&out, &db, "permission denied");
+    // A pin directory the user may not read (root-only, as netwatch makes
+    // it): an error, not "tracked now: nothing".
+    let pins = dir.join("pins");
+    std::fs::create_dir(&pins).unwrap();
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = netwatch_as_nobody(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        pins.to_str().unwrap(),
+        "--state-dir",
+        s,
+    ]);
+    assert_refused(&out, &pins, "permission denied");
+
+    // Missing: a state directory that does not exist, one without a
+    // database.
+    let gone = dir.join("gone");
+    let out = netwatch(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        no_pins,
+        "--state-dir",
+        gone.to_str().unwrap(),
+    ]);
+    assert_refused(&out, &gone, "does not exist");
+    let out = netwatch(&["incidents", "--state-dir", gone.to_str().unwrap()]);
+    assert_refused(&out, &gone, "does not exist");
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = netwatch(&["incidents", "--state-dir", empty.to_str().unwrap()]);
+    assert_refused(&out, &empty.join("incidents.sqlite"), "no incident database");
+
+    // Foreign layout: a file that is not netwatch's database.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("incidents.sqlite"), vec![0x5a; 4096]).unwrap();
+    let out = netwatch(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        no_pins,
+        "--state-dir",
+        foreign.to_str().unwrap(),
+    ]);
+    assert_refused(&out, &foreign.join("incidents.sqlite"), "reading incidents from");
+    let out = netwatch(&["incidents", "--state-dir", foreign.to_str().unwrap()]);
+    assert_refused(&out, &foreign.join("incidents.sqlite"), "reading incidents from");
+}
+
 /// One `KEY=` setting of the systemd unit (the last one wins, as in systemd).
 fn unit_setting(key: &str) -> String {
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();
