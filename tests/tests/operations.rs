@@ -472,6 +472,73 @@ fn unreadable_state_is_an_error_naming_the_path() {
     assert_refused(&out, &foreign.join("incidents.sqlite"), "reading incidents from");
 }
 
+/// 1 000 idle connections to the endpoint (connected, never a request)
+/// neither exhaust the controller's descriptors nor stop `/metrics`: it
+/// keeps answering while they are open, the controller holds at most
+/// its connection cap, and the idle ones are closed after the header
+/// timeout. Prints `/metrics` latency with them open.
+#[test]
+fn idle_connections_do_not_starve_metrics() {
+    require_privileged!();
+    // Room for 1 000 sockets in this process.
+    let limit = libc::rlimit {
+        rlim_cur: 8192,
+        rlim_max: 8192,
+    };
+    // SAFETY: plain setrlimit on this process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let lab = Lab::new();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", &format!("{VICTIM_IF}:host")]);
+    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds_before = fds(nw.pid());
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = lab.victim.run(|| {
+        (0..1000)
+            .map(|_| std::net::TcpStream::connect(METRICS_ADDR).expect("connect"))
+            .collect()
+    });
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let body = lab
+            .victim
+            .run(|| netwatch_tests::daemon::http_get(METRICS_ADDR, "/metrics"))
+            .unwrap_or_else(|e| panic!("/metrics with 1000 idle connections open: {e}\n{}", nw.log()));
+        latencies.push(t.elapsed());
+        assert!(body.contains("netwatch_info"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the idle connections timed out before the scrapes were measured"
+    );
+    latencies.sort();
+    eprintln!(
+        "/metrics with 1000 idle connections open: median {:?}, max {:?} (20 scrapes)",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    let held = fds(nw.pid());
+    assert!(
+        held <= fds_before + 256 + 8,
+        "the controller holds {held} descriptors (before: {fds_before}) with 1000 idle clients"
+    );
+    // After the header timeout (10 s) the idle connections it held are
+    // closed: a read gets end-of-file (or a reset).
+    let last = idle.last().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 1];
+    let t = Instant::now();
+    let read = std::io::Read::read(&mut &*last, &mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(15),
+        "an idle connection stayed open: {read:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(fds(nw.pid()) <= fds_before + 8, "idle connections still held");
+    drop(idle);
+    drop(nw);
+}
+
 /// One `KEY=` setting of the systemd unit (the last one wins, as in systemd).
 fn unit_setting(key: &str) -> String {
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();

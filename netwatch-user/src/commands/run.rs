@@ -211,11 +211,11 @@ async fn serve_until_signal(
     // The configuration in force when the loop ends.
     let mut detector = Detector::open(maps, &config.state_dir)?;
     let stats = Arc::new(ControllerStats::default());
-    let state = AppState {
-        maps: maps.clone(),
-        state_dir: config.state_dir.clone(),
-        metrics: Arc::new(Metrics::new(maps.clone(), stats.clone())?),
-    };
+    let state = AppState::new(
+        maps.clone(),
+        config.state_dir.clone(),
+        Arc::new(Metrics::new(maps.clone(), stats.clone())?),
+    );
     let server = http::serve(listener, state)?;
     info!(
         "metrics at http://{}/metrics, incidents in {}",
