@@ -96,7 +96,7 @@ fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = TempDir::new("state");
+    let state = TempDir::private("state");
     let args = ["--iface", VICTIM_IF];
     let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
 

@@ -292,7 +292,7 @@ fn sigkill_and_restart_lose_nothing() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = TempDir::new("state");
+    let state = TempDir::private("state");
     let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     let _ = lab.nbtscan("198.18.1.0/26");
@@ -444,7 +444,7 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
     std::fs::create_dir_all(&state).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
             .arg(&state)
             .status()
             .unwrap()

@@ -539,6 +539,56 @@ fn idle_connections_do_not_starve_metrics() {
     drop(nw);
 }
 
+/// `run` never chmods a directory it did not create: a world-writable
+/// one (`/tmp`), one of the host's (root's, 0755, like `/var/lib`) and
+/// one owned by another user are refused with an error naming it, their
+/// modes untouched; a directory that does not exist is created 0700.
+#[test]
+fn run_refuses_a_state_dir_it_does_not_own() {
+    require_privileged!();
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let lab = Lab::new();
+    let dir = TempDir::new("statedirs");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let cases = [
+        ("tmp", 0o1777, None, "mode 1777 (world-writable)"),
+        ("varlib", 0o755, None, "mode 0755"),
+        ("nobody", 0o700, Some(65534), "owned by uid 65534"),
+    ];
+    for (name, perm, owner, why) in cases {
+        let state = dir.join(name);
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(perm)).unwrap();
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&state, Some(uid), Some(uid)).unwrap();
+        }
+        let out = lab
+            .victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args(["run", "--iface", VICTIM_IF, "--pin-dir", &pin_dir(), "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "run took {name} ({perm:o}) as its state directory:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("state directory {}", state.display())) && stderr.contains(why),
+            "{stderr}"
+        );
+        assert_eq!(mode(&state), perm, "{name}: mode changed");
+        assert_eq!(std::fs::metadata(&state).unwrap().uid(), owner.unwrap_or(0));
+    }
+    // A directory netwatch creates (parents included) is 0700 and used.
+    let fresh = dir.join("new/netwatch");
+    let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &fresh, &["--iface", VICTIM_IF]);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&dir.join("new")), 0o755, "a parent was restricted");
+    drop(nw);
+}
+
 /// One `KEY=` setting of the systemd unit (the last one wins, as in systemd).
 fn unit_setting(key: &str) -> String {
     let unit = std::fs::read_to_string(repo().join("deploy/systemd/netwatch.service")).unwrap();

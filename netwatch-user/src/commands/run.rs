@@ -144,6 +144,9 @@ fn notify(states: &[NotifyState]) {
 pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     let held = HoldSignals::new()?;
     let config = load_config(&args, source)?;
+    // A state directory netwatch would have to take over is refused
+    // before anything is made.
+    crate::detection::state_dir::check_state_dir(&config.state_dir)?;
     // Check every interface before attaching anything.
     check_interfaces(&config)?;
     // Before loading anything: a kernel without what the programs use is
