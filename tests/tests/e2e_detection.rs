@@ -974,10 +974,15 @@ fn top_and_the_http_api_answer_and_say_what_is_wrong() {
         assert_eq!(got, code, "{method} {path}: {body}");
         assert!(body.contains(says), "{method} {path}: {body:?} does not say {says:?}");
     }
-    // The maps gone (`netwatch detach` behind the controller's back): the
-    // endpoints that read them answer 500 and say why; a lookup still
-    // answers from the incident database.
-    netwatch(&["detach", "--pin-dir", &nw.pin_dir]);
+    // `netwatch detach` refuses while the controller runs: it keeps
+    // answering.
+    let out = netwatch(&["detach", "--pin-dir", &nw.pin_dir]);
+    assert!(!out.status.success(), "detach unpinned under a live controller");
+    assert_eq!(get("/api/status").0, 200);
+    // The maps gone all the same (removed by hand behind the controller's
+    // back): the endpoints that read them answer 500 and say why; a
+    // lookup still answers from the incident database.
+    std::fs::remove_dir_all(&nw.pin_dir).unwrap();
     for path in ["/metrics", "/api/status", "/api/top"] {
         let (code, body) = get(path);
         assert_eq!(code, 500, "{path}: {body}");

@@ -732,3 +732,92 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `detach` takes the lock `run` holds: while a controller runs it
+/// refuses, saying so, and leaves the maps and programs in place (the
+/// controller keeps answering); once it stops, `detach` removes them.
+#[test]
+fn detach_refuses_while_run_is_up() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let mut nw = Netwatch::start(&lab.victim, &pins, &["--iface", VICTIM_IF, "--keep-attached"]);
+    let detach = || {
+        lab.victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args(["detach", "--pin-dir", &pins])
+            .output()
+            .unwrap()
+    };
+    let out = detach();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach unpinned under a live controller");
+    assert!(
+        stderr.contains("`netwatch run` is using") && stderr.contains(&pins),
+        "{stderr}"
+    );
+    assert!(Path::new(&pins).join("SETTINGS").exists(), "maps unpinned");
+    let (code, body) = netwatch_tests::daemon::http(&lab.victim, "GET", "/api/status");
+    assert_eq!(code, 200, "{body}");
+    assert!(nw.metrics(&lab.victim).contains("netwatch_info"));
+    assert!(nw.stop().success(), "{}", nw.log());
+    let out = detach();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!Path::new(&pins).exists(), "pins left after detach");
+}
+
+/// Under `ip netns exec` (a fresh /sys, without the host's bpffs) the
+/// bpffs at /sys/fs/bpf is private to netwatch's mount namespace: `run`
+/// refuses it, saying so and what to do, and attaches nothing.
+#[test]
+fn a_private_bpffs_is_refused() {
+    require_privileged!();
+    let lab = Lab::new();
+    let state = std::env::temp_dir().join(unique("state"));
+    let pins = format!("/sys/fs/bpf/{}", unique("private"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.victim.name])
+        .arg(netwatch_tests::daemon::bin())
+        .args([
+            "run",
+            "--iface",
+            VICTIM_IF,
+            "--metrics-addr",
+            METRICS_ADDR,
+            "--pin-dir",
+            &pins,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&state);
+            panic!("netwatch run started on a private bpffs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("private to this process's mount namespace") && stderr.contains("--pin-dir"),
+        "{stderr}"
+    );
+    let link = lab.victim.ip(&["link", "show", VICTIM_IF]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "a program was attached"
+    );
+}

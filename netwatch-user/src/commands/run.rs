@@ -163,7 +163,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     };
 
     let listener = http::bind(config.metrics_addr)?;
-    let mut datapath = Datapath::open(&config.pin_dir)?;
+    let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
     datapath.apply(&config.policy)?;
     info!(
         "mode {}, rules: {}",

@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     programs::{
@@ -432,6 +432,14 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
     if !pin_dir.exists() {
         return Ok(0);
     }
+    // The lock `run` holds: never unpin the maps under a live controller.
+    let Some(_lock) = super::pins::try_lock_pin_dir(pin_dir)? else {
+        bail!(
+            "a `netwatch run` is using {}: stop it first (`systemctl stop netwatch`; with keep_attached the programs \
+             stay attached and `netwatch detach` then removes them)",
+            pin_dir.display()
+        );
+    };
     let mut removed = 0;
     let links = pin_dir.join("links");
     if links.exists() {

@@ -15,7 +15,7 @@ use super::{
     install,
     load::load_instance,
     maps::PinnedMaps,
-    pins::{PinDirLock, lock_pin_dir, prepare_pin_dir},
+    pins::{PinDirLock, lock_pin_dir, prepare_pin_dir, refuse_private_bpffs},
     slots::{self, claim_iface_slot, mark_all_detached, mark_attached},
     tc::TcAttach,
 };
@@ -33,8 +33,14 @@ impl Datapath {
     /// Prepares the pin directory (bpffs, permissions, layout), locks it
     /// against a second `run`, creates or re-opens the pinned maps and
     /// opens them.
-    pub fn open(pin_dir: &Path) -> Result<Self> {
+    ///
+    /// A bpffs private to this mount namespace (`ip netns exec`) is
+    /// refused unless `allow_private_bpffs`.
+    pub fn open(pin_dir: &Path, allow_private_bpffs: bool) -> Result<Self> {
         prepare_pin_dir(pin_dir)?;
+        if !allow_private_bpffs {
+            refuse_private_bpffs(pin_dir)?;
+        }
         let lock = lock_pin_dir(pin_dir)?;
         // Loading an instance creates (or re-opens) the pinned maps.
         drop(load_instance(pin_dir, 0, Direction::Inbound, LinkKind::Ethernet)?);
