@@ -821,3 +821,48 @@ fn a_private_bpffs_is_refused() {
         "a program was attached"
     );
 }
+
+/// After a kill -9 (links left pinned), the interface is deleted and
+/// re-created (a PPP reconnect, a USB NIC): the next `run` starts, drops
+/// the dead link pins, attaches afresh and keeps the counters.
+#[test]
+fn run_starts_over_links_of_a_recreated_interface() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = TempDir::private("state");
+    let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 7), 7);
+    let before = sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_packets_total",
+        &[("interface", VICTIM_IF), ("rule", "udp/137"), ("direction", "inbound")],
+    );
+    assert_eq!(before, 7.0);
+    nw.kill_and_keep_pins();
+    // The interface goes and comes back under the same name.
+    lab.victim.ip(&["link", "del", VICTIM_IF]);
+    netwatch_tests::netns::veth(
+        &lab.scanner,
+        SCANNER_IF,
+        "198.18.0.1/24",
+        &lab.victim,
+        VICTIM_IF,
+        "198.18.0.2/24",
+    );
+    lab.scanner.ip(&["route", "replace", TARGET_RANGE, "via", VICTIM_IP]);
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    assert!(nw.log().contains("is dead"), "{}", nw.log());
+    let status = nw.status();
+    let iface = &status["interfaces"][0];
+    assert_eq!(iface["name"], VICTIM_IF, "{status:#}");
+    assert!(iface["xdp"].is_string() && iface["tc_egress"] == true, "{status:#}");
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 3), 3);
+    let after = sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_packets_total",
+        &[("interface", VICTIM_IF), ("rule", "udp/137"), ("direction", "inbound")],
+    );
+    assert_eq!(after, 10.0, "counters not kept, or the new interface not counted");
+}
