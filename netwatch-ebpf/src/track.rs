@@ -9,12 +9,13 @@ use aya_ebpf::{
     helpers::bpf_jiffies64,
 };
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS,
-    SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED,
-    STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, KIND_PROBE,
+    MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED,
+    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState,
+    flag_counter_index,
 };
 
-use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
+use crate::maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENT_LOSSES, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS};
 
 #[inline(always)]
 pub fn bump_stat(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
@@ -243,6 +244,7 @@ pub fn track(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes:
             emit(key, state, blocked_until);
         } else {
             bump_stat(&STATS, STAT_EVENTS_LOST);
+            bump_stat(&EVENT_LOSSES, EVENT_LOSS_RATE_LIMITED);
         }
     }
     let blocked = blocked_until != 0;
@@ -329,6 +331,9 @@ fn emit(key: &SourceKey, state: &SourceState, blocked_until: u32) {
             // Flags are rare: wake the controller now, not at the next batch.
             entry.submit(BPF_RB_FORCE_WAKEUP as u64);
         }
-        None => bump_stat(&STATS, STAT_EVENTS_LOST),
+        None => {
+            bump_stat(&STATS, STAT_EVENTS_LOST);
+            bump_stat(&EVENT_LOSSES, EVENT_LOSS_RING_FULL);
+        }
     }
 }

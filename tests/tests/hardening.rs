@@ -115,6 +115,17 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
     assert_eq!(accounted, AGAIN as f64, "flags neither delivered nor counted as lost");
     let m = nw.metrics(&rig.dut);
     let (delivered, lost) = (delivered(&m), lost(&m));
+    // Every loss has its cause; fresh pins have nothing unattributed.
+    assert_eq!(
+        sample(&m, "netwatch_events_lost_total", &[("cause", "rate_limit")])
+            + sample(&m, "netwatch_events_lost_total", &[("cause", "ring_full")]),
+        lost
+    );
+    assert!(netwatch_tests::daemon::absent(
+        &m,
+        "netwatch_events_lost_total",
+        &[("cause", "unattributed")]
+    ));
     let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND as f64;
     let cpus = aya::util::nr_cpus().expect("possible CPUs") as f64;
     let seconds = flag_seconds.clone().count() as f64;

@@ -330,10 +330,18 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
     let lost = counter_vec(
         registry,
         "netwatch_events_lost_total",
-        "Flag events not delivered to the controller: ring buffer full or over the per-CPU rate limit.",
-        &[],
+        "Flag events not delivered to the controller, by cause: rate_limit (over the per-CPU budget), ring_full (no room in the ring buffer), unattributed (counted by a version before causes were).",
+        &["cause"],
     )?;
-    lost.with_label_values::<&str>(&[]).inc_by(d.events_lost);
+    lost.with_label_values(&["rate_limit"])
+        .inc_by(d.events_lost_rate_limited);
+    lost.with_label_values(&["ring_full"]).inc_by(d.events_lost_ring_full);
+    let unattributed = d
+        .events_lost
+        .saturating_sub(d.events_lost_rate_limited + d.events_lost_ring_full);
+    if unattributed > 0 {
+        lost.with_label_values(&["unattributed"]).inc_by(unattributed);
+    }
     let auto = counter_vec(
         registry,
         "netwatch_auto_blocks_total",
@@ -526,7 +534,9 @@ mod tests {
             ],
             detection: DetectionStats {
                 sources_created: 5,
-                events_lost: 0,
+                events_lost: 5,
+                events_lost_rate_limited: 3,
+                events_lost_ring_full: 1,
                 auto_blocks: 1,
                 auto_blocks_in_force: 1,
                 auto_blocks_capped: 0,
@@ -571,6 +581,10 @@ mod tests {
             r#"netwatch_malformed_packets_total{direction="inbound",interface="veth0",reason="truncated_ip"} 1"#,
             r#"netwatch_scanners_flagged_total{direction="inbound",rule="udp/137"} 1"#,
             "netwatch_sources_created_total 5",
+            r#"netwatch_events_lost_total{cause="rate_limit"} 3"#,
+            r#"netwatch_events_lost_total{cause="ring_full"} 1"#,
+            // Lost before the pins had causes: neither.
+            r#"netwatch_events_lost_total{cause="unattributed"} 1"#,
             "netwatch_sources_blocked 1",
             "netwatch_sources_capacity ",
             r#"netwatch_rule_info{inbound="drop",outbound="count",rule="udp/137"} 1"#,

@@ -43,8 +43,15 @@ pub struct ListView {
 pub struct DetectionStats {
     /// New (source, rule, direction, kind) records created.
     pub sources_created: u64,
-    /// Flag events the ring buffer had no room for.
+    /// Flag events not delivered (both causes).
     pub events_lost: u64,
+    /// Of those: over the per-CPU budget, and no room in the ring buffer
+    /// (since the pins got the `EVENT_LOSSES` map; losses counted by an
+    /// earlier version are in neither).
+    #[serde(skip)]
+    pub events_lost_rate_limited: u64,
+    #[serde(skip)]
+    pub events_lost_ring_full: u64,
     /// Auto-blocks set by the kernel so far.
     pub auto_blocks: u64,
     /// Auto-blocks in force now (entries of `AUTO_BLOCKS` not expired).
@@ -231,6 +238,8 @@ impl Snapshot {
         };
         let stats = maps.per_cpu_array::<u64>(maps::STATS)?;
         let stat = |index| -> Result<u64> { Ok(stats.get(&index, 0)?.iter().sum()) };
+        let losses = maps.per_cpu_array::<u64>(maps::EVENT_LOSSES)?;
+        let loss = |index| -> Result<u64> { Ok(losses.get(&index, 0)?.iter().sum()) };
         let flag_map = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
         let mut flagged = Vec::new();
         for rule in &rules {
@@ -271,6 +280,8 @@ impl Snapshot {
         let detection = DetectionStats {
             sources_created: stat(STAT_SOURCES_CREATED)?,
             events_lost: stat(STAT_EVENTS_LOST)?,
+            events_lost_rate_limited: loss(netwatch_common::EVENT_LOSS_RATE_LIMITED)?,
+            events_lost_ring_full: loss(netwatch_common::EVENT_LOSS_RING_FULL)?,
             auto_blocks: stat(STAT_AUTO_BLOCKED)?,
             auto_blocks_in_force: crate::detection::sources::blocks_in_force(maps)?,
             auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
