@@ -210,7 +210,11 @@ pub struct IfaceInfo {
     /// is a netlink (clsact) filter rather than a TCX link.
     pub attached: u8,
     pub xdp_generic: u8,
-    pub _pad: u8,
+    /// The hooks the running controller's configuration asks for on this
+    /// interface ([`ATTACHED_XDP`], [`ATTACHED_TC`]); 0 for an interface
+    /// that is no longer configured (its counters are kept, its series
+    /// are not exported).
+    pub configured: u8,
     pub role: u32,
     pub ifindex: u32,
     pub name: [u8; 16],
@@ -637,6 +641,14 @@ pub const STAT_HANDSHAKES_STARTED: u32 = 5;
 pub const STAT_HANDSHAKES_REJECTED: u32 = 6;
 pub const STATS: u32 = 7;
 
+/// Flag events not delivered, by cause (per-CPU array `EVENT_LOSSES`, a
+/// map of its own so that pins of earlier versions, whose `STATS` has 7
+/// entries, stay compatible): over the per-CPU budget, or no room in the
+/// ring buffer. `STAT_EVENTS_LOST` keeps counting both.
+pub const EVENT_LOSS_RATE_LIMITED: u32 = 0;
+pub const EVENT_LOSS_RING_FULL: u32 = 1;
+pub const EVENT_LOSS_CAUSES: u32 = 2;
+
 /// Flag events a CPU may send per second; a flood of flags (a million
 /// spoofed scanners) reaches the controller at this rate at most, the
 /// rest counted as lost (the flags themselves are still counted).
@@ -742,7 +754,8 @@ pub mod maps {
     pub const FLOOD_CACHE: &str = "FLOOD_CACHE";
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const AUTO_BLOCKS: &str = "AUTO_BLOCKS";
-    pub const ALL: [&str; 20] = [
+    pub const EVENT_LOSSES: &str = "EVENT_LOSSES";
+    pub const ALL: [&str; 21] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -763,6 +776,7 @@ pub mod maps {
         FLOOD_CACHE,
         EVENT_BUDGET,
         AUTO_BLOCKS,
+        EVENT_LOSSES,
     ];
 }
 

@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, Handshake, HandshakeKey, IfaceInfo,
-    ListEntry, MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_HANDSHAKES, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS,
-    PORT_RULE_ENTRIES, PortRules, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey,
-    SourceState, VisitorKey,
+    CLASS_COUNTER_ENTRIES, Counter, EVENT_LOSS_CAUSES, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, Handshake,
+    HandshakeKey, IfaceInfo, ListEntry, MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_HANDSHAKES, MAX_IFACES, MAX_RULES, MAX_SOURCES,
+    MAX_VISITORS, PORT_RULE_ENTRIES, PortRules, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings,
+    SourceKey, SourceState, VisitorKey,
 };
 
 #[map]
@@ -81,6 +81,10 @@ pub static REVERSE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entrie
 /// One `FloodCache` per CPU.
 #[map]
 pub static FLOOD_CACHE: PerCpuArray<FloodCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flag events not delivered, by cause (`EVENT_LOSS_*`).
+#[map]
+pub static EVENT_LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_LOSS_CAUSES, 0);
 
 /// One `EventBudget` per CPU.
 #[map]

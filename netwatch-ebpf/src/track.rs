@@ -9,14 +9,15 @@ use aya_ebpf::{
     helpers::bpf_jiffies64,
 };
 use netwatch_common::{
-    FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, HASH_KEY_WORDS, KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule,
-    SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED,
-    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState, flag_counter_index,
+    EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, HASH_KEY_WORDS,
+    KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP,
+    SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey,
+    SourceState, flag_counter_index,
 };
 
 use crate::{
     helpers::{coarse_monotonic_secs, increment, source_key_and_destination_hash},
-    maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS},
+    maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENT_LOSSES, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS},
     parse::Addrs,
 };
 
@@ -260,6 +261,7 @@ fn record_packet(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, by
             emit(key, state, blocked_until);
         } else {
             increment(&STATS, STAT_EVENTS_LOST);
+            increment(&EVENT_LOSSES, EVENT_LOSS_RATE_LIMITED);
         }
     }
     let blocked = blocked_until != 0;
@@ -346,6 +348,9 @@ fn emit(key: &SourceKey, state: &SourceState, blocked_until: u32) {
             // Flags are rare: wake the controller now, not at the next batch.
             entry.submit(BPF_RB_FORCE_WAKEUP as u64);
         }
-        None => increment(&STATS, STAT_EVENTS_LOST),
+        None => {
+            increment(&STATS, STAT_EVENTS_LOST);
+            increment(&EVENT_LOSSES, EVENT_LOSS_RING_FULL);
+        }
     }
 }

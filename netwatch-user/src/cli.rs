@@ -207,6 +207,12 @@ pub struct RunArgs {
     /// Attach XDP in generic (SKB) mode without trying native mode first.
     #[arg(long)]
     pub xdp_generic: bool,
+    /// Run even when the bpffs holding the pin directory is private to
+    /// this process's mount namespace (as under `ip netns exec`): its pins
+    /// vanish when netwatch exits. For throwaway set-ups (`netwatch lab`);
+    /// without it such a bpffs is refused.
+    #[arg(long)]
+    pub allow_private_bpffs: bool,
     /// Leave the programs attached (counting and enforcing) when the
     /// controller exits; the next `run` re-adopts them, `detach` removes them.
     /// Also `keep_attached = true` in the config file.

@@ -71,7 +71,14 @@ impl Harness {
         let prog: &mut SchedClassifier = tc.program_mut(TC_PROGRAM).unwrap().try_into().unwrap();
         prog.load().expect("TC program passes the verifier");
         let maps = PinnedMaps::open(&pin_dir).expect("open pins");
-        datapath::claim_iface_slot(&maps, IFACE, Role::Host, 1).expect("slot");
+        datapath::claim_iface_slot(
+            &maps,
+            IFACE,
+            Role::Host,
+            1,
+            netwatch_common::ATTACHED_XDP | netwatch_common::ATTACHED_TC,
+        )
+        .expect("slot");
         if let Some(key) = hash_key {
             // apply_policy keeps a key that is already there.
             let mut settings = maps.settings().unwrap();

@@ -92,6 +92,17 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// A temporary directory of mode 0700, as netwatch's state directory
+    /// must be when it exists already.
+    pub fn private(tag: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = Self::new(tag);
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).expect("chmod temp dir");
+        dir
+    }
+}
+
 impl std::ops::Deref for TempDir {
     type Target = std::path::Path;
     fn deref(&self) -> &std::path::Path {

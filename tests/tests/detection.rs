@@ -228,6 +228,9 @@ fn flag_events_stop_at_the_per_cpu_budget() {
             (FLAGS - budget) as u64,
             "flags over the budget not counted as lost"
         );
+        // ... as lost to the rate limit, not to a full ring buffer.
+        assert_eq!(s.detection.events_lost_rate_limited, (FLAGS - budget) as u64);
+        assert_eq!(s.detection.events_lost_ring_full, 0);
         return;
     }
     panic!("three attempts straddled a second: the machine is too loaded to run 10 000 test runs in under a second");

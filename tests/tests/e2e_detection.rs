@@ -69,7 +69,14 @@ fn incidents_lists_what_lookup_finds(report: &serde_json::Value, state: &std::pa
         .unwrap();
     assert_eq!(ids(out), want, "NETWATCH_STATE_DIR does not beat the config file");
     let out = netwatch(&["--config", elsewhere.to_str().unwrap(), "incidents", "--json"]);
-    assert_eq!(ids(out), Vec::<i64>::new(), "the config file's state_dir was not used");
+    // The config file's state_dir was used: it does not exist, which is
+    // an error naming it (not an empty list).
+    assert!(!out.status.success(), "the config file's state_dir was not used");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/netwatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The text form: one line per incident, the source first.
     let out = netwatch(&["incidents", "--since", "1h", "--state-dir", state]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -89,7 +96,7 @@ fn real_scanners_are_flagged_and_looked_up() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = TempDir::new("state");
+    let state = TempDir::private("state");
     let args = ["--iface", VICTIM_IF];
     let mut nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
 
@@ -951,10 +958,15 @@ fn top_and_the_http_api_answer_and_say_what_is_wrong() {
         assert_eq!(got, code, "{method} {path}: {body}");
         assert!(body.contains(says), "{method} {path}: {body:?} does not say {says:?}");
     }
-    // The maps gone (`netwatch detach` behind the controller's back): the
-    // endpoints that read them answer 500 and say why; a lookup still
-    // answers from the incident database.
-    netwatch(&["detach", "--pin-dir", &nw.pin_dir]);
+    // `netwatch detach` refuses while the controller runs: it keeps
+    // answering.
+    let out = netwatch(&["detach", "--pin-dir", &nw.pin_dir]);
+    assert!(!out.status.success(), "detach unpinned under a live controller");
+    assert_eq!(get("/api/status").0, 200);
+    // The maps gone all the same (removed by hand behind the controller's
+    // back): the endpoints that read them answer 500 and say why; a
+    // lookup still answers from the incident database.
+    std::fs::remove_dir_all(&nw.pin_dir).unwrap();
     for path in ["/metrics", "/api/status", "/api/top"] {
         let (code, body) = get(path);
         assert_eq!(code, 500, "{path}: {body}");

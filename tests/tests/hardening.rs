@@ -107,6 +107,17 @@ fn a_flood_of_spoofed_sources_is_absorbed() {
     assert_eq!(accounted, AGAIN as f64, "flags neither delivered nor counted as lost");
     let m = nw.metrics(&rig.dut);
     let (delivered, lost) = (delivered(&m), lost(&m));
+    // Every loss has its cause; fresh pins have nothing unattributed.
+    assert_eq!(
+        sample(&m, "netwatch_events_lost_total", &[("cause", "rate_limit")])
+            + sample(&m, "netwatch_events_lost_total", &[("cause", "ring_full")]),
+        lost
+    );
+    assert!(netwatch_tests::daemon::absent(
+        &m,
+        "netwatch_events_lost_total",
+        &[("cause", "unattributed")]
+    ));
     let budget = netwatch_common::MAX_EVENTS_PER_CPU_SECOND as f64;
     let cpus = aya::util::nr_cpus().expect("possible CPUs") as f64;
     let seconds = flag_seconds.clone().count() as f64;
@@ -284,7 +295,7 @@ fn sigkill_and_restart_lose_nothing() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = TempDir::new("state");
+    let state = TempDir::private("state");
     let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     let _ = lab.nbtscan("198.18.1.0/26");
@@ -432,7 +443,7 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
     std::fs::create_dir_all(&state).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
             .arg(&state)
             .status()
             .unwrap()
@@ -717,4 +728,138 @@ fn flags_whose_events_were_lost_become_recovered_incidents() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// `detach` takes the lock `run` holds: while a controller runs it
+/// refuses, saying so, and leaves the maps and programs in place (the
+/// controller keeps answering); once it stops, `detach` removes them.
+#[test]
+fn detach_refuses_while_run_is_up() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let mut nw = Netwatch::start(&lab.victim, &pins, &["--iface", VICTIM_IF, "--keep-attached"]);
+    let detach = || {
+        lab.victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args(["detach", "--pin-dir", &pins])
+            .output()
+            .unwrap()
+    };
+    let out = detach();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "detach unpinned under a live controller");
+    assert!(
+        stderr.contains("`netwatch run` is using") && stderr.contains(&pins),
+        "{stderr}"
+    );
+    assert!(Path::new(&pins).join("SETTINGS").exists(), "maps unpinned");
+    let (code, body) = netwatch_tests::daemon::http(&lab.victim, "GET", "/api/status");
+    assert_eq!(code, 200, "{body}");
+    assert!(nw.metrics(&lab.victim).contains("netwatch_info"));
+    assert!(nw.stop().success(), "{}", nw.log());
+    let out = detach();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!Path::new(&pins).exists(), "pins left after detach");
+}
+
+/// Under `ip netns exec` (a fresh /sys, without the host's bpffs) the
+/// bpffs at /sys/fs/bpf is private to netwatch's mount namespace: `run`
+/// refuses it, saying so and what to do, and attaches nothing.
+#[test]
+fn a_private_bpffs_is_refused() {
+    require_privileged!();
+    let lab = Lab::new();
+    let state = std::env::temp_dir().join(unique("state"));
+    let pins = format!("/sys/fs/bpf/{}", unique("private"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.victim.name])
+        .arg(netwatch_tests::daemon::bin())
+        .args([
+            "run",
+            "--iface",
+            VICTIM_IF,
+            "--metrics-addr",
+            METRICS_ADDR,
+            "--pin-dir",
+            &pins,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&state);
+            panic!("netwatch run started on a private bpffs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("private to this process's mount namespace") && stderr.contains("--pin-dir"),
+        "{stderr}"
+    );
+    let link = lab.victim.ip(&["link", "show", VICTIM_IF]);
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "a program was attached"
+    );
+}
+
+/// After a kill -9 (links left pinned), the interface is deleted and
+/// re-created (a PPP reconnect, a USB NIC): the next `run` starts, drops
+/// the dead link pins, attaches afresh and keeps the counters.
+#[test]
+fn run_starts_over_links_of_a_recreated_interface() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = TempDir::private("state");
+    let args = ["--iface", VICTIM_IF, "--egress", VICTIM_IF, "--mode", "enforce"];
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 7), 7);
+    let before = sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_packets_total",
+        &[("interface", VICTIM_IF), ("rule", "udp/137"), ("direction", "inbound")],
+    );
+    assert_eq!(before, 7.0);
+    nw.kill_and_keep_pins();
+    // The interface goes and comes back under the same name.
+    lab.victim.ip(&["link", "del", VICTIM_IF]);
+    netwatch_tests::netns::veth(
+        &lab.scanner,
+        SCANNER_IF,
+        "198.18.0.1/24",
+        &lab.victim,
+        VICTIM_IF,
+        "198.18.0.2/24",
+    );
+    lab.scanner.ip(&["route", "replace", TARGET_RANGE, "via", VICTIM_IP]);
+    let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
+    assert!(nw.log().contains("is dead"), "{}", nw.log());
+    let status = nw.status();
+    let iface = &status["interfaces"][0];
+    assert_eq!(iface["name"], VICTIM_IF, "{status:#}");
+    assert!(iface["xdp"].is_string() && iface["tc_egress"] == true, "{status:#}");
+    assert_eq!(send_udp(&lab.scanner, "198.18.0.2:137", 3), 3);
+    let after = sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_packets_total",
+        &[("interface", VICTIM_IF), ("rule", "udp/137"), ("direction", "inbound")],
+    );
+    assert_eq!(after, 10.0, "counters not kept, or the new interface not counted");
 }

@@ -10,7 +10,7 @@ use std::{
 
 use netwatch_tests::{
     TempDir, assert_success,
-    daemon::{METRICS_ADDR, Netwatch, netwatch},
+    daemon::{METRICS_ADDR, Netwatch, absent, netwatch, sample},
     dashboard::{alert_rules, dashboard, dashboard_queries, metric_names, repo, substitute},
     lab::*,
     pin_dir,
@@ -268,6 +268,378 @@ fn real_prometheus_answers_every_dashboard_and_alert_query() {
         }
     }
     drop(prom);
+    drop(nw);
+}
+
+/// Runs the shipped `NetwatchNotAttached` rule with promtool over the
+/// `netwatch_interface_attached` series a real `/metrics` exported (held
+/// for 15 minutes) and returns the alerts that fire at 10 minutes, as
+/// `interface/hook` (promtool's test reports what fired when it was not
+/// expected).
+fn not_attached_alerts(exposition: &str) -> Vec<String> {
+    let series: Vec<(String, String)> = exposition
+        .lines()
+        .filter(|l| l.starts_with("netwatch_interface_attached{"))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let series = series.replacen('{', "{job=\"netwatch\",instance=\"h:9737\",", 1);
+            (series, value.to_string())
+        })
+        .collect();
+    assert!(
+        !series.is_empty(),
+        "no netwatch_interface_attached series:\n{exposition}"
+    );
+    let dir = TempDir::new("promtool");
+    let rules = repo().join("deploy/prometheus/netwatch.rules.yml");
+    let mut test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n",
+        rules.display()
+    );
+    for (series, value) in &series {
+        test += &format!("      - series: '{series}'\n        values: '{value}+0x15'\n");
+    }
+    test += "    alert_rule_test:\n      - eval_time: 10m\n        alertname: NetwatchNotAttached\n        exp_alerts: []\n";
+    let file = dir.join("test.yml");
+    std::fs::write(&file, test).unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return Vec::new();
+    }
+    // "got:[...interface="eth1"...hook="tc_egress"...]"
+    let got = text
+        .split("got:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("promtool failed:\n{text}"));
+    let mut fired = Vec::new();
+    for alert in got.split("Labels:").skip(1) {
+        let label = |name: &str| {
+            alert
+                .split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        fired.push(format!("{}/{}", label("interface"), label("hook")));
+    }
+    assert!(!fired.is_empty(), "promtool failed:\n{text}");
+    fired
+}
+
+/// The README's two set-ups, exported by the real binary: a router (XDP
+/// on wan and lan, no egress) has no tc_egress series at all, an
+/// IIS-style host (XDP + egress) has both hooks; NetwatchNotAttached is
+/// silent on both while everything is attached. An interface dropped
+/// from the configuration is forgotten at the next start, the counters
+/// of the others continue.
+#[test]
+fn metrics_export_only_configured_hooks_and_interfaces() {
+    require_privileged!();
+    let RouterLab {
+        inside,
+        router,
+        internet: _internet,
+    } = RouterLab::new();
+    let pins = pin_dir();
+    let nw = Netwatch::start(&router, &pins, &["--iface", "nw-wan:wan", "--iface", "nw-lan:lan"]);
+    assert_eq!(send_udp(&inside, "198.18.1.9:137", 5), 5);
+    let text = nw.metrics(&router);
+    for iface in ["nw-wan", "nw-lan"] {
+        assert_eq!(
+            sample(
+                &text,
+                "netwatch_interface_attached",
+                &[("interface", iface), ("hook", "xdp")]
+            ),
+            1.0
+        );
+    }
+    assert!(
+        absent(&text, "netwatch_interface_attached", &[("hook", "tc_egress")]),
+        "a tc_egress series without --egress:\n{text}"
+    );
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    let wan_before = sample(&text, "netwatch_unmatched_packets_total", &[("interface", "nw-wan")]);
+    assert!(sample(&text, "netwatch_packets_total", &[("interface", "nw-lan")]) >= 5.0);
+    nw.stop_and_keep_pins();
+
+    // nw-lan dropped from the configuration: no series of it any more,
+    // nw-wan's counters continue.
+    let nw = Netwatch::start(&router, &pins, &["--iface", "nw-wan:wan"]);
+    let text = nw.metrics(&router);
+    assert!(
+        !text.contains("nw-lan"),
+        "a removed interface is still exported:\n{text}"
+    );
+    assert!(sample(&text, "netwatch_unmatched_packets_total", &[("interface", "nw-wan")]) >= wan_before);
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    drop(nw);
+
+    // IIS-shaped: XDP and TC egress on the same interface.
+    let lab = Lab::new();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", &format!("{VICTIM_IF}:host"), "--egress", VICTIM_IF],
+    );
+    let text = nw.metrics(&lab.victim);
+    for hook in ["xdp", "tc_egress"] {
+        assert_eq!(
+            sample(
+                &text,
+                "netwatch_interface_attached",
+                &[("interface", VICTIM_IF), ("hook", hook)]
+            ),
+            1.0
+        );
+    }
+    assert_eq!(not_attached_alerts(&text), Vec::<String>::new());
+    // The check does see a detached hook.
+    let detached = text
+        .replace(
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"tcx\",role=\"host\"}} 1"),
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"tcx\",role=\"host\"}} 0"),
+        )
+        .replace(
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"netlink\",role=\"host\"}} 1"),
+            &format!("hook=\"tc_egress\",interface=\"{VICTIM_IF}\",mode=\"netlink\",role=\"host\"}} 0"),
+        );
+    assert_eq!(not_attached_alerts(&detached), vec![format!("{VICTIM_IF}/tc_egress")]);
+}
+
+/// `netwatch ARGS` as the unprivileged user nobody (setpriv).
+fn netwatch_as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(netwatch_tests::daemon::bin())
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)")
+}
+
+/// Fails, exit status non-zero, with an error that names `path` (and
+/// says `why`); never an empty answer.
+fn assert_refused(out: &std::process::Output, path: &std::path::Path, why: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit 0 where {} is unreadable ({why}):\n{}{stderr}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(path.to_str().unwrap()) && stderr.contains(why),
+        "the error does not name {} and {why:?}:\n{stderr}",
+        path.display()
+    );
+}
+
+/// `lookup` and `incidents` never take an unreadable state for an empty
+/// one: a database or pin directory the user may not read, a state
+/// directory or database that does not exist, a file that is not an
+/// incident database, each give an error naming the path, exit non-zero.
+#[test]
+fn unreadable_state_is_an_error_naming_the_path() {
+    require_privileged!();
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("unreadable");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_pins = dir.join("no-pins");
+    let no_pins = no_pins.to_str().unwrap();
+    // A state directory as `run` makes it (0700, root), with a database.
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let db = state.join("incidents.sqlite");
+    assert!(
+        Command::new("sqlite3")
+            .arg(&db)
+            .arg("CREATE TABLE t (x);")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or_else(|_| {
+                std::fs::write(&db, b"").unwrap();
+                true
+            })
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let s = state.to_str().unwrap();
+
+    // Permission: as a user other than root.
+    let out = netwatch_as_nobody(&["lookup", "198.18.0.1", "--pin-dir", no_pins, "--state-dir", s]);
+    assert_refused(&out, &db, "permission denied");
+    let out = netwatch_as_nobody(&["incidents", "--state-dir", s]);
+    assert_refused(&out, &db, "permission denied");
+    // A pin directory the user may not read (root-only, as netwatch makes
+    // it): an error, not "tracked now: nothing".
+    let pins = dir.join("pins");
+    std::fs::create_dir(&pins).unwrap();
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = netwatch_as_nobody(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        pins.to_str().unwrap(),
+        "--state-dir",
+        s,
+    ]);
+    assert_refused(&out, &pins, "permission denied");
+
+    // Missing: a state directory that does not exist, one without a
+    // database.
+    let gone = dir.join("gone");
+    let out = netwatch(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        no_pins,
+        "--state-dir",
+        gone.to_str().unwrap(),
+    ]);
+    assert_refused(&out, &gone, "does not exist");
+    let out = netwatch(&["incidents", "--state-dir", gone.to_str().unwrap()]);
+    assert_refused(&out, &gone, "does not exist");
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = netwatch(&["incidents", "--state-dir", empty.to_str().unwrap()]);
+    assert_refused(&out, &empty.join("incidents.sqlite"), "no incident database");
+
+    // Foreign layout: a file that is not netwatch's database.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("incidents.sqlite"), vec![0x5a; 4096]).unwrap();
+    let out = netwatch(&[
+        "lookup",
+        "198.18.0.1",
+        "--pin-dir",
+        no_pins,
+        "--state-dir",
+        foreign.to_str().unwrap(),
+    ]);
+    assert_refused(&out, &foreign.join("incidents.sqlite"), "reading incidents from");
+    let out = netwatch(&["incidents", "--state-dir", foreign.to_str().unwrap()]);
+    assert_refused(&out, &foreign.join("incidents.sqlite"), "reading incidents from");
+}
+
+/// 1 000 idle connections to the endpoint (connected, never a request)
+/// neither exhaust the controller's descriptors nor stop `/metrics`: it
+/// keeps answering while they are open, the controller holds at most
+/// its connection cap, and the idle ones are closed after the header
+/// timeout. Prints `/metrics` latency with them open.
+#[test]
+fn idle_connections_do_not_starve_metrics() {
+    require_privileged!();
+    // Room for 1 000 sockets in this process.
+    let limit = libc::rlimit {
+        rlim_cur: 8192,
+        rlim_max: 8192,
+    };
+    // SAFETY: plain setrlimit on this process.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    let lab = Lab::new();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", &format!("{VICTIM_IF}:host")]);
+    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds_before = fds(nw.pid());
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = lab.victim.run(|| {
+        (0..1000)
+            .map(|_| std::net::TcpStream::connect(METRICS_ADDR).expect("connect"))
+            .collect()
+    });
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let body = lab
+            .victim
+            .run(|| netwatch_tests::daemon::http_get(METRICS_ADDR, "/metrics"))
+            .unwrap_or_else(|e| panic!("/metrics with 1000 idle connections open: {e}\n{}", nw.log()));
+        latencies.push(t.elapsed());
+        assert!(body.contains("netwatch_info"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the idle connections timed out before the scrapes were measured"
+    );
+    latencies.sort();
+    eprintln!(
+        "/metrics with 1000 idle connections open: median {:?}, max {:?} (20 scrapes)",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    let held = fds(nw.pid());
+    assert!(
+        held <= fds_before + 256 + 8,
+        "the controller holds {held} descriptors (before: {fds_before}) with 1000 idle clients"
+    );
+    // After the header timeout (10 s) the idle connections it held are
+    // closed: a read gets end-of-file (or a reset).
+    let last = idle.last().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 1];
+    let t = Instant::now();
+    let read = std::io::Read::read(&mut &*last, &mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && t.elapsed() < Duration::from_secs(15),
+        "an idle connection stayed open: {read:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(fds(nw.pid()) <= fds_before + 8, "idle connections still held");
+    drop(idle);
+    drop(nw);
+}
+
+/// `run` never chmods a directory it did not create: a world-writable
+/// one (`/tmp`), one of the host's (root's, 0755, like `/var/lib`) and
+/// one owned by another user are refused with an error naming it, their
+/// modes untouched; a directory that does not exist is created 0700.
+#[test]
+fn run_refuses_a_state_dir_it_does_not_own() {
+    require_privileged!();
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let lab = Lab::new();
+    let dir = TempDir::new("statedirs");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let cases = [
+        ("tmp", 0o1777, None, "mode 1777 (world-writable)"),
+        ("varlib", 0o755, None, "mode 0755"),
+        ("nobody", 0o700, Some(65534), "owned by uid 65534"),
+    ];
+    for (name, perm, owner, why) in cases {
+        let state = dir.join(name);
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(perm)).unwrap();
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&state, Some(uid), Some(uid)).unwrap();
+        }
+        let out = lab
+            .victim
+            .command(netwatch_tests::daemon::bin().to_str().unwrap())
+            .args(["run", "--iface", VICTIM_IF, "--pin-dir", &pin_dir(), "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "run took {name} ({perm:o}) as its state directory:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("state directory {}", state.display())) && stderr.contains(why),
+            "{stderr}"
+        );
+        assert_eq!(mode(&state), perm, "{name}: mode changed");
+        assert_eq!(std::fs::metadata(&state).unwrap().uid(), owner.unwrap_or(0));
+    }
+    // A directory netwatch creates (parents included) is 0700 and used.
+    let fresh = dir.join("new/netwatch");
+    let nw = Netwatch::start_with_state(&lab.victim, &pin_dir(), &fresh, &["--iface", VICTIM_IF]);
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&dir.join("new")), 0o755, "a parent was restricted");
     drop(nw);
 }
 

@@ -12,8 +12,14 @@ use crate::{
 };
 
 pub fn lookup(pin_dir: &Path, state_dir: &Path, ip: IpAddr, json: bool) -> Result<()> {
-    // Pins may be gone (after `detach`): incidents still answer.
-    let report = lookup_report(PinnedMaps::open(pin_dir).ok().as_ref(), state_dir, ip)?;
+    // Pins that are gone (after `detach`, or no `run` yet) leave the
+    // incidents to answer; pins that are there but cannot be read
+    // (permission, another layout) are an error.
+    let maps = match std::fs::symlink_metadata(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some(PinnedMaps::open(pin_dir)?),
+    };
+    let report = lookup_report(maps.as_ref(), state_dir, ip)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -35,7 +41,13 @@ pub fn lookup(pin_dir: &Path, state_dir: &Path, ip: IpAddr, json: bool) -> Resul
             b.rule, b.direction, b.blocked_until
         );
     }
-    if report.tracked.is_empty() {
+    if maps.is_none() {
+        let _ = writeln!(
+            out,
+            "tracked now: unknown ({} does not exist: netwatch is not running with this pin directory)",
+            pin_dir.display()
+        );
+    } else if report.tracked.is_empty() {
         let _ = writeln!(out, "tracked now: nothing");
     } else {
         let _ = writeln!(out, "tracked now:");

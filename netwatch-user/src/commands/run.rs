@@ -147,6 +147,9 @@ fn notify(states: &[NotifyState]) {
 pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     let held = HoldSignals::new()?;
     let config = load_config(&args, source)?;
+    // A state directory netwatch would have to take over is refused
+    // before anything is made.
+    crate::detection::state_dir::check_state_dir(&config.state_dir)?;
     // Check every interface before attaching anything.
     check_interfaces(&config)?;
     // Before loading anything: a kernel without what the programs use is
@@ -163,7 +166,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     };
 
     let listener = http::bind(config.metrics_addr)?;
-    let mut datapath = Datapath::open(&config.pin_dir)?;
+    let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
     datapath.apply(&config.policy)?;
     info!(
         "mode {}, rules: {}",
@@ -214,11 +217,11 @@ async fn serve_until_signal(
     // The configuration in force when the loop ends.
     let mut detector = Detector::open(maps, &config.state_dir)?;
     let stats = Arc::new(ControllerStats::default());
-    let state = AppState {
-        maps: maps.clone(),
-        state_dir: config.state_dir.clone(),
-        metrics: Arc::new(Metrics::new(maps.clone(), stats.clone())?),
-    };
+    let state = AppState::new(
+        maps.clone(),
+        config.state_dir.clone(),
+        Arc::new(Metrics::new(maps.clone(), stats.clone())?),
+    );
     let server = http::serve(listener, state)?;
     info!(
         "metrics at http://{}/metrics, incidents in {}",
@@ -319,7 +322,7 @@ async fn serve_until_signal(
                 counting = None;
                 match done {
                     Ok(Ok(census)) => {
-                        stats.sources_tracked(census.tracked);
+                        stats.sources_counted(census.tracked, census.created);
                         // Flags whose events were lost: recorded now.
                         match detector.recover(&census.flagged) {
                             Ok(0) => {}

@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     programs::{
@@ -107,42 +107,48 @@ impl Attachments {
             .try_into()?;
         program.load().context("loading the XDP program (verifier)")?;
         let pin = link_pin(&self.pin_dir, "xdp", iface);
-        let mode = match readopt(&pin)? {
-            Some(old) => {
-                let link = XdpLink::try_from(old)?;
-                program
-                    .attach_to_link(link)
-                    .with_context(|| format!("replacing the XDP program on {iface}"))?;
-                info!("{iface}: re-adopted the XDP link pinned by an earlier run");
-                None
-            }
-            None => {
-                let index = ifindex(iface)?;
-                let native = if force_generic {
-                    Err(anyhow!("generic mode requested"))
-                } else {
-                    program
-                        .attach_to_if_index(index, XdpMode::Driver)
-                        .map_err(anyhow::Error::from)
-                };
-                let (id, mode) = match native {
-                    Ok(id) => (id, XdpAttachMode::Native),
-                    Err(err) => {
-                        if !force_generic {
-                            info!("{iface}: native XDP not available ({err:#}); attaching in generic (SKB) mode");
-                        }
-                        let id = program
-                            .attach_to_if_index(index, XdpMode::Skb)
-                            .with_context(|| format!("attaching XDP to {iface}"))?;
-                        (id, XdpAttachMode::Generic)
+        if let Some(link) = readopt(&pin)? {
+            match program.attach_to_link(XdpLink::try_from(link)?) {
+                Ok(_) => {
+                    info!("{iface}: re-adopted the XDP link pinned by an earlier run");
+                    self.instances.push((ebpf, Pinned::Link(pin)));
+                    return Ok(None);
+                }
+                Err(err) => {
+                    let err = anyhow::Error::from(err);
+                    if !is_dead_link(&err) {
+                        return Err(err).with_context(|| format!("replacing the XDP program on {iface}"));
                     }
-                };
-                let link = FdLink::try_from(program.take_link(id)?)
-                    .with_context(|| format!("{iface}: XDP attached through netlink, not a BPF link"))?;
-                link.pin(&pin)
-                    .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
-                Some(mode)
+                    drop_dead_link(&pin, iface, "XDP")?;
+                }
             }
+        }
+        let mode = {
+            let index = ifindex(iface)?;
+            let native = if force_generic {
+                Err(anyhow!("generic mode requested"))
+            } else {
+                program
+                    .attach_to_if_index(index, XdpMode::Driver)
+                    .map_err(anyhow::Error::from)
+            };
+            let (id, mode) = match native {
+                Ok(id) => (id, XdpAttachMode::Native),
+                Err(err) => {
+                    if !force_generic {
+                        info!("{iface}: native XDP not available ({err:#}); attaching in generic (SKB) mode");
+                    }
+                    let id = program
+                        .attach_to_if_index(index, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP to {iface}"))?;
+                    (id, XdpAttachMode::Generic)
+                }
+            };
+            let link = FdLink::try_from(program.take_link(id)?)
+                .with_context(|| format!("{iface}: XDP attached through netlink, not a BPF link"))?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
+            Some(mode)
         };
         self.instances.push((ebpf, Pinned::Link(pin)));
         Ok(mode)
@@ -166,27 +172,34 @@ impl Attachments {
         let tcx_pin = link_pin(&self.pin_dir, "tc", iface);
         let pinned = match path {
             TcPath::Tcx => {
-                match readopt(&tcx_pin)? {
-                    Some(old) => {
-                        let link = SchedClassifierLink::try_from(old)?;
-                        program
-                            .attach_to_link(link)
-                            .with_context(|| format!("replacing the TC program on {iface}"))?;
-                        info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
+                let mut readopted = false;
+                if let Some(old) = readopt(&tcx_pin)? {
+                    match program.attach_to_link(SchedClassifierLink::try_from(old)?) {
+                        Ok(_) => {
+                            info!("{iface}: re-adopted the TC egress link pinned by an earlier run");
+                            readopted = true;
+                        }
+                        Err(err) => {
+                            let err = anyhow::Error::from(err);
+                            if !is_dead_link(&err) {
+                                return Err(err).with_context(|| format!("replacing the TC program on {iface}"));
+                            }
+                            drop_dead_link(&tcx_pin, iface, "TC egress")?;
+                        }
                     }
-                    None => {
-                        // First in line, as the netlink filter is.
-                        let id = program
-                            .attach_with_options(
-                                iface,
-                                TcAttachType::Egress,
-                                TcAttachOptions::TcxOrder(LinkOrder::first()),
-                            )
-                            .with_context(|| format!("attaching TC egress to {iface} through TCX"))?;
-                        let link = FdLink::try_from(program.take_link(id)?)?;
-                        link.pin(&tcx_pin)
-                            .with_context(|| format!("pinning TC link at {}", tcx_pin.display()))?;
-                    }
+                }
+                if !readopted {
+                    // First in line, as the netlink filter is.
+                    let id = program
+                        .attach_with_options(
+                            iface,
+                            TcAttachType::Egress,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
+                        .with_context(|| format!("attaching TC egress to {iface} through TCX"))?;
+                    let link = FdLink::try_from(program.take_link(id)?)?;
+                    link.pin(&tcx_pin)
+                        .with_context(|| format!("pinning TC link at {}", tcx_pin.display()))?;
                 }
                 if remove_tc_netlink(&self.pin_dir, iface)? > 0 {
                     info!("{iface}: removed the netlink TC filter of an earlier run (now TCX)");
@@ -413,6 +426,27 @@ fn remove_tc_netlink(pin_dir: &Path, iface: &str) -> Result<usize> {
 }
 
 /// Opens a link pinned by an earlier run, if any.
+/// Whether re-adopting a pinned link failed because the link is dead:
+/// its interface was deleted (and maybe re-created under the same name)
+/// while no controller ran, and the kernel answers ENOLINK.
+fn is_dead_link(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOLINK)
+    }) || format!("{err:#}").contains(&format!("os error {}", libc::ENOLINK))
+}
+
+/// Removes the pin of a dead link (see [`is_dead_link`]), so the hook is
+/// attached afresh; the interface keeps its slot, so its counters continue.
+fn drop_dead_link(pin: &Path, iface: &str, hook: &str) -> Result<()> {
+    warn!(
+        "{iface}: the {hook} link pinned by an earlier run is dead (the interface was deleted, maybe re-created, \
+         while no controller ran); attaching afresh, counters kept"
+    );
+    fs::remove_file(pin).with_context(|| format!("removing the dead link pin {}", pin.display()))
+}
+
 fn readopt(pin: &Path) -> Result<Option<FdLink>> {
     match PinnedLink::from_pin(pin) {
         Ok(pinned) => Ok(Some(FdLink::from(pinned))),
@@ -432,6 +466,14 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
     if !pin_dir.exists() {
         return Ok(0);
     }
+    // The lock `run` holds: never unpin the maps under a live controller.
+    let Some(_lock) = super::pins::try_lock_pin_dir(pin_dir)? else {
+        bail!(
+            "a `netwatch run` is using {}: stop it first (`systemctl stop netwatch`; with keep_attached the programs \
+             stay attached and `netwatch detach` then removes them)",
+            pin_dir.display()
+        );
+    };
     let mut removed = 0;
     let links = pin_dir.join("links");
     if links.exists() {

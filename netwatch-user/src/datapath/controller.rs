@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use log::info;
-use netwatch_common::{Direction, LinkKind};
+use netwatch_common::{ATTACHED_TC, ATTACHED_XDP, Direction, LinkKind};
 
 use super::{
     attach::{Attachments, XdpAttachMode},
@@ -15,7 +15,7 @@ use super::{
     install,
     load::load_instance,
     maps::PinnedMaps,
-    pins::{PinDirLock, lock_pin_dir, prepare_pin_dir},
+    pins::{PinDirLock, lock_pin_dir, prepare_pin_dir, refuse_private_bpffs},
     slots::{self, claim_iface_slot, mark_all_detached, mark_attached},
     tc::TcAttach,
 };
@@ -33,8 +33,14 @@ impl Datapath {
     /// Prepares the pin directory (bpffs, permissions, layout), locks it
     /// against a second `run`, creates or re-opens the pinned maps and
     /// opens them.
-    pub fn open(pin_dir: &Path) -> Result<Self> {
+    ///
+    /// A bpffs private to this mount namespace (`ip netns exec`) is
+    /// refused unless `allow_private_bpffs`.
+    pub fn open(pin_dir: &Path, allow_private_bpffs: bool) -> Result<Self> {
         prepare_pin_dir(pin_dir)?;
+        if !allow_private_bpffs {
+            refuse_private_bpffs(pin_dir)?;
+        }
         let lock = lock_pin_dir(pin_dir)?;
         // Loading an instance creates (or re-opens) the pinned maps.
         drop(load_instance(pin_dir, 0, Direction::Inbound, LinkKind::Ethernet)?);
@@ -82,9 +88,11 @@ impl Datapath {
         xdp_generic: bool,
     ) -> Result<()> {
         let maps = &self.maps;
+        slots::clear_configured(maps)?;
         for iface in interfaces {
             let index = ifindex(&iface.name)?;
-            let slot = claim_iface_slot(maps, &iface.name, iface.role, index)?;
+            let hooks = ATTACHED_XDP | if egress.contains(&iface.name) { ATTACHED_TC } else { 0 };
+            let slot = claim_iface_slot(maps, &iface.name, iface.role, index, hooks)?;
             let mode = self
                 .attachments
                 .attach_xdp(&iface.name, slot, iface.role.xdp_direction(), xdp_generic)?;
@@ -107,7 +115,7 @@ impl Datapath {
             );
         }
         for name in egress.iter().filter(|e| !interfaces.iter().any(|i| &i.name == *e)) {
-            let slot = claim_iface_slot(maps, name, Role::Host, ifindex(name)?)?;
+            let slot = claim_iface_slot(maps, name, Role::Host, ifindex(name)?, ATTACHED_TC)?;
             let path = self.attachments.attach_tc_egress(name, slot, tc_attach)?;
             mark_attached(maps, slot, None, Some(path))?;
             info!("{name}: TC egress ({path})");

@@ -139,6 +139,12 @@ impl PinnedMaps {
     }
 
     /// Sum over CPUs of one per-CPU counter.
+    /// A datapath-wide counter of `STATS`, summed over the CPUs.
+    pub fn stat(&self, index: u32) -> Result<u64> {
+        let stats = self.per_cpu_array::<u64>(netwatch_common::maps::STATS)?;
+        Ok(stats.get(&index, 0)?.iter().sum())
+    }
+
     pub fn counter_sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Result<Counter> {
         let values = map.get(&index, 0)?;
         Ok(values.iter().fold(Counter::default(), |acc, c| Counter {

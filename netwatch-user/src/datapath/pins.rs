@@ -34,6 +34,54 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
 
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
+/// Refuses a bpffs that only this process's mount namespace has: under
+/// `ip netns exec` (which gives the process a fresh /sys without the
+/// host's bpffs) the one found or mounted at /sys/fs/bpf dies with the
+/// process, so pins would not survive a restart and no other shell would
+/// see them. A bpffs is shared when PID 1's mount namespace has a bpf
+/// mount of the same file system (device); a service's own mount
+/// namespace (systemd's ProtectSystem=) sees the host's, so it passes.
+pub fn refuse_private_bpffs(pin_dir: &Path) -> Result<()> {
+    let bpffs = pin_dir.parent().unwrap_or(Path::new("/"));
+    // The pin directory (made by now) is on the bpffs, or is one.
+    if bpffs_is_private(pin_dir) == Some(true) {
+        bail!(
+            "the BPF filesystem at {} is private to this process's mount namespace (as under `ip netns exec`, which \
+             mounts a fresh /sys): pins in {} would vanish when netwatch exits, counters would restart from zero and \
+             `netwatch status` from another shell would not find them. Enter only the network namespace instead \
+             (`nsenter --net=/run/netns/NS netwatch run ...`), or give --pin-dir (pin_dir) on a bpffs the host shares, \
+             e.g. after `mount --bind /sys/fs/bpf /run/netwatch-bpf` on the host: --pin-dir /run/netwatch-bpf/netwatch \
+             (--allow-private-bpffs runs anyway, for a throwaway set-up)",
+            bpffs.display(),
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `Some(true)` when the bpffs holding `path` is not mounted anywhere in
+/// PID 1's mount namespace; `None` when that cannot be told (no access to
+/// PID 1's mounts).
+fn bpffs_is_private(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    // PID 1's mounts, not its namespace link (reading that needs ptrace
+    // access, which a container may not grant): in the same namespace
+    // the bpffs is among them.
+    let dev = fs::metadata(path).ok()?.dev();
+    let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let mounts = fs::read_to_string("/proc/1/mountinfo").ok()?;
+    Some(!mounts.lines().any(|line| is_bpf_mount_of(line, &device)))
+}
+
+/// Whether a /proc/PID/mountinfo line is a bpf mount of `device`
+/// (`major:minor`).
+fn is_bpf_mount_of(line: &str, device: &str) -> bool {
+    line.split_whitespace().nth(2) == Some(device)
+        && line
+            .split_once(" - ")
+            .is_some_and(|(_, fs)| fs.split_whitespace().next() == Some("bpf"))
+}
+
 /// Mounts bpffs at /sys/fs/bpf where the system has not (as bpftool does).
 fn mount_bpffs() -> Result<()> {
     use nix::mount::{MsFlags, mount};
@@ -52,14 +100,25 @@ pub struct PinDirLock {
 }
 
 pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
-    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
-    if dir.try_lock().is_err() {
-        bail!(
+    match try_lock_pin_dir(pin_dir)? {
+        Some(lock) => Ok(lock),
+        None => bail!(
             "another `netwatch run` is using {}; stop it first, or give this one its own --pin-dir",
             pin_dir.display()
-        );
+        ),
     }
-    Ok(PinDirLock { _file: dir })
+}
+
+/// The lock `run` holds on the pin directory, or `None` while a `run`
+/// holds it: `detach` takes it too, so it never unpins the maps under a
+/// live controller.
+pub fn try_lock_pin_dir(pin_dir: &Path) -> Result<Option<PinDirLock>> {
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(Some(PinDirLock { _file: dir })),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", pin_dir.display())),
+    }
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -130,5 +189,19 @@ pub(super) fn ensure_accessible(dir: &Path) -> Result<()> {
             dir.display()
         ),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_bpf_mount_of;
+
+    #[test]
+    fn bpf_mounts_are_told_by_device_and_type() {
+        let line = "40 23 0:34 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:18 - bpf bpf rw,mode=700";
+        assert!(is_bpf_mount_of(line, "0:34"));
+        assert!(!is_bpf_mount_of(line, "0:35"));
+        let sysfs = "23 29 0:34 / /sys rw,nosuid shared:7 - sysfs sysfs rw";
+        assert!(!is_bpf_mount_of(sysfs, "0:34"));
     }
 }

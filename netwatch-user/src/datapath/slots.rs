@@ -9,7 +9,10 @@ use super::{attach::XdpAttachMode, iface::ifindex, maps::PinnedMaps, tc::TcPath}
 use crate::policy::Role;
 
 /// Finds the slot an interface had before (by name), or a free one.
-pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32) -> Result<u32> {
+///
+/// `hooks` are the hooks the configuration asks for there
+/// ([`ATTACHED_XDP`], [`ATTACHED_TC`]): what `/metrics` exports.
+pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32, hooks: u8) -> Result<u32> {
     let mut map = maps.array::<IfaceInfo>(maps::IFACE_INFO)?;
     let infos: Vec<IfaceInfo> = (0..MAX_IFACES).map(|s| map.get(&s, 0)).collect::<Result<_, _>>()?;
     let name_bytes = iface_name_bytes(name)?;
@@ -27,6 +30,7 @@ pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32)
     info.role = role.as_u32();
     info.ifindex = ifindex;
     info.name = name_bytes;
+    info.configured = hooks;
     map.set(slot, info, 0)?;
     Ok(slot)
 }
@@ -90,6 +94,18 @@ pub fn check_interfaces(maps: &PinnedMaps) -> Result<()> {
         if ifindex(&name).ok() != Some(info.ifindex) {
             warn!("interface {name} disappeared while attached: its programs are gone, its counters are kept");
             update_iface(maps, slot, |i| i.attached = 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Forgets which interfaces and hooks are configured (before a
+/// controller claims its own): an interface dropped from the
+/// configuration keeps its counters but is no longer exported.
+pub fn clear_configured(maps: &PinnedMaps) -> Result<()> {
+    for (slot, info) in maps.iface_slots()? {
+        if info.configured != 0 {
+            update_iface(maps, slot, |i| i.configured = 0)?;
         }
     }
     Ok(())

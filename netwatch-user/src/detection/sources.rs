@@ -357,6 +357,9 @@ pub fn count(maps: &PinnedMaps) -> Result<u64> {
 pub struct Census {
     /// Records in the map.
     pub tracked: u64,
+    /// Records the kernel had created when the walk began: `created -
+    /// tracked` is what was evicted by then (at least).
+    pub created: u64,
     /// Flagged probe records (scans) whose keys are not in the walk's
     /// `skip` set, at most `max` of them.
     pub flagged: Vec<(SourceKey, SourceState)>,
@@ -366,7 +369,10 @@ pub struct Census {
 
 /// Counts the tracked sources and collects flagged ones (see [`Census`]).
 pub fn census(maps: &PinnedMaps, skip: &HashSet<SourceKey>, max: usize) -> Result<Census> {
-    let mut census = Census::default();
+    let mut census = Census {
+        created: maps.stat(netwatch_common::STAT_SOURCES_CREATED)?,
+        ..Census::default()
+    };
     for_each(maps, |key, state| {
         census.tracked += 1;
         if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED != 0 && !skip.contains(key) {

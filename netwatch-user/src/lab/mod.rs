@@ -140,6 +140,9 @@ pub fn lab(args: &LabArgs) -> Result<()> {
             "enforce",
         ])
         .args(["--pin-dir", PIN_DIR, "--metrics-addr", METRICS])
+        // The lab's pins are throwaway (it detaches on exit), also where
+        // its bpffs is private (a test runs it in its own mount namespace).
+        .arg("--allow-private-bpffs")
         // The lab's own settings, not a host config's (/etc/netwatch).
         .args(["--config", "/dev/null"])
         .arg("--state-dir")

@@ -21,7 +21,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use netwatch_common::{MAX_AUTO_BLOCKS, MAX_SOURCES};
+use netwatch_common::{ATTACHED_TC, ATTACHED_XDP, MAX_AUTO_BLOCKS, MAX_SOURCES};
 
 use crate::{datapath::PinnedMaps, observe::snapshot::Snapshot};
 
@@ -38,6 +38,9 @@ pub struct ControllerStats {
     /// background, never at scrape time); [`NOT_COUNTED`] before the
     /// first count.
     sources_tracked: AtomicU64,
+    /// Source records evicted, as of the last count: the highest `created
+    /// - tracked` seen, so it never goes backwards.
+    sources_evicted: AtomicU64,
     /// Incident database writes that failed.
     incident_errors: AtomicU64,
 }
@@ -57,6 +60,7 @@ impl Default for ControllerStats {
             reloads_failed: AtomicU64::new(0),
             last_reload_ok: AtomicBool::new(true),
             sources_tracked: AtomicU64::new(NOT_COUNTED),
+            sources_evicted: AtomicU64::new(0),
             incident_errors: AtomicU64::new(0),
         }
     }
@@ -78,9 +82,13 @@ impl ControllerStats {
         self.last_reload_ok.store(ok, Relaxed);
     }
 
-    /// The last count of the per-source map.
-    pub fn sources_tracked(&self, n: u64) {
-        self.sources_tracked.store(n.min(NOT_COUNTED - 1), Relaxed);
+    /// The last count of the per-source map: `tracked` records in it,
+    /// `created` by the kernel when the count began. What is not there
+    /// any more was evicted; the figure only ever grows (a count that
+    /// races with new records is never taken back).
+    pub fn sources_counted(&self, tracked: u64, created: u64) {
+        self.sources_tracked.store(tracked.min(NOT_COUNTED - 1), Relaxed);
+        self.sources_evicted.fetch_max(created.saturating_sub(tracked), Relaxed);
     }
 
     /// A write to the incident database failed.
@@ -187,7 +195,15 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         "Bytes of packets that matched a rule.",
         &rule_labels,
     )?;
-    for c in &snapshot.rule_counters {
+    let configured: std::collections::HashSet<&str> = (snapshot.interfaces.iter())
+        .filter(|i| i.configured != 0)
+        .map(|i| i.name.as_str())
+        .collect();
+    for c in snapshot
+        .rule_counters
+        .iter()
+        .filter(|c| configured.contains(c.interface.as_str()))
+    {
         let labels = [c.interface.as_str(), c.direction, c.rule.as_str(), c.action];
         packets.with_label_values(&labels).inc_by(c.packets);
         bytes.with_label_values(&labels).inc_by(c.bytes);
@@ -224,7 +240,11 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         "Truncated or malformed frames, passed untouched, by reason.",
         &["interface", "direction", "reason"],
     )?;
-    for c in &snapshot.class_counters {
+    for c in snapshot
+        .class_counters
+        .iter()
+        .filter(|c| configured.contains(c.interface.as_str()))
+    {
         let labels = [c.interface.as_str(), c.direction];
         match (c.class, c.reason) {
             ("unmatched", _) => {
@@ -240,6 +260,11 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         }
     }
 
+    // Only the interfaces the running configuration names, and only
+    // their configured hooks: an interface dropped from the configuration
+    // keeps its counters in the maps (they continue if it comes back) but
+    // has no series, and an interface without --egress has no tc_egress
+    // series (not a 0 that would page as detached).
     let d = &snapshot.detection;
     let flagged = counter_vec(
         registry,
@@ -258,7 +283,11 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         "Outbound packets on a rule port (udp/137) towards a recent web visitor: IIS-style reverse lookups, not scans. A subset of netwatch_packets_total.",
         &["interface", "rule", "action"],
     )?;
-    for c in &d.reverse_lookups {
+    for c in d
+        .reverse_lookups
+        .iter()
+        .filter(|c| configured.contains(c.interface.as_str()))
+    {
         reverse
             .with_label_values(&[c.interface.as_str(), c.rule.as_str(), c.action])
             .inc_by(c.packets);
@@ -301,10 +330,18 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
     let lost = counter_vec(
         registry,
         "netwatch_events_lost_total",
-        "Flag events not delivered to the controller: ring buffer full or over the per-CPU rate limit.",
-        &[],
+        "Flag events not delivered to the controller, by cause: rate_limit (over the per-CPU budget), ring_full (no room in the ring buffer), unattributed (counted by a version before causes were).",
+        &["cause"],
     )?;
-    lost.with_label_values::<&str>(&[]).inc_by(d.events_lost);
+    lost.with_label_values(&["rate_limit"])
+        .inc_by(d.events_lost_rate_limited);
+    lost.with_label_values(&["ring_full"]).inc_by(d.events_lost_ring_full);
+    let unattributed = d
+        .events_lost
+        .saturating_sub(d.events_lost_rate_limited + d.events_lost_ring_full);
+    if unattributed > 0 {
+        lost.with_label_values(&["unattributed"]).inc_by(unattributed);
+    }
     let auto = counter_vec(
         registry,
         "netwatch_auto_blocks_total",
@@ -355,12 +392,16 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         &["interface", "role", "hook", "mode"],
     )?;
     for i in &snapshot.interfaces {
-        attached
-            .with_label_values(&[i.name.as_str(), i.role, "xdp", i.xdp.unwrap_or("none")])
-            .set(i.xdp.is_some() as i64);
-        attached
-            .with_label_values(&[i.name.as_str(), i.role, "tc_egress", i.tc_egress_mode.unwrap_or("none")])
-            .set(i.tc_egress as i64);
+        if i.configured & ATTACHED_XDP != 0 {
+            attached
+                .with_label_values(&[i.name.as_str(), i.role, "xdp", i.xdp.unwrap_or("none")])
+                .set(i.xdp.is_some() as i64);
+        }
+        if i.configured & ATTACHED_TC != 0 {
+            attached
+                .with_label_values(&[i.name.as_str(), i.role, "tc_egress", i.tc_egress_mode.unwrap_or("none")])
+                .set(i.tc_egress as i64);
+        }
     }
     let lists = gauge_vec(
         registry,
@@ -409,12 +450,12 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
             let evicted = counter_vec(
                 registry,
                 "netwatch_sources_evicted_total",
-                "Source records the LRU map evicted to make room for new ones (created minus tracked, as of the last count).",
+                "Source records the LRU map evicted to make room for new ones (created minus tracked, as of the last count; never decreases).",
                 &[],
             )?;
             evicted
                 .with_label_values::<&str>(&[])
-                .inc_by(d.sources_created.saturating_sub(n));
+                .inc_by(stats.sources_evicted.load(Relaxed));
         }
         let errors = counter_vec(
             registry,
@@ -447,6 +488,7 @@ mod tests {
                 xdp: Some("native"),
                 tc_egress: true,
                 tc_egress_mode: Some("tcx"),
+                configured: ATTACHED_XDP | ATTACHED_TC,
                 slot: 0,
             }],
             rules: vec![RuleState {
@@ -492,7 +534,9 @@ mod tests {
             ],
             detection: DetectionStats {
                 sources_created: 5,
-                events_lost: 0,
+                events_lost: 5,
+                events_lost_rate_limited: 3,
+                events_lost_ring_full: 1,
                 auto_blocks: 1,
                 auto_blocks_in_force: 1,
                 auto_blocks_capped: 0,
@@ -537,6 +581,10 @@ mod tests {
             r#"netwatch_malformed_packets_total{direction="inbound",interface="veth0",reason="truncated_ip"} 1"#,
             r#"netwatch_scanners_flagged_total{direction="inbound",rule="udp/137"} 1"#,
             "netwatch_sources_created_total 5",
+            r#"netwatch_events_lost_total{cause="rate_limit"} 3"#,
+            r#"netwatch_events_lost_total{cause="ring_full"} 1"#,
+            // Lost before the pins had causes: neither.
+            r#"netwatch_events_lost_total{cause="unattributed"} 1"#,
             "netwatch_sources_blocked 1",
             "netwatch_sources_capacity ",
             r#"netwatch_rule_info{inbound="drop",outbound="count",rule="udp/137"} 1"#,
@@ -568,7 +616,7 @@ mod tests {
         stats.reload(true);
         stats.reload(false);
         stats.incident_error();
-        stats.sources_tracked(3);
+        stats.sources_counted(3, 5);
         stats.flag_delay(0.0002);
         let after = exposition(Some(&stats));
         for line in [
@@ -577,13 +625,79 @@ mod tests {
             "netwatch_config_last_reload_successful 0",
             "netwatch_incident_store_errors_total 1",
             "netwatch_sources_tracked 3",
-            // created (5) minus tracked (3)
+            // created (5) minus tracked (3) when counted
             "netwatch_sources_evicted_total 2",
             r#"netwatch_flag_event_delay_seconds_bucket{le="0.0005"} 1"#,
             "netwatch_flag_event_delay_seconds_count 1",
         ] {
             assert!(after.contains(line), "{line:?} missing from:\n{after}");
         }
+    }
+
+    #[test]
+    fn evictions_never_go_backwards() {
+        let stats = ControllerStats::default();
+        let mut last = 0.0;
+        // created grows, tracked is recounted: created - tracked dips
+        // (records created during a count) but the counter never does.
+        for (tracked, created) in [(10, 10), (10, 30), (40, 45), (45, 50), (1000, 1020)] {
+            stats.sources_counted(tracked, created);
+            let text = exposition(Some(&stats));
+            let value: f64 = (text.lines())
+                .find_map(|l| l.strip_prefix("netwatch_sources_evicted_total "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(value >= last, "evictions went from {last} to {value}");
+            last = value;
+        }
+        assert_eq!(last, 20.0);
+    }
+
+    #[test]
+    fn only_configured_interfaces_and_hooks_are_exported() {
+        let mut s = snapshot();
+        // XDP only (a router's interfaces): no tc_egress series at all.
+        s.interfaces[0].configured = ATTACHED_XDP;
+        s.interfaces[0].tc_egress = false;
+        s.interfaces[0].tc_egress_mode = None;
+        // An interface dropped from the configuration: its counters stay
+        // in the maps, its series are gone.
+        let mut gone = InterfaceState {
+            name: "eth9".into(),
+            configured: 0,
+            ..s.interfaces[0].clone()
+        };
+        gone.xdp = None;
+        s.interfaces.push(gone);
+        s.rule_counters.push(RuleCounter {
+            interface: "eth9".into(),
+            ..s.rule_counters[0].clone()
+        });
+        let registry = Registry::new();
+        struct Fixed(Vec<MetricFamily>);
+        impl Collector for Fixed {
+            fn desc(&self) -> Vec<&Desc> {
+                Vec::new()
+            }
+            fn collect(&self) -> Vec<MetricFamily> {
+                self.0.clone()
+            }
+        }
+        registry.register(Box::new(Fixed(families(&s, None).unwrap()))).unwrap();
+        let text = encode(&registry.gather()).unwrap();
+        assert!(
+            text.contains(r#"netwatch_interface_attached{hook="xdp",interface="veth0",mode="native",role="wan"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"hook="tc_egress""#), "{text}");
+        assert!(!text.contains("eth9"), "{text}");
+        assert!(
+            text.contains(
+                r#"netwatch_packets_total{action="dropped",direction="inbound",interface="veth0",rule="udp/137"} 256"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

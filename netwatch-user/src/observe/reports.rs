@@ -7,13 +7,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::{
     datapath::PinnedMaps,
     detection::{
-        incidents::{Incident, Store},
+        incidents::{DB_FILE, Incident, Store},
         sources::{self, BlockView, Names, SourceView},
     },
 };
@@ -31,13 +31,46 @@ pub struct LookupReport {
     pub blocks: Vec<BlockView>,
 }
 
+/// The incident database of `state_dir`, opened read-only. What cannot
+/// be read is an error naming the path and why — never taken for an
+/// empty database: a directory or database the caller may not read
+/// (root-only), a state directory or database that does not exist (no
+/// `netwatch run` with this `state_dir`), a file that is not netwatch's
+/// database.
+pub fn incident_store(state_dir: &Path) -> Result<Store> {
+    let path = state_dir.join(DB_FILE);
+    let denied = |what: &Path| {
+        anyhow::anyhow!(
+            "permission denied reading {}: the incident database is readable only by the user `netwatch run` runs as (root); run this as root",
+            what.display()
+        )
+    };
+    use std::io::ErrorKind::{NotFound, PermissionDenied};
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == PermissionDenied => return Err(denied(&path)),
+        Err(e) if e.kind() == NotFound => match std::fs::metadata(state_dir) {
+            Err(e) if e.kind() == PermissionDenied => return Err(denied(state_dir)),
+            Err(e) if e.kind() == NotFound => bail!(
+                "state directory {} does not exist: no `netwatch run` has used it (set it with --state-dir, NETWATCH_STATE_DIR or state_dir in the config)",
+                state_dir.display()
+            ),
+            _ => bail!(
+                "no incident database {}: no `netwatch run` has used this state directory (set it with --state-dir, NETWATCH_STATE_DIR or state_dir in the config)",
+                path.display()
+            ),
+        },
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    Store::open_read_only(state_dir)?.with_context(|| format!("no incident database {}", path.display()))
+}
+
 /// `maps` is `None` when the pins are gone (after `detach`): incidents
 /// still answer.
 pub fn lookup_report(maps: Option<&PinnedMaps>, state_dir: &Path, ip: IpAddr) -> Result<LookupReport> {
-    let incidents = match Store::open_read_only(state_dir)? {
-        Some(store) => store.by_source(ip)?,
-        None => Vec::new(),
-    };
+    let incidents = incident_store(state_dir)?
+        .by_source(ip)
+        .with_context(|| format!("reading incidents from {}", state_dir.join(DB_FILE).display()))?;
     let (tracked, blocks) = match maps {
         Some(maps) => {
             let names = Names::read(maps)?;
@@ -63,14 +96,13 @@ pub struct IncidentsReport {
     pub incidents: Vec<Incident>,
 }
 
-/// Incidents last seen within `since` (all without it), newest first; no
-/// database yet means none.
+/// Incidents last seen within `since` (all without it), newest first; a
+/// database that cannot be read is an error (see [`incident_store`]).
 pub fn incidents_report(state_dir: &Path, since: Option<Duration>) -> Result<IncidentsReport> {
     let cutoff = since.map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH));
-    let incidents = match Store::open_read_only(state_dir)? {
-        Some(store) => store.seen_since(cutoff)?,
-        None => Vec::new(),
-    };
+    let incidents = incident_store(state_dir)?
+        .seen_since(cutoff)
+        .with_context(|| format!("reading incidents from {}", state_dir.join(DB_FILE).display()))?;
     Ok(IncidentsReport { incidents })
 }
 

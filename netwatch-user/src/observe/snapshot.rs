@@ -43,8 +43,15 @@ pub struct ListView {
 pub struct DetectionStats {
     /// New (source, rule, direction, kind) records created.
     pub sources_created: u64,
-    /// Flag events the ring buffer had no room for.
+    /// Flag events not delivered (both causes).
     pub events_lost: u64,
+    /// Of those: over the per-CPU budget, and no room in the ring buffer
+    /// (since the pins got the `EVENT_LOSSES` map; losses counted by an
+    /// earlier version are in neither).
+    #[serde(skip)]
+    pub events_lost_rate_limited: u64,
+    #[serde(skip)]
+    pub events_lost_ring_full: u64,
     /// Auto-blocks set by the kernel so far.
     pub auto_blocks: u64,
     /// Auto-blocks in force now (entries of `AUTO_BLOCKS` not expired).
@@ -70,7 +77,7 @@ pub struct FlagCount {
     pub flagged: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct InterfaceState {
     pub name: String,
     pub role: &'static str,
@@ -80,6 +87,10 @@ pub struct InterfaceState {
     pub tc_egress: bool,
     /// How TC egress is attached: `tcx`, `netlink` or `null` when it is not.
     pub tc_egress_mode: Option<&'static str>,
+    /// The hooks the running controller's configuration asks for
+    /// (`ATTACHED_XDP`, `ATTACHED_TC`); 0 once dropped from it.
+    #[serde(skip)]
+    pub configured: u8,
     #[serde(skip)]
     pub slot: u32,
 }
@@ -98,7 +109,7 @@ pub struct RuleState {
     pub slot: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RuleCounter {
     pub interface: String,
     pub direction: &'static str,
@@ -158,6 +169,7 @@ impl Snapshot {
                         "tcx"
                     },
                 ),
+                configured: info.configured,
                 slot,
             })
             .collect();
@@ -226,6 +238,8 @@ impl Snapshot {
         };
         let stats = maps.per_cpu_array::<u64>(maps::STATS)?;
         let stat = |index| -> Result<u64> { Ok(stats.get(&index, 0)?.iter().sum()) };
+        let losses = maps.per_cpu_array::<u64>(maps::EVENT_LOSSES)?;
+        let loss = |index| -> Result<u64> { Ok(losses.get(&index, 0)?.iter().sum()) };
         let flag_map = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
         let mut flagged = Vec::new();
         for rule in &rules {
@@ -266,6 +280,8 @@ impl Snapshot {
         let detection = DetectionStats {
             sources_created: stat(STAT_SOURCES_CREATED)?,
             events_lost: stat(STAT_EVENTS_LOST)?,
+            events_lost_rate_limited: loss(netwatch_common::EVENT_LOSS_RATE_LIMITED)?,
+            events_lost_ring_full: loss(netwatch_common::EVENT_LOSS_RING_FULL)?,
             auto_blocks: stat(STAT_AUTO_BLOCKED)?,
             auto_blocks_in_force: crate::detection::sources::blocks_in_force(maps)?,
             auto_blocks_capped: stat(STAT_AUTO_BLOCKS_CAPPED)?,
