@@ -792,6 +792,7 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     let events = h.events();
     assert_eq!(events.len(), 1);
     detector.on_event(&events[0]).unwrap();
+    detector.flush().unwrap();
     let packets = || {
         let store = netwatch_user::detection::incidents::Store::open_read_only(&state)
             .unwrap()
@@ -805,6 +806,7 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     pin_to_cpu(0);
     h.run_repeat(Hook::Xdp(Inbound), &repeat, 20);
     detector.refresh().unwrap();
+    detector.flush().unwrap();
     assert_eq!(packets(), 33, "the refresh misses the repeats pending on CPU 0");
     assert_eq!(h.tracked(IpAddr::from(SCANNER))[0].packets, 33);
     let _ = std::fs::remove_dir_all(&state);
