@@ -1011,3 +1011,65 @@ fn top_counts_what_the_flood_memo_holds() {
         "{top:#}"
     );
 }
+
+/// `--log-format json`: every line the controller logs is a JSON object,
+/// and a flag's carries the source, rule, direction and incident id as
+/// fields (what fail2ban, CrowdSec or Loki match on). And `lookup`, right
+/// after the sweep, shows the open incident with the kernel's live counts
+/// (not what the flag event said a sweep ago).
+#[test]
+fn json_logs_carry_flags_and_lookup_shows_live_counts() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = TempDir::new("state");
+    let nw = Netwatch::start_with_state(
+        &lab.victim,
+        &pins,
+        &state,
+        &["--iface", VICTIM_IF, "--log-format", "json"],
+    );
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    let report = nw.wait_for_incident(SCANNER_IP);
+    let incident = incidents(&report)
+        .iter()
+        .find(|i| i["rule"] == "udp/137")
+        .expect("the udp/137 incident")
+        .clone();
+    let tracked = report["tracked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["rule"] == "udp/137")
+        .expect("the kernel's udp/137 record")
+        .clone();
+    assert!(tracked["distinct_destinations"].as_u64().unwrap() > 200, "{tracked:#}");
+    assert_eq!(
+        (&incident["distinct_destinations"], &incident["packets"]),
+        (&tracked["distinct_destinations"], &tracked["packets"]),
+        "lookup shows the open incident behind the kernel's record:\n{report:#}"
+    );
+
+    let flag_line = || {
+        nw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["event"] == "flag" && l["rule"] == "udp/137")
+    };
+    assert!(
+        eventually(true, Duration::from_secs(10), || flag_line().is_some()),
+        "no JSON flag line:\n{}",
+        nw.log()
+    );
+    let line = flag_line().unwrap();
+    assert_eq!(line["source"], SCANNER_IP, "{line}");
+    assert_eq!(line["direction"], "inbound", "{line}");
+    assert_eq!(line["interface"], VICTIM_IF, "{line}");
+    assert_eq!(line["level"], "info", "{line}");
+    assert_eq!(line["incident"], incident["id"], "{line}");
+    assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
+    for l in nw.log().lines().filter(|l| !l.trim().is_empty()) {
+        let json: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(json["message"].is_string(), "{l}");
+    }
+}
