@@ -451,16 +451,17 @@ impl Store {
     /// fsync of the WAL, instead of one per observation).
     pub fn batch<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(self) {
-            Ok(v) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(v)
-            }
-            Err(err) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(err)
-            }
+        let result = f(self).and_then(|v| {
+            self.conn.execute_batch("COMMIT")?;
+            Ok(v)
+        });
+        // A failed write or commit (a full disk) must not leave the
+        // transaction open for the next batch (SQLite may have rolled it
+        // back already: then this is a no-op error).
+        if result.is_err() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
         }
+        result
     }
 
     /// Deletes incidents last seen before `cutoff`, in chunks (so readers
