@@ -1073,3 +1073,34 @@ fn json_logs_carry_flags_and_lookup_shows_live_counts() {
         assert!(json["message"].is_string(), "{l}");
     }
 }
+
+/// `log_format = "json"` in the config file turns the log into JSON lines
+/// too, and `--log-format text` on the command line overrides it.
+#[test]
+fn log_format_from_the_config_file_and_the_flag_over_it() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = TempDir::new("cfg");
+    let config = dir.join("netwatch.toml");
+    std::fs::write(&config, "log_format = \"json\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF, "--config", config]);
+    let log = nw.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let json: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert_eq!(json["level"], "info", "{l}");
+    }
+    drop(nw);
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", VICTIM_IF, "--config", config, "--log-format", "text"],
+    );
+    let log = nw.log();
+    assert!(
+        log.lines().any(|l| l.starts_with('[') && l.contains("INFO")),
+        "not text:\n{log}"
+    );
+}
