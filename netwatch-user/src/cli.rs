@@ -24,6 +24,11 @@ pub struct Cli {
     /// here is an error. [default: /etc/netwatch/netwatch.toml]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log lines as `text` or as `json` (one object per line; a flag's
+    /// carries `source`, `rule`, `direction` and `incident`). [default:
+    /// `log_format` of the config file, else text]
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::observe::logging::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -50,3 +50,17 @@ pub fn unix_secs(t: SystemTime) -> i64 {
 pub fn from_unix(secs: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
+
+/// CLOCK_BOOTTIME: like CLOCK_MONOTONIC, but it keeps counting through a
+/// suspend, and never steps.
+pub fn boottime() -> Duration {
+    clock(libc::CLOCK_BOOTTIME)
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): boot-time stamps
+/// compare only within one boot.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

@@ -138,6 +138,13 @@ pub struct ConfigFile {
     /// How TC egress attaches: `auto` (TCX where the kernel has it, else
     /// netlink), `tcx` or `netlink`.
     pub tc_attach: Option<TcAttach>,
+    /// Incidents last seen more than this many days ago are deleted.
+    pub incident_retention_days: Option<i64>,
+    /// New incidents per rule and direction in one minute before further
+    /// sources are counted into one summary incident (a spoofed flood).
+    pub incidents_per_minute: Option<i64>,
+    /// `text` or `json` log lines.
+    pub log_format: Option<crate::observe::logging::LogFormat>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +212,10 @@ pub struct RunConfig {
     pub tc_attach: TcAttach,
     pub policy: Policy,
     pub keep_attached: bool,
+    /// `incident_retention_days`.
+    pub incident_retention: std::time::Duration,
+    /// `incidents_per_minute`.
+    pub incidents_per_minute: u32,
 }
 
 impl RunConfig {
@@ -327,7 +338,19 @@ impl RunConfig {
             .clone()
             .or_else(|| file.state_dir.clone())
             .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let retention_days = match file.incident_retention_days {
+            None => crate::detection::incidents::DEFAULT_RETENTION_DAYS,
+            Some(d) if (1..=36500).contains(&d) => d as u32,
+            Some(d) => bail!("incident_retention_days = {d}: give a number of days from 1 to 36500"),
+        };
+        let incidents_per_minute = match file.incidents_per_minute {
+            None => crate::detection::incidents::AGGREGATE_AFTER,
+            Some(n) if (1..=1_000_000).contains(&n) => n as u32,
+            Some(n) => bail!("incidents_per_minute = {n}: give a number from 1 to 1000000"),
+        };
         Ok(RunConfig {
+            incident_retention: std::time::Duration::from_secs(retention_days as u64 * 86400),
+            incidents_per_minute,
             metrics_addr,
             pin_dir,
             state_dir,
@@ -403,6 +426,34 @@ mod tests {
             assert!(err.contains("line 1"), "{err}");
         }
         std::fs::remove_dir_all(broken.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn incident_retention_and_summaries_have_defaults_and_errors_name_the_setting() {
+        let config = RunConfig::build(None, &Overrides::default()).unwrap();
+        assert_eq!(config.incident_retention.as_secs(), 90 * 86400);
+        assert_eq!(config.incidents_per_minute, 60);
+        let file = ConfigFile::parse("incident_retention_days = 7\nincidents_per_minute = 500\n").unwrap();
+        let config = RunConfig::build(Some(&file), &Overrides::default()).unwrap();
+        assert_eq!(config.incident_retention.as_secs(), 7 * 86400);
+        assert_eq!(config.incidents_per_minute, 500);
+        for (text, key) in [
+            ("incident_retention_days = 0\n", "incident_retention_days"),
+            ("incidents_per_minute = -1\n", "incidents_per_minute"),
+        ] {
+            let file = ConfigFile::parse(text).unwrap();
+            let err = format!(
+                "{:#}",
+                RunConfig::build(Some(&file), &Overrides::default()).unwrap_err()
+            );
+            assert!(err.contains(key), "{err}");
+        }
+        let err = ConfigFile::parse("log_format = \"xml\"\n").unwrap_err().to_string();
+        assert!(err.contains("log_format"), "{err}");
+        assert_eq!(
+            ConfigFile::parse("log_format = \"json\"\n").unwrap().log_format,
+            Some(crate::observe::logging::LogFormat::Json)
+        );
     }
 
     #[test]

@@ -795,6 +795,7 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     let events = h.events();
     assert_eq!(events.len(), 1);
     detector.on_event(&events[0]).unwrap();
+    detector.flush().unwrap();
     let packets = || {
         let store = netwatch_user::detection::incidents::Store::open_read_only(&state)
             .unwrap()
@@ -808,7 +809,113 @@ fn incidents_include_repeats_pending_in_another_cpus_memo() {
     pin_to_cpu(0);
     h.run_repeat(Hook::Xdp(Inbound), &repeat, 20);
     detector.refresh().unwrap();
+    detector.flush().unwrap();
     assert_eq!(packets(), 33, "the refresh misses the repeats pending on CPU 0");
     assert_eq!(h.tracked(IpAddr::from(SCANNER))[0].packets, 33);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Benchmark (ignored; `cargo xtask test -- --run-ignored only
+/// a_million_spoofed_flags`, figures in BENCHMARKS.md): a million flag
+/// events of distinct spoofed IPv6 sources fed straight into the detector
+/// (the event a real flag produced, with its source rewritten), as fast
+/// as it takes them, with the default summaries and with summaries off
+/// (`incidents_per_minute` past the flood: one row per source, as before).
+/// Prints the database size, the rows, the feed rate, and the latency of
+/// rendering `/metrics` (the handler's work: the registry read from the
+/// maps) from another thread while the writer thread works and after.
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn a_million_spoofed_flags() {
+    require_privileged!();
+    use std::time::Instant;
+    const FLAGS: u32 = 1_000_000;
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 3, 300, None)]));
+    for i in 0..3 {
+        probe(&h, SCANNER, i);
+    }
+    let template = h.events()[0];
+    for (label, summary_after) in [
+        (
+            "summaries (default)",
+            netwatch_user::detection::incidents::AGGREGATE_AFTER,
+        ),
+        ("summaries off", FLAGS),
+    ] {
+        let state = std::env::temp_dir().join(netwatch_tests::unique("bench-state"));
+        let options = netwatch_user::detection::detector::Options {
+            summary_after,
+            ..Default::default()
+        };
+        let mut detector = netwatch_user::detection::detector::Detector::open_with(&h.maps, &state, options).unwrap();
+        let metrics = std::sync::Arc::new(
+            netwatch_user::observe::metrics::Metrics::new(h.maps.clone(), Default::default()).unwrap(),
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let scraper = {
+            let (metrics, stop) = (metrics.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut times = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    metrics.render().unwrap();
+                    times.push(t.elapsed());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                times
+            })
+        };
+        let start = Instant::now();
+        for i in 0..FLAGS {
+            let mut event = template;
+            event.key.family = 6;
+            event.key.addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0, 0, 0, (i >> 16) as u16, i as u16).octets();
+            detector.on_event(&event).unwrap();
+        }
+        let fed = start.elapsed();
+        detector.flush().unwrap();
+        let written = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut during = scraper.join().unwrap();
+        let mut after: Vec<Duration> = (0..50)
+            .map(|_| {
+                let t = Instant::now();
+                metrics.render().unwrap();
+                t.elapsed()
+            })
+            .collect();
+        drop(detector);
+        let size: u64 = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let store = netwatch_user::detection::incidents::Store::open_read_only(&state)
+            .unwrap()
+            .unwrap();
+        let rows = store.count().unwrap();
+        let t = Instant::now();
+        let recent = store.recent(100).unwrap();
+        let recent_ms = t.elapsed().as_secs_f64() * 1e3;
+        assert!(!recent.is_empty());
+        let pct = |v: &mut Vec<Duration>, p: f64| {
+            v.sort();
+            v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3
+        };
+        eprintln!(
+            "{label}: {FLAGS} flags fed in {:.1} s, written in {:.1} s ({:.0} flags/s); {rows} rows, {size} bytes on disk; \
+             /metrics render while writing p50 {:.2} ms p99 {:.2} ms max {:.2} ms ({} renders); after p50 {:.2} ms \
+             max {:.2} ms; /api/incidents?limit=100 query {recent_ms:.2} ms",
+            fed.as_secs_f64(),
+            written.as_secs_f64(),
+            FLAGS as f64 / written.as_secs_f64(),
+            pct(&mut during, 0.5),
+            pct(&mut during, 0.99),
+            pct(&mut during, 1.0),
+            during.len(),
+            pct(&mut after, 0.5),
+            pct(&mut after, 1.0),
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&state);
+    }
 }

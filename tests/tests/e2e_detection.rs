@@ -1007,3 +1007,96 @@ fn top_counts_what_the_flood_memo_holds() {
         "{top:#}"
     );
 }
+
+/// `--log-format json`: every line the controller logs is a JSON object,
+/// and a flag's carries the source, rule, direction and incident id as
+/// fields (what fail2ban, CrowdSec or Loki match on). And `lookup`, right
+/// after the sweep, shows the open incident with the kernel's live counts
+/// (not what the flag event said a sweep ago).
+#[test]
+fn json_logs_carry_flags_and_lookup_shows_live_counts() {
+    require_privileged!();
+    let lab = Lab::new();
+    let pins = pin_dir();
+    let state = TempDir::new("state");
+    let nw = Netwatch::start_with_state(
+        &lab.victim,
+        &pins,
+        &state,
+        &["--iface", VICTIM_IF, "--log-format", "json"],
+    );
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    let report = nw.wait_for_incident(SCANNER_IP);
+    let incident = incidents(&report)
+        .iter()
+        .find(|i| i["rule"] == "udp/137")
+        .expect("the udp/137 incident")
+        .clone();
+    let tracked = report["tracked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["rule"] == "udp/137")
+        .expect("the kernel's udp/137 record")
+        .clone();
+    assert!(tracked["distinct_destinations"].as_u64().unwrap() > 200, "{tracked:#}");
+    assert_eq!(
+        (&incident["distinct_destinations"], &incident["packets"]),
+        (&tracked["distinct_destinations"], &tracked["packets"]),
+        "lookup shows the open incident behind the kernel's record:\n{report:#}"
+    );
+
+    let flag_line = || {
+        nw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["event"] == "flag" && l["rule"] == "udp/137")
+    };
+    assert!(
+        eventually(true, Duration::from_secs(10), || flag_line().is_some()),
+        "no JSON flag line:\n{}",
+        nw.log()
+    );
+    let line = flag_line().unwrap();
+    assert_eq!(line["source"], SCANNER_IP, "{line}");
+    assert_eq!(line["direction"], "inbound", "{line}");
+    assert_eq!(line["interface"], VICTIM_IF, "{line}");
+    assert_eq!(line["level"], "info", "{line}");
+    assert_eq!(line["incident"], incident["id"], "{line}");
+    assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
+    for l in nw.log().lines().filter(|l| !l.trim().is_empty()) {
+        let json: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(json["message"].is_string(), "{l}");
+    }
+}
+
+/// `log_format = "json"` in the config file turns the log into JSON lines
+/// too, and `--log-format text` on the command line overrides it.
+#[test]
+fn log_format_from_the_config_file_and_the_flag_over_it() {
+    require_privileged!();
+    let lab = Lab::new();
+    let dir = TempDir::new("cfg");
+    let config = dir.join("netwatch.toml");
+    std::fs::write(&config, "log_format = \"json\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF, "--config", config]);
+    let log = nw.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let json: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert_eq!(json["level"], "info", "{l}");
+    }
+    drop(nw);
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", VICTIM_IF, "--config", config, "--log-format", "text"],
+    );
+    let log = nw.log();
+    assert!(
+        log.lines().any(|l| l.starts_with('[') && l.contains("INFO")),
+        "not text:\n{log}"
+    );
+}

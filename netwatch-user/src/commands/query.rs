@@ -66,10 +66,10 @@ fn describe_incident(i: &Incident) -> String {
         (true, Some(t)) => format!(", blocked until {}", rfc3339(t)),
         _ => String::new(),
     };
-    let recovered = if i.recovered {
-        " (recovered: its flag event was lost)"
-    } else {
-        ""
+    let recovered = match (i.summary_sources, i.recovered) {
+        (Some(n), _) => format!(" (summary of {n} sources: a flood of new sources)"),
+        (None, true) => " (recovered: its flag event was lost)".to_string(),
+        (None, false) => String::new(),
     };
     format!(
         "#{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",

@@ -215,8 +215,19 @@ async fn serve_until_signal(
 ) -> Result<RunConfig> {
     let maps = datapath.maps();
     // The configuration in force when the loop ends.
-    let mut detector = Detector::open(maps, &config.state_dir)?;
     let stats = Arc::new(ControllerStats::default());
+    let mut detector = {
+        let stats = stats.clone();
+        Detector::open_with(
+            maps,
+            &config.state_dir,
+            crate::detection::detector::Options {
+                retention: config.incident_retention,
+                summary_after: config.incidents_per_minute,
+                on_error: Arc::new(move || stats.incident_error()),
+            },
+        )?
+    };
     let state = AppState::new(
         maps.clone(),
         config.state_dir.clone(),
@@ -327,7 +338,7 @@ async fn serve_until_signal(
                         match detector.recover(&census.flagged) {
                             Ok(0) => {}
                             Ok(n) => info!(
-                                "recorded {n} flagged sources whose events were lost as recovered incidents{}",
+                                "{n} flagged sources without an incident (their events were lost) go to the incident writer{}",
                                 if census.more_flagged > 0 {
                                     format!(" ({} more flagged records left for the next walks)", census.more_flagged)
                                 } else {

@@ -5,18 +5,22 @@
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use log::{info, warn};
+use log::{error, info, warn};
 use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, estimate_distinct};
 
 use crate::{
-    clock::{boot_secs, to_system},
+    clock::boot_secs,
     datapath::PinnedMaps,
-    detection::incidents::{Classification, Observation, Seen, Store},
+    detection::incidents::{
+        AGGREGATE_AFTER, Classification, Clock as _, DEFAULT_RETENTION_DAYS, Observation, Recorded, Seen, Stamp, Store,
+        SystemClock,
+    },
     detection::sources::{self, Names, Pending, addr_of, classification_of, key_for},
 };
 
@@ -30,8 +34,33 @@ const MAX_FOLLOWED: usize = 10_000;
 /// the kernel keeps the records).
 pub const MAX_RECOVERED_PER_WALK: usize = 10_000;
 
+/// How the detector keeps its incident database.
+#[derive(Clone)]
+pub struct Options {
+    /// Incidents last seen longer ago are deleted (hourly).
+    pub retention: Duration,
+    /// New incidents per rule and direction in a minute before further
+    /// sources go into a summary incident.
+    pub summary_after: u32,
+    /// Called on every failed write (the controller's error counter).
+    pub on_error: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            retention: Duration::from_secs(DEFAULT_RETENTION_DAYS as u64 * 86400),
+            summary_after: AGGREGATE_AFTER,
+            on_error: Arc::new(|| {}),
+        }
+    }
+}
+
 pub struct Detector {
-    store: Store,
+    writer: Writer,
+    /// Sources counted into summary incidents (a flood): neither followed
+    /// nor recovered one by one. Bounded: cleared when full.
+    summarised: Arc<Mutex<HashSet<SourceKey>>>,
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
     memos: PerCpuArray<MapData, FloodCache>,
     blocks: BpfHashMap<MapData, SourceKey, u32>,
@@ -44,10 +73,18 @@ pub struct Detector {
 
 impl Detector {
     pub fn open(maps: &PinnedMaps, state_dir: &Path) -> Result<Self> {
-        let store = Store::open(state_dir)?;
+        Self::open_with(maps, state_dir, Options::default())
+    }
+
+    pub fn open_with(maps: &PinnedMaps, state_dir: &Path, options: Options) -> Result<Self> {
+        let mut store = Store::open(state_dir)?;
+        store.set_summary_after(options.summary_after);
+        let recent = store.recent(MAX_FOLLOWED)?;
         let names = Names::read(maps)?;
+        let summarised = Arc::new(Mutex::new(HashSet::new()));
         let mut detector = Detector {
-            store,
+            writer: Writer::start(store, options, summarised.clone())?,
+            summarised,
             sources: sources::sources_map(maps)?,
             memos: sources::memo_map(maps)?,
             blocks: sources::blocks_map(maps)?,
@@ -55,14 +92,17 @@ impl Detector {
             names,
             followed: HashMap::new(),
         };
-        detector.follow_open_incidents()?;
+        detector.follow_open_incidents(recent);
         Ok(detector)
     }
 
     /// After a restart, keep following the incidents that are still open.
-    fn follow_open_incidents(&mut self) -> Result<()> {
-        let now = std::time::SystemTime::now();
-        for incident in self.store.recent(MAX_FOLLOWED)? {
+    fn follow_open_incidents(&mut self, recent: Vec<crate::detection::incidents::Incident>) {
+        let now = SystemTime::now();
+        for incident in recent {
+            if incident.summary_sources.is_some() {
+                continue;
+            }
             if now.duration_since(incident.last_seen).unwrap_or_default() > REOPEN_AFTER {
                 continue;
             }
@@ -80,13 +120,25 @@ impl Detector {
                     .insert(key_for(incident.source, rule, direction, kind), Instant::now());
             }
         }
-        Ok(())
     }
 
     /// What the kernel's record says; `blocked_until`: the source's
     /// auto-block, if any.
+    ///
+    /// The wall time is taken once, now (`at`): the kernel's stamps
+    /// (CLOCK_MONOTONIC seconds) become wall times by their age now, which
+    /// a later suspend or clock step cannot change.
     fn observation(&self, seen: Seen, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> Observation {
         let now = boot_secs();
+        let at = Stamp::now(&SystemClock);
+        let wall = |stamp: u32| -> SystemTime {
+            let (now, stamp) = (now as u64, stamp as u64);
+            if stamp <= now {
+                at.wall.checked_sub(Duration::from_secs(now - stamp)).unwrap_or(at.wall)
+            } else {
+                at.wall + Duration::from_secs(stamp - now)
+            }
+        };
         Observation {
             seen,
             source: addr_of(key),
@@ -99,11 +151,12 @@ impl Detector {
             .to_string(),
             interface: self.names.iface(state.iface as u32),
             classification: classification_of(key.kind),
-            first_seen: to_system(state.first_seen),
-            last_seen: to_system(state.last_seen),
+            first_seen: wall(state.first_seen),
+            last_seen: wall(state.last_seen),
             packets: state.packets,
             distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
-            blocked_until: blocked_until.filter(|t| *t > now).map(to_system),
+            blocked_until: blocked_until.filter(|t| *t > now).map(wall),
+            at,
         }
     }
 
@@ -129,30 +182,34 @@ impl Detector {
         let obs = self.observation(Seen::Flag, &event.key, &state, Some(event.blocked_until));
         // Follow first: if the write fails (a full disk), the refresh
         // retries it from the kernel's record, so the incident is not lost.
-        self.follow(event.key);
-        let id = self.store.record(&obs, REOPEN_AFTER)?;
-        info!(
-            "flagged {} ({} {} {} on {}): {} distinct destinations, {} packets{} — incident #{id}",
-            obs.source,
-            obs.classification.label(),
-            obs.rule,
-            obs.direction,
-            obs.interface,
-            obs.distinct_destinations,
-            obs.packets,
-            obs.blocked_until
-                .map(|t| format!(", auto-blocked until {}", crate::clock::rfc3339(t)))
-                .unwrap_or_default()
-        );
-        Ok(())
+        if !self.is_summarised(&event.key) {
+            self.follow(event.key);
+        }
+        // The writer thread records it (off the async runtime, batched)
+        // and logs the flag with its incident once the write is done.
+        self.writer.send(Op::Flag(event.key, Box::new(obs)))
     }
 
+    fn is_summarised(&self, key: &SourceKey) -> bool {
+        self.summarised.lock().map(|s| s.contains(key)).unwrap_or(false)
+    }
+
+    /// Waits until everything sent so far is written.
+    pub fn flush(&self) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.writer.send(Op::Flush(tx))?;
+        rx.recv().map_err(|_| anyhow::anyhow!("the incident writer stopped"))
+    }
+
+    /// Follows `key` while there is room. When full (a flood of spoofed
+    /// sources), new keys are not followed: evicting the oldest would cost
+    /// a scan of the whole set per flag, and their incidents are still
+    /// written from the flag, and shown with the kernel's live counts by
+    /// `lookup` (see [`crate::observe::reports::merge_live`]); quiet ones
+    /// make room on the next refresh.
     fn follow(&mut self, key: SourceKey) {
-        self.followed.insert(key, Instant::now());
-        if self.followed.len() > MAX_FOLLOWED
-            && let Some(oldest) = self.followed.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k)
-        {
-            self.followed.remove(&oldest);
+        if self.followed.len() < MAX_FOLLOWED || self.followed.contains_key(&key) {
+            self.followed.insert(key, Instant::now());
         }
     }
 
@@ -169,16 +226,19 @@ impl Detector {
         let mut quiet = Vec::new();
         let keys: Vec<SourceKey> = self.followed.keys().copied().collect();
         let pending = Pending::read(&self.memos)?;
-        let mut failed = None;
+        let mut observations = Vec::new();
         for key in keys {
+            if self.is_summarised(&key) {
+                quiet.push(key);
+                continue;
+            }
             match self.sources.get(&key, 0) {
                 Ok(mut state) => {
                     pending.add_to(&key, &mut state);
-                    let obs = self.observation(Seen::Refresh, &key, &state, self.blocks.get(&key, 0).ok());
-                    if let Err(err) = self.store.record(&obs, REOPEN_AFTER) {
-                        failed.get_or_insert(err);
-                        continue;
-                    }
+                    observations.push((
+                        key,
+                        self.observation(Seen::Refresh, &key, &state, self.blocks.get(&key, 0).ok()),
+                    ));
                     if boot_secs().saturating_sub(state.last_seen) as u64 > REOPEN_AFTER.as_secs() {
                         quiet.push(key);
                     }
@@ -190,13 +250,17 @@ impl Detector {
         for key in quiet {
             self.followed.remove(&key);
         }
-        failed.map_or(Ok(()), Err)
+        self.writer.send(Op::Refresh(observations))
     }
 
     /// Keys of the incidents followed: the walk of the source map skips
     /// them (see [`Detector::recover`]).
     pub fn followed_keys(&self) -> HashSet<SourceKey> {
-        self.followed.keys().copied().collect()
+        let mut keys: HashSet<SourceKey> = self.followed.keys().copied().collect();
+        if let Ok(summarised) = self.summarised.lock() {
+            keys.extend(summarised.iter().copied());
+        }
+        keys
     }
 
     /// Records flagged sources (from a walk of the source map, see
@@ -212,17 +276,23 @@ impl Detector {
         }
         let pending = Pending::read(&self.memos)?;
         let mut keys = Vec::new();
-        let observations: Vec<Observation> = flagged
+        let observations: Vec<(SourceKey, Observation)> = flagged
             .iter()
-            .filter(|(key, _)| !self.followed.contains_key(key))
+            .filter(|(key, _)| !self.followed.contains_key(key) && !self.is_summarised(key))
             .map(|(key, state)| {
                 let mut state = *state;
                 pending.add_to(key, &mut state);
                 keys.push(*key);
-                self.observation(Seen::Recovered, key, &state, self.blocks.get(key, 0).ok())
+                (
+                    *key,
+                    self.observation(Seen::Recovered, key, &state, self.blocks.get(key, 0).ok()),
+                )
             })
             .collect();
-        let n = self.store.record_new(&observations, REOPEN_AFTER)?;
+        let n = observations.len();
+        if n > 0 {
+            self.writer.send(Op::Recovered(observations))?;
+        }
         // Follow them while there is room (the followed set is for open
         // incidents that flag events opened first).
         for key in keys {
@@ -232,6 +302,152 @@ impl Detector {
             self.followed.insert(key, Instant::now());
         }
         Ok(n)
+    }
+}
+
+/// Sources remembered as summarised at most (then the set starts afresh:
+/// a source forgotten is at worst counted into a summary once more).
+const MAX_SUMMARISED: usize = 200_000;
+
+/// Work for the writer thread.
+enum Op {
+    Flag(SourceKey, Box<Observation>),
+    Refresh(Vec<(SourceKey, Observation)>),
+    Recovered(Vec<(SourceKey, Observation)>),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Operations written per transaction at most.
+const BATCH: usize = 4096;
+/// How often incidents past their retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The thread that owns the writable database: the async runtime (and
+/// with it the HTTP endpoint) never waits for the disk. It takes what
+/// has queued up in one transaction.
+struct Writer {
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(mut store: Store, options: Options, summarised: Arc<Mutex<HashSet<SourceKey>>>) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Op>();
+        let thread = std::thread::Builder::new()
+            .name("incident-writer".into())
+            .spawn(move || {
+                let clock = SystemClock;
+                let mut pruned: Option<Instant> = None;
+                while let Ok(first) = rx.recv() {
+                    if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                        pruned = Some(Instant::now());
+                        let cutoff = clock.wall().checked_sub(options.retention);
+                        match cutoff.map(|c| store.prune(c)).transpose() {
+                            Ok(Some(n)) if n > 0 => info!(
+                                "deleted {n} incidents last seen more than {} days ago (incident_retention_days)",
+                                options.retention.as_secs() / 86400
+                            ),
+                            Ok(_) => {}
+                            Err(err) => {
+                                (options.on_error)();
+                                error!("deleting incidents past their retention failed: {err:#}");
+                            }
+                        }
+                    }
+                    let mut ops = vec![first];
+                    while ops.len() < BATCH
+                        && let Ok(op) = rx.try_recv()
+                    {
+                        ops.push(op);
+                    }
+                    let mut flags = Vec::new();
+                    let mut recovered = 0;
+                    let mut done = Vec::new();
+                    let written = store.batch(|store| {
+                        for op in ops {
+                            match op {
+                                Op::Flag(key, obs) => {
+                                    let r = store.record(&obs, REOPEN_AFTER)?;
+                                    note_summarised(&summarised, key, r);
+                                    flags.push((*obs, r));
+                                }
+                                Op::Refresh(list) => {
+                                    for (key, obs) in list {
+                                        // Counted into a summary since it was sent.
+                                        if summarised.lock().is_ok_and(|s| s.contains(&key)) {
+                                            continue;
+                                        }
+                                        let r = store.record(&obs, REOPEN_AFTER)?;
+                                        note_summarised(&summarised, key, r);
+                                    }
+                                }
+                                Op::Recovered(list) => {
+                                    for (key, obs) in list {
+                                        if let Some(r) = store.record_new_one(&obs, REOPEN_AFTER)? {
+                                            note_summarised(&summarised, key, r);
+                                            recovered += 1;
+                                        }
+                                    }
+                                }
+                                Op::Flush(reply) => done.push(reply),
+                            }
+                        }
+                        Ok(())
+                    });
+                    match written {
+                        Ok(()) => {
+                            for (obs, r) in &flags {
+                                crate::observe::logging::flag(obs, *r);
+                            }
+                            if recovered > 0 {
+                                info!(
+                                    "recorded {recovered} flagged sources whose events were lost as recovered incidents"
+                                );
+                            }
+                        }
+                        Err(err) => {
+                            (options.on_error)();
+                            error!(
+                                "recording incidents failed (the kernel keeps counting; retried on refresh): {err:#}"
+                            );
+                        }
+                    }
+                    for reply in done {
+                        let _ = reply.send(());
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the incident writer thread: {e}"))?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, op: Op) -> Result<()> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(op).ok())
+            .ok_or_else(|| anyhow::anyhow!("the incident writer thread stopped"))
+    }
+}
+
+impl Drop for Writer {
+    /// Writes what is queued before the controller exits.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn note_summarised(summarised: &Mutex<HashSet<SourceKey>>, key: SourceKey, r: Recorded) {
+    if let (Recorded::Summarised(_), Ok(mut set)) = (r, summarised.lock()) {
+        if set.len() >= MAX_SUMMARISED {
+            set.clear();
+        }
+        set.insert(key);
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `http`: `/metrics` and the read-only JSON API.
 
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod reports;
 pub mod snapshot;
