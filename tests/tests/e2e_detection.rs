@@ -1018,7 +1018,7 @@ fn json_logs_carry_flags_and_lookup_shows_live_counts() {
     require_privileged!();
     let lab = Lab::new();
     let pins = pin_dir();
-    let state = TempDir::new("state");
+    let state = TempDir::private("state");
     let nw = Netwatch::start_with_state(
         &lab.victim,
         &pins,

@@ -270,7 +270,9 @@ impl Store {
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening incident database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .with_context(|| format!("reading incidents from {}", path.display()))?;
         if version > SCHEMA_VERSION {
             anyhow::bail!(
                 "incident database {} has schema version {version}, newer than this netwatch knows ({SCHEMA_VERSION})",
