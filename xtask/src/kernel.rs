@@ -399,7 +399,9 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# /tmp stays on the initramfs: the checkout (and so the test binaries,
+# copied to their host paths) may itself live under /tmp.
+chmod 1777 /tmp
 mount -t tmpfs run /run
 mount -t bpf bpf /sys/fs/bpf
 release=$(uname -r)
