@@ -5,6 +5,7 @@
 use std::{
     path::PathBuf,
     process::Command,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -41,6 +42,54 @@ static BENCH_GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// The bench object: the bare `XDP_DROP` program and the generator.
 pub struct BenchObject {
     ebpf: Ebpf,
+    /// The generator's address rotation as the AF_PACKET sender keeps it
+    /// (the BPF generator keeps its own in the `GEN` map).
+    rotation: Mutex<Rotation>,
+}
+
+/// Which address the generator rewrites, through how many values, and
+/// where it is: the same state as the BPF generator's `GenState`.
+#[derive(Clone, Copy, Default)]
+struct Rotation {
+    next: u32,
+    count: u32,
+    base: u32,
+    /// 0: the source address; 1: the destination address.
+    field: u32,
+}
+
+impl Rotation {
+    /// Rewrites `frame` as the BPF generator would (same offsets: the
+    /// IPv4 address, or the low 32 bits of the IPv6 one) and advances.
+    fn apply(&mut self, frame: &mut [u8]) {
+        if self.count == 0 {
+            return;
+        }
+        let ipv6 = frame.len() >= 14 && frame[12..14] == [0x86, 0xdd];
+        let at = match (ipv6, self.field) {
+            (false, 0) => 14 + 12,
+            (false, _) => 14 + 16,
+            (true, 0) => 14 + 8 + 12,
+            (true, _) => 14 + 8 + 28,
+        };
+        if at + 4 <= frame.len() {
+            frame[at..at + 4].copy_from_slice(&self.base.wrapping_add(self.next).to_be_bytes());
+            self.next = if self.next + 1 >= self.count { 0 } else { self.next + 1 };
+        }
+    }
+}
+
+/// Whether this kernel runs XDP programs with `BPF_F_TEST_XDP_LIVE_FRAMES`
+/// (some kernels refuse the flag with EPERM even to root); learnt from
+/// the first flood.
+static LIVE_FRAMES: OnceLock<bool> = OnceLock::new();
+
+/// Whether floods come from the live-frames generator (several Mpps) or,
+/// where the kernel refuses live frames, from the AF_PACKET sender
+/// (about 1-1.5 Mpps, so a flood rate measures the sender, not the
+/// filter). `None` before the first flood.
+pub fn live_frames() -> Option<bool> {
+    LIVE_FRAMES.get().copied()
 }
 
 pub const GEN: &str = "netwatch_bench_gen";
@@ -53,7 +102,10 @@ impl BenchObject {
             let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().expect("bench program verifies");
         }
-        BenchObject { ebpf }
+        BenchObject {
+            ebpf,
+            rotation: Mutex::new(Rotation::default()),
+        }
     }
 
     pub fn drop_program(&self) -> &Xdp {
@@ -91,13 +143,50 @@ impl BenchObject {
     fn set_rotation(&mut self, field: u32, count: u32, base: u32) {
         let mut map: Array<_, [u32; 4]> = Array::try_from(self.ebpf.map_mut("GEN").unwrap()).unwrap();
         map.set(0, [0, count, base, field], 0).unwrap();
+        *self.rotation.lock().unwrap() = Rotation {
+            next: 0,
+            count,
+            base,
+            field,
+        };
     }
 
     /// Transmits `frames` copies of `frame` out of `dev` in `ns` (they
-    /// arrive at its veth peer) with the live-frames generator; returns
-    /// the wall time it took.
+    /// arrive at its veth peer), each rewritten by the address rotation;
+    /// returns the wall time it took. The live-frames generator where the
+    /// kernel allows it, else the AF_PACKET sender (see [`live_frames`]).
     pub fn flood(&self, ns: &Netns, dev: &str, frame: &[u8], frames: u32) -> Duration {
         let index = ifindex_in(ns, dev);
+        if LIVE_FRAMES.get() != Some(&false) {
+            match self.flood_live(ns, index, frame, frames) {
+                Ok(took) => {
+                    let _ = LIVE_FRAMES.set(true);
+                    return took;
+                }
+                // Refused before a single frame was run: nothing was sent.
+                Err(err) if LIVE_FRAMES.get().is_none() => {
+                    eprintln!(
+                        "traffic generator: this kernel refuses BPF_F_TEST_XDP_LIVE_FRAMES ({err}); \
+                         floods come from an AF_PACKET sender (its rate, not the filter's, bounds a flood)"
+                    );
+                    let _ = LIVE_FRAMES.set(false);
+                }
+                Err(err) => panic!("live-frames generator: {err}"),
+            }
+        }
+        // The sender runs in a thread of its own (inside `ns`): it takes
+        // the rotation along and gives it back.
+        let mut rotation = *self.rotation.lock().unwrap();
+        let (took, rotation) = ns.run(move || {
+            super::pin_to_cpu0();
+            let took = send_packets(index, frame, frames, &mut rotation);
+            (took, rotation)
+        });
+        *self.rotation.lock().unwrap() = rotation;
+        took
+    }
+
+    fn flood_live(&self, ns: &Netns, index: u32, frame: &[u8], frames: u32) -> Result<Duration, String> {
         let program: &Xdp = self.ebpf.program(GEN).unwrap().try_into().unwrap();
         ns.run(|| {
             super::pin_to_cpu0();
@@ -114,9 +203,99 @@ impl BenchObject {
                 ..Default::default()
             };
             let start = Instant::now();
-            program.test_run(opts).expect("live-frames generator");
-            start.elapsed()
+            program.test_run(opts).map_err(|e| format!("{e:?}"))?;
+            Ok(start.elapsed())
         })
+    }
+}
+
+/// Frames per `sendmmsg` call.
+const BATCH: usize = 64;
+
+/// Sends `frames` copies of `frame`, rewritten by `rotation`, out of
+/// interface `index` through an AF_PACKET socket that bypasses the qdisc
+/// (the frame goes straight to the veth's transmit, and on to its peer).
+/// Every frame is delivered: a frame the veth refuses (its peer's XDP
+/// ring full: ENOBUFS) is sent again. Bounded: panics after 120 s.
+fn send_packets(index: u32, frame: &[u8], frames: u32, rotation: &mut Rotation) -> Duration {
+    // SAFETY: plain socket calls on a socket this function owns; every
+    // pointer handed to the kernel points into live local buffers.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        assert_eq!(rc, 0, "PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let rc = libc::bind(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "binding the AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+
+        let mut bufs = vec![frame.to_vec(); BATCH];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                let mut m: libc::mmsghdr = std::mem::zeroed();
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(120);
+        let mut sent = 0u32;
+        while sent < frames {
+            let n = BATCH.min((frames - sent) as usize);
+            for buf in &mut bufs[..n] {
+                rotation.apply(buf);
+            }
+            let mut done = 0;
+            while done < n {
+                let rc = libc::sendmmsg(fd, msgs[done..].as_mut_ptr(), (n - done) as u32, 0);
+                if rc > 0 {
+                    done += rc as usize;
+                    continue;
+                }
+                let err = std::io::Error::last_os_error();
+                assert!(
+                    matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR)),
+                    "AF_PACKET send: {err}"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "AF_PACKET sender: stuck at {sent} of {frames} frames"
+                );
+                libc::sched_yield();
+            }
+            sent += n as u32;
+        }
+        libc::close(fd);
+        start.elapsed()
     }
 }
 

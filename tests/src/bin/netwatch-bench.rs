@@ -64,18 +64,34 @@ fn main() {
     }
     if want("flood") {
         println!(
-            "## 2. Flood on veth (live-frames generator on the same core, {} frames, median of {})\n",
+            "## 2. Flood on veth (traffic generator on the same core, {} frames, median of {})\n",
             size.flood_frames, size.rounds
         );
         let rows = flood::run(size);
+        let live = netwatch_tests::bench::programs::live_frames() == Some(true);
+        if live {
+            println!("Generator: the XDP live-frames generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES).\n");
+        } else {
+            println!(
+                "Generator: **AF_PACKET sender** (sendmmsg, PACKET_QDISC_BYPASS): this kernel refuses \
+                 BPF_F_TEST_XDP_LIVE_FRAMES. The sender, not the filter, bounds these rates (every lane \
+                 runs near the sender's own rate), so they compare filters only weakly and the flood goal \
+                 is not judged; the per-packet costs of part 1 are the comparison that holds.\n"
+            );
+        }
         flood::print(&rows);
         println!();
-        judged.push((
-            format!("flood: netwatch udp/137 drop >= {FLOOD_VS_BARE:.2}x bare XDP_DROP"),
-            flood::find(&rows, "netwatch enforce") / flood::find(&rows, "bare XDP_DROP"),
-            FLOOD_VS_BARE,
-            false,
-        ));
+        let ratio = flood::find(&rows, "netwatch enforce") / flood::find(&rows, "bare XDP_DROP");
+        if live {
+            judged.push((
+                format!("flood: netwatch udp/137 drop >= {FLOOD_VS_BARE:.2}x bare XDP_DROP"),
+                ratio,
+                FLOOD_VS_BARE,
+                false,
+            ));
+        } else {
+            println!("- not judged: flood netwatch udp/137 drop / bare XDP_DROP = {ratio:.2} (sender-bound)\n");
+        }
     }
     if want("scale") {
         println!("## 3-4. Controller at {} sources, time to flag\n", size.sources);
