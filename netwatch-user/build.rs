@@ -1,41 +1,9 @@
-//! Builds the eBPF crate for bpfel-unknown-none with the nightly toolchain
-//! and bpf-linker from the project's tools folder (made by
-//! `cargo xtask setup`); the object is embedded in the `netwatch` binary.
+//! Builds the eBPF crate (netwatch-ebpf) for bpfel-unknown-none; the
+//! object is embedded in the `netwatch` binary.
 
-use std::{env, path::PathBuf};
-
-use anyhow::{Context as _, anyhow};
-use aya_build::{Package, Toolchain};
+#[path = "../build-support/ebpf.rs"]
+mod ebpf;
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().context("workspace root")?;
-    let tools_bin = workspace.join(".tools/bin");
-    println!("cargo:rerun-if-changed={}", tools_bin.join("bpf-linker").display());
-    if !tools_bin.join("bpf-linker").exists() && which_bpf_linker().is_none() {
-        return Err(anyhow!(
-            "bpf-linker not found in {} nor on PATH: run `cargo xtask setup` first",
-            tools_bin.display()
-        ));
-    }
-    // The nested cargo that aya-build spawns inherits this PATH.
-    let path = env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![tools_bin];
-    paths.extend(env::split_paths(&path));
-    // SAFETY: build scripts are single-threaded at this point.
-    unsafe { env::set_var("PATH", env::join_paths(paths)?) };
-
-    let ebpf_dir = workspace.join("netwatch-ebpf");
-    let ebpf = Package {
-        name: "netwatch-ebpf",
-        root_dir: ebpf_dir.to_str().context("non-UTF-8 path")?,
-        ..Default::default()
-    };
-    aya_build::build_ebpf([ebpf], Toolchain::default())
-}
-
-fn which_bpf_linker() -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|dir| dir.join("bpf-linker"))
-        .find(|p| p.exists())
+    ebpf::build_ebpf_crate("netwatch-ebpf")
 }
