@@ -950,3 +950,184 @@ mod pod {
     unsafe impl aya::Pod for FloodCache {}
     unsafe impl aya::Pod for EventBudget {}
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{format, vec::Vec};
+
+    use super::*;
+
+    /// Every variant converts to its stored value and back, and its label
+    /// back to it; `ALL` lists the variants in discriminant order.
+    macro_rules! round_trips {
+        ($ty:ty, $raw:ty) => {
+            for (i, v) in <$ty>::ALL.into_iter().enumerate() {
+                let raw: $raw = v.into();
+                assert_eq!(raw as usize, i, "{v:?} is not at its discriminant in ALL");
+                assert_eq!(<$ty>::try_from(raw).ok(), Some(v), "{v:?} from {raw}");
+                assert_eq!(
+                    <$ty>::from_label(v.label()),
+                    Some(v),
+                    "{v:?} from {:?}",
+                    v.label()
+                );
+            }
+            assert_eq!(<$ty>::from_label("no such label"), None);
+        };
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        round_trips!(LinkKind, u32);
+        round_trips!(Direction, u8);
+        round_trips!(Outcome, u32);
+        round_trips!(Protocol, u8);
+        round_trips!(Action, u8);
+        round_trips!(Role, u32);
+        round_trips!(Mode, u32);
+        round_trips!(Classification, u8);
+        for (i, class) in Class::ALL.into_iter().enumerate() {
+            assert_eq!(u32::from(class) as usize, i);
+            assert_eq!(Class::try_from(u32::from(class)), Ok(class));
+        }
+    }
+
+    /// The values the maps and the load-time constants hold, as pins of
+    /// earlier versions wrote them.
+    #[test]
+    fn stored_values_are_the_pinned_ones() {
+        let raw = |l: LinkKind| u32::from(l);
+        assert_eq!((raw(LinkKind::Ethernet), raw(LinkKind::Ip)), (0, 1));
+        assert_eq!((u8::from(Direction::Inbound), u8::from(Direction::Outbound)), (0, 1));
+        assert_eq!((u32::from(Outcome::Passed), u32::from(Outcome::Dropped)), (0, 1));
+        assert_eq!((u8::from(Protocol::Udp), u8::from(Protocol::Tcp)), (0, 1));
+        assert_eq!(actions(Action::Count, Action::Drop), [0, 1]);
+        assert_eq!(actions(Action::Drop, Action::Count), [1, 0]);
+        let role = |r: Role| u32::from(r);
+        assert_eq!((role(Role::Wan), role(Role::Lan), role(Role::Host)), (0, 1, 2));
+        assert_eq!((u32::from(Mode::Monitor), u32::from(Mode::Enforce)), (0, 1));
+        let key = SourceKey::new(7, Direction::Outbound, Classification::ReverseLookup);
+        assert_eq!((key.rule, key.direction, key.classification), (7, 1, 1));
+        let key = SourceKey::new(7, Direction::Inbound, Classification::Scan);
+        assert_eq!((key.direction, key.classification), (0, 0));
+        assert_eq!(u32::from(Class::Ipv6BadHeader), 14);
+
+        // The indexes, against their formulas over the raw values.
+        assert_eq!(port_rule_index(Protocol::Udp, 137), 137);
+        assert_eq!(port_rule_index(Protocol::Tcp, 5190), (1 << 16) | 5190);
+        assert_eq!(
+            rule_counter_index(3, Direction::Outbound, 5, Outcome::Dropped),
+            ((3 * 2 + 1) * MAX_RULES + 5) * 2 + 1
+        );
+        assert_eq!(rule_counter_index(0, Direction::Inbound, 0, Outcome::Passed), 0);
+        assert_eq!(
+            class_counter_index(2, Direction::Outbound, Class::Fragment),
+            (2 * 2 + 1) * CLASSES + 2
+        );
+        assert_eq!(flag_counter_index(9, Direction::Outbound), 9 * 2 + 1);
+        // The layouts the pins hold.
+        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
+        assert_eq!(core::mem::size_of::<PortRule>(), 24);
+        assert_eq!(core::mem::size_of::<RuleInfo>(), 8);
+        assert_eq!(core::mem::size_of::<IfaceInfo>(), 28);
+        assert_eq!(core::mem::size_of::<PolicySettings>(), 32);
+    }
+
+    /// A stored value no variant has reads as the documented variant for
+    /// the encodings read back from maps and load-time constants, and is
+    /// refused for those only ever written.
+    #[test]
+    fn unknown_values_give_the_documented_fallback() {
+        for raw in [2u8, 0x7f, u8::MAX] {
+            assert_eq!(Direction::from(raw), Direction::Outbound);
+            assert_eq!(Protocol::from(raw), Protocol::Udp);
+            assert_eq!(Action::from(raw), Action::Count);
+            assert_eq!(Classification::from(raw), Classification::Scan);
+        }
+        for raw in [3u32, 0x1000, u32::MAX] {
+            assert_eq!(LinkKind::from(raw), LinkKind::Ethernet);
+            assert_eq!(Role::from(raw), Role::Wan);
+            assert_eq!(Mode::from(raw), Mode::Monitor);
+            assert!(Outcome::try_from(raw).is_err());
+            assert!(Class::try_from(raw.max(CLASSES)).is_err());
+        }
+        assert_eq!(Mode::from(2), Mode::Monitor);
+        assert_eq!(LinkKind::from(2), LinkKind::Ethernet);
+        assert_eq!(
+            format!("{}", Outcome::try_from(2).unwrap_err()),
+            "No discriminant in enum `Outcome` matches the value `2`"
+        );
+        // The fallback is also each enum's `Default`.
+        assert_eq!(
+            (
+                Direction::default(),
+                Protocol::default(),
+                Action::default(),
+                Classification::default()
+            ),
+            (Direction::Outbound, Protocol::Udp, Action::Count, Classification::Scan)
+        );
+        assert_eq!(
+            (LinkKind::default(), Role::default(), Mode::default()),
+            (LinkKind::Ethernet, Role::Wan, Mode::Monitor)
+        );
+    }
+
+    /// The labels metrics, JSON, the configuration and the incident store
+    /// use.
+    #[test]
+    fn labels_are_the_documented_strings() {
+        fn labels<T: Copy>(all: &[T], label: fn(T) -> &'static str) -> Vec<&'static str> {
+            all.iter().map(|v| label(*v)).collect()
+        }
+        assert_eq!(labels(&LinkKind::ALL, LinkKind::label), ["ethernet", "ip"]);
+        assert_eq!(labels(&Direction::ALL, Direction::label), ["inbound", "outbound"]);
+        assert_eq!(labels(&Outcome::ALL, Outcome::label), ["passed", "dropped"]);
+        assert_eq!(labels(&Protocol::ALL, Protocol::label), ["udp", "tcp"]);
+        assert_eq!(labels(&Action::ALL, Action::label), ["count", "drop"]);
+        assert_eq!(labels(&Role::ALL, Role::label), ["wan", "lan", "host"]);
+        assert_eq!(labels(&Mode::ALL, Mode::label), ["monitor", "enforce"]);
+        assert_eq!(
+            labels(&Classification::ALL, Classification::label),
+            ["scan", "reverse-lookup"]
+        );
+    }
+
+    /// The typed accessors read what the plain fields hold.
+    #[test]
+    fn accessors_read_the_fields() {
+        let rule = PortRule {
+            action: actions(Action::Count, Action::Drop),
+            ..PortRule::default()
+        };
+        assert_eq!(rule.action(Direction::Inbound), Action::Count);
+        assert_eq!(rule.action(Direction::Outbound), Action::Drop);
+        let info = RuleInfo {
+            protocol: Protocol::Tcp.into(),
+            port: 445,
+            ..RuleInfo::default()
+        };
+        assert_eq!(
+            (info.protocol(), info.port_rule_index()),
+            (Protocol::Tcp, (1 << 16) | 445)
+        );
+        let iface = IfaceInfo {
+            role: Role::Lan.into(),
+            ..IfaceInfo::default()
+        };
+        assert_eq!(iface.role(), Role::Lan);
+        assert_eq!(Role::Lan.xdp_direction(), Direction::Outbound);
+        assert_eq!(Role::Host.xdp_direction(), Direction::Inbound);
+        let policy = PolicySettings {
+            mode: Mode::Enforce.into(),
+            ..PolicySettings::default()
+        };
+        assert_eq!(policy.mode(), Mode::Enforce);
+        let key = SourceKey::new(1, Direction::Inbound, Classification::ReverseLookup);
+        assert_eq!(
+            (key.direction(), key.classification()),
+            (Direction::Inbound, Classification::ReverseLookup)
+        );
+    }
+}

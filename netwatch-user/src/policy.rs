@@ -307,6 +307,43 @@ mod tests {
         format!("{:#}", r.expect_err("refused"))
     }
 
+    /// The configuration, the command line and the JSON output name each
+    /// variant by its label (netwatch-common's encodings).
+    #[test]
+    fn serde_and_clap_names_are_the_labels() {
+        use clap::ValueEnum as _;
+        fn check<T>(all: &[T], label: fn(T) -> &'static str)
+        where
+            T: Copy + fmt::Debug + PartialEq + serde::Serialize + serde::de::DeserializeOwned,
+        {
+            for v in all.iter().copied() {
+                assert_eq!(serde_json::to_value(v).unwrap(), label(v), "{v:?}");
+                let back: T = serde_json::from_value(label(v).into()).unwrap();
+                assert_eq!(back, v);
+            }
+        }
+        check(&Mode::ALL, Mode::label);
+        check(&Role::ALL, Role::label);
+        check(&Action::ALL, Action::label);
+        for c in crate::detection::incidents::Classification::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.label());
+        }
+        let names: Vec<String> = Mode::value_variants()
+            .iter()
+            .map(|m| m.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(names, ["monitor", "enforce"]);
+        assert_eq!(
+            err(parse_action("reject")),
+            "action \"reject\" is not one of count, drop"
+        );
+        assert_eq!(err(parse_protocol("icmp")), "protocol \"icmp\" is not one of udp, tcp");
+        assert_eq!(
+            err("eth0:dmz".parse::<IfaceSpec>()),
+            "interface \"eth0:dmz\": role \"dmz\" is not one of wan, lan, host"
+        );
+    }
+
     #[test]
     fn rules_read_as_the_readme_writes_them() {
         let r: Rule = "udp/137".parse().unwrap();
