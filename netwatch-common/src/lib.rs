@@ -2,7 +2,11 @@
 //!
 //! Every type that crosses the kernel/user boundary lives here, is
 //! `#[repr(C)]` and has no implicit padding, so both sides agree on the
-//! layout byte for byte. The `user` feature adds `aya::Pod` impls.
+//! layout byte for byte. Every encoding those types store as an integer
+//! (direction, outcome, protocol, action, role, mode, link kind,
+//! classification) is one enum here, with num_enum's conversions and one
+//! label per variant, used by the kernel and the controller alike. The
+//! `user` feature adds `aya::Pod` impls and serde/clap derives.
 #![no_std]
 #[cfg(feature = "user")]
 extern crate std;

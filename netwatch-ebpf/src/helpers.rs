@@ -73,8 +73,9 @@ pub fn source_addr16(addrs: &Addrs) -> ([u8; 16], u8) {
 
 /// The per-source key of the packet's source for rule slot `rule` in
 /// direction `dir` with `classification` (probes or reverse lookups),
-/// and the keyed hash of its destination (the sketch's input). One match over the address family for both, so the code
-/// after it starts from one verifier state.
+/// and the keyed hash of its destination (the sketch's input). One match
+/// over the address family for both, so the code after it starts from
+/// one verifier state.
 #[inline(always)]
 pub fn source_key_and_destination_hash(
     addrs: &Addrs,

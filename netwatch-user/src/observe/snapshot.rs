@@ -113,6 +113,8 @@ pub struct RuleCounter {
     pub interface: String,
     pub direction: &'static str,
     pub rule: String,
+    /// The [`netwatch_common::Outcome`] label (`passed`/`dropped`), under
+    /// the name the JSON output and the metrics have always used for it.
     pub action: &'static str,
     pub packets: u64,
     pub bytes: u64,
