@@ -2,10 +2,16 @@
 //!
 //! Every type that crosses the kernel/user boundary lives here, is
 //! `#[repr(C)]` and has no implicit padding, so both sides agree on the
-//! layout byte for byte. The `user` feature adds `aya::Pod` impls.
+//! layout byte for byte. Every encoding those types store as an integer
+//! (direction, outcome, protocol, action, role, mode, link kind,
+//! classification) is one enum here, with num_enum's conversions and one
+//! label per variant, used by the kernel and the controller alike. The
+//! `user` feature adds `aya::Pod` impls and serde/clap derives.
 #![no_std]
 #[cfg(feature = "user")]
 extern crate std;
+
+use num_enum::{FromPrimitive, IntoPrimitive, TryFromPrimitive};
 
 /// Interface slots: counters are indexed by a small stable slot number
 /// rather than the kernel ifindex, which is unbounded.
@@ -21,103 +27,185 @@ pub const MAX_CIDRS: u32 = 16_384;
 /// mode (see [`Class::fails_closed`]).
 pub const MAX_IPV6_EXT_HEADERS: u32 = 12;
 
+/// Gives an encoding its variants in discriminant order (`ALL`), the
+/// label the controller shows for each (metrics, JSON, configuration,
+/// the incident store) and the way back from a label: one list of
+/// `Variant => "label"` pairs per encoding.
+macro_rules! labels {
+    ($ty:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every variant, in discriminant order.
+            pub const ALL: [$ty; [$($label),+].len()] = [$($ty::$variant),+];
+
+            /// The name shown for this variant.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $label,)+
+                }
+            }
+
+            /// The variant whose label is `label`.
+            pub fn from_label(label: &str) -> Option<$ty> {
+                match label {
+                    $($label => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+// Each encoding the kernel and the controller share is one enum below.
+// The `#[repr(C)]` structs further down keep plain integers (so their
+// layout and the pinned maps stay byte for byte as they are) and convert
+// through the derived `From`/`TryFrom` of these enums, never by hand.
+// An enum whose raw value is read back from a map or a load-time
+// constant converts infallibly: a value it does not know (a newer
+// writer, a corrupt pin) gives its `#[default]` variant (also its
+// `Default`), the answer netwatch always gave for it. The others only
+// ever go enum -> integer; their `TryFrom` refuses unknown values.
+
 /// How frames on an interface start, from the device's link type. The
-/// controller sets it per attachment (a load-time constant), so the
-/// verifier keeps only the parser the interface needs.
+/// controller sets it per attachment (the load-time constant
+/// `LINK_KIND`, a u32), so the verifier keeps only the parser the
+/// interface needs. Unknown values read as `Ethernet`.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, IntoPrimitive, FromPrimitive)]
 pub enum LinkKind {
     /// An Ethernet header (with VLAN tags or PPPoE behind it): Ethernet,
     /// veth, bridges, bonds, VLAN devices, gretap/vxlan, loopback.
+    #[default]
     Ethernet = 0,
     /// The IP header itself: tun, PPP, WireGuard, ipip/sit/gre/ip6tnl.
     Ip = 1,
 }
+labels!(LinkKind { Ethernet => "ethernet", Ip => "ip" });
 
-impl LinkKind {
-    pub const fn label(self) -> &'static str {
-        match self {
-            LinkKind::Ethernet => "ethernet",
-            LinkKind::Ip => "ip",
-        }
-    }
-}
-
-/// Direction of a packet relative to the protected side.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Direction of a packet relative to the protected side: the load-time
+/// constant `DIRECTION` and [`SourceKey::direction`] (a u8 each).
+/// Unknown values read as `Outbound`, as the controller always showed
+/// them.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, IntoPrimitive, FromPrimitive)]
 pub enum Direction {
     Inbound = 0,
+    #[default]
     Outbound = 1,
 }
-pub const DIRECTIONS: u32 = 2;
+pub const DIRECTIONS: u32 = Direction::ALL.len() as u32;
+labels!(Direction { Inbound => "inbound", Outbound => "outbound" });
 
 impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
-    pub const fn label(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
+    /// The direction's part of a counter index.
+    #[inline(always)]
+    pub fn index(self) -> u32 {
+        u8::from(self).into()
     }
 }
 
-/// What happened to a packet that matched a rule.
+/// What happened to a packet that matched a rule: part of the
+/// `RULE_COUNTERS` index, never stored.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoPrimitive, TryFromPrimitive)]
 pub enum Outcome {
     Passed = 0,
     Dropped = 1,
 }
-pub const OUTCOMES: u32 = 2;
+pub const OUTCOMES: u32 = Outcome::ALL.len() as u32;
+labels!(Outcome { Passed => "passed", Dropped => "dropped" });
 
-impl Outcome {
-    pub const ALL: [Outcome; 2] = [Outcome::Passed, Outcome::Dropped];
-    pub const fn label(self) -> &'static str {
-        match self {
-            Outcome::Passed => "passed",
-            Outcome::Dropped => "dropped",
-        }
-    }
-}
-
-/// Layer-4 protocols a rule can name. The value is the index of the
-/// protocol's half of the [`PortRule`] table.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Layer-4 protocols a rule can name: [`RuleInfo::protocol`] (a u8), and
+/// the index of the protocol's half of the [`PortRule`] table. Unknown
+/// values read as `Udp`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, IntoPrimitive, FromPrimitive)]
 pub enum Protocol {
+    #[default]
     Udp = 0,
     Tcp = 1,
 }
+labels!(Protocol { Udp => "udp", Tcp => "tcp" });
 
-impl Protocol {
-    /// The protocol a `RuleInfo` stores as its raw value.
-    pub const fn from_raw(raw: u8) -> Protocol {
-        if raw == Protocol::Tcp as u8 {
-            Protocol::Tcp
-        } else {
-            Protocol::Udp
-        }
-    }
+/// What a rule does with a packet in one direction: [`PortRule::action`]
+/// (a u8 per direction). Unknown values read as `Count`: only `Drop`
+/// ever drops.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, IntoPrimitive, FromPrimitive)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "user", serde(rename_all = "lowercase"))]
+pub enum Action {
+    #[default]
+    Count = 0,
+    Drop = 1,
+}
+labels!(Action { Count => "count", Drop => "drop" });
 
-    pub const fn label(self) -> &'static str {
+/// Where an interface sits; decides the direction XDP sees on it.
+/// [`IfaceInfo::role`] (a u32); unknown values read as `Wan`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, IntoPrimitive, FromPrimitive)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "user", serde(rename_all = "lowercase"))]
+pub enum Role {
+    /// Router uplink: XDP sees inbound traffic.
+    #[default]
+    Wan = 0,
+    /// Router LAN side: XDP sees traffic from inside on its way out,
+    /// with internal (pre-NAT) addresses.
+    Lan = 1,
+    /// A host's own interface: XDP sees inbound traffic.
+    Host = 2,
+}
+labels!(Role { Wan => "wan", Lan => "lan", Host => "host" });
+
+impl Role {
+    /// Direction of the traffic XDP sees on an interface of this role.
+    pub const fn xdp_direction(self) -> Direction {
         match self {
-            Protocol::Udp => "udp",
-            Protocol::Tcp => "tcp",
+            Role::Lan => Direction::Outbound,
+            Role::Wan | Role::Host => Direction::Inbound,
         }
     }
 }
+
+/// Whether a policy drops: [`PolicySettings::mode`] (a u32). Unknown
+/// values read as `Monitor`: only `Enforce` ever drops.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, IntoPrimitive, FromPrimitive)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize, clap::ValueEnum))]
+#[cfg_attr(feature = "user", serde(rename_all = "lowercase"))]
+pub enum Mode {
+    /// Count only; never drop.
+    #[default]
+    Monitor = 0,
+    /// Apply drop actions and the blocklist.
+    Enforce = 1,
+}
+labels!(Mode { Monitor => "monitor", Enforce => "enforce" });
+
+/// What a tracked source's traffic is: [`SourceKey::classification`]
+/// (a u8), and what its incidents say. Unknown values read as `Scan`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, IntoPrimitive, FromPrimitive)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", serde(rename_all = "kebab-case"))]
+pub enum Classification {
+    /// One-to-many probes: a worm or a scanner. Only these are flagged
+    /// and auto-blocked.
+    #[default]
+    Scan = 0,
+    /// udp/137 towards hosts that just visited a web port (IIS), tracked
+    /// apart and never flagged.
+    ReverseLookup = 1,
+}
+labels!(Classification { Scan => "scan", ReverseLookup => "reverse-lookup" });
 
 /// Index into the `PORT_RULES` array: one entry per (protocol, port).
 #[inline(always)]
-pub const fn port_rule_index(protocol: Protocol, port: u16) -> u32 {
-    ((protocol as u32) << 16) | port as u32
+pub fn port_rule_index(protocol: Protocol, port: u16) -> u32 {
+    (u32::from(u8::from(protocol)) << 16) | u32::from(port)
 }
 pub const PORT_RULE_ENTRIES: u32 = 2 << 16;
-
-/// Per-rule action, one per direction.
-pub const ACTION_COUNT: u8 = 0;
-pub const ACTION_DROP: u8 = 1;
 
 /// One version of the hot-path view of a (protocol, port). `id == 0`
 /// means "no rule"; a rule with slot `n` is stored as `n + 1`, so the
@@ -128,7 +216,8 @@ pub const ACTION_DROP: u8 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortRule {
     pub id: u16,
-    /// `ACTION_*` for inbound and outbound packets.
+    /// The [`Action`] for inbound and outbound packets (see
+    /// [`PortRule::action`]).
     pub action: [u8; 2],
     /// `PORT_*` bits.
     pub flags: u32,
@@ -161,6 +250,25 @@ impl PortRule {
     pub const fn is_empty(&self) -> bool {
         self.id == 0 && self.flags == 0
     }
+
+    /// The rule's action for packets going `dir`.
+    #[inline(always)]
+    pub fn action(&self, dir: Direction) -> Action {
+        // A branch, not `action[dir]`: the index would be compiled to
+        // pointer arithmetic on the stack that the verifier rejects.
+        Action::from(if dir == Direction::Inbound {
+            self.action[0]
+        } else {
+            self.action[1]
+        })
+    }
+}
+
+/// The stored form of a rule's actions (`PortRule::action`,
+/// `RuleInfo::action`).
+#[inline(always)]
+pub fn actions(inbound: Action, outbound: Action) -> [u8; 2] {
+    [inbound.into(), outbound.into()]
 }
 
 /// The value of `PORT_RULES[port_rule_index]`: the rule of the (protocol,
@@ -183,23 +291,25 @@ pub const POLICY_VERSIONS: usize = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleInfo {
     pub in_use: u8,
+    /// A [`Protocol`].
     pub protocol: u8,
     pub port: u16,
+    /// As [`PortRule::action`].
     pub action: [u8; 2],
     pub _pad: [u8; 2],
 }
 
 impl RuleInfo {
+    /// The slot's rule's protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol.into()
+    }
+
     /// Where the slot's rule sits in `PORT_RULES`.
-    pub const fn port_rule_index(&self) -> u32 {
-        port_rule_index(Protocol::from_raw(self.protocol), self.port)
+    pub fn port_rule_index(&self) -> u32 {
+        port_rule_index(self.protocol(), self.port)
     }
 }
-
-/// Interface roles. The role decides the direction XDP sees.
-pub const ROLE_WAN: u32 = 0;
-pub const ROLE_LAN: u32 = 1;
-pub const ROLE_HOST: u32 = 2;
 
 /// Describes an interface slot, for the controller and `status`.
 #[repr(C)]
@@ -215,21 +325,26 @@ pub struct IfaceInfo {
     /// that is no longer configured (its counters are kept, its series
     /// are not exported).
     pub configured: u8,
+    /// A [`Role`].
     pub role: u32,
     pub ifindex: u32,
     pub name: [u8; 16],
+}
+
+impl IfaceInfo {
+    pub fn role(&self) -> Role {
+        self.role.into()
+    }
 }
 pub const ATTACHED_XDP: u8 = 1;
 pub const ATTACHED_TC: u8 = 2;
 pub const ATTACHED_TC_NETLINK: u8 = 4;
 
-pub const MODE_MONITOR: u32 = 0;
-pub const MODE_ENFORCE: u32 = 1;
-
 /// The settings of one policy version.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicySettings {
+    /// A [`Mode`] (see [`PolicySettings::mode`]).
     pub mode: u32,
     /// Non-zero when the corresponding list may have entries in this
     /// version, so that the datapath can skip LPM lookups when it is empty.
@@ -240,6 +355,13 @@ pub struct PolicySettings {
     /// The web ports in force (0 = unused), so the controller can clear
     /// them on reload; the datapath reads `PORT_WEB` in `PORT_RULES`.
     pub web_ports: [u16; MAX_WEB_PORTS],
+}
+
+impl PolicySettings {
+    #[inline(always)]
+    pub fn mode(&self) -> Mode {
+        self.mode.into()
+    }
 }
 
 /// Runtime settings the datapath reads on matched traffic.
@@ -342,15 +464,15 @@ pub struct Counter {
 
 /// Index into the `RULE_COUNTERS` per-CPU array.
 #[inline(always)]
-pub const fn rule_counter_index(iface: u32, dir: u32, rule: u32, outcome: u32) -> u32 {
-    ((iface * DIRECTIONS + dir) * MAX_RULES + rule) * OUTCOMES + outcome
+pub fn rule_counter_index(iface: u32, dir: Direction, rule: u32, outcome: Outcome) -> u32 {
+    ((iface * DIRECTIONS + dir.index()) * MAX_RULES + rule) * OUTCOMES + u32::from(outcome)
 }
 pub const RULE_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * MAX_RULES * OUTCOMES;
 
 /// Classes of traffic that did not match a rule. Every frame the datapath
 /// sees lands in exactly one class or in exactly one rule counter.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoPrimitive, TryFromPrimitive)]
 pub enum Class {
     /// IPv4/IPv6 traffic on no rule port (including other protocols).
     Unmatched = 0,
@@ -448,8 +570,8 @@ impl Class {
 
 /// Index into the `CLASS_COUNTERS` per-CPU array.
 #[inline(always)]
-pub const fn class_counter_index(iface: u32, dir: u32, class: u32) -> u32 {
-    (iface * DIRECTIONS + dir) * CLASSES + class
+pub fn class_counter_index(iface: u32, dir: Direction, class: Class) -> u32 {
+    (iface * DIRECTIONS + dir.index()) * CLASSES + u32::from(class)
 }
 pub const CLASS_COUNTER_ENTRIES: u32 = MAX_IFACES * DIRECTIONS * CLASSES;
 
@@ -518,12 +640,8 @@ pub const SKETCH_BITS: u32 = SKETCH_WORDS as u32 * 32;
 pub const SOURCE_BITMAP: u32 = 1;
 pub const SOURCE_FLAGGED: u32 = 2;
 
-/// `kind` of a tracked source.
-pub const KIND_PROBE: u8 = 0;
-pub const KIND_REVERSE_LOOKUP: u8 = 1;
-
 /// Key of the per-source map: who, on which rule, which way, and whether
-/// these are probes or reverse lookups.
+/// these are probes (a scan) or reverse lookups.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceKey {
@@ -532,8 +650,34 @@ pub struct SourceKey {
     /// 4 or 6.
     pub family: u8,
     pub rule: u8,
+    /// A [`Direction`].
     pub direction: u8,
-    pub kind: u8,
+    /// A [`Classification`].
+    pub classification: u8,
+}
+
+impl SourceKey {
+    /// The key of rule slot `rule`, `direction` and `classification`,
+    /// with no address yet.
+    #[inline(always)]
+    pub fn new(rule: u8, direction: Direction, classification: Classification) -> SourceKey {
+        SourceKey {
+            rule,
+            direction: direction.into(),
+            classification: classification.into(),
+            ..SourceKey::default()
+        }
+    }
+
+    #[inline(always)]
+    pub fn direction(&self) -> Direction {
+        self.direction.into()
+    }
+
+    #[inline(always)]
+    pub fn classification(&self) -> Classification {
+        self.classification.into()
+    }
 }
 
 /// What the kernel knows of a source. Times are seconds of
@@ -673,8 +817,8 @@ pub const MAX_AUTO_BLOCKS: u32 = 1024;
 
 /// Index of `FLAG_COUNTERS` (flags raised per rule and direction).
 #[inline(always)]
-pub const fn flag_counter_index(rule: u32, dir: u32) -> u32 {
-    rule * DIRECTIONS + dir
+pub fn flag_counter_index(rule: u32, dir: Direction) -> u32 {
+    rule * DIRECTIONS + dir.index()
 }
 pub const FLAG_COUNTER_ENTRIES: u32 = MAX_RULES * DIRECTIONS;
 
@@ -784,7 +928,7 @@ pub mod maps {
 pub mod globals {
     /// Interface slot (u32).
     pub const IFACE_SLOT: &str = "IFACE_SLOT";
-    /// `Direction` as u32.
+    /// `Direction` as u8.
     pub const DIRECTION: &str = "DIRECTION";
     /// `LinkKind` as u32.
     pub const LINK_KIND: &str = "LINK_KIND";
@@ -809,4 +953,185 @@ mod pod {
     unsafe impl aya::Pod for ListEntry {}
     unsafe impl aya::Pod for FloodCache {}
     unsafe impl aya::Pod for EventBudget {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{format, vec::Vec};
+
+    use super::*;
+
+    /// Every variant converts to its stored value and back, and its label
+    /// back to it; `ALL` lists the variants in discriminant order.
+    macro_rules! round_trips {
+        ($ty:ty, $raw:ty) => {
+            for (i, v) in <$ty>::ALL.into_iter().enumerate() {
+                let raw: $raw = v.into();
+                assert_eq!(raw as usize, i, "{v:?} is not at its discriminant in ALL");
+                assert_eq!(<$ty>::try_from(raw).ok(), Some(v), "{v:?} from {raw}");
+                assert_eq!(
+                    <$ty>::from_label(v.label()),
+                    Some(v),
+                    "{v:?} from {:?}",
+                    v.label()
+                );
+            }
+            assert_eq!(<$ty>::from_label("no such label"), None);
+        };
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        round_trips!(LinkKind, u32);
+        round_trips!(Direction, u8);
+        round_trips!(Outcome, u32);
+        round_trips!(Protocol, u8);
+        round_trips!(Action, u8);
+        round_trips!(Role, u32);
+        round_trips!(Mode, u32);
+        round_trips!(Classification, u8);
+        for (i, class) in Class::ALL.into_iter().enumerate() {
+            assert_eq!(u32::from(class) as usize, i);
+            assert_eq!(Class::try_from(u32::from(class)), Ok(class));
+        }
+    }
+
+    /// The values the maps and the load-time constants hold, as pins of
+    /// earlier versions wrote them.
+    #[test]
+    fn stored_values_are_the_pinned_ones() {
+        let raw = |l: LinkKind| u32::from(l);
+        assert_eq!((raw(LinkKind::Ethernet), raw(LinkKind::Ip)), (0, 1));
+        assert_eq!((u8::from(Direction::Inbound), u8::from(Direction::Outbound)), (0, 1));
+        assert_eq!((u32::from(Outcome::Passed), u32::from(Outcome::Dropped)), (0, 1));
+        assert_eq!((u8::from(Protocol::Udp), u8::from(Protocol::Tcp)), (0, 1));
+        assert_eq!(actions(Action::Count, Action::Drop), [0, 1]);
+        assert_eq!(actions(Action::Drop, Action::Count), [1, 0]);
+        let role = |r: Role| u32::from(r);
+        assert_eq!((role(Role::Wan), role(Role::Lan), role(Role::Host)), (0, 1, 2));
+        assert_eq!((u32::from(Mode::Monitor), u32::from(Mode::Enforce)), (0, 1));
+        let key = SourceKey::new(7, Direction::Outbound, Classification::ReverseLookup);
+        assert_eq!((key.rule, key.direction, key.classification), (7, 1, 1));
+        let key = SourceKey::new(7, Direction::Inbound, Classification::Scan);
+        assert_eq!((key.direction, key.classification), (0, 0));
+        assert_eq!(u32::from(Class::Ipv6BadHeader), 14);
+
+        // The indexes, against their formulas over the raw values.
+        assert_eq!(port_rule_index(Protocol::Udp, 137), 137);
+        assert_eq!(port_rule_index(Protocol::Tcp, 5190), (1 << 16) | 5190);
+        assert_eq!(
+            rule_counter_index(3, Direction::Outbound, 5, Outcome::Dropped),
+            ((3 * 2 + 1) * MAX_RULES + 5) * 2 + 1
+        );
+        assert_eq!(rule_counter_index(0, Direction::Inbound, 0, Outcome::Passed), 0);
+        assert_eq!(
+            class_counter_index(2, Direction::Outbound, Class::Fragment),
+            (2 * 2 + 1) * CLASSES + 2
+        );
+        assert_eq!(flag_counter_index(9, Direction::Outbound), 9 * 2 + 1);
+        // The layouts the pins hold.
+        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
+        assert_eq!(core::mem::size_of::<PortRule>(), 24);
+        assert_eq!(core::mem::size_of::<RuleInfo>(), 8);
+        assert_eq!(core::mem::size_of::<IfaceInfo>(), 28);
+        assert_eq!(core::mem::size_of::<PolicySettings>(), 32);
+    }
+
+    /// A stored value no variant has reads as the documented variant for
+    /// the encodings read back from maps and load-time constants, and is
+    /// refused for those only ever written.
+    #[test]
+    fn unknown_values_give_the_documented_fallback() {
+        for raw in [2u8, 0x7f, u8::MAX] {
+            assert_eq!(Direction::from(raw), Direction::Outbound);
+            assert_eq!(Protocol::from(raw), Protocol::Udp);
+            assert_eq!(Action::from(raw), Action::Count);
+            assert_eq!(Classification::from(raw), Classification::Scan);
+        }
+        for raw in [3u32, 0x1000, u32::MAX] {
+            assert_eq!(LinkKind::from(raw), LinkKind::Ethernet);
+            assert_eq!(Role::from(raw), Role::Wan);
+            assert_eq!(Mode::from(raw), Mode::Monitor);
+            assert!(Outcome::try_from(raw).is_err());
+            assert!(Class::try_from(raw.max(CLASSES)).is_err());
+        }
+        assert_eq!(Mode::from(2), Mode::Monitor);
+        assert_eq!(LinkKind::from(2), LinkKind::Ethernet);
+        assert_eq!(
+            format!("{}", Outcome::try_from(2).unwrap_err()),
+            "No discriminant in enum `Outcome` matches the value `2`"
+        );
+        // The fallback is also each enum's `Default`.
+        assert_eq!(
+            (
+                Direction::default(),
+                Protocol::default(),
+                Action::default(),
+                Classification::default()
+            ),
+            (Direction::Outbound, Protocol::Udp, Action::Count, Classification::Scan)
+        );
+        assert_eq!(
+            (LinkKind::default(), Role::default(), Mode::default()),
+            (LinkKind::Ethernet, Role::Wan, Mode::Monitor)
+        );
+    }
+
+    /// The labels metrics, JSON, the configuration and the incident store
+    /// use.
+    #[test]
+    fn labels_are_the_documented_strings() {
+        fn labels<T: Copy>(all: &[T], label: fn(T) -> &'static str) -> Vec<&'static str> {
+            all.iter().map(|v| label(*v)).collect()
+        }
+        assert_eq!(labels(&LinkKind::ALL, LinkKind::label), ["ethernet", "ip"]);
+        assert_eq!(labels(&Direction::ALL, Direction::label), ["inbound", "outbound"]);
+        assert_eq!(labels(&Outcome::ALL, Outcome::label), ["passed", "dropped"]);
+        assert_eq!(labels(&Protocol::ALL, Protocol::label), ["udp", "tcp"]);
+        assert_eq!(labels(&Action::ALL, Action::label), ["count", "drop"]);
+        assert_eq!(labels(&Role::ALL, Role::label), ["wan", "lan", "host"]);
+        assert_eq!(labels(&Mode::ALL, Mode::label), ["monitor", "enforce"]);
+        assert_eq!(
+            labels(&Classification::ALL, Classification::label),
+            ["scan", "reverse-lookup"]
+        );
+    }
+
+    /// The typed accessors read what the plain fields hold.
+    #[test]
+    fn accessors_read_the_fields() {
+        let rule = PortRule {
+            action: actions(Action::Count, Action::Drop),
+            ..PortRule::default()
+        };
+        assert_eq!(rule.action(Direction::Inbound), Action::Count);
+        assert_eq!(rule.action(Direction::Outbound), Action::Drop);
+        let info = RuleInfo {
+            protocol: Protocol::Tcp.into(),
+            port: 445,
+            ..RuleInfo::default()
+        };
+        assert_eq!(
+            (info.protocol(), info.port_rule_index()),
+            (Protocol::Tcp, (1 << 16) | 445)
+        );
+        let iface = IfaceInfo {
+            role: Role::Lan.into(),
+            ..IfaceInfo::default()
+        };
+        assert_eq!(iface.role(), Role::Lan);
+        assert_eq!(Role::Lan.xdp_direction(), Direction::Outbound);
+        assert_eq!(Role::Host.xdp_direction(), Direction::Inbound);
+        let policy = PolicySettings {
+            mode: Mode::Enforce.into(),
+            ..PolicySettings::default()
+        };
+        assert_eq!(policy.mode(), Mode::Enforce);
+        let key = SourceKey::new(1, Direction::Inbound, Classification::ReverseLookup);
+        assert_eq!(
+            (key.direction(), key.classification()),
+            (Direction::Inbound, Classification::ReverseLookup)
+        );
+    }
 }

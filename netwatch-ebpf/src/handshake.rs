@@ -50,9 +50,9 @@ fn tcp_head(packet: &Packet) -> &TcpHead {
 /// to or from a web port gets past the flag tests. `rule_flags`: the
 /// destination port's rule flags (0 where it has none).
 #[inline(always)]
-pub fn observe_web_handshake(packet: &Packet, rule_flags: u32, dir: u32) {
+pub fn observe_web_handshake(packet: &Packet, rule_flags: u32, dir: Direction) {
     let flags = packet.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST);
-    if dir == Direction::Inbound as u32 {
+    if dir == Direction::Inbound {
         if rule_flags & PORT_WEB != 0 && flags == TCP_ACK {
             let (peer, family) = source_addr16(&packet.addrs);
             let key = HandshakeKey {

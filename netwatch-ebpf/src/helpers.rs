@@ -3,7 +3,7 @@
 //! They depend on nothing else in this crate but the parser's `Addrs`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::PerCpuArray};
-use netwatch_common::{Counter, HASH_KEY_WORDS, KIND_PROBE, KIND_REVERSE_LOOKUP, SourceKey, dst_hash_v4, dst_hash_v6};
+use netwatch_common::{Classification, Counter, Direction, HASH_KEY_WORDS, SourceKey, dst_hash_v4, dst_hash_v6};
 
 use crate::parse::Addrs;
 
@@ -72,23 +72,19 @@ pub fn source_addr16(addrs: &Addrs) -> ([u8; 16], u8) {
 }
 
 /// The per-source key of the packet's source for rule slot `rule` in
-/// direction `dir` (a probe, or a reverse lookup), and the keyed hash of its destination (the sketch's
-/// input). One match over the address family for both, so the code
-/// after it starts from one verifier state.
+/// direction `dir` with `classification` (probes or reverse lookups),
+/// and the keyed hash of its destination (the sketch's input). One match
+/// over the address family for both, so the code after it starts from
+/// one verifier state.
 #[inline(always)]
 pub fn source_key_and_destination_hash(
     addrs: &Addrs,
     rule: u32,
-    dir: u32,
-    reverse: bool,
+    dir: Direction,
+    classification: Classification,
     hash_key: &[u64; HASH_KEY_WORDS],
 ) -> (SourceKey, u32) {
-    let mut key = SourceKey {
-        rule: rule as u8,
-        direction: dir as u8,
-        kind: if reverse { KIND_REVERSE_LOOKUP } else { KIND_PROBE },
-        ..SourceKey::default()
-    };
+    let mut key = SourceKey::new(rule as u8, dir, classification);
     // SAFETY: the parser checked the addresses lie inside the packet.
     let hash = unsafe {
         match *addrs {

@@ -9,10 +9,10 @@ use aya_ebpf::{
     helpers::bpf_jiffies64,
 };
 use netwatch_common::{
-    EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES, FlagEvent, HASH_KEY_WORDS,
-    KIND_PROBE, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP,
-    SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey,
-    SourceState, flag_counter_index,
+    Classification, Direction, EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES,
+    FlagEvent, HASH_KEY_WORDS, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS,
+    SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED,
+    SourceKey, SourceState, flag_counter_index,
 };
 
 use crate::{
@@ -145,22 +145,39 @@ pub struct Tracked {
 pub fn track_source(
     addrs: &Addrs,
     rule: &PortRule,
-    dir: u32,
+    dir: Direction,
     reverse: bool,
     hash_key: &[u64; HASH_KEY_WORDS],
     iface: u32,
     bytes: u64,
     may_block: bool,
 ) -> Tracked {
-    let (key, dst_hash) = source_key_and_destination_hash(addrs, rule.slot(), dir, reverse, hash_key);
-    record_packet(&key, rule, dst_hash, iface, bytes, may_block)
+    let classification = if reverse {
+        Classification::ReverseLookup
+    } else {
+        Classification::Scan
+    };
+    let (key, dst_hash) = source_key_and_destination_hash(addrs, rule.slot(), dir, classification, hash_key);
+    record_packet(&key, dir, classification, rule, dst_hash, iface, bytes, may_block)
 }
 
 /// Records one packet from `key`'s source to the destination `dst_hash`:
 /// in the per-CPU flood memo when it repeats the last tuple, else in the
 /// source's record (its sketch, its flag, its auto-block).
+/// `dir` and `classification` are the key's, as the caller knows them
+/// (the verifier then follows the constants rather than the key's bytes).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn record_packet(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, bytes: u64, may_block: bool) -> Tracked {
+fn record_packet(
+    key: &SourceKey,
+    dir: Direction,
+    classification: Classification,
+    rule: &PortRule,
+    dst_hash: u32,
+    iface: u32,
+    bytes: u64,
+    may_block: bool,
+) -> Tracked {
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
         return Tracked { blocked: false };
     };
@@ -239,11 +256,11 @@ fn record_packet(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, by
     // Auto-blocks are looked up only where one can apply: probes on a
     // rule with auto-block on, in enforce mode, from a source that is not
     // allowlisted; the memo above keeps the answer for a flood's repeats.
-    let auto_block = may_block && rule.block_secs != 0 && key.kind == KIND_PROBE;
+    let auto_block = may_block && rule.block_secs != 0 && classification == Classification::Scan;
     let mut blocked_until = if auto_block { block_in_force(key, now) } else { 0 };
     // The fetch-or makes one CPU the one that reports a flag when two
     // cross the threshold together.
-    if key.kind == KIND_PROBE
+    if classification == Classification::Scan
         && state.flags & SOURCE_FLAGGED == 0
         && crossed(state, rule)
         && set_flags(state, SOURCE_FLAGGED) & in_word(SOURCE_FLAGGED) == 0
@@ -253,10 +270,7 @@ fn record_packet(key: &SourceKey, rule: &PortRule, dst_hash: u32, iface: u32, by
         if auto_block && blocked_until == 0 {
             blocked_until = start_block(key, now + rule.block_secs);
         }
-        increment(
-            &FLAG_COUNTERS,
-            flag_counter_index(key.rule as u32, key.direction as u32),
-        );
+        increment(&FLAG_COUNTERS, flag_counter_index(key.rule.into(), dir));
         if within_event_budget(now) {
             emit(key, state, blocked_until);
         } else {

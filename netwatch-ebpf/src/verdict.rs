@@ -4,7 +4,7 @@
 //! `should_drop` strings them together.
 
 use netwatch_common::{
-    ACTION_DROP, Class, Direction, LinkKind, MODE_ENFORCE, Outcome, PORT_REVERSE_LOOKUP, PolicySettings, PortRule,
+    Action, Class, Direction, LinkKind, Mode, Outcome, PORT_REVERSE_LOOKUP, PolicySettings, PortRule,
     class_counter_index, port_rule_index, rule_counter_index,
 };
 
@@ -21,7 +21,7 @@ use crate::{
 /// seen on interface slot `iface` (whose frames start as `link` says) in
 /// direction `dir`, counts it, and says whether to drop it.
 #[inline(always)]
-pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, link: LinkKind) -> bool {
+pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direction, link: LinkKind) -> bool {
     let bytes = len as u64;
     let packet = match parse(start, end, len, link) {
         Ok(packet) => packet,
@@ -38,7 +38,7 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
     if rules.versions[0].is_empty() && rules.versions[1].is_empty() {
         // A SYN-ACK leaving a web port goes to the visitor's ephemeral
         // port, which has no rule: the handshake check must see it here.
-        if dir == Direction::Outbound as u32 {
+        if dir == Direction::Outbound {
             observe_web_handshake(&packet, 0, dir);
         }
         count_class(iface, dir, Class::Unmatched, bytes);
@@ -56,16 +56,14 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
         return false;
     }
 
-    let enforce = policy.mode == MODE_ENFORCE;
+    let enforce = policy.mode() == Mode::Enforce;
     let allowlisted =
         enforce && policy.allowlist_active != 0 && either_allowlisted(&packet.addrs, version, coarse_monotonic_secs());
     let reverse = is_reverse_lookup(&packet.addrs, rule, policy, dir);
-    let action = if dir == 0 { rule.action[0] } else { rule.action[1] };
-    // `action[dir]` would be compiled to pointer arithmetic on the stack
-    // that the verifier rejects; hence the branch above.
+    let action = rule.action(dir);
     let blocklisted = enforce
         && !allowlisted
-        && action != ACTION_DROP
+        && action != Action::Drop
         && policy.blocklist_active != 0
         && source_blocklisted(&packet.addrs, version, coarse_monotonic_secs());
     // Only the source's own allowlisting spares it an auto-block: a probe
@@ -88,7 +86,7 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
         bytes,
         may_block,
     );
-    let drop = enforce && !allowlisted && (action == ACTION_DROP || tracked.blocked || blocklisted);
+    let drop = enforce && !allowlisted && (action == Action::Drop || tracked.blocked || blocklisted);
     count_matched(iface, dir, rule.slot(), drop, reverse, bytes);
     drop
 }
@@ -96,23 +94,23 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: u32, l
 /// Whether the active policy enforces (drops) rather than monitors.
 #[inline(always)]
 fn enforcing() -> bool {
-    matches!(SETTINGS.get(0), Some(s) if s.policy(s.active_version()).mode == MODE_ENFORCE)
+    matches!(SETTINGS.get(0), Some(s) if s.policy(s.active_version()).mode() == Mode::Enforce)
 }
 
 /// udp/137 towards a peer that just visited a web port: a reverse lookup
 /// (IIS), tracked apart and never flagged as a scan.
 #[inline(always)]
-fn is_reverse_lookup(addrs: &Addrs, rule: &PortRule, policy: &PolicySettings, dir: u32) -> bool {
+fn is_reverse_lookup(addrs: &Addrs, rule: &PortRule, policy: &PolicySettings, dir: Direction) -> bool {
     rule.flags & PORT_REVERSE_LOOKUP != 0
-        && dir == Direction::Outbound as u32
+        && dir == Direction::Outbound
         && is_recent_visitor(addrs, coarse_monotonic_secs(), policy.visitor_secs)
 }
 
 /// Counts a packet under its parse class (`Class::Unmatched` included).
 #[inline(always)]
-fn count_class(iface: u32, dir: u32, class: Class, bytes: u64) {
+fn count_class(iface: u32, dir: Direction, class: Class, bytes: u64) {
     count_packet(
-        CLASS_COUNTERS.get_ptr_mut(class_counter_index(iface, dir, class as u32)),
+        CLASS_COUNTERS.get_ptr_mut(class_counter_index(iface, dir, class)),
         bytes,
     );
 }
@@ -120,9 +118,9 @@ fn count_class(iface: u32, dir: u32, class: Class, bytes: u64) {
 /// Counts a packet that matched rule slot `slot` under its outcome, and
 /// a reverse lookup also apart.
 #[inline(always)]
-fn count_matched(iface: u32, dir: u32, slot: u32, dropped: bool, reverse: bool, bytes: u64) {
+fn count_matched(iface: u32, dir: Direction, slot: u32, dropped: bool, reverse: bool, bytes: u64) {
     let outcome = if dropped { Outcome::Dropped } else { Outcome::Passed };
-    let index = rule_counter_index(iface, dir, slot, outcome as u32);
+    let index = rule_counter_index(iface, dir, slot, outcome);
     count_packet(RULE_COUNTERS.get_ptr_mut(index), bytes);
     if reverse {
         count_packet(REVERSE_COUNTERS.get_ptr_mut(index), bytes);

@@ -4,87 +4,8 @@ use std::{fmt, str::FromStr};
 
 use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
-use netwatch_common::{
-    ACTION_COUNT, ACTION_DROP, MAX_CIDRS, MAX_RULES, MODE_ENFORCE, MODE_MONITOR, Protocol, ROLE_HOST, ROLE_LAN,
-    ROLE_WAN,
-};
-use serde::{Deserialize, Serialize};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Count only; never drop.
-    #[default]
-    Monitor,
-    /// Apply drop actions and the blocklist.
-    Enforce,
-}
-
-impl Mode {
-    pub fn as_u32(self) -> u32 {
-        match self {
-            Mode::Monitor => MODE_MONITOR,
-            Mode::Enforce => MODE_ENFORCE,
-        }
-    }
-    pub fn from_u32(v: u32) -> Self {
-        if v == MODE_ENFORCE {
-            Mode::Enforce
-        } else {
-            Mode::Monitor
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Mode::Monitor => "monitor",
-            Mode::Enforce => "enforce",
-        }
-    }
-}
-
-/// Where an interface sits; decides the direction XDP sees on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Router uplink: XDP sees inbound traffic.
-    Wan,
-    /// Router LAN side: XDP sees traffic from inside on its way out,
-    /// with internal (pre-NAT) addresses.
-    Lan,
-    /// A host's own interface: XDP sees inbound traffic.
-    Host,
-}
-
-impl Role {
-    pub fn as_u32(self) -> u32 {
-        match self {
-            Role::Wan => ROLE_WAN,
-            Role::Lan => ROLE_LAN,
-            Role::Host => ROLE_HOST,
-        }
-    }
-    pub fn from_u32(v: u32) -> Self {
-        match v {
-            ROLE_LAN => Role::Lan,
-            ROLE_HOST => Role::Host,
-            _ => Role::Wan,
-        }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Role::Wan => "wan",
-            Role::Lan => "lan",
-            Role::Host => "host",
-        }
-    }
-    /// Direction of the traffic XDP sees on an interface of this role.
-    pub fn xdp_direction(self) -> netwatch_common::Direction {
-        match self {
-            Role::Lan => netwatch_common::Direction::Outbound,
-            Role::Wan | Role::Host => netwatch_common::Direction::Inbound,
-        }
-    }
-}
+pub use netwatch_common::{Action, Mode, Protocol, Role};
+use netwatch_common::{MAX_CIDRS, MAX_RULES};
 
 /// `IFACE[:wan|lan|host]`, as given to `--iface` and `interfaces = [...]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,10 +19,10 @@ impl FromStr for IfaceSpec {
     fn from_str(s: &str) -> Result<Self> {
         let (name, role) = match s.split_once(':') {
             None => (s, Role::Host),
-            Some((name, "wan")) => (name, Role::Wan),
-            Some((name, "lan")) => (name, Role::Lan),
-            Some((name, "host")) => (name, Role::Host),
-            Some((_, role)) => bail!("interface {s:?}: role {role:?} is not one of wan, lan, host"),
+            Some((name, role)) => match Role::from_label(role) {
+                Some(role) => (name, role),
+                None => bail!("interface {s:?}: role {role:?} is not one of wan, lan, host"),
+            },
         };
         if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
             bail!("interface {s:?}: {name:?} is not a valid interface name (1-15 bytes, no '/' or space)");
@@ -113,40 +34,10 @@ impl FromStr for IfaceSpec {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Count,
-    Drop,
-}
-
-impl Action {
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Action::Count => ACTION_COUNT,
-            Action::Drop => ACTION_DROP,
-        }
-    }
-    pub fn from_u8(v: u8) -> Self {
-        if v == ACTION_DROP { Action::Drop } else { Action::Count }
-    }
-    pub fn label(self) -> &'static str {
-        match self {
-            Action::Count => "count",
-            Action::Drop => "drop",
-        }
-    }
-}
-
-impl FromStr for Action {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "count" => Ok(Action::Count),
-            "drop" => Ok(Action::Drop),
-            _ => bail!("action {s:?} is not one of count, drop"),
-        }
-    }
+/// `count` or `drop`, as `--rule` and the rules' `inbound`/`outbound`
+/// name them.
+pub fn parse_action(s: &str) -> Result<Action> {
+    Action::from_label(s).ok_or_else(|| anyhow!("action {s:?} is not one of count, drop"))
 }
 
 /// Scan detection of a rule: a source is flagged when it reaches
@@ -206,8 +97,8 @@ impl Detection {
 pub struct Rule {
     pub protocol: Protocol,
     pub port: u16,
-    /// `ACTION_*` indexed by `Direction`.
-    pub action: [u8; 2],
+    pub inbound: Action,
+    pub outbound: Action,
     pub detection: Detection,
 }
 
@@ -219,18 +110,13 @@ impl Rule {
         Ok(Rule {
             protocol,
             port,
-            action: [inbound.as_u8(), outbound.as_u8()],
+            inbound,
+            outbound,
             detection: Detection::default(),
         })
     }
     pub fn label(&self) -> String {
         format!("{}/{}", self.protocol.label(), self.port)
-    }
-    pub fn inbound(&self) -> Action {
-        Action::from_u8(self.action[0])
-    }
-    pub fn outbound(&self) -> Action {
-        Action::from_u8(self.action[1])
     }
     /// udp/137 towards a recent web visitor is a reverse lookup.
     pub fn is_netbios_ns(&self) -> bool {
@@ -244,18 +130,14 @@ impl fmt::Display for Rule {
             f,
             "{} inbound={} outbound={}",
             self.label(),
-            self.inbound().label(),
-            self.outbound().label()
+            self.inbound.label(),
+            self.outbound.label()
         )
     }
 }
 
 pub fn parse_protocol(s: &str) -> Result<Protocol> {
-    match s {
-        "udp" => Ok(Protocol::Udp),
-        "tcp" => Ok(Protocol::Tcp),
-        _ => bail!("protocol {s:?} is not one of udp, tcp"),
-    }
+    Protocol::from_label(s).ok_or_else(|| anyhow!("protocol {s:?} is not one of udp, tcp"))
 }
 
 pub fn parse_port(s: &str) -> Result<u16> {
@@ -281,9 +163,9 @@ impl FromStr for Rule {
         let protocol = parse_protocol(proto).map_err(wrap)?;
         let port = parse_port(port).map_err(wrap)?;
         let (inbound, outbound) = match actions.split_once(',') {
-            Some((i, o)) => (i.parse().map_err(wrap)?, o.parse().map_err(wrap)?),
+            Some((i, o)) => (parse_action(i).map_err(wrap)?, parse_action(o).map_err(wrap)?),
             None => {
-                let a: Action = actions.parse().map_err(wrap)?;
+                let a = parse_action(actions).map_err(wrap)?;
                 (a, a)
             }
         };
@@ -425,17 +307,54 @@ mod tests {
         format!("{:#}", r.expect_err("refused"))
     }
 
+    /// The configuration, the command line and the JSON output name each
+    /// variant by its label (netwatch-common's encodings).
+    #[test]
+    fn serde_and_clap_names_are_the_labels() {
+        use clap::ValueEnum as _;
+        fn check<T>(all: &[T], label: fn(T) -> &'static str)
+        where
+            T: Copy + fmt::Debug + PartialEq + serde::Serialize + serde::de::DeserializeOwned,
+        {
+            for v in all.iter().copied() {
+                assert_eq!(serde_json::to_value(v).unwrap(), label(v), "{v:?}");
+                let back: T = serde_json::from_value(label(v).into()).unwrap();
+                assert_eq!(back, v);
+            }
+        }
+        check(&Mode::ALL, Mode::label);
+        check(&Role::ALL, Role::label);
+        check(&Action::ALL, Action::label);
+        for c in crate::detection::incidents::Classification::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.label());
+        }
+        let names: Vec<String> = Mode::value_variants()
+            .iter()
+            .map(|m| m.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(names, ["monitor", "enforce"]);
+        assert_eq!(
+            err(parse_action("reject")),
+            "action \"reject\" is not one of count, drop"
+        );
+        assert_eq!(err(parse_protocol("icmp")), "protocol \"icmp\" is not one of udp, tcp");
+        assert_eq!(
+            err("eth0:dmz".parse::<IfaceSpec>()),
+            "interface \"eth0:dmz\": role \"dmz\" is not one of wan, lan, host"
+        );
+    }
+
     #[test]
     fn rules_read_as_the_readme_writes_them() {
         let r: Rule = "udp/137".parse().unwrap();
         assert_eq!(
-            (r.protocol, r.port, r.inbound(), r.outbound()),
+            (r.protocol, r.port, r.inbound, r.outbound),
             (Protocol::Udp, 137, Action::Drop, Action::Drop)
         );
         let r: Rule = "tcp/445=count".parse().unwrap();
-        assert_eq!((r.inbound(), r.outbound()), (Action::Count, Action::Count));
+        assert_eq!((r.inbound, r.outbound), (Action::Count, Action::Count));
         let r: Rule = "udp/137=count,drop".parse().unwrap();
-        assert_eq!((r.inbound(), r.outbound()), (Action::Count, Action::Drop));
+        assert_eq!((r.inbound, r.outbound), (Action::Count, Action::Drop));
         assert_eq!(r.to_string(), "udp/137 inbound=count outbound=drop");
         assert!(r.is_netbios_ns());
         assert_eq!(

@@ -133,7 +133,11 @@ impl Harness {
     fn test_run(&self, hook: Hook, frame: &[u8], repeat: u32) -> Result<TestRunResult, aya::programs::ProgramError> {
         match hook {
             Hook::Xdp(dir) => run_xdp(
-                self.xdp[dir as usize].program(XDP_PROGRAM).unwrap().try_into().unwrap(),
+                self.xdp[usize::from(u8::from(dir))]
+                    .program(XDP_PROGRAM)
+                    .unwrap()
+                    .try_into()
+                    .unwrap(),
                 frame,
                 repeat,
             ),

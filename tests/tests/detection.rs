@@ -52,7 +52,7 @@ fn flags_at_exactly_the_threshold_once() {
     assert_eq!(events.len(), 1, "one event at the 5th distinct destination");
     let e = events[0];
     assert_eq!(&e.key.addr[..4], &SCANNER);
-    assert_eq!((e.key.family, e.key.direction, e.distinct), (4, Inbound as u8, 5));
+    assert_eq!((e.key.family, e.key.direction(), e.distinct), (4, Inbound, 5));
     // Repeats of one (source, destination) wait in the per-CPU flood memo
     // until the next packet of that source on the same CPU folds them in;
     // if the test thread moved CPUs, some are still pending in the event.
@@ -396,7 +396,7 @@ fn reverse_lookups_of_web_visitors_are_not_scans() {
     }
     let events = h.events();
     assert_eq!(events.len(), 1, "outbound sweep not flagged");
-    assert_eq!((events[0].key.direction, events[0].distinct), (Outbound as u8, 20));
+    assert_eq!((events[0].key.direction(), events[0].distinct), (Outbound, 20));
     // A SYN-ACK (the server answering) does not make a visitor.
     let synack = {
         let mut f = Frame::tcp4([198, 18, 9, 9], web, 80, 50000).build();
@@ -451,7 +451,7 @@ fn only_a_completed_handshake_makes_a_visitor() {
     }
     let events = h.events();
     assert_eq!(events.len(), 1, "sweep towards spoofed visitors not flagged");
-    assert_eq!((events[0].key.direction, events[0].distinct), (Outbound as u8, 20));
+    assert_eq!((events[0].key.direction(), events[0].distinct), (Outbound, 20));
     assert_eq!(reverse_lookups(&h), 0);
     let d = h.snapshot().detection;
     assert_eq!((d.visitors_recorded, d.web_syn_acks, d.web_acks_rejected), (0, 50, 100));

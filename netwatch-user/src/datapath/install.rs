@@ -22,9 +22,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use netwatch_common::{
-    Counter, DIRECTIONS, HASH_KEY_WORDS, ListEntry, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_WEB_PORTS, OUTCOMES,
+    Counter, Direction, HASH_KEY_WORDS, ListEntry, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_WEB_PORTS, Outcome,
     PORT_REVERSE_LOOKUP, PORT_WEB, PolicySettings, PortRule, PortRules, Protocol, RuleInfo, Settings, SourceKey,
-    bitmap_bits_for, flag_counter_index, maps, port_rule_index, rule_counter_index,
+    actions, bitmap_bits_for, flag_counter_index, maps, port_rule_index, rule_counter_index,
 };
 
 use super::lists::{ListItem, ListKind};
@@ -92,7 +92,7 @@ pub fn apply_policy(maps: &PinnedMaps, policy: &Policy) -> Result<()> {
         rules,
         purge_after,
         settings: PolicySettings {
-            mode: policy.mode.as_u32(),
+            mode: policy.mode.into(),
             allowlist_active: 0,
             blocklist_active: 0,
             visitor_secs: policy.visitor_secs,
@@ -367,7 +367,7 @@ fn assign_rule_slots(
     live: u32,
 ) -> Result<(Vec<(u32, RuleInfo, PortRule)>, Vec<u32>)> {
     let mut slots: Vec<RuleInfo> = maps.rule_slots_all()?.into_iter().map(|(_, info)| info).collect();
-    let same = |info: &RuleInfo, protocol: Protocol, port: u16| info.protocol == protocol as u8 && info.port == port;
+    let same = |info: &RuleInfo, protocol: Protocol, port: u16| info.protocol() == protocol && info.port == port;
     let mut taken = HashSet::new();
     let mut out = Vec::new();
     let mut purge_after = Vec::new();
@@ -396,7 +396,7 @@ fn assign_rule_slots(
                 purge_rule_slot(maps, slot as u32)?;
             }
             slots[slot] = RuleInfo {
-                protocol: rule.protocol as u8,
+                protocol: rule.protocol.into(),
                 port: rule.port,
                 ..RuleInfo::default()
             };
@@ -408,14 +408,14 @@ fn assign_rule_slots(
         }
         let info = RuleInfo {
             in_use: slots[slot].in_use,
-            protocol: rule.protocol as u8,
+            protocol: rule.protocol.into(),
             port: rule.port,
-            action: rule.action,
+            action: actions(rule.inbound, rule.outbound),
             _pad: [0; 2],
         };
         let port_rule = PortRule {
             id: slot as u16 + 1,
-            action: rule.action,
+            action: actions(rule.inbound, rule.outbound),
             flags,
             threshold: d.threshold,
             flag_bits: bitmap_bits_for(d.threshold),
@@ -434,8 +434,8 @@ fn purge_rule_slot(maps: &PinnedMaps, slot: u32) -> Result<()> {
     for name in [maps::RULE_COUNTERS, maps::REVERSE_COUNTERS] {
         let mut counters = maps.per_cpu_array::<Counter>(name)?;
         for iface in 0..MAX_IFACES {
-            for dir in 0..DIRECTIONS {
-                for outcome in 0..OUTCOMES {
+            for dir in Direction::ALL {
+                for outcome in Outcome::ALL {
                     let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
                     counters.set(rule_counter_index(iface, dir, slot, outcome), zeros, 0)?;
                 }
@@ -443,7 +443,7 @@ fn purge_rule_slot(maps: &PinnedMaps, slot: u32) -> Result<()> {
         }
     }
     let mut flags = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
-    for dir in 0..DIRECTIONS {
+    for dir in Direction::ALL {
         flags.set(
             flag_counter_index(slot, dir),
             PerCpuValues::try_from(vec![0u64; cpus])?,

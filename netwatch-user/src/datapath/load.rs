@@ -22,8 +22,8 @@ pub fn load_instance(pin_dir: &Path, iface_slot: u32, direction: Direction, link
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let direction = direction as u32;
-    let link = link as u32;
+    let direction = u8::from(direction);
+    let link = u32::from(link);
     loader
         .override_global(globals::IFACE_SLOT, &iface_slot, true)
         .override_global(globals::DIRECTION, &direction, true)

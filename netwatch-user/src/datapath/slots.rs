@@ -27,7 +27,7 @@ pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32,
         info = IfaceInfo::default();
     }
     info.in_use = 1;
-    info.role = role.as_u32();
+    info.role = role.into();
     info.ifindex = ifindex;
     info.name = name_bytes;
     info.configured = hooks;

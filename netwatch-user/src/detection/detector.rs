@@ -18,10 +18,9 @@ use crate::{
     clock::boot_secs,
     datapath::PinnedMaps,
     detection::incidents::{
-        AGGREGATE_AFTER, Classification, Clock as _, DEFAULT_RETENTION_DAYS, Observation, Recorded, Seen, Stamp, Store,
-        SystemClock,
+        AGGREGATE_AFTER, Clock as _, DEFAULT_RETENTION_DAYS, Observation, Recorded, Seen, Stamp, Store, SystemClock,
     },
-    detection::sources::{self, Names, Pending, addr_of, classification_of, key_for},
+    detection::sources::{self, Names, Pending, addr_of, key_for},
 };
 
 /// A flag within this long of an incident's last sighting updates it
@@ -106,18 +105,12 @@ impl Detector {
             if now.duration_since(incident.last_seen).unwrap_or_default() > REOPEN_AFTER {
                 continue;
             }
-            let direction = if incident.direction == "inbound" {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            };
-            let kind = match incident.classification {
-                Classification::Scan => netwatch_common::KIND_PROBE,
-                Classification::ReverseLookup => netwatch_common::KIND_REVERSE_LOOKUP,
-            };
+            let direction = Direction::from_label(&incident.direction).unwrap_or_default();
             if let Some(rule) = self.names.rule_slots().find(|s| self.names.rule(*s) == incident.rule) {
-                self.followed
-                    .insert(key_for(incident.source, rule, direction, kind), Instant::now());
+                self.followed.insert(
+                    key_for(incident.source, rule, direction, incident.classification),
+                    Instant::now(),
+                );
             }
         }
     }
@@ -143,14 +136,9 @@ impl Detector {
             seen,
             source: addr_of(key),
             rule: self.names.rule(key.rule),
-            direction: if key.direction == Direction::Inbound as u8 {
-                "inbound"
-            } else {
-                "outbound"
-            }
-            .to_string(),
+            direction: key.direction().label().to_string(),
             interface: self.names.iface(state.iface as u32),
-            classification: classification_of(key.kind),
+            classification: key.classification(),
             first_seen: wall(state.first_seen),
             last_seen: wall(state.last_seen),
             packets: state.packets,

@@ -12,31 +12,9 @@ use crate::clock::{from_unix, rfc3339, unix_secs};
 
 pub const DB_FILE: &str = "incidents.sqlite";
 
-/// What kind of traffic an incident is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Classification {
-    /// One-to-many probes: a worm or a scanner.
-    Scan,
-    /// udp/137 towards hosts that just visited a web port (IIS).
-    ReverseLookup,
-}
-
-impl Classification {
-    pub fn label(self) -> &'static str {
-        match self {
-            Classification::Scan => "scan",
-            Classification::ReverseLookup => "reverse-lookup",
-        }
-    }
-    fn parse(s: &str) -> Self {
-        if s == "reverse-lookup" {
-            Classification::ReverseLookup
-        } else {
-            Classification::Scan
-        }
-    }
-}
+/// What kind of traffic an incident is about: the classification of the
+/// kernel's per-source record it comes from.
+pub use netwatch_common::Classification;
 
 /// One incident, as stored and as `lookup` prints it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -539,7 +517,7 @@ impl Store {
                 rule: row.get(2)?,
                 direction: row.get(3)?,
                 interface: row.get(4)?,
-                classification: Classification::parse(&classification),
+                classification: Classification::from_label(&classification).unwrap_or_default(),
                 first_seen: from_unix(row.get(6)?),
                 last_seen: from_unix(row.get(7)?),
                 packets: row.get::<_, i64>(8)? as u64,

@@ -11,15 +11,13 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use netwatch_common::{
-    Direction, FloodCache, KIND_PROBE, KIND_REVERSE_LOOKUP, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct,
-    maps,
+    Classification, Direction, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, maps,
 };
 use serde::Serialize;
 
 use crate::{
     clock::boot_rfc3339,
     datapath::{PinnedMaps, iface_name},
-    detection::incidents::Classification,
 };
 
 /// A tracked source as the CLI and the HTTP API show it.
@@ -41,13 +39,8 @@ pub struct SourceView {
     pub blocked_until: Option<String>,
 }
 
-pub fn key_for(addr: IpAddr, rule: u8, direction: Direction, kind: u8) -> SourceKey {
-    let mut key = SourceKey {
-        rule,
-        direction: direction as u8,
-        kind,
-        ..SourceKey::default()
-    };
+pub fn key_for(addr: IpAddr, rule: u8, direction: Direction, classification: Classification) -> SourceKey {
+    let mut key = SourceKey::new(rule, direction, classification);
     match addr {
         IpAddr::V4(a) => {
             key.addr[..4].copy_from_slice(&a.octets());
@@ -83,16 +76,7 @@ impl Names {
             .rule_slots_all()?
             .into_iter()
             .filter(|(_, info)| info.in_use != 0)
-            .map(|(slot, info)| {
-                (
-                    slot as u8,
-                    format!(
-                        "{}/{}",
-                        crate::observe::snapshot::protocol_label(info.protocol),
-                        info.port
-                    ),
-                )
-            })
+            .map(|(slot, info)| (slot as u8, format!("{}/{}", info.protocol().label(), info.port)))
             .collect();
         let ifaces = maps
             .iface_slots()?
@@ -115,14 +99,6 @@ impl Names {
     }
 }
 
-pub fn classification_of(kind: u8) -> Classification {
-    if kind == KIND_REVERSE_LOOKUP {
-        Classification::ReverseLookup
-    } else {
-        Classification::Scan
-    }
-}
-
 /// A record as shown; `blocked_until` is its source's auto-block, if any
 /// (from `AUTO_BLOCKS`, see [`blocks`]).
 pub fn view(names: &Names, key: &SourceKey, state: &SourceState, blocked_until: Option<u32>) -> SourceView {
@@ -130,13 +106,9 @@ pub fn view(names: &Names, key: &SourceKey, state: &SourceState, blocked_until: 
     SourceView {
         source: addr_of(key),
         rule: names.rule(key.rule),
-        direction: if key.direction == Direction::Inbound as u8 {
-            "inbound"
-        } else {
-            "outbound"
-        },
+        direction: key.direction().label(),
         interface: names.iface(state.iface as u32),
-        classification: classification_of(key.kind),
+        classification: key.classification(),
         first_seen: boot_rfc3339(state.first_seen),
         last_seen: boot_rfc3339(state.last_seen),
         packets: state.packets,
@@ -184,8 +156,8 @@ pub fn lookup(maps: &PinnedMaps, names: &Names, addr: IpAddr) -> Result<Vec<Sour
     let mut out = Vec::new();
     for rule in names.rule_slots() {
         for dir in Direction::ALL {
-            for kind in [KIND_PROBE, KIND_REVERSE_LOOKUP] {
-                let key = key_for(addr, rule, dir, kind);
+            for classification in Classification::ALL {
+                let key = key_for(addr, rule, dir, classification);
                 if let Ok(mut state) = map.get(&key, 0) {
                     pending.add_to(&key, &mut state);
                     out.push(view(names, &key, &state, blocks.get(&key, 0).ok()));
@@ -341,7 +313,7 @@ pub fn top(maps: &PinnedMaps, names: &Names, limit: usize) -> Result<Vec<SourceV
 fn key_bytes(key: &SourceKey) -> [u8; 20] {
     let mut v = [0u8; 20];
     v[..16].copy_from_slice(&key.addr);
-    v[16..].copy_from_slice(&[key.family, key.rule, key.direction, key.kind]);
+    v[16..].copy_from_slice(&[key.family, key.rule, key.direction, key.classification]);
     v
 }
 
@@ -375,7 +347,7 @@ pub fn census(maps: &PinnedMaps, skip: &HashSet<SourceKey>, max: usize) -> Resul
     };
     for_each(maps, |key, state| {
         census.tracked += 1;
-        if key.kind == KIND_PROBE && state.flags & SOURCE_FLAGGED != 0 && !skip.contains(key) {
+        if key.classification() == Classification::Scan && state.flags & SOURCE_FLAGGED != 0 && !skip.contains(key) {
             if census.flagged.len() < max {
                 census.flagged.push((*key, *state));
             } else {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP, Protocol,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP,
     STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED,
     STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
 };
@@ -13,7 +13,6 @@ use crate::{
     clock::boot_rfc3339,
     datapath::lists::ListKind,
     datapath::{PinnedMaps, iface_name},
-    policy::{Action, Mode, Role},
 };
 
 #[derive(Debug, Serialize)]
@@ -114,6 +113,8 @@ pub struct RuleCounter {
     pub interface: String,
     pub direction: &'static str,
     pub rule: String,
+    /// The [`netwatch_common::Outcome`] label (`passed`/`dropped`), under
+    /// the name the JSON output and the metrics have always used for it.
     pub action: &'static str,
     pub packets: u64,
     pub bytes: u64,
@@ -129,10 +130,6 @@ pub struct ClassCounter {
     pub reason: Option<&'static str>,
     pub packets: u64,
     pub bytes: u64,
-}
-
-pub fn protocol_label(raw: u8) -> &'static str {
-    Protocol::from_raw(raw).label()
 }
 
 pub fn class_label(class: Class) -> &'static str {
@@ -154,7 +151,7 @@ impl Snapshot {
             .into_iter()
             .map(|(slot, info)| InterfaceState {
                 name: iface_name(&info),
-                role: Role::from_u32(info.role).label(),
+                role: info.role().label(),
                 ifindex: info.ifindex,
                 xdp: (info.attached & ATTACHED_XDP != 0).then_some(if info.xdp_generic != 0 {
                     "generic"
@@ -181,9 +178,9 @@ impl Snapshot {
                 reverse_slots.insert(slot);
             }
             rules.push(RuleState {
-                rule: format!("{}/{}", protocol_label(info.protocol), info.port),
-                inbound: Action::from_u8(params.action[0]).label(),
-                outbound: Action::from_u8(params.action[1]).label(),
+                rule: format!("{}/{}", info.protocol().label(), info.port),
+                inbound: params.action(Direction::Inbound).label(),
+                outbound: params.action(Direction::Outbound).label(),
                 threshold: params.threshold,
                 window_secs: params.window_secs,
                 block_secs: (params.block_secs != 0).then_some(params.block_secs),
@@ -199,7 +196,7 @@ impl Snapshot {
             for dir in Direction::ALL {
                 for rule in &rules {
                     for outcome in Outcome::ALL {
-                        let index = rule_counter_index(iface.slot, dir as u32, rule.slot, outcome as u32);
+                        let index = rule_counter_index(iface.slot, dir, rule.slot, outcome);
                         let c = PinnedMaps::counter_sum(&rule_map, index)?;
                         rule_counters.push(RuleCounter {
                             interface: iface.name.clone(),
@@ -212,8 +209,7 @@ impl Snapshot {
                     }
                 }
                 for class in Class::ALL {
-                    let c =
-                        PinnedMaps::counter_sum(&class_map, class_counter_index(iface.slot, dir as u32, class as u32))?;
+                    let c = PinnedMaps::counter_sum(&class_map, class_counter_index(iface.slot, dir, class))?;
                     class_counters.push(ClassCounter {
                         interface: iface.name.clone(),
                         direction: dir.label(),
@@ -244,10 +240,7 @@ impl Snapshot {
         let mut flagged = Vec::new();
         for rule in &rules {
             for dir in Direction::ALL {
-                let n: u64 = flag_map
-                    .get(&flag_counter_index(rule.slot, dir as u32), 0)?
-                    .iter()
-                    .sum();
+                let n: u64 = flag_map.get(&flag_counter_index(rule.slot, dir), 0)?.iter().sum();
                 flagged.push(FlagCount {
                     rule: rule.rule.clone(),
                     direction: dir.label(),
@@ -260,7 +253,7 @@ impl Snapshot {
         for iface in &interfaces {
             for rule in &rules {
                 for outcome in Outcome::ALL {
-                    let index = rule_counter_index(iface.slot, Direction::Outbound as u32, rule.slot, outcome as u32);
+                    let index = rule_counter_index(iface.slot, Direction::Outbound, rule.slot, outcome);
                     let c = PinnedMaps::counter_sum(&reverse_map, index)?;
                     // A rule that recognises reverse lookups has its series
                     // from the start, like every other counter.
@@ -292,7 +285,7 @@ impl Snapshot {
             reverse_lookups,
         };
         Ok(Snapshot {
-            mode: Mode::from_u32(settings.policy(settings.active & 1).mode).label(),
+            mode: settings.policy(settings.active & 1).mode().label(),
             interfaces,
             rules,
             allowlist: list(ListKind::Allow)?,
