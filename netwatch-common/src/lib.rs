@@ -899,7 +899,12 @@ pub mod maps {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const AUTO_BLOCKS: &str = "AUTO_BLOCKS";
     pub const EVENT_LOSSES: &str = "EVENT_LOSSES";
-    pub const ALL: [&str; 21] = [
+    /// The kernel's name of each interface slot's interface, where it was
+    /// renamed while attached (all zeroes: it has its configured name).
+    /// A map of its own, so that `IFACE_INFO` pinned by earlier versions
+    /// stays compatible; the programs never read it.
+    pub const IFACE_KERNEL_NAMES: &str = "IFACE_KERNEL_NAMES";
+    pub const ALL: [&str; 22] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -921,6 +926,7 @@ pub mod maps {
         EVENT_BUDGET,
         AUTO_BLOCKS,
         EVENT_LOSSES,
+        IFACE_KERNEL_NAMES,
     ];
 }
 

@@ -29,6 +29,11 @@ pub static RULE_INFO: Array<RuleInfo> = Array::with_max_entries(MAX_RULES, 0);
 #[map]
 pub static IFACE_INFO: Array<IfaceInfo> = Array::with_max_entries(MAX_IFACES, 0);
 
+/// The kernel's name of a slot's interface after a rename (zeroes: its
+/// configured name), for the controller and `status`; never read here.
+#[map]
+pub static IFACE_KERNEL_NAMES: Array<[u8; 16]> = Array::with_max_entries(MAX_IFACES, 0);
+
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(RULE_COUNTER_ENTRIES, 0);
 

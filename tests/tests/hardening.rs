@@ -492,7 +492,7 @@ fn bad_state_gets_a_clear_error_and_loses_nothing() {
         "not reported attached before the interface vanished"
     );
     lab.victim.ip(&["link", "del", VICTIM_IF]);
-    // The controller checks its interfaces every 5 s.
+    // The controller follows link notifications (and checks every 5 s).
     let gone = eventually(Some(0.0), Duration::from_secs(10), || {
         attached(&nw.metrics(&lab.victim))
     });

@@ -860,6 +860,9 @@ fn runs_with_only_the_capabilities_of_the_systemd_unit() {
         netwatch_tests::daemon::sample(&m, "netwatch_config_reloads_total", &[("result", "success")])
     });
     assert_eq!(reloaded, 1.0, "{}", std::fs::read_to_string(&log).unwrap());
+    // The link notification socket (AF_NETLINK) works under the filter.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("followed every"), "{logged}");
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(
@@ -1004,7 +1007,15 @@ fn json_output_keeps_its_documented_schema() {
     );
     assert_eq!(
         keys(&status["interfaces"][0]),
-        ["ifindex", "name", "role", "tc_egress", "tc_egress_mode", "xdp"]
+        [
+            "ifindex",
+            "kernel_name",
+            "name",
+            "role",
+            "tc_egress",
+            "tc_egress_mode",
+            "xdp"
+        ]
     );
     assert_eq!(
         keys(&status["rules"][0]),

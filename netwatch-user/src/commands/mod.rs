@@ -6,7 +6,7 @@ mod generate;
 mod lists;
 mod query;
 mod run;
-mod status;
+pub(crate) mod status;
 
 use anyhow::Result;
 

@@ -1,20 +1,20 @@
 //! `netwatch run`: attach, serve metrics, reload on SIGHUP, detach on exit.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashSet, path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::RingBuf;
 use netwatch_common::maps;
 use tokio::io::{Interest, unix::AsyncFd};
 
 use anyhow::{Context as _, Result, bail};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::RunArgs,
     config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
-    datapath::{self, Datapath, install},
+    datapath::{self, Datapath, LinkEvent, LinkEvents, install},
     detection::{
         detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
         sources,
@@ -183,7 +183,14 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
 
     // Signals that came while attaching are delivered to the handlers now.
     drop(held);
-    let result = runtime.block_on(serve_until_signal(&args, source, &config, &datapath, listener, signals));
+    let result = runtime.block_on(serve_until_signal(
+        &args,
+        source,
+        &config,
+        &mut datapath,
+        listener,
+        signals,
+    ));
     notify(&[NotifyState::Stopping]);
     // keep_attached as the last reload left it.
     let keep_attached = result.as_ref().map_or(config.keep_attached, |c| c.keep_attached);
@@ -201,6 +208,9 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
 /// How often open incidents are brought up to date from the kernel (and
 /// expired auto-blocks swept).
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How long link notifications settle before the interfaces are looked
+/// at: a burst (an interface made, renamed, brought up) is handled once.
+const LINK_SETTLE: Duration = Duration::from_millis(100);
 /// How often the per-source map is walked: the tracked sources counted
 /// (never at scrape time), flags whose events were lost recorded.
 const COUNT_EVERY: Duration = Duration::from_secs(30);
@@ -209,11 +219,11 @@ async fn serve_until_signal(
     args: &RunArgs,
     source: &ConfigSource,
     config: &RunConfig,
-    datapath: &Datapath,
+    datapath: &mut Datapath,
     listener: std::net::TcpListener,
     mut signals: Signals,
 ) -> Result<RunConfig> {
-    let maps = datapath.maps();
+    let maps = &datapath.maps().clone();
     // The configuration in force when the loop ends.
     let stats = Arc::new(ControllerStats::default());
     let mut detector = {
@@ -247,6 +257,23 @@ async fn serve_until_signal(
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
     let mut count = tokio::time::interval(COUNT_EVERY);
     let mut counting: Option<tokio::task::JoinHandle<Result<sources::Census>>> = None;
+    // Interfaces deleted, re-created or renamed while running: followed on
+    // the kernel's link notifications, and on every refresh in case one
+    // was missed.
+    let mut links = match LinkEvents::subscribe() {
+        Ok(links) => Some(links),
+        Err(err) => {
+            warn!(
+                "interface changes are followed every {} s only: {err:#}",
+                REFRESH_EVERY.as_secs()
+            );
+            None
+        }
+    };
+    let mut deleted = HashSet::new();
+    let settle = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(settle);
+    let mut settling = false;
 
     // systemd's watchdog (WatchdogSec=): pinged from this loop, so a
     // stuck loop gets the service restarted.
@@ -267,7 +294,7 @@ async fn serve_until_signal(
                 let mut reloading = vec![NotifyState::Reloading];
                 reloading.extend(NotifyState::monotonic_usec_now().ok());
                 notify(&reloading);
-                let outcome = reload(args, source, &current, datapath);
+                let outcome = reload(args, source, &current, &*datapath);
                 match outcome {
                     Ok(new) => {
                         stats.reload(true);
@@ -318,9 +345,34 @@ async fn serve_until_signal(
                 if let Err(err) = sources::sweep_auto_blocks(maps) {
                     warn!("sweeping expired auto-blocks: {err:#}");
                 }
-                if let Err(err) = datapath.check_interfaces() {
-                    warn!("checking interfaces: {err:#}");
+                follow_links(datapath, &mut deleted);
+            }
+            notified = async { links.as_mut().expect("guarded").next().await }, if links.is_some() => {
+                match notified {
+                    Ok(events) => {
+                        for event in events {
+                            debug!("link notification: {event:?}");
+                            if let LinkEvent::Deleted { ifindex, .. } = event {
+                                deleted.insert(ifindex);
+                            }
+                        }
+                        if !settling {
+                            settle.as_mut().reset(tokio::time::Instant::now() + LINK_SETTLE);
+                            settling = true;
+                        }
+                    }
+                    Err(err) => {
+                        warn!(
+                            "link notifications stopped, interface changes are followed every {} s only: {err:#}",
+                            REFRESH_EVERY.as_secs()
+                        );
+                        links = None;
+                    }
                 }
+            }
+            _ = &mut settle, if settling => {
+                settling = false;
+                follow_links(datapath, &mut deleted);
             }
             _ = count.tick(), if counting.is_none() => {
                 let maps = maps.clone();
@@ -359,6 +411,15 @@ async fn serve_until_signal(
     }
     server.abort();
     Ok(current)
+}
+
+/// Re-attaches, marks and logs interfaces that changed (see
+/// [`Datapath::follow_links`]); `deleted` is consumed.
+fn follow_links(datapath: &mut Datapath, deleted: &mut HashSet<u32>) {
+    if let Err(err) = datapath.follow_links(deleted) {
+        warn!("following interface changes: {err:#}");
+    }
+    deleted.clear();
 }
 
 /// Re-reads the config file and applies rules, lists and mode. Interface

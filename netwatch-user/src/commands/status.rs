@@ -49,7 +49,12 @@ pub fn render_text(s: &Snapshot) -> String {
             .tc_egress_mode
             .map(|m| format!(", tc egress ({m})"))
             .unwrap_or_default();
-        let _ = writeln!(out, "  {:<16} role {:<5} {xdp}{tc}", i.name, i.role);
+        let renamed = i
+            .kernel_name
+            .as_ref()
+            .map(|k| format!(", kernel name {k} (ifindex {})", i.ifindex))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {:<16} role {:<5} {xdp}{tc}{renamed}", i.name, i.role);
     }
     let _ = writeln!(out, "rules:");
     for r in &s.rules {

@@ -26,7 +26,7 @@ use log::{debug, info, warn};
 use netwatch_common::{Direction, maps};
 
 use super::{
-    iface::{ifindex, link_kind},
+    iface::{ifindex, ifname, link_kind},
     load::{TC_PROGRAM, XDP_PROGRAM, load_instance},
     pins::ensure_accessible,
     tc::{self, TcAttach, TcPath},
@@ -66,8 +66,24 @@ const TC_NL_QDISC: &str = "tcqdisc";
 enum Pinned {
     /// A BPF link pin: removing it detaches.
     Link(PathBuf),
-    /// A netlink TC egress filter on this interface.
-    TcNetlink(String),
+    /// A netlink TC egress filter on the interface of this index (its
+    /// name may have changed since).
+    TcNetlink(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    TcEgress,
+}
+
+/// One program instance this controller attached.
+struct Instance {
+    /// The configured interface name it was attached under.
+    iface: String,
+    hook: Hook,
+    _ebpf: Ebpf,
+    pinned: Pinned,
 }
 
 /// The programs this controller has attached. Dropping it leaves the
@@ -76,7 +92,7 @@ enum Pinned {
 pub struct Attachments {
     pin_dir: PathBuf,
     /// Program instances and what they own under the pin directory.
-    instances: Vec<(Ebpf, Pinned)>,
+    instances: Vec<Instance>,
 }
 
 impl Attachments {
@@ -85,6 +101,37 @@ impl Attachments {
             pin_dir: pin_dir.to_path_buf(),
             instances: Vec::new(),
         }
+    }
+
+    /// Records an attachment, in place of an earlier one of the same hook
+    /// on the same interface (whose program the new one replaced).
+    fn push(&mut self, iface: &str, hook: Hook, ebpf: Ebpf, pinned: Pinned) {
+        self.instances.retain(|i| !(i.iface == iface && i.hook == hook));
+        self.instances.push(Instance {
+            iface: iface.to_string(),
+            hook,
+            _ebpf: ebpf,
+            pinned,
+        });
+    }
+
+    /// Detaches whatever netwatch attached under the name `iface` and
+    /// removes its pins: from the interface of index `ifindex` where it
+    /// still exists (renamed), or nothing but the pins where it is gone
+    /// (the kernel dropped its programs with it). The interface keeps its
+    /// slot and counters; attaching again starts afresh.
+    pub fn release(&mut self, iface: &str, ifindex: Option<u32>) -> Result<()> {
+        // The instances hold descriptors of the links: closed first, so
+        // that removing the pins releases the links.
+        self.instances.retain(|i| i.iface != iface);
+        for hook in ["xdp", "tc"] {
+            let pin = link_pin(&self.pin_dir, hook, iface);
+            if pin.exists() {
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        }
+        remove_tc_netlink(&self.pin_dir, iface, ifindex)?;
+        Ok(())
     }
 
     /// Attaches XDP to `iface`, natively if the driver can, else in generic
@@ -111,7 +158,7 @@ impl Attachments {
             match program.attach_to_link(XdpLink::try_from(link)?) {
                 Ok(_) => {
                     info!("{iface}: re-adopted the XDP link pinned by an earlier run");
-                    self.instances.push((ebpf, Pinned::Link(pin)));
+                    self.push(iface, Hook::Xdp, ebpf, Pinned::Link(pin));
                     return Ok(None);
                 }
                 Err(err) => {
@@ -150,7 +197,7 @@ impl Attachments {
                 .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
             Some(mode)
         };
-        self.instances.push((ebpf, Pinned::Link(pin)));
+        self.push(iface, Hook::Xdp, ebpf, Pinned::Link(pin));
         Ok(mode)
     }
 
@@ -201,7 +248,7 @@ impl Attachments {
                     link.pin(&tcx_pin)
                         .with_context(|| format!("pinning TC link at {}", tcx_pin.display()))?;
                 }
-                if remove_tc_netlink(&self.pin_dir, iface)? > 0 {
+                if remove_tc_netlink(&self.pin_dir, iface, Some(index))? > 0 {
                     info!("{iface}: removed the netlink TC filter of an earlier run (now TCX)");
                 }
                 Pinned::Link(tcx_pin)
@@ -212,10 +259,10 @@ impl Attachments {
                     fs::remove_file(&tcx_pin).with_context(|| format!("removing {}", tcx_pin.display()))?;
                     info!("{iface}: removed the TCX link of an earlier run (now a netlink filter)");
                 }
-                Pinned::TcNetlink(iface.to_string())
+                Pinned::TcNetlink(index)
             }
         };
-        self.instances.push((ebpf, pinned));
+        self.push(iface, Hook::TcEgress, ebpf, pinned);
         Ok(path)
     }
 
@@ -223,15 +270,15 @@ impl Attachments {
     /// link pins, and the netlink filters with their records); maps stay
     /// pinned, so counters continue next run.
     pub fn detach(self) {
-        for (_, pinned) in &self.instances {
+        for Instance { iface, pinned, .. } in &self.instances {
             match pinned {
                 Pinned::Link(pin) => {
                     if let Err(err) = fs::remove_file(pin) {
                         warn!("removing link pin {}: {err}", pin.display());
                     }
                 }
-                Pinned::TcNetlink(iface) => {
-                    if let Err(err) = remove_tc_netlink(&self.pin_dir, iface) {
+                Pinned::TcNetlink(index) => {
+                    if let Err(err) = remove_tc_netlink(&self.pin_dir, iface, Some(*index)) {
                         warn!("removing the netlink TC filter on {iface}: {err:#}");
                     }
                 }
@@ -338,8 +385,14 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
             if added_clsact {
                 aya::programs::tc::qdisc_add_clsact(iface)
                     .with_context(|| format!("adding a clsact qdisc to {iface}"))?;
+                // A record left by the qdisc of an interface of this name
+                // that was deleted (and this one made) meanwhile.
+                let record = link_pin(pin_dir, TC_NL_QDISC, iface);
+                if record.exists() {
+                    fs::remove_file(&record).with_context(|| format!("removing {}", record.display()))?;
+                }
                 program
-                    .pin(link_pin(pin_dir, TC_NL_QDISC, iface))
+                    .pin(&record)
                     .with_context(|| format!("recording that netwatch added the clsact qdisc of {iface}"))?;
             }
             // First in line: a filter before netwatch's that ends
@@ -366,7 +419,7 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
             let id = match attached {
                 Ok(id) => id,
                 Err(err) => {
-                    let _ = remove_tc_netlink(pin_dir, iface);
+                    let _ = remove_tc_netlink(pin_dir, iface, Some(index));
                     let empty = || -> io::Result<bool> {
                         Ok(tc::filters(index, tc::Hook::Ingress)?.is_empty()
                             && tc::filters(index, tc::Hook::Egress)?.is_empty())
@@ -383,16 +436,18 @@ fn attach_tc_netlink(pin_dir: &Path, program: &mut SchedClassifier, iface: &str,
     Ok(())
 }
 
-/// Removes netwatch's netlink TC filter on `iface` and its records, and
-/// the clsact qdisc if netwatch added it and no filter is left on it.
-/// Other filters are never touched. Returns the number of pins removed.
-fn remove_tc_netlink(pin_dir: &Path, iface: &str) -> Result<usize> {
+/// Removes netwatch's netlink TC filter attached under the name `iface`
+/// (on the interface of index `index`, which may have been renamed) and
+/// its records, and the clsact qdisc if netwatch added it and no filter
+/// is left on it. Other filters are never touched. Returns the number of
+/// pins removed.
+fn remove_tc_netlink(pin_dir: &Path, iface: &str, index: Option<u32>) -> Result<usize> {
     let pins = [TC_NL, TC_NL_NEXT, TC_NL_QDISC].map(|hook| link_pin(pin_dir, hook, iface));
     if !pins.iter().any(|p| p.exists()) {
         return Ok(0);
     }
     // Gone with its interface otherwise.
-    if let Ok(index) = ifindex(iface) {
+    if let Some(index) = index.filter(|&i| ifname(i).is_some()) {
         let ours = find_tc_netlink(pin_dir, iface, index)?;
         for (filter, _) in &ours {
             tc::delete_filter(index, tc::Hook::Egress, filter)
@@ -441,8 +496,8 @@ fn is_dead_link(err: &anyhow::Error) -> bool {
 /// attached afresh; the interface keeps its slot, so its counters continue.
 fn drop_dead_link(pin: &Path, iface: &str, hook: &str) -> Result<()> {
     warn!(
-        "{iface}: the {hook} link pinned by an earlier run is dead (the interface was deleted, maybe re-created, \
-         while no controller ran); attaching afresh, counters kept"
+        "{iface}: the {hook} link pinned for it is dead (the interface was deleted, maybe re-created, since it was \
+         attached); attaching afresh, counters kept"
     );
     fs::remove_file(pin).with_context(|| format!("removing the dead link pin {}", pin.display()))
 }
@@ -487,8 +542,26 @@ pub fn detach_all(pin_dir: &Path) -> Result<usize> {
                 tc_netlink.insert(iface);
             }
         }
+        // An interface renamed while attached is found by the index its
+        // slot recorded, others by name.
+        let recorded: std::collections::HashMap<String, u32> = super::maps::PinnedMaps::open(pin_dir)
+            .and_then(|maps| maps.iface_slots())
+            .map(|slots| {
+                slots
+                    .iter()
+                    .filter(|(_, info)| info.ifindex != 0)
+                    .map(|(_, info)| (super::slots::iface_name(info), info.ifindex))
+                    .collect()
+            })
+            .unwrap_or_default();
         for iface in tc_netlink {
-            removed += remove_tc_netlink(pin_dir, &iface)?;
+            let by_name = ifindex(&iface).ok();
+            let index = [recorded.get(&iface).copied(), by_name]
+                .into_iter()
+                .flatten()
+                .find(|&i| ifname(i).is_some() && find_tc_netlink(pin_dir, &iface, i).is_ok_and(|f| !f.is_empty()))
+                .or(by_name);
+            removed += remove_tc_netlink(pin_dir, &iface, index)?;
         }
         for entry in fs::read_dir(&links)? {
             let path = entry?.path();

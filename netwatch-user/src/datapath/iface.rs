@@ -11,6 +11,13 @@ pub fn ifindex(name: &str) -> Result<u32> {
         .map_err(|_| anyhow!("interface {name:?} does not exist in this network namespace"))
 }
 
+/// The name the interface of index `index` has in this network namespace
+/// now, if there is one.
+pub fn ifname(index: u32) -> Option<String> {
+    let name = nix::net::if_::if_indextoname(index).ok()?;
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// Where frames on `iface` start, from its link type (`ARPHRD_*`, as
 /// SIOCGIFHWADDR reports it in this network namespace). A device whose
 /// frames netwatch cannot parse is refused, never attached blind.

@@ -9,6 +9,7 @@
 //!   the maps;
 //! - `slots`: interface slots and what is attached to them;
 //! - `iface`: interface index and link type;
+//! - `links`: link notifications (rtnetlink), which `run` follows;
 //! - `attach` and `tc`: XDP and TC egress attachments, and detaching.
 //!
 //! Every map is pinned by name under the pin directory, so counters and
@@ -21,6 +22,7 @@ mod attach;
 mod controller;
 mod iface;
 pub mod install;
+mod links;
 pub mod lists;
 mod load;
 mod maps;
@@ -30,8 +32,9 @@ pub mod tc;
 
 pub use attach::{Attachments, XdpAttachMode, detach_all};
 pub use controller::Datapath;
-pub use iface::{ifindex, link_kind};
+pub use iface::{ifindex, ifname, link_kind};
+pub use links::{LinkEvent, LinkEvents};
 pub use load::{EBPF_OBJECT, TC_PROGRAM, XDP_PROGRAM, load_instance};
 pub use maps::PinnedMaps;
 pub use pins::{PinDirLock, lock_pin_dir, prepare_pin_dir};
-pub use slots::{check_interfaces, claim_iface_slot, iface_name, mark_all_detached, mark_attached, update_iface};
+pub use slots::{claim_iface_slot, iface_name, kernel_names, mark_all_detached, mark_attached, update_iface};

@@ -2,10 +2,9 @@
 //! counters belongs to, and what is attached there (for `status`).
 
 use anyhow::{Result, anyhow, bail};
-use log::warn;
 use netwatch_common::{ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, IfaceInfo, MAX_IFACES, maps};
 
-use super::{attach::XdpAttachMode, iface::ifindex, maps::PinnedMaps, tc::TcPath};
+use super::{attach::XdpAttachMode, maps::PinnedMaps, tc::TcPath};
 use crate::policy::Role;
 
 /// Finds the slot an interface had before (by name), or a free one.
@@ -32,6 +31,7 @@ pub fn claim_iface_slot(maps: &PinnedMaps, name: &str, role: Role, ifindex: u32,
     info.name = name_bytes;
     info.configured = hooks;
     map.set(slot, info, 0)?;
+    set_kernel_name(maps, slot, None)?;
     Ok(slot)
 }
 
@@ -83,20 +83,34 @@ pub fn mark_attached(
     })
 }
 
-/// Notices interfaces that went away (or were replaced) while attached:
-/// the kernel detached their programs; mark them so, keep their counters.
-pub fn check_interfaces(maps: &PinnedMaps) -> Result<()> {
-    for (slot, info) in maps.iface_slots()? {
-        if info.attached == 0 {
-            continue;
-        }
-        let name = iface_name(&info);
-        if ifindex(&name).ok() != Some(info.ifindex) {
-            warn!("interface {name} disappeared while attached: its programs are gone, its counters are kept");
-            update_iface(maps, slot, |i| i.attached = 0)?;
-        }
+/// Records the name the kernel gives a slot's interface now, where it is
+/// not the configured one (renamed while attached); `None` clears it.
+pub fn set_kernel_name(maps: &PinnedMaps, slot: u32, name: Option<&str>) -> Result<()> {
+    let bytes = match name {
+        Some(name) => iface_name_bytes(name)?,
+        None => [0; 16],
+    };
+    let mut map = maps.array::<[u8; 16]>(maps::IFACE_KERNEL_NAMES)?;
+    if map.get(&slot, 0)? != bytes {
+        map.set(slot, bytes, 0)?;
     }
     Ok(())
+}
+
+/// The kernel's name of each slot's interface where it differs from the
+/// configured one (see [`set_kernel_name`]). Pins made by a netwatch
+/// before this map existed have none.
+pub fn kernel_names(maps: &PinnedMaps) -> Vec<Option<String>> {
+    let Ok(map) = maps.array::<[u8; 16]>(maps::IFACE_KERNEL_NAMES) else {
+        return vec![None; MAX_IFACES as usize];
+    };
+    (0..MAX_IFACES)
+        .map(|slot| {
+            let bytes = map.get(&slot, 0).ok()?;
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
+        })
+        .collect()
 }
 
 /// Forgets which interfaces and hooks are configured (before a
@@ -119,6 +133,7 @@ pub fn mark_all_detached(maps: &PinnedMaps) -> Result<()> {
             info.in_use = 0;
             info.ifindex = 0;
         })?;
+        set_kernel_name(maps, slot, None)?;
     }
     Ok(())
 }

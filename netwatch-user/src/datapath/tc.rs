@@ -216,8 +216,9 @@ impl Socket {
     }
 }
 
-/// Attributes of a netlink message payload after a header of `skip` bytes.
-fn attrs(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])> {
+/// Attributes of a netlink message payload after a header of `skip` bytes
+/// (also read by `links`).
+pub(super) fn attrs(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])> {
     let mut rest = payload.get(skip..).unwrap_or(&[]);
     std::iter::from_fn(move || {
         if rest.len() < 4 {
@@ -234,7 +235,7 @@ fn attrs(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-fn c_string(value: &[u8]) -> String {
+pub(super) fn c_string(value: &[u8]) -> String {
     let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
     String::from_utf8_lossy(&value[..end]).into_owned()
 }

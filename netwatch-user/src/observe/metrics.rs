@@ -483,6 +483,7 @@ mod tests {
             mode: "enforce",
             interfaces: vec![InterfaceState {
                 name: "veth0".into(),
+                kernel_name: None,
                 role: "wan",
                 ifindex: 7,
                 xdp: Some("native"),
@@ -700,6 +701,38 @@ mod tests {
         );
     }
 
+    /// An interface renamed while attached: its series keep the
+    /// configured name (stable series); `status` shows the kernel's.
+    #[test]
+    fn a_renamed_interface_keeps_the_configured_name_as_its_label() {
+        let mut s = snapshot();
+        s.interfaces[0].kernel_name = Some("ppp9".into());
+        struct Fixed(Vec<MetricFamily>);
+        impl Collector for Fixed {
+            fn desc(&self) -> Vec<&Desc> {
+                Vec::new()
+            }
+            fn collect(&self) -> Vec<MetricFamily> {
+                self.0.clone()
+            }
+        }
+        let registry = Registry::new();
+        registry.register(Box::new(Fixed(families(&s, None).unwrap()))).unwrap();
+        let text = encode(&registry.gather()).unwrap();
+        assert!(
+            text.contains(r#"netwatch_interface_attached{hook="xdp",interface="veth0",mode="native",role="wan"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("ppp9"), "{text}");
+        let status = crate::commands::status::render_text(&s);
+        assert!(
+            status.contains("veth0            role wan   xdp native, tc egress (tcx), kernel name ppp9 (ifindex 7)"),
+            "{status}"
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["interfaces"][0]["kernel_name"], "ppp9");
+    }
+
     #[test]
     fn the_status_json_keeps_its_shape() {
         let value = serde_json::to_value(snapshot()).unwrap();
@@ -724,7 +757,15 @@ mod tests {
         // Slots are internal: never serialised.
         assert_eq!(
             keys(&value["interfaces"][0]),
-            ["ifindex", "name", "role", "tc_egress", "tc_egress_mode", "xdp"]
+            [
+                "ifindex",
+                "kernel_name",
+                "name",
+                "role",
+                "tc_egress",
+                "tc_egress_mode",
+                "xdp"
+            ]
         );
         assert_eq!(
             keys(&value["rules"][0]),

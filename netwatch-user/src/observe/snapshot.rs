@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::{
     clock::boot_rfc3339,
     datapath::lists::ListKind,
-    datapath::{PinnedMaps, iface_name},
+    datapath::{PinnedMaps, iface_name, kernel_names},
 };
 
 #[derive(Debug, Serialize)]
@@ -78,7 +78,12 @@ pub struct FlagCount {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct InterfaceState {
+    /// The configured name: the slot's, and the `interface` label of its
+    /// counters, whatever the kernel calls the interface now.
     pub name: String,
+    /// The kernel's name of the interface (`ifindex`) where it was renamed
+    /// while attached; null when it has the configured name.
+    pub kernel_name: Option<String>,
     pub role: &'static str,
     pub ifindex: u32,
     /// `native`, `generic` or `null` when no XDP program is attached.
@@ -146,11 +151,13 @@ impl Snapshot {
         let settings = maps.settings()?;
         // Counters are kept for every slot ever used, so counters of an
         // interface that is not attached right now still show.
+        let kernel = kernel_names(maps);
         let interfaces: Vec<InterfaceState> = maps
             .iface_slots()?
             .into_iter()
             .map(|(slot, info)| InterfaceState {
                 name: iface_name(&info),
+                kernel_name: kernel.get(slot as usize).cloned().flatten(),
                 role: info.role().label(),
                 ifindex: info.ifindex,
                 xdp: (info.attached & ATTACHED_XDP != 0).then_some(if info.xdp_generic != 0 {
