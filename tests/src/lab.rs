@@ -24,19 +24,27 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
-        let scanner = Netns::new("s");
-        let victim = Netns::new("v");
+        let lab = Lab {
+            scanner: Netns::new("s"),
+            victim: Netns::new("v"),
+        };
+        lab.make_link();
+        lab.victim.local_range(TARGET_RANGE);
+        lab.scanner.ip(&["route", "add", TARGET_RANGE, "via", VICTIM_IP]);
+        lab
+    }
+
+    /// The veth between scanner and victim with their addresses; also
+    /// what a test calls to re-create it after deleting it.
+    pub fn make_link(&self) {
         veth(
-            &scanner,
+            &self.scanner,
             SCANNER_IF,
             "198.18.0.1/24",
-            &victim,
+            &self.victim,
             VICTIM_IF,
             "198.18.0.2/24",
         );
-        victim.local_range(TARGET_RANGE);
-        scanner.ip(&["route", "add", TARGET_RANGE, "via", VICTIM_IP]);
-        Lab { scanner, victim }
     }
 }
 

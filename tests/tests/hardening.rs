@@ -842,14 +842,7 @@ fn run_starts_over_links_of_a_recreated_interface() {
     nw.kill_and_keep_pins();
     // The interface goes and comes back under the same name.
     lab.victim.ip(&["link", "del", VICTIM_IF]);
-    netwatch_tests::netns::veth(
-        &lab.scanner,
-        SCANNER_IF,
-        "198.18.0.1/24",
-        &lab.victim,
-        VICTIM_IF,
-        "198.18.0.2/24",
-    );
+    lab.make_link();
     lab.scanner.ip(&["route", "replace", TARGET_RANGE, "via", VICTIM_IP]);
     let nw = Netwatch::start_with_state(&lab.victim, &pins, &state, &args);
     assert!(nw.log().contains("is dead"), "{}", nw.log());

@@ -73,19 +73,6 @@ fn wait_until(within: Duration, what: &str, nw: &Netwatch, mut f: impl FnMut() -
     }
 }
 
-/// Deletes the victim's veth (both ends go) and makes it again under the
-/// same names and addresses; returns when both ends are up.
-fn recreate(lab: &Lab) {
-    veth(
-        &lab.scanner,
-        SCANNER_IF,
-        "198.18.0.1/24",
-        &lab.victim,
-        VICTIM_IF,
-        "198.18.0.2/24",
-    );
-}
-
 /// Sends one probe at a time from the scanner until the counter of
 /// dropped inbound udp/137 passes `before`; returns how long that took
 /// from `since` and how many probes were sent.
@@ -136,7 +123,7 @@ fn a_recreated_interface_is_attached_again_counters_kept() {
     });
 
     let added = Instant::now();
-    recreate(&lab);
+    lab.make_link();
     let up = added.elapsed();
     let new = ifindex(&lab.victim, VICTIM_IF);
     assert_ne!(new, old, "the kernel gave the new interface the old index");
@@ -314,7 +301,7 @@ fn tc_egress_is_attached_again_on_a_recreated_interface() {
         let old = ifindex(&lab.victim, VICTIM_IF);
 
         lab.victim.ip(&["link", "del", VICTIM_IF]);
-        recreate(&lab);
+        lab.make_link();
         let new = ifindex(&lab.victim, VICTIM_IF);
         wait_until(Duration::from_secs(10), "TC egress re-attached", &nw, || {
             let i = slot(&nw);

@@ -554,8 +554,14 @@ mod tests {
         }
     }
 
-    /// What one registry gathers from `families`, as text.
+    /// What one registry gathers from `families` of the hand-built
+    /// snapshot, as text.
     fn exposition(stats: Option<&ControllerStats>) -> String {
+        exposition_of(&snapshot(), stats)
+    }
+
+    /// What one registry gathers from `families` of `snapshot`, as text.
+    fn exposition_of(snapshot: &Snapshot, stats: Option<&ControllerStats>) -> String {
         struct Fixed(Vec<MetricFamily>);
         impl Collector for Fixed {
             fn desc(&self) -> Vec<&Desc> {
@@ -567,7 +573,7 @@ mod tests {
         }
         let registry = Registry::new();
         registry
-            .register(Box::new(Fixed(families(&snapshot(), stats).unwrap())))
+            .register(Box::new(Fixed(families(snapshot, stats).unwrap())))
             .unwrap();
         encode(&registry.gather()).unwrap()
     }
@@ -707,18 +713,7 @@ mod tests {
     fn a_renamed_interface_keeps_the_configured_name_as_its_label() {
         let mut s = snapshot();
         s.interfaces[0].kernel_name = Some("ppp9".into());
-        struct Fixed(Vec<MetricFamily>);
-        impl Collector for Fixed {
-            fn desc(&self) -> Vec<&Desc> {
-                Vec::new()
-            }
-            fn collect(&self) -> Vec<MetricFamily> {
-                self.0.clone()
-            }
-        }
-        let registry = Registry::new();
-        registry.register(Box::new(Fixed(families(&s, None).unwrap()))).unwrap();
-        let text = encode(&registry.gather()).unwrap();
+        let text = exposition_of(&s, None);
         assert!(
             text.contains(r#"netwatch_interface_attached{hook="xdp",interface="veth0",mode="native",role="wan"} 1"#),
             "{text}"
