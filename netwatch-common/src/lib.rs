@@ -375,7 +375,10 @@ impl PolicySettings {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// The version in force: 0 or 1.
+    /// The version in force (bit 0: 0 or 1) and, above it, a generation
+    /// that every switch advances, so that the datapath's memo of a
+    /// verdict (see [`MemoTag::policy`]) never outlives the policy it was
+    /// made under, even across two switches back to the same version.
     pub active: u32,
     pub _pad: u32,
     pub versions: [PolicySettings; POLICY_VERSIONS],
@@ -394,6 +397,18 @@ impl Settings {
         // SAFETY: a plain aligned read of a field we hold a reference to;
         // volatile so the compiler neither repeats nor elides it.
         unsafe { core::ptr::read_volatile(&self.active) & 1 }
+    }
+
+    /// `active` as it is, version and generation: what a memo is tagged with.
+    #[inline(always)]
+    pub fn active_word(&self) -> u32 {
+        // SAFETY: as in `active_version`.
+        unsafe { core::ptr::read_volatile(&self.active) }
+    }
+
+    /// Puts `version` in force, advancing the generation.
+    pub fn switch_to(&mut self, version: u32) {
+        self.active = ((self.active >> 1).wrapping_add(1) << 1) | (version & 1);
     }
 
     /// The settings of `version`.
@@ -742,27 +757,59 @@ pub struct FlagEvent {
     pub flagged_ns: u64,
 }
 
-/// Per-CPU memo of the last (source, destination) a CPU tracked. A flood
-/// repeats one tuple: those packets only bump `pending_*` here, folded into
-/// the source record when the tuple changes, the second changes, or
-/// `FLOOD_CACHE_FLUSH` packets have piled up. Readers add the pending
-/// counts of a matching key (see the controller's `sources::lookup`).
+/// Per-CPU memo of the last matched packet a CPU judged in full. A flood
+/// repeats one packet: while the memo is fresh, a packet whose
+/// [`MemoTag`] equals the memo's is counted under `counter` and given
+/// `verdict` right after parsing, with no rule, list or per-source lookup,
+/// and its counts wait in `pending_*`, folded into `key`'s source record
+/// when the memo is next replaced: at the first other packet, after
+/// `FLOOD_CACHE_FLUSH` packets, or `FLOOD_CACHE_JIFFIES` after it was
+/// made. Readers add the pending counts of a matching key (see the
+/// controller's `sources::lookup`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FloodCache {
+    /// The source record the pending counts belong to.
     pub key: SourceKey,
-    pub dst_hash: u32,
-    /// The jiffy from which the memo is stale (`FLOOD_CACHE_JIFFIES` after
-    /// it was made). Jiffies, because reading them is an inlined load
-    /// while a clock read is a helper call that costs more than the rest
-    /// of a memo hit.
+    /// `MEMO_DROP` and `MEMO_REVERSE`: what the memoised packet got.
+    pub verdict: u32,
+    /// The jiffy from which the memo is stale. Jiffies, because reading
+    /// them is an inlined load while a clock read is a helper call that
+    /// costs more than the rest of a memo hit.
     pub expires_jiffies: u64,
-    /// Whether the source was blocked when memoised.
-    pub blocked: u32,
     pub pending_packets: u32,
     pub pending_bytes: u32,
-    pub _pad: u32,
+    /// The `RULE_COUNTERS` (and `REVERSE_COUNTERS`) index the memoised
+    /// packet was counted under.
+    pub counter: u32,
+    pub tag: MemoTag,
 }
+
+/// What decides a matched packet's verdict and counters, as the parser
+/// found it: two packets with equal tags get the same answer (until the
+/// policy changes, which changes `policy`, or the memo goes stale).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoTag {
+    /// Source and destination address: IPv4 in the first word (network
+    /// order, as the packet holds them), the rest zero.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Destination port, protocol << 16, address family (4 or 6) << 24,
+    /// the TCP SYN, RST and ACK flags << 27.
+    pub port: u32,
+    /// Interface slot, direction << 16: the memo is shared by every
+    /// program instance on the CPU.
+    pub iface: u32,
+    /// `Settings::active` when the packet was judged (version and
+    /// generation).
+    pub policy: u32,
+}
+
+/// `FloodCache::verdict` bits: the packet was dropped; it was a reverse
+/// lookup (counted apart as well).
+pub const MEMO_DROP: u32 = 1;
+pub const MEMO_REVERSE: u32 = 2;
 pub const FLOOD_CACHE_FLUSH: u32 = 64;
 /// 64 jiffies: 64 ms at HZ=1000, 256 ms at HZ=250, under a second for
 /// any HZ of at least 64.
@@ -985,6 +1032,22 @@ mod tests {
             }
             assert_eq!(<$ty>::from_label("no such label"), None);
         };
+    }
+
+    #[test]
+    fn a_switch_puts_the_version_in_force_and_advances_the_generation() {
+        let mut settings = Settings::default();
+        let mut seen = Vec::new();
+        for next in [1, 0, 1, 0] {
+            settings.switch_to(next);
+            assert_eq!(settings.active_version(), next);
+            seen.push(settings.active_word());
+        }
+        // Two switches back to one version still tag memos apart.
+        assert_eq!(seen, [3, 4, 7, 8]);
+        settings.active = u32::MAX;
+        settings.switch_to(1);
+        assert_eq!((settings.active_version(), settings.active_word()), (1, 1));
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod handshake;
 mod helpers;
 mod lists;
 mod maps;
+mod memo;
 mod parse;
 mod track;
 mod verdict;

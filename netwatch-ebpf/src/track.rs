@@ -4,15 +4,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
-    helpers::bpf_jiffies64,
-};
+use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP};
 use netwatch_common::{
-    Classification, Direction, EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FLOOD_CACHE_FLUSH, FLOOD_CACHE_JIFFIES,
-    FlagEvent, HASH_KEY_WORDS, MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS,
-    SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED,
-    SourceKey, SourceState, flag_counter_index,
+    Classification, Direction, EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FlagEvent, HASH_KEY_WORDS,
+    MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED,
+    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState,
+    flag_counter_index,
 };
 
 use crate::{
@@ -133,6 +130,9 @@ fn clear_flags(state: &mut SourceState, bits: u32) {
 pub struct Tracked {
     /// The source is auto-blocked on this rule right now.
     pub blocked: bool,
+    /// The flood memo now holds this source: the packet's verdict may be
+    /// memoised (`memo::remember`).
+    pub memoised: bool,
 }
 
 /// Records one packet of `bytes` that matched `rule` from the source in
@@ -161,9 +161,10 @@ pub fn track_source(
     record_packet(&key, dir, classification, rule, dst_hash, iface, bytes, may_block)
 }
 
-/// Records one packet from `key`'s source to the destination `dst_hash`:
-/// in the per-CPU flood memo when it repeats the last tuple, else in the
-/// source's record (its sketch, its flag, its auto-block).
+/// Records one packet from `key`'s source to the destination `dst_hash`
+/// in the source's record (its sketch, its flag, its auto-block), first
+/// folding into its record what the CPU's flood memo holds (see `memo`),
+/// and makes this source the memo's.
 /// `dir` and `classification` are the key's, as the caller knows them
 /// (the verifier then follows the constants rather than the key's bytes).
 #[allow(clippy::too_many_arguments)]
@@ -178,26 +179,15 @@ fn record_packet(
     bytes: u64,
     may_block: bool,
 ) -> Tracked {
+    let untracked = Tracked {
+        blocked: false,
+        memoised: false,
+    };
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
-        return Tracked { blocked: false };
+        return untracked;
     };
     // SAFETY: per-CPU map value, ours while we run.
     let cache = unsafe { &mut *cache };
-    // A flood repeats one tuple: nothing about the source can change but
-    // its counts, so count here and skip the per-source map.
-    // SAFETY: helper without arguments (inlined by the verifier).
-    let jiffies = unsafe { bpf_jiffies64() };
-    if jiffies < cache.expires_jiffies
-        && cache.dst_hash == dst_hash
-        && cache.pending_packets < FLOOD_CACHE_FLUSH
-        && cache.key == *key
-    {
-        cache.pending_packets += 1;
-        cache.pending_bytes += bytes as u32;
-        return Tracked {
-            blocked: cache.blocked != 0,
-        };
-    }
     let now = coarse_monotonic_secs();
     // Fold what the memo holds into its record: here if it is this
     // source's, else with a lookup of its own.
@@ -230,7 +220,7 @@ fn record_packet(
             }
             match SOURCES.get_ptr_mut(key) {
                 Some(state) => state,
-                None => return Tracked { blocked: false },
+                None => return untracked,
             }
         }
     };
@@ -278,12 +268,11 @@ fn record_packet(
             increment(&EVENT_LOSSES, EVENT_LOSS_RATE_LIMITED);
         }
     }
-    let blocked = blocked_until != 0;
     cache.key = *key;
-    cache.dst_hash = dst_hash;
-    cache.expires_jiffies = jiffies + FLOOD_CACHE_JIFFIES;
-    cache.blocked = blocked as u32;
-    Tracked { blocked }
+    Tracked {
+        blocked: blocked_until != 0,
+        memoised: true,
+    }
 }
 
 /// When `key`'s auto-block ends, or 0 when none is in force. An expired

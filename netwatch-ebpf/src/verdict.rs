@@ -13,6 +13,7 @@ use crate::{
     helpers::{coarse_monotonic_secs, count_packet},
     lists::{either_allowlisted, source_allowlisted, source_blocklisted},
     maps::{CLASS_COUNTERS, PORT_RULES, REVERSE_COUNTERS, RULE_COUNTERS, SETTINGS},
+    memo,
     parse::{Addrs, parse},
     track::track_source,
 };
@@ -47,7 +48,15 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
     let Some(settings) = SETTINGS.get(0) else {
         return false;
     };
-    let version = settings.active_version();
+    // A flood's repeats stop here.
+    let policy_word = settings.active_word();
+    if let Some(drop) = memo::replay(&packet, iface, dir, policy_word, bytes) {
+        return drop;
+    }
+    // Staged here, while the addresses are read anyway (reading them again
+    // at the end would split the verifier's states).
+    memo::stage(&packet, iface, dir, policy_word);
+    let version = policy_word & 1;
     let rule = rules.version(version);
     let policy = settings.policy(version);
     observe_web_handshake(&packet, rule.flags, dir);
@@ -87,7 +96,10 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
         may_block,
     );
     let drop = enforce && !allowlisted && (action == Action::Drop || tracked.blocked || blocklisted);
-    count_matched(iface, dir, rule.slot(), drop, reverse, bytes);
+    let counter = count_matched(iface, dir, rule.slot(), drop, reverse, bytes);
+    if tracked.memoised && memo::memoisable(&packet, rule.flags, dir) {
+        memo::remember(drop, reverse, counter);
+    }
     drop
 }
 
@@ -116,13 +128,14 @@ fn count_class(iface: u32, dir: Direction, class: Class, bytes: u64) {
 }
 
 /// Counts a packet that matched rule slot `slot` under its outcome, and
-/// a reverse lookup also apart.
+/// a reverse lookup also apart; returns the counters' index.
 #[inline(always)]
-fn count_matched(iface: u32, dir: Direction, slot: u32, dropped: bool, reverse: bool, bytes: u64) {
+fn count_matched(iface: u32, dir: Direction, slot: u32, dropped: bool, reverse: bool, bytes: u64) -> u32 {
     let outcome = if dropped { Outcome::Dropped } else { Outcome::Passed };
     let index = rule_counter_index(iface, dir, slot, outcome);
     count_packet(RULE_COUNTERS.get_ptr_mut(index), bytes);
     if reverse {
         count_packet(REVERSE_COUNTERS.get_ptr_mut(index), bytes);
     }
+    index
 }

@@ -544,6 +544,45 @@ fn reload_keeps_counters_of_kept_rules() {
     assert_eq!(h.rule_packets("inbound", "udp/138", "passed"), 0);
 }
 
+/// A repeated packet is answered from the CPU's flood memo, but never
+/// under a policy it was not judged by: every switch (two of them back to
+/// the same version included) and every list change takes effect at the
+/// next packet, and the memo's packets are counted exactly.
+#[test]
+fn a_memoised_verdict_never_outlives_the_policy() {
+    require_privileged!();
+    let monitor = policy(Mode::Monitor, &["udp/137"]);
+    let enforce = policy(Mode::Enforce, &["udp/137=count"]);
+    let h = Harness::new(&monitor);
+    let nb = Frame::udp4(A, B, 1, 137).build();
+    let xdp = Hook::Xdp(Inbound);
+    assert_eq!(h.run_repeat(xdp, &nb, 10), 2, "monitor passes");
+    // Two switches with no packet between: the version in force is the one
+    // the memo was made under, the policy is not.
+    let mut blocked = enforce.clone();
+    blocked.blocklist = vec![parse_cidr("198.18.0.1/32").unwrap()];
+    h.apply(&enforce);
+    h.apply(&blocked);
+    assert!(h.dropped(xdp, &nb), "blocklisted source passed from the memo");
+    assert_eq!(h.run_repeat(xdp, &nb, 10), 1);
+    h.apply(&enforce);
+    assert!(!h.dropped(xdp, &nb), "source taken off the blocklist still dropped");
+    // Another destination, then the first again: each judged afresh.
+    let other = Frame::udp4(A, [198, 18, 0, 3], 1, 137).build();
+    assert!(!h.dropped(xdp, &other));
+    h.apply(&blocked);
+    assert!(h.dropped(xdp, &other));
+    assert!(h.dropped(xdp, &nb));
+    assert_eq!(h.rule_packets("inbound", "udp/137", "passed"), 10 + 1 + 1);
+    assert_eq!(h.rule_packets("inbound", "udp/137", "dropped"), 1 + 10 + 2);
+    let tracked: u64 = h.tracked(A.into()).iter().map(|s| s.packets).sum();
+    assert_eq!(
+        tracked,
+        10 + 11 + 1 + 1 + 2,
+        "the memo's packets reached the source's record"
+    );
+}
+
 /// Enforce mode drops what the parser cannot judge when it could still
 /// carry a rule port (a chain longer than the walk, a header cut short, a
 /// tiny TCP first fragment, a fourth VLAN tag), whatever its ports; what

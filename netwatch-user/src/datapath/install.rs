@@ -279,7 +279,7 @@ fn install(maps: &PinnedMaps, mut spec: VersionSpec, next: u32) -> Result<()> {
     }
     let mut settings_map = maps.array::<Settings>(maps::SETTINGS)?;
     settings_map.set(0, new, 0)?;
-    new.active = next;
+    new.switch_to(next);
     settings_map.set(0, new, 0)?;
 
     for slot in &spec.purge_after {

@@ -68,10 +68,58 @@ pub struct Class {
     pub xdpf_unparsed: Option<(u32, &'static str)>,
 }
 
-/// xdp-filter's feature sets, leanest first: `tcp,udp` is the leanest
-/// that drops both of netwatch's rule ports (xdp-filter has no tcp+udp
-/// program, so it loads the same `xdpfilt_dny_all` as `all`).
-pub const XDPF_FEATURES: [&str; 3] = ["udp", "tcp,udp", "all"];
+/// One xdp-filter instance the benchmark times: its feature set, and
+/// whether it runs through libxdp's dispatcher (as xdp-filter loads by
+/// default) or as its program itself.
+#[derive(Clone, Copy)]
+pub struct Xdpf {
+    pub features: &'static str,
+    pub dispatcher: bool,
+}
+
+impl Xdpf {
+    pub fn label(&self) -> String {
+        format!(
+            "xdp-filter -f {}{}",
+            self.features,
+            if self.dispatcher { "" } else { " (program itself)" }
+        )
+    }
+}
+
+/// The xdp-filter instances, leanest feature set first: `tcp,udp` is the
+/// leanest that drops both of netwatch's rule ports (xdp-filter has no
+/// tcp+udp program, so it loads the same `xdpfilt_dny_all` as `all`).
+/// Indices: [`UDP`], [`TCP_UDP`], [`ALL`] through the dispatcher,
+/// [`UDP_ITSELF`], [`ALL_ITSELF`] without it.
+pub const XDPF: [Xdpf; 5] = [
+    Xdpf {
+        features: "udp",
+        dispatcher: true,
+    },
+    Xdpf {
+        features: "tcp,udp",
+        dispatcher: true,
+    },
+    Xdpf {
+        features: "all",
+        dispatcher: true,
+    },
+    Xdpf {
+        features: "udp",
+        dispatcher: false,
+    },
+    Xdpf {
+        features: "all",
+        dispatcher: false,
+    },
+];
+pub const UDP: usize = 0;
+pub const TCP_UDP: usize = 1;
+pub const ALL: usize = 2;
+pub const UDP_ITSELF: usize = 3;
+pub const ALL_ITSELF: usize = 4;
+const N: usize = XDPF.len();
 
 impl Class {
     /// What xdp-filter loaded with `features` must return.
@@ -214,9 +262,9 @@ pub struct Row {
     /// Netwatch with a deployment's lists (1,000 allowlist entries, none
     /// matching the bench traffic).
     pub netwatch_lists: f64,
-    /// xdp-filter per [`XDPF_FEATURES`], and the verdicts it returned.
-    pub xdp_filter: [f64; 3],
-    pub xdpf_verdicts: [u32; 3],
+    /// xdp-filter per [`XDPF`], and the verdicts it returned.
+    pub xdp_filter: [f64; N],
+    pub xdpf_verdicts: [u32; N],
     pub bare_drop: f64,
 }
 
@@ -226,10 +274,10 @@ pub struct Scanner {
     pub calls: u32,
     /// ns per call, one run each: netwatch with a new destination every
     /// call, netwatch repeating one frame (memo warm), xdp-filter per
-    /// [`XDPF_FEATURES`] and bare XDP_DROP on the same frames.
+    /// [`XDPF`] and bare XDP_DROP on the same frames.
     pub netwatch_cold: f64,
     pub netwatch_warm: f64,
-    pub xdp_filter: [f64; 3],
+    pub xdp_filter: [f64; N],
     pub bare_drop: f64,
     /// Bare XDP_DROP's ns per run with `repeat` runs per call (the
     /// "udp/137 dropped" class): the per-call overhead is
@@ -311,10 +359,10 @@ pub fn run(size: Size) -> Report {
     let ns = Netns::new("cost");
     let peer = Netns::new("costp");
     // One veth per xdp-filter instance (one program per device).
-    let filters: Vec<XdpFilter> = XDPF_FEATURES
+    let filters: Vec<XdpFilter> = XDPF
         .iter()
         .enumerate()
-        .map(|(i, features)| {
+        .map(|(i, xdpf)| {
             let (a, b) = (format!("nwb-f{i}"), format!("nwb-p{i}"));
             veth(
                 &ns,
@@ -324,7 +372,7 @@ pub fn run(size: Size) -> Report {
                 &b,
                 &format!("198.18.{}.1/24", 10 + i),
             );
-            XdpFilter::load(&ns, &a, features)
+            XdpFilter::load_as(&ns, &a, xdpf.features, xdpf.dispatcher)
         })
         .collect();
     let bare = DropProgram(&bench);
@@ -342,9 +390,9 @@ pub fn run(size: Size) -> Report {
         };
         let mut t_nw = Vec::new();
         let mut t_nwl = Vec::new();
-        let mut t_xf = [Vec::new(), Vec::new(), Vec::new()];
+        let mut t_xf: [Vec<f64>; N] = Default::default();
         let mut t_bare = Vec::new();
-        let mut xf_verdicts = [0; 3];
+        let mut xf_verdicts = [0; N];
         // Interleave the programs so drift hits them alike.
         for _ in 0..size.rounds {
             let (t, v) = nw(h, &class.frame, size.repeat);
@@ -355,13 +403,7 @@ pub fn run(size: Size) -> Report {
             t_nwl.push(t);
             for (i, f) in filters.iter().enumerate() {
                 let (t, v) = f.timed(&class.frame, size.repeat);
-                let features = XDPF_FEATURES[i];
-                check(
-                    &format!("xdp-filter -f {features}"),
-                    class.name,
-                    v,
-                    class.xdpf_verdict(features),
-                );
+                check(&XDPF[i].label(), class.name, v, class.xdpf_verdict(XDPF[i].features));
                 xf_verdicts[i] = v;
                 t_xf[i].push(t);
             }
@@ -369,13 +411,12 @@ pub fn run(size: Size) -> Report {
             check("bare XDP_DROP", class.name, v, XDP_DROP);
             t_bare.push(t);
         }
-        let [a, b, c] = t_xf;
         rows.push(Row {
             class: class.name,
             netwatch_verdict: class.netwatch,
             netwatch: median(t_nw),
             netwatch_lists: median(t_nwl),
-            xdp_filter: [median(a), median(b), median(c)],
+            xdp_filter: t_xf.map(median),
             xdpf_verdicts: xf_verdicts,
             bare_drop: median(t_bare),
         });
@@ -394,7 +435,7 @@ pub fn run(size: Size) -> Report {
     let calls = (size.repeat / 25).max(4096);
     let mut cold = Vec::new();
     let mut warm = Vec::new();
-    let mut t_xf = [Vec::new(), Vec::new(), Vec::new()];
+    let mut t_xf: [Vec<f64>; N] = Default::default();
     let mut t_bare = Vec::new();
     for _ in 0..size.rounds {
         cold.push(per_call(|f| nw(&enforce, f, 1), &frames, calls, "netwatch", XDP_DROP));
@@ -406,7 +447,7 @@ pub fn run(size: Size) -> Report {
             XDP_DROP,
         ));
         for (i, f) in filters.iter().enumerate() {
-            let what = format!("xdp-filter -f {}", XDPF_FEATURES[i]);
+            let what = XDPF[i].label();
             t_xf[i].push(per_call(|fr| f.timed(fr, 1), &frames, calls, &what, XDP_DROP));
         }
         t_bare.push(per_call(
@@ -417,7 +458,6 @@ pub fn run(size: Size) -> Report {
             XDP_DROP,
         ));
     }
-    let [a, b, c] = t_xf;
     let bare_repeat = rows.iter().find(|r| r.class == "udp/137 dropped").unwrap().bare_drop;
     Report {
         rows,
@@ -426,7 +466,7 @@ pub fn run(size: Size) -> Report {
             calls,
             netwatch_cold: median(cold),
             netwatch_warm: median(warm),
-            xdp_filter: [median(a), median(b), median(c)],
+            xdp_filter: t_xf.map(median),
             bare_drop: median(t_bare),
             bare_repeat,
         },
@@ -435,34 +475,45 @@ pub fn run(size: Size) -> Report {
 
 pub fn print(report: &Report) {
     println!(
-        "xdp-filter columns: `-f udp` (xdpfilt_dny_udp, drops udp/137 only), `-f tcp,udp` (the leanest that \
-         drops both rule ports: xdp-filter loads xdpfilt_dny_all for it), `-f all`. Headline ratio: netwatch \
-         / xdp-filter `-f tcp,udp`. Verdicts (0 XDP_ABORTED, 1 XDP_DROP, 2 XDP_PASS) were checked on every timed run.\n"
+        "xdp-filter columns: `-f udp` (drops udp/137 only), `-f tcp,udp` (the leanest that drops both rule \
+         ports: xdp-filter loads xdpfilt_dny_all for it), `-f all` (its default), each through libxdp's \
+         dispatcher as xdp-filter loads by default; \"itself\": the same program attached without the \
+         dispatcher (LIBXDP_SKIP_DISPATCHER=1). netwatch is timed as its own program (it uses no \
+         dispatcher). Verdicts (0 XDP_ABORTED, 1 XDP_DROP, 2 XDP_PASS) were checked on every timed run.\n"
     );
     println!(
         "| traffic class | verdict nw / xf udp, tcp+udp, all | netwatch ns | netwatch, 1k allowlist ns | \
-         xdp-filter udp ns | xdp-filter tcp,udp ns | xdp-filter all ns | bare XDP_DROP ns | \
-         **netwatch / xdp-filter tcp,udp** | netwatch / xdp-filter udp | netwatch / xdp-filter all | netwatch / XDP_DROP |"
+         xdp-filter udp ns | xdp-filter udp itself ns | xdp-filter tcp,udp ns | xdp-filter all ns | \
+         xdp-filter all itself ns | bare XDP_DROP ns | **netwatch / xdp-filter udp** | netwatch / xdp-filter \
+         udp itself | netwatch / xdp-filter tcp,udp | netwatch / xdp-filter all | netwatch / XDP_DROP |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &report.rows {
-        let [u, tu, all] = r.xdp_filter;
-        let [vu, vtu, vall] = r.xdpf_verdicts;
+        let x = r.xdp_filter;
+        let v = r.xdpf_verdicts;
         println!(
-            "| {} | {} / {vu}, {vtu}, {vall} | {:.1} | {:.1} | {u:.1} | {tu:.1} | {all:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} / {}, {}, {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** | {:.2} | {:.2} | {:.2} | {:.2} |",
             r.class,
             r.netwatch_verdict,
+            v[UDP],
+            v[TCP_UDP],
+            v[ALL],
             r.netwatch,
             r.netwatch_lists,
+            x[UDP],
+            x[UDP_ITSELF],
+            x[TCP_UDP],
+            x[ALL],
+            x[ALL_ITSELF],
             r.bare_drop,
-            r.netwatch / tu,
-            r.netwatch / u,
-            r.netwatch / all,
+            r.netwatch / x[UDP],
+            r.netwatch / x[UDP_ITSELF],
+            r.netwatch / x[TCP_UDP],
+            r.netwatch / x[ALL],
             r.netwatch / r.bare_drop
         );
     }
     let s = &report.scanner;
-    let [u, tu, all] = s.xdp_filter;
     println!(
         "\nScanner (cold memo): one source, udp/137 to a new destination on every packet ({} destinations \
          cycled), one run per BPF_PROG_TEST_RUN call ({} calls, median of rounds), interleaved with the same \
@@ -475,23 +526,23 @@ pub fn print(report: &Report) {
         s.bare_drop - s.bare_repeat
     );
     println!(
-        "| program | ns per call | net ns per packet | net / xdp-filter tcp,udp | net / xdp-filter udp | net / xdp-filter all | net / XDP_DROP (repeated) |"
+        "| program | ns per call | net ns per packet | net / xdp-filter all | net / xdp-filter all itself | net / xdp-filter udp | net / XDP_DROP (repeated) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let line = |name: &str, v: f64| {
         let n = s.net(v);
         println!(
             "| {name} | {v:.1} | {n:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            n / s.net(tu),
-            n / s.net(u),
-            n / s.net(all),
+            n / s.net(s.xdp_filter[ALL]),
+            n / s.net(s.xdp_filter[ALL_ITSELF]),
+            n / s.net(s.xdp_filter[UDP]),
             n / s.bare_repeat
         )
     };
     line("netwatch, new destination every packet (scanner)", s.netwatch_cold);
     line("netwatch, one destination (memo warm)", s.netwatch_warm);
-    line("xdp-filter -f udp", u);
-    line("xdp-filter -f tcp,udp", tu);
-    line("xdp-filter -f all", all);
+    for (x, ns) in XDPF.iter().zip(s.xdp_filter) {
+        line(&x.label(), ns);
+    }
     line("bare XDP_DROP", s.bare_drop);
 }

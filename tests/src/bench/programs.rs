@@ -341,11 +341,24 @@ fn xdp_filter(ns_name: &str, libxdp_dir: &std::path::Path) -> Command {
 }
 
 impl XdpFilter {
+    /// xdp-filter with `features` on `dev`, through libxdp's dispatcher
+    /// (how xdp-filter loads by default).
     pub fn load(ns: &Netns, dev: &str, features: &str) -> Self {
+        Self::load_as(ns, dev, features, true)
+    }
+
+    /// As [`XdpFilter::load`]; `dispatcher: false` attaches xdp-filter's
+    /// program itself (`LIBXDP_SKIP_DISPATCHER`), so timing it leaves out
+    /// the dispatcher's call.
+    pub fn load_as(ns: &Netns, dev: &str, features: &str, dispatcher: bool) -> Self {
         let libxdp_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique("libxdp"));
         std::fs::create_dir(&libxdp_dir).expect("libxdp pin directory");
         let xdp_filter = || xdp_filter(&ns.name, &libxdp_dir);
-        sh(xdp_filter().args(["load", dev, "-m", "native", "-f", features]));
+        let mut load = xdp_filter();
+        if !dispatcher {
+            load.env("LIBXDP_SKIP_DISPATCHER", "1");
+        }
+        sh(load.args(["load", dev, "-m", "native", "-f", features]));
         if features.contains("udp") || features == "all" {
             sh(xdp_filter().args(["port", "137", "-p", "udp"]));
         }
