@@ -144,19 +144,24 @@ pub fn stage(packet: &Packet, iface: u32, dir: Direction, policy: u32) {
     }
 }
 
-/// Memoises the verdict of the packet staged last (judged in full and
-/// tracked just now: the tracker made its source the memo's):
-/// `dropped`, `reverse` and the rule counter index `counter`, for
-/// `FLOOD_CACHE_JIFFIES` from now.
+/// Memoises the verdict of the packet staged last, judged in full and
+/// tracked just now (the tracker made its source the memo's): `dropped`,
+/// `reverse` and the rule counter index `counter`, valid for
+/// `FLOOD_CACHE_JIFFIES` from now if `valid` (else the staged tag stays
+/// invalid). Stores only, no branch: this runs at the end of every path
+/// the verifier walks through the program.
 #[inline(always)]
-pub fn remember(dropped: bool, reverse: bool, counter: u32) {
+pub fn remember(dropped: bool, reverse: bool, counter: u32, valid: bool) {
     let Some(cache) = FLOOD_CACHE.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU map value, ours while we run.
     let cache = unsafe { &mut *cache };
     cache.counter = counter;
-    cache.verdict = if dropped { MEMO_DROP } else { 0 } | if reverse { MEMO_REVERSE } else { 0 };
+    cache.verdict = (dropped as u32 * MEMO_DROP) | (reverse as u32 * MEMO_REVERSE);
+    // All ones if valid, else zero; black_box keeps LLVM from turning
+    // the mask back into a branch.
+    let mask = core::hint::black_box(0u64.wrapping_sub(valid as u64));
     // SAFETY: helper without arguments (inlined by the verifier).
-    cache.expires_jiffies = unsafe { bpf_jiffies64() } + FLOOD_CACHE_JIFFIES;
+    cache.expires_jiffies = (unsafe { bpf_jiffies64() } + FLOOD_CACHE_JIFFIES) & mask;
 }

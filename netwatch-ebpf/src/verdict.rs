@@ -64,6 +64,9 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
         count_class(iface, dir, Class::Unmatched, bytes);
         return false;
     }
+    // Decided here, where the verifier walks few paths, rather than at
+    // the end, where it walks many.
+    let memoisable = memo::memoisable(&packet, rule.flags, dir);
 
     let enforce = policy.mode() == Mode::Enforce;
     let allowlisted =
@@ -97,9 +100,7 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
     );
     let drop = enforce && !allowlisted && (action == Action::Drop || tracked.blocked || blocklisted);
     let counter = count_matched(iface, dir, rule.slot(), drop, reverse, bytes);
-    if tracked.memoised && memo::memoisable(&packet, rule.flags, dir) {
-        memo::remember(drop, reverse, counter);
-    }
+    memo::remember(drop, reverse, counter, tracked.memoised && memoisable);
     drop
 }
 
