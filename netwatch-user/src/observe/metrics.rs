@@ -43,6 +43,9 @@ pub struct ControllerStats {
     sources_evicted: AtomicU64,
     /// Incident database writes that failed.
     incident_errors: AtomicU64,
+    /// First contacts judged: answered, failed (see `detection::contacts`).
+    contacts_answered: AtomicU64,
+    contacts_failed: AtomicU64,
 }
 
 const NOT_COUNTED: u64 = u64::MAX;
@@ -62,6 +65,8 @@ impl Default for ControllerStats {
             sources_tracked: AtomicU64::new(NOT_COUNTED),
             sources_evicted: AtomicU64::new(0),
             incident_errors: AtomicU64::new(0),
+            contacts_answered: AtomicU64::new(0),
+            contacts_failed: AtomicU64::new(0),
         }
     }
 }
@@ -89,6 +94,12 @@ impl ControllerStats {
     pub fn sources_counted(&self, tracked: u64, created: u64) {
         self.sources_tracked.store(tracked.min(NOT_COUNTED - 1), Relaxed);
         self.sources_evicted.fetch_max(created.saturating_sub(tracked), Relaxed);
+    }
+
+    /// First contacts judged so far (totals).
+    pub fn contacts_judged(&self, answered: u64, failed: u64) {
+        self.contacts_answered.store(answered, Relaxed);
+        self.contacts_failed.store(failed, Relaxed);
     }
 
     /// A write to the incident database failed.
@@ -466,6 +477,18 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         errors
             .with_label_values::<&str>(&[])
             .inc_by(stats.incident_errors.load(Relaxed));
+        let contacts = counter_vec(
+            registry,
+            "netwatch_first_contacts_total",
+            "First contacts of probing sources judged by the controller: answered by the probed address and port, or failed (no answer within the rule's contact_secs).",
+            &["outcome"],
+        )?;
+        contacts
+            .with_label_values(&["answered"])
+            .inc_by(stats.contacts_answered.load(Relaxed));
+        contacts
+            .with_label_values(&["failed"])
+            .inc_by(stats.contacts_failed.load(Relaxed));
     }
 
     Ok(built.iter().flat_map(|c| c.collect()).collect())
