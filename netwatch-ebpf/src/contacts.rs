@@ -33,7 +33,7 @@ pub fn remember_first_contact(tag: &MemoTag, rule: u32, dir: Direction, iface: u
         direction: dir.into(),
         answered: 0,
     };
-    let _ = CONTACTS.insert(&key, &contact, 0);
+    let _ = CONTACTS.insert(key, contact, 0);
 }
 
 /// If `packet` comes from the address and port of a remembered first
@@ -55,7 +55,7 @@ pub fn observe_answer(packet: &Packet) {
         probed: tag.src,
         port: (tag.port & !0xffff | packet.src_port as u32) & CONTACT_PORT_MASK,
     };
-    if let Some(contact) = CONTACTS.get_ptr_mut(&key) {
+    if let Some(contact) = CONTACTS.get_ptr_mut(key) {
         // SAFETY: a map value; a plain store (two CPUs storing 1 agree).
         unsafe { (*contact).answered = 1 };
     }

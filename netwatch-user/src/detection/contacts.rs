@@ -180,17 +180,15 @@ fn rule_terms(maps: &PinnedMaps, policy: &Policy) -> Result<HashMap<u8, RuleTerm
                 .rules
                 .iter()
                 .find(|r| r.protocol == info.protocol() && r.port == info.port)?;
-            (rule.detection.failed_contacts != 0).then(|| {
-                (
-                    slot as u8,
-                    RuleTerms {
-                        failed_contacts: rule.detection.failed_contacts,
-                        contact_secs: rule.detection.contact_secs,
-                        window_secs: port_rule.window_secs,
-                        block_secs: port_rule.block_secs,
-                    },
-                )
-            })
+            (rule.detection.failed_contacts != 0).then_some((
+                slot as u8,
+                RuleTerms {
+                    failed_contacts: rule.detection.failed_contacts,
+                    contact_secs: rule.detection.contact_secs,
+                    window_secs: port_rule.window_secs,
+                    block_secs: port_rule.block_secs,
+                },
+            ))
         })
         .collect())
 }
