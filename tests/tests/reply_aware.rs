@@ -282,9 +282,15 @@ fn silent_probes_flag_fast_and_answered_queries_do_not() {
         "{report:#}"
     );
     assert!(i["failed_contacts"].as_u64().unwrap() >= 4, "{report:#}");
+    let m = nw.metrics(&host);
+    let outbound = [("rule", "udp/137"), ("direction", "outbound")];
+    assert_eq!(
+        sample(&m, "netwatch_scanners_flagged_total", &outbound),
+        1.0,
+        "the flag is not counted"
+    );
 
     // The host whose queries were answered: judged and not flagged.
-    let m = nw.metrics(&host);
     assert!(
         sample(&m, "netwatch_first_contacts_total", &[("outcome", "answered")]) >= 8.0,
         "answers not seen"

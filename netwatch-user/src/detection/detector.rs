@@ -191,13 +191,14 @@ impl Detector {
     /// mode, on a rule with auto-block on, it is blocked as a flag in the
     /// kernel would block it. A source the kernel has flagged in this
     /// window already (on distinct destinations) has its incident.
-    pub fn on_contact_flag(&mut self, flag: &ContactFlag) -> Result<()> {
+    /// Returns the flag's rule and direction if it was recorded.
+    pub fn on_contact_flag(&mut self, flag: &ContactFlag) -> Result<Option<(String, &'static str)>> {
         let Ok(mut state) = self.sources.get(&flag.key, 0) else {
             // Evicted meanwhile: nothing to show for it.
-            return Ok(());
+            return Ok(None);
         };
         if state.flags & SOURCE_FLAGGED != 0 {
-            return Ok(());
+            return Ok(None);
         }
         if self.names.rule_slots().all(|s| s != flag.key.rule) {
             self.names = Names::read(&self.maps)?;
@@ -219,7 +220,9 @@ impl Detector {
         if !self.is_summarised(&flag.key) {
             self.follow(flag.key);
         }
-        self.writer.send(Op::Flag(flag.key, Box::new(obs)))
+        let labels = (obs.rule.clone(), flag.key.direction().label());
+        self.writer.send(Op::Flag(flag.key, Box::new(obs)))?;
+        Ok(Some(labels))
     }
 
     /// Waits until everything sent so far is written.
