@@ -9,7 +9,7 @@ use log::info;
 
 use crate::{
     clock::rfc3339,
-    detection::incidents::{Observation, Recorded},
+    detection::incidents::{Observation, Reason, Recorded},
 };
 
 /// How log lines are written.
@@ -67,8 +67,12 @@ pub fn flag(obs: &Observation, recorded: Recorded) {
         .map(|t| format!(", auto-blocked until {}", rfc3339(t)))
         .unwrap_or_default();
     let summary = matches!(recorded, Recorded::Summarised(_));
+    let why = match obs.reason {
+        Reason::FailedContacts => format!(" ({} failed first contacts)", obs.failed_contacts),
+        Reason::DistinctDestinations => String::new(),
+    };
     let prose = format!(
-        "flagged {} ({} {} {} on {}): {} distinct destinations, {} packets{blocked} — {}incident #{}",
+        "flagged {} ({} {} {} on {}): {} distinct destinations{why}, {} packets{blocked} — {}incident #{}",
         obs.source,
         obs.classification.label(),
         obs.rule,
@@ -99,6 +103,8 @@ pub fn flag(obs: &Observation, recorded: Recorded) {
         "summary": summary,
         "packets": obs.packets,
         "distinct_destinations": obs.distinct_destinations,
+        "reason": obs.reason.label(),
+        "failed_contacts": obs.failed_contacts,
         "blocked_until": obs.blocked_until.map(rfc3339),
     });
     info!(target: FLAG_TARGET, "{fields}");
