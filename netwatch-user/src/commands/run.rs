@@ -19,11 +19,20 @@ use crate::{
         detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
         sources,
     },
+    fleet::{FleetStats, Publisher},
     observe::{
         http::{self, AppState},
         metrics::{ControllerStats, Metrics},
     },
 };
+
+/// What `run`'s loop shares with the fleet thread.
+#[derive(Default)]
+struct Fleet {
+    stats: Arc<FleetStats>,
+    /// Wakes the fleet thread when incidents were written.
+    notify: Arc<tokio::sync::Notify>,
+}
 
 fn overrides(args: &RunArgs) -> Overrides {
     // flag > environment > config file > default
@@ -40,6 +49,8 @@ fn overrides(args: &RunArgs) -> Overrides {
         blocklist: args.blocklist.clone(),
         keep_attached: args.keep_attached,
         tc_attach: args.tc_attach,
+        fleet_url: args.fleet.clone(),
+        sensor: args.sensor.clone(),
     }
 }
 
@@ -166,6 +177,18 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     };
 
     let listener = http::bind(config.metrics_addr)?;
+    // Before attaching: a credentials file that cannot be read fails the
+    // start; a server that cannot be reached does not (incidents wait in
+    // the outbox).
+    let fleet = match &config.fleet {
+        Some(fleet) => {
+            let link = Fleet::default();
+            Publisher::start(fleet, &config.state_dir, link.stats.clone(), link.notify.clone())?;
+            info!("fleet: sensor {} delivering incidents to {}", fleet.sensor, fleet.url);
+            Some(link)
+        }
+        None => None,
+    };
     let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
     datapath.apply(&config.policy)?;
     info!(
@@ -190,6 +213,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
         &mut datapath,
         listener,
         signals,
+        fleet,
     ));
     notify(&[NotifyState::Stopping]);
     // keep_attached as the last reload left it.
@@ -222,10 +246,14 @@ async fn serve_until_signal(
     datapath: &mut Datapath,
     listener: std::net::TcpListener,
     mut signals: Signals,
+    fleet: Option<Fleet>,
 ) -> Result<RunConfig> {
     let maps = &datapath.maps().clone();
     // The configuration in force when the loop ends.
     let stats = Arc::new(ControllerStats::default());
+    if let Some(fleet) = &fleet {
+        stats.set_fleet(fleet.stats.clone());
+    }
     let mut detector = {
         let stats = stats.clone();
         Detector::open_with(
@@ -235,6 +263,7 @@ async fn serve_until_signal(
                 retention: config.incident_retention,
                 summary_after: config.incidents_per_minute,
                 on_error: Arc::new(move || stats.incident_error()),
+                outbox: fleet.as_ref().map(|f| f.notify.clone()),
             },
         )?
     };
@@ -439,6 +468,9 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, datapath: 
     {
         warn!("reload: metrics_addr, pin_dir and tc_attach changes take effect on the next restart");
     }
+    if new.fleet != current.fleet {
+        warn!("reload: [fleet] changes take effect on the next restart");
+    }
     if new.keep_attached != current.keep_attached {
         info!("reload: keep_attached is now {}", new.keep_attached);
     }
@@ -453,6 +485,7 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, datapath: 
         new.policy.blocklist.len()
     );
     Ok(RunConfig {
+        fleet: current.fleet.clone(),
         interfaces: current.interfaces.clone(),
         egress: current.egress.clone(),
         tc_attach: current.tc_attach,

@@ -43,6 +43,8 @@ pub struct ControllerStats {
     sources_evicted: AtomicU64,
     /// Incident database writes that failed.
     incident_errors: AtomicU64,
+    /// Set when a fleet is configured.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::FleetStats>>,
 }
 
 const NOT_COUNTED: u64 = u64::MAX;
@@ -62,6 +64,7 @@ impl Default for ControllerStats {
             sources_tracked: AtomicU64::new(NOT_COUNTED),
             sources_evicted: AtomicU64::new(0),
             incident_errors: AtomicU64::new(0),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 }
@@ -94,6 +97,11 @@ impl ControllerStats {
     /// A write to the incident database failed.
     pub fn incident_error(&self) {
         self.incident_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A fleet is configured: its metrics are reported from `fleet`.
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::FleetStats>) {
+        let _ = self.fleet.set(fleet);
     }
 }
 
@@ -466,6 +474,32 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         errors
             .with_label_values::<&str>(&[])
             .inc_by(stats.incident_errors.load(Relaxed));
+        if let Some(fleet) = stats.fleet.get() {
+            gauge_vec(
+                registry,
+                "netwatch_fleet_connected",
+                "1 while the connection to the fleet's NATS server is up (only with [fleet]).",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .set(fleet.connected() as i64);
+            gauge_vec(
+                registry,
+                "netwatch_fleet_outbox_incidents",
+                "Incidents waiting in the outbox to be delivered to the fleet.",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .set(fleet.outbox_depth() as i64);
+            counter_vec(
+                registry,
+                "netwatch_fleet_incidents_published_total",
+                "Incident states the fleet's stream stored (re-publications it dropped as duplicates not counted).",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.published());
+        }
     }
 
     Ok(built.iter().flat_map(|c| c.collect()).collect())

@@ -1,0 +1,152 @@
+//! A real NATS JetStream server (Debian's nats-server) run by a test on
+//! 127.0.0.1 of a test namespace, and a client reading its streams.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{TempDir, netns::Netns};
+
+pub struct NatsServer {
+    ns_name: String,
+    pub port: u16,
+    /// JetStream's store: kept across [`NatsServer::stop`] and
+    /// [`NatsServer::start`].
+    store: TempDir,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a JetStream server in `ns` on a free port of its loopback.
+    pub fn start_in(ns: &Netns) -> Self {
+        let port = ns.run(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        });
+        let store = TempDir::new("nats");
+        let log = store.join("nats.log");
+        let mut server = NatsServer {
+            ns_name: ns.name.clone(),
+            port,
+            store,
+            log,
+            child: None,
+        };
+        server.start(ns);
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on its port and store; waits until it
+    /// accepts connections.
+    pub fn start(&mut self, ns: &Netns) {
+        assert!(self.child.is_none(), "already running");
+        assert_eq!(ns.name, self.ns_name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("nats log");
+        let child = ns
+            .command("nats-server")
+            .args(["--jetstream", "--addr", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--store_dir")
+            .arg(self.store.join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (cargo xtask setup installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
+        let addr = format!("127.0.0.1:{}", self.port);
+        while ns.run(|| std::net::TcpStream::connect(&addr)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (nats-server shuts down cleanly, its store kept), waits.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(10));
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every message of `stream` (oldest first) as JSON, read with a real
+/// client from inside `ns`; an empty list when the stream does not exist.
+pub fn stream_messages(ns: &Netns, url: &str, stream: &str) -> Vec<serde_json::Value> {
+    use async_nats::jetstream::{self, consumer::pull};
+    use futures_util::StreamExt as _;
+    let (url, stream_name) = (url.to_string(), stream.to_string());
+    ns.run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = async_nats::connect(url.as_str()).await.expect("connect to nats");
+            let js = jetstream::new(client);
+            let Ok(mut stream) = js.get_stream(&stream_name).await else {
+                return Vec::new();
+            };
+            let total = stream.info().await.expect("stream info").state.messages as usize;
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    ..Default::default()
+                })
+                .await
+                .expect("consumer");
+            let mut out = Vec::new();
+            while out.len() < total {
+                let mut batch = consumer
+                    .batch()
+                    .max_messages(total - out.len())
+                    .expires(Duration::from_secs(5))
+                    .messages()
+                    .await
+                    .expect("batch");
+                let before = out.len();
+                while let Some(m) = batch.next().await {
+                    let m = m.expect("message");
+                    let mut v: serde_json::Value = serde_json::from_slice(&m.payload).expect("JSON message");
+                    v["subject"] = m.subject.to_string().into();
+                    out.push(v);
+                }
+                assert!(out.len() > before, "the stream stopped delivering");
+            }
+            out
+        })
+    })
+}
