@@ -92,6 +92,11 @@ impl NatsServer {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The server's log file (kept across restarts).
+    pub fn log_file(&self) -> PathBuf {
+        self.log.clone()
+    }
 }
 
 impl Drop for NatsServer {

@@ -50,8 +50,8 @@ impl FleetStats {
         self.outbox_depth.load(Relaxed)
     }
 
-    /// Incident states the stream stored (not counting re-publications
-    /// the server recognised as duplicates).
+    /// Outbox entries (incident states) the stream confirmed it holds,
+    /// each counted once however often it was sent.
     pub fn published(&self) -> u64 {
         self.published.load(Relaxed)
     }
@@ -151,6 +151,12 @@ async fn publish_round(js: &jetstream::Context, sensor: &str, store: &mut Store,
     if queued.is_empty() {
         return Ok(0);
     }
+    // Published while disconnected, a message would wait in the client's
+    // buffer and arrive after its acknowledgement timed out: stored then,
+    // next to the newer state sent again.
+    if js.client().connection_state() != async_nats::connection::State::Connected {
+        anyhow::bail!("not connected");
+    }
     let mut delivered = Vec::new();
     let mut acks = Vec::new();
     let mut failed = None;
@@ -181,11 +187,11 @@ async fn publish_round(js: &jetstream::Context, sensor: &str, store: &mut Store,
     }
     for (seq, ack) in acks {
         match ack.await {
-            Ok(ack) => {
+            // A duplicate: an earlier copy whose acknowledgement was lost
+            // (sent while the connection was down) is stored already.
+            Ok(_) => {
                 delivered.push(seq);
-                if !ack.duplicate {
-                    stats.published.fetch_add(1, Relaxed);
-                }
+                stats.published.fetch_add(1, Relaxed);
             }
             Err(err) => {
                 failed.get_or_insert_with(|| anyhow::anyhow!("waiting for the acknowledgement: {err}"));

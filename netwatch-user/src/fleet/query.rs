@@ -82,8 +82,12 @@ async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>
     Ok(states)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+/// Runs a query on a runtime of its own, bounded in time.
+fn within_time<T>(fleet: &FleetConfig, query: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime
+        .block_on(async { tokio::time::timeout(QUERY_TIMEOUT * 3, query).await })
+        .with_context(|| format!("the fleet at {} did not answer in time", fleet.url))?
 }
 
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
@@ -93,9 +97,7 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
 /// Every sensor's incidents of `ip`, newest first.
 pub fn fleet_incidents(fleet: &FleetConfig, ip: IpAddr) -> Result<Vec<Value>> {
     let filter = format!("{SUBJECT_PREFIX}.*.{}.*", address_token(ip));
-    let mut incidents = runtime()?
-        .block_on(tokio::time::timeout(QUERY_TIMEOUT * 3, newest_states(fleet, filter)))
-        .with_context(|| format!("the fleet at {} did not answer in time", fleet.url))??;
+    let mut incidents = within_time(fleet, newest_states(fleet, filter))?;
     // RFC 3339 times in UTC sort as text.
     incidents.sort_by(|a, b| {
         (
@@ -126,12 +128,7 @@ pub struct FleetSource {
 /// The sources seen by the most sensors (then by packets), at most
 /// `limit`; summary incidents (floods of spoofed sources) are left out.
 pub fn fleet_top(fleet: &FleetConfig, limit: usize) -> Result<Vec<FleetSource>> {
-    let all = runtime()?
-        .block_on(tokio::time::timeout(
-            QUERY_TIMEOUT * 3,
-            newest_states(fleet, format!("{SUBJECT_PREFIX}.>")),
-        ))
-        .with_context(|| format!("the fleet at {} did not answer in time", fleet.url))??;
+    let all = within_time(fleet, newest_states(fleet, format!("{SUBJECT_PREFIX}.>")))?;
     let mut by_source: HashMap<String, FleetSource> = HashMap::new();
     for incident in all.iter().filter(|i| i.get("summary_sources").is_none()) {
         let source = text(incident, "source").to_string();

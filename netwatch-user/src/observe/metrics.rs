@@ -494,7 +494,7 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
             counter_vec(
                 registry,
                 "netwatch_fleet_incidents_published_total",
-                "Incident states the fleet's stream stored (re-publications it dropped as duplicates not counted).",
+                "Incident states (an incident opened or changed) the fleet's stream confirmed it holds, each counted once however often it was sent.",
                 &[],
             )?
             .with_label_values::<&str>(&[])

@@ -1,0 +1,359 @@
+//! A fleet of sensors: incidents shared through a real NATS JetStream
+//! server (Debian's nats-server, started by each test on 127.0.0.1 of
+//! the sensor's namespace with a store of its own).
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{
+    ConfigFile, TempDir, assert_fails_saying,
+    daemon::{Netwatch, bin, netwatch, sample, try_sample},
+    lab::*,
+    nats::{NatsServer, stream_messages},
+    netns::Netns,
+    pin_dir, require_privileged,
+};
+
+const STREAM: &str = "NETWATCH_INCIDENTS";
+/// A second scanning source on the scanner's link.
+const SECOND_SCANNER: &str = "198.18.0.3";
+
+/// Waits until `f` holds, failing with `what` (and `log`) after `within`.
+fn wait_until(what: &str, within: Duration, log: impl Fn() -> String, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + netwatch_tests::patience(within);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} did not happen in time:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `netwatch ARGS` inside `ns` (where the fleet's server is); its stdout,
+/// which must be JSON.
+fn json_in(ns: &Netns, args: &[&str]) -> serde_json::Value {
+    let out = ns.command(bin().to_str().unwrap()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "netwatch {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("netwatch {args:?}: {e}"))
+}
+
+/// Every incident in the sensor's own database, by id.
+fn local_incidents(nw: &Netwatch) -> HashMap<i64, serde_json::Value> {
+    let out = netwatch(&["incidents", "--json", "--state-dir", nw.state_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["id"].as_i64().unwrap(), i.clone()))
+        .collect()
+}
+
+/// A source the scanner namespace owns sends one udp/137 probe to each of
+/// `n` addresses of the victim's target range.
+fn sweep_from(lab: &Lab, src: &str, n: u8) {
+    for host in 1..=n {
+        assert_eq!(send_udp_from(&lab.scanner, src, &format!("198.18.1.{host}:137"), 1), 1);
+    }
+}
+
+/// Bad fleet settings fail `run` and `check-config` before anything is
+/// attached, with an error naming the setting; `--sensor` alone is an
+/// error too.
+#[test]
+fn bad_fleet_settings_are_refused_naming_the_setting() {
+    for (args, says) in [
+        (
+            vec!["run", "--iface", "nw-absent0", "--fleet", "http://hub:4222"],
+            "fleet.url",
+        ),
+        (
+            vec![
+                "run",
+                "--iface",
+                "nw-absent0",
+                "--fleet",
+                "nats://127.0.0.1:4222",
+                "--sensor",
+                "a b",
+            ],
+            "fleet.sensor",
+        ),
+        (vec!["run", "--iface", "nw-absent0", "--sensor", "a"], "--fleet"),
+        (vec!["lookup", "198.18.0.1", "--fleet", "tcp://hub"], "fleet.url"),
+    ] {
+        assert_fails_saying(&netwatch(&args), says);
+    }
+    let config = ConfigFile::new("interfaces = [\"lo\"]\n[fleet]\nurl = \"nats://hub:4222\"\nsensor = \"\"\n");
+    assert_fails_saying(
+        &netwatch(&["--config", config.arg(), "check-config", "--offline"]),
+        "fleet.sensor",
+    );
+    let config = ConfigFile::new("interfaces = [\"lo\"]\n");
+    assert_fails_saying(&netwatch(&["--config", config.arg(), "top", "--fleet"]), "[fleet]");
+    let config = ConfigFile::new(
+        "interfaces = [\"lo\"]\n[fleet]\nurl = \"nats://hub:4222\"\ncredentials = \"/nonexistent/a.creds\"\n",
+    );
+    assert!(
+        netwatch(&["--config", config.arg(), "check-config", "--offline"])
+            .status
+            .success()
+    );
+}
+
+/// Incidents reach the stream, one subject per incident, each message
+/// with its sensor; while the server is down a new incident waits in the
+/// outbox (the controller keeps detecting), and on reconnect every
+/// incident is in the stream exactly once per state, the newest state
+/// equal to the sensor's database. Without a fleet, no fleet metrics.
+#[test]
+fn incidents_reach_the_fleet_and_wait_in_the_outbox_while_it_is_down() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let mut nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", "edge-a"],
+    );
+    let nats_log = nats.log_file();
+    let log = || {
+        format!(
+            "{}\nnats:\n{}",
+            nw.log(),
+            std::fs::read_to_string(&nats_log).unwrap_or_default()
+        )
+    };
+    let metric = |name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    wait_until("the fleet connection", Duration::from_secs(10), log, || {
+        metric("netwatch_fleet_connected") == Some(1.0)
+    });
+
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    wait_until("the first incident's delivery", Duration::from_secs(10), log, || {
+        stream_messages(&lab.victim, &url, STREAM)
+            .iter()
+            .any(|m| m["source"] == SCANNER_IP)
+    });
+    let first = &stream_messages(&lab.victim, &url, STREAM)[0];
+    assert_eq!(first["sensor"], "edge-a");
+    assert_eq!(first["rule"], "udp/137");
+    assert_eq!(
+        first["subject"],
+        format!("netwatch.incidents.edge-a.198-18-0-1.{}", first["id"])
+    );
+
+    // The server goes away while a second source is flagged.
+    nats.stop();
+    wait_until("the disconnection", Duration::from_secs(10), log, || {
+        metric("netwatch_fleet_connected") == Some(0.0)
+    });
+    sweep_from(&lab, SECOND_SCANNER, 30);
+    nw.wait_for_incident(SECOND_SCANNER);
+    wait_until("the outbox to fill", Duration::from_secs(10), log, || {
+        metric("netwatch_fleet_outbox_incidents").is_some_and(|n| n >= 1.0)
+    });
+    wait_until("the outage's log line", Duration::from_secs(10), log, || {
+        nw.log().contains("incidents wait in the outbox")
+    });
+
+    let restarted = Instant::now();
+    nats.start(&lab.victim);
+    wait_until("the outbox's delivery", Duration::from_secs(20), log, || {
+        metric("netwatch_fleet_outbox_incidents") == Some(0.0) && metric("netwatch_fleet_connected") == Some(1.0)
+    });
+    eprintln!("outbox delivered {:?} after the server restarted", restarted.elapsed());
+    // Let the refresh (every 5 s) bring the incidents to their final
+    // figures, and those be delivered.
+    std::thread::sleep(Duration::from_secs(6));
+    wait_until("the last updates' delivery", Duration::from_secs(10), log, || {
+        metric("netwatch_fleet_outbox_incidents") == Some(0.0)
+    });
+
+    let messages = stream_messages(&lab.victim, &url, STREAM);
+    let local = local_incidents(&nw);
+    assert_eq!(local.len(), 2, "{local:?}");
+    // Each state once: no (incident, revision) twice.
+    let mut states = HashSet::new();
+    let mut newest: HashMap<i64, &serde_json::Value> = HashMap::new();
+    for m in &messages {
+        assert_eq!(m["sensor"], "edge-a");
+        let id = m["id"].as_i64().unwrap();
+        assert!(
+            states.insert((id, m["revision"].as_i64().unwrap())),
+            "delivered twice: {m}\nall: {messages:#?}"
+        );
+        newest.insert(id, m);
+    }
+    assert_eq!(
+        newest.keys().collect::<HashSet<_>>(),
+        local.keys().collect::<HashSet<_>>()
+    );
+    for (id, incident) in &local {
+        let m = newest[id];
+        for field in [
+            "source",
+            "rule",
+            "direction",
+            "packets",
+            "distinct_destinations",
+            "first_seen",
+            "last_seen",
+        ] {
+            assert_eq!(m[field], incident[field], "{field} of incident {id}: {m} vs {incident}");
+        }
+    }
+    // Every state confirmed is there; a state sent just as the server
+    // went away may be stored without its confirmation reaching the
+    // sensor (then its newer state is sent under a new id).
+    let published = sample(
+        &nw.metrics(&lab.victim),
+        "netwatch_fleet_incidents_published_total",
+        &[],
+    ) as usize;
+    assert!(
+        (local.len()..=messages.len()).contains(&published),
+        "{published} published, {} messages, {} incidents",
+        messages.len(),
+        local.len()
+    );
+}
+
+/// `lookup --fleet` lists an address's incidents from every sensor, each
+/// with its `sensor`; `top --fleet` ranks sources by how many sensors saw
+/// them. Two sensors here are two runs in turn on the same link, each
+/// with its own name, pins and database; the URL also comes from the
+/// config file's [fleet] table.
+#[test]
+fn lookup_and_top_see_every_sensor() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let log = || nats.log();
+    for (sensor, second) in [("edge-a", true), ("edge-b", false)] {
+        let state = TempDir::private("state");
+        let nw = Netwatch::start_with_state(
+            &lab.victim,
+            &pin_dir(),
+            &state,
+            &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", sensor],
+        );
+        assert!(lab.nbtscan(TARGET_RANGE).status.success());
+        nw.wait_for_incident(SCANNER_IP);
+        if second {
+            sweep_from(&lab, SECOND_SCANNER, 30);
+            nw.wait_for_incident(SECOND_SCANNER);
+        }
+        wait_until(
+            "delivery",
+            Duration::from_secs(10),
+            || nw.log(),
+            || {
+                try_sample(&nw.metrics(&lab.victim), "netwatch_fleet_outbox_incidents", &[]) == Some(0.0)
+                    && try_sample(
+                        &nw.metrics(&lab.victim),
+                        "netwatch_fleet_incidents_published_total",
+                        &[],
+                    )
+                    .is_some_and(|n| n >= 1.0)
+            },
+        );
+    }
+
+    let report = json_in(&lab.victim, &["lookup", SCANNER_IP, "--fleet", &url, "--json"]);
+    assert_eq!(report["ip"], SCANNER_IP);
+    let incidents = report["incidents"].as_array().unwrap();
+    let sensors: HashSet<&str> = incidents.iter().map(|i| i["sensor"].as_str().unwrap()).collect();
+    assert_eq!(sensors, HashSet::from(["edge-a", "edge-b"]), "{report:#}\n{}", log());
+    assert_eq!(incidents.len(), 2, "{report:#}");
+    for i in incidents {
+        assert_eq!(
+            (i["source"].as_str(), i["rule"].as_str()),
+            (Some(SCANNER_IP), Some("udp/137"))
+        );
+    }
+    let report = json_in(&lab.victim, &["lookup", SECOND_SCANNER, "--fleet", &url, "--json"]);
+    let incidents = report["incidents"].as_array().unwrap();
+    assert_eq!(incidents.len(), 1, "{report:#}");
+    assert_eq!(incidents[0]["sensor"], "edge-a");
+    let report = json_in(&lab.victim, &["lookup", "198.18.0.99", "--fleet", &url, "--json"]);
+    assert!(report["incidents"].as_array().unwrap().is_empty(), "{report:#}");
+
+    // The URL from the config file, the text forms.
+    let config = ConfigFile::new(format!("[fleet]\nurl = \"{url}\"\n"));
+    let top = json_in(&lab.victim, &["--config", config.arg(), "top", "--fleet", "--json"]);
+    let sources = top["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 2, "{top:#}");
+    assert_eq!(sources[0]["source"], SCANNER_IP);
+    assert_eq!(sources[0]["sensors"], serde_json::json!(["edge-a", "edge-b"]));
+    assert_eq!(sources[1]["source"], SECOND_SCANNER);
+    assert_eq!(sources[1]["sensors"], serde_json::json!(["edge-a"]));
+    let out = lab
+        .victim
+        .command(bin().to_str().unwrap())
+        .args(["--config", config.arg(), "lookup", SCANNER_IP, "--fleet"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.lines().filter(|l| l.contains("scan udp/137 inbound")).count() == 2
+            && text.contains("edge-a #")
+            && text.contains("edge-b #"),
+        "{text}"
+    );
+}
+
+/// Without a fleet no fleet code runs: no fleet metrics, nothing queued.
+/// A fleet whose server is unreachable from the start does not stop the
+/// sensor: it detects, and its incidents wait.
+#[test]
+fn without_a_fleet_nothing_is_queued_and_an_unreachable_one_does_not_stop_detection() {
+    require_privileged!();
+    let lab = Lab::new();
+    let nw = Netwatch::start(&lab.victim, &pin_dir(), &["--iface", VICTIM_IF]);
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    let exposition = nw.metrics(&lab.victim);
+    assert!(!exposition.contains("netwatch_fleet_"), "{exposition}");
+    drop(nw);
+
+    // A port nothing listens on.
+    let port = lab.victim.run(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let url = format!("nats://127.0.0.1:{port}");
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", "x"],
+    );
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    wait_until(
+        "the outbox to fill",
+        Duration::from_secs(10),
+        || nw.log(),
+        || try_sample(&nw.metrics(&lab.victim), "netwatch_fleet_outbox_incidents", &[]) == Some(1.0),
+    );
+    assert_eq!(
+        try_sample(&nw.metrics(&lab.victim), "netwatch_fleet_connected", &[]),
+        Some(0.0)
+    );
+}
