@@ -357,3 +357,79 @@ fn without_a_fleet_nothing_is_queued_and_an_unreachable_one_does_not_stop_detect
         Some(0.0)
     );
 }
+
+/// A backlog of 10,000 incidents (an outage's worth on a busy sensor) in
+/// the outbox is delivered when `run` starts with a fleet: every one
+/// once, the outbox empty. Prints how long the delivery took.
+#[test]
+fn a_backlog_of_ten_thousand_incidents_is_delivered_once() {
+    use netwatch_user::detection::incidents::{Classification, Observation, Seen, Stamp, Store, SystemClock};
+    require_privileged!();
+    const BACKLOG: u32 = 10_000;
+    let state = TempDir::private("state");
+    {
+        let mut store = Store::open(&state).unwrap();
+        store.enable_outbox().unwrap();
+        // No summaries: every source its own incident.
+        store.set_summary_after(BACKLOG + 1);
+        store
+            .batch(|store| {
+                for i in 0..BACKLOG {
+                    let at = Stamp::now(&SystemClock);
+                    store.record(
+                        &Observation {
+                            seen: Seen::Flag,
+                            source: std::net::Ipv4Addr::from(0xc613_0000 + i).into(),
+                            rule: "udp/137".into(),
+                            direction: "inbound".into(),
+                            interface: VICTIM_IF.into(),
+                            classification: Classification::Scan,
+                            first_seen: at.wall,
+                            last_seen: at.wall,
+                            packets: 20,
+                            distinct_destinations: 20,
+                            blocked_until: None,
+                            at,
+                        },
+                        Duration::from_secs(3600),
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.outbox_depth().unwrap(), BACKLOG as u64);
+    }
+    let lab = Lab::new();
+    let nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let started = Instant::now();
+    let nw = Netwatch::start_with_state(
+        &lab.victim,
+        &pin_dir(),
+        &state,
+        &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", "busy"],
+    );
+    let ready = started.elapsed();
+    wait_until(
+        "the backlog's delivery",
+        Duration::from_secs(120),
+        || nw.log(),
+        || try_sample(&nw.metrics(&lab.victim), "netwatch_fleet_outbox_incidents", &[]) == Some(0.0),
+    );
+    eprintln!(
+        "{BACKLOG} incidents delivered {:?} after `run` started ({ready:?} of it until /metrics answered)",
+        started.elapsed()
+    );
+    let messages = stream_messages(&lab.victim, &url, STREAM);
+    assert_eq!(messages.len(), BACKLOG as usize);
+    let ids: HashSet<i64> = messages.iter().map(|m| m["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), BACKLOG as usize);
+    assert_eq!(
+        sample(
+            &nw.metrics(&lab.victim),
+            "netwatch_fleet_incidents_published_total",
+            &[]
+        ),
+        BACKLOG as f64
+    );
+}
