@@ -16,12 +16,20 @@ pub struct NatsServer {
     /// [`NatsServer::start`].
     store: TempDir,
     log: PathBuf,
+    /// A configuration file (users, permissions), if any.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     /// Starts a JetStream server in `ns` on a free port of its loopback.
     pub fn start_in(ns: &Netns) -> Self {
+        Self::start_with_config(ns, None)
+    }
+
+    /// Like [`NatsServer::start_in`], with `config` (nats-server's
+    /// configuration syntax) as its configuration file.
+    pub fn start_with_config(ns: &Netns, config: Option<&str>) -> Self {
         let port = ns.run(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -30,11 +38,17 @@ impl NatsServer {
         });
         let store = TempDir::new("nats");
         let log = store.join("nats.log");
+        let config = config.map(|text| {
+            let path = store.join("nats.conf");
+            std::fs::write(&path, text).expect("nats config");
+            path
+        });
         let mut server = NatsServer {
             ns_name: ns.name.clone(),
             port,
             store,
             log,
+            config,
             child: None,
         };
         server.start(ns);
@@ -55,8 +69,11 @@ impl NatsServer {
             .append(true)
             .open(&self.log)
             .expect("nats log");
-        let child = ns
-            .command("nats-server")
+        let mut command = ns.command("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .args(["--jetstream", "--addr", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--store_dir")
             .arg(self.store.join("js"))
@@ -111,6 +128,12 @@ impl Drop for NatsServer {
 /// Every message of `stream` (oldest first) as JSON, read with a real
 /// client from inside `ns`; an empty list when the stream does not exist.
 pub fn stream_messages(ns: &Netns, url: &str, stream: &str) -> Vec<serde_json::Value> {
+    stream_messages_as(ns, url, stream, None)
+}
+
+/// [`stream_messages`] as the user of the NKey `seed`.
+pub fn stream_messages_as(ns: &Netns, url: &str, stream: &str, seed: Option<&str>) -> Vec<serde_json::Value> {
+    let seed = seed.map(str::to_string);
     use async_nats::jetstream::{self, consumer::pull};
     use futures_util::StreamExt as _;
     let (url, stream_name) = (url.to_string(), stream.to_string());
@@ -120,7 +143,11 @@ pub fn stream_messages(ns: &Netns, url: &str, stream: &str) -> Vec<serde_json::V
             .build()
             .unwrap();
         runtime.block_on(async move {
-            let client = async_nats::connect(url.as_str()).await.expect("connect to nats");
+            let mut options = async_nats::ConnectOptions::new();
+            if let Some(seed) = seed {
+                options = options.nkey(seed);
+            }
+            let client = options.connect(url.as_str()).await.expect("connect to nats");
             let js = jetstream::new(client);
             let Ok(mut stream) = js.get_stream(&stream_name).await else {
                 return Vec::new();
@@ -154,4 +181,20 @@ pub fn stream_messages(ns: &Netns, url: &str, stream: &str) -> Vec<serde_json::V
             out
         })
     })
+}
+
+/// A NATS user's NKey pair: the public key (for the server's
+/// `authorization`) and the seed (for the client).
+pub fn user_nkey() -> (String, String) {
+    let pair = nkeys::KeyPair::new_user();
+    (pair.public_key(), pair.seed().expect("a seed"))
+}
+
+/// `publish` permissions of a sensor that may write only as `sensor`:
+/// its own subjects and the stream's info and creation, acknowledgements
+/// to its inbox.
+pub fn sensor_permissions(nkey: &str, sensor: &str) -> String {
+    format!(
+        "{{ nkey: \"{nkey}\", permissions: {{ publish: {{ allow: [\"netwatch.incidents.{sensor}.>\", \"$JS.API.STREAM.INFO.NETWATCH_INCIDENTS\", \"$JS.API.STREAM.CREATE.NETWATCH_INCIDENTS\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}"
+    )
 }

@@ -11,7 +11,7 @@ use netwatch_tests::{
     ConfigFile, TempDir, assert_fails_saying,
     daemon::{Netwatch, bin, netwatch, sample, try_sample},
     lab::*,
-    nats::{NatsServer, stream_messages},
+    nats::{NatsServer, sensor_permissions, stream_messages, stream_messages_as, user_nkey},
     netns::Netns,
     pin_dir, require_privileged,
 };
@@ -432,4 +432,131 @@ fn a_backlog_of_ten_thousand_incidents_is_delivered_once() {
         ),
         BACKLOG as f64
     );
+}
+
+/// Per-sensor credentials: with the server's `authorization` listing each
+/// sensor's NKey and letting it publish only under its own subjects, a
+/// sensor delivers as itself, and the same key naming itself another
+/// sensor delivers nothing (its incidents stay in the outbox). Lookups
+/// take the sensor from the subject. A seed file that is no seed fails
+/// the start, naming `fleet.credentials`.
+#[test]
+fn a_sensor_writes_only_as_itself() {
+    require_privileged!();
+    let (a_key, a_seed) = user_nkey();
+    let (b_key, _) = user_nkey();
+    let (ops_key, ops_seed) = user_nkey();
+    let lab = Lab::new();
+    let nats = NatsServer::start_with_config(
+        &lab.victim,
+        Some(&format!(
+            "authorization {{ users = [ {}, {}, {{ nkey: \"{ops_key}\" }} ] }}\n",
+            sensor_permissions(&a_key, "edge-a"),
+            sensor_permissions(&b_key, "edge-b"),
+        )),
+    );
+    let url = nats.url();
+    let keys = TempDir::private("keys");
+    let a_file = keys.join("edge-a.seed");
+    std::fs::write(&a_file, format!("{a_seed}\n")).unwrap();
+    let a_config = ConfigFile::new(format!(
+        "[fleet]\nurl = \"{url}\"\ncredentials = \"{}\"\n",
+        a_file.display()
+    ));
+    let ops_file = keys.join("ops.seed");
+    std::fs::write(&ops_file, &ops_seed).unwrap();
+    let ops_config = ConfigFile::new(format!(
+        "[fleet]\nurl = \"{url}\"\ncredentials = \"{}\"\n",
+        ops_file.display()
+    ));
+
+    let run_as = |sensor: &str| {
+        Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--config", a_config.arg(), "--iface", VICTIM_IF, "--sensor", sensor],
+        )
+    };
+    let nw = run_as("edge-a");
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    wait_until(
+        "edge-a's delivery",
+        Duration::from_secs(10),
+        || nw.log(),
+        || {
+            let m = nw.metrics(&lab.victim);
+            try_sample(&m, "netwatch_fleet_outbox_incidents", &[]) == Some(0.0)
+                && try_sample(&m, "netwatch_fleet_incidents_published_total", &[]).is_some_and(|n| n >= 1.0)
+        },
+    );
+    drop(nw);
+
+    // edge-a's key, calling itself edge-b.
+    let nw = run_as("edge-b");
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    wait_until(
+        "the refused delivery's log line",
+        Duration::from_secs(15),
+        || nw.log(),
+        || nw.log().contains("incidents wait in the outbox"),
+    );
+    let m = nw.metrics(&lab.victim);
+    assert_eq!(try_sample(&m, "netwatch_fleet_outbox_incidents", &[]), Some(1.0), "{m}");
+    assert_eq!(
+        try_sample(&m, "netwatch_fleet_incidents_published_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(try_sample(&m, "netwatch_fleet_connected", &[]), Some(1.0));
+    assert!(nats.log().contains("Publish Violation"), "{}", nats.log());
+    drop(nw);
+
+    let messages = stream_messages_as(&lab.victim, &url, STREAM, Some(&ops_seed));
+    assert!(!messages.is_empty());
+    for m in &messages {
+        assert_eq!(m["sensor"], "edge-a", "{m}");
+        assert!(
+            m["subject"].as_str().unwrap().starts_with("netwatch.incidents.edge-a."),
+            "{m}"
+        );
+    }
+    let report = json_in(
+        &lab.victim,
+        &["--config", ops_config.arg(), "lookup", SCANNER_IP, "--fleet", "--json"],
+    );
+    let sensors: HashSet<&str> = report["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["sensor"].as_str().unwrap())
+        .collect();
+    assert_eq!(sensors, HashSet::from(["edge-a"]), "{report:#}");
+    // Without credentials the server lets nobody in.
+    let out = lab
+        .victim
+        .command(bin().to_str().unwrap())
+        .args(["lookup", SCANNER_IP, "--fleet", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    std::fs::write(&a_file, "not a seed\n").unwrap();
+    let out = lab
+        .victim
+        .command(bin().to_str().unwrap())
+        .args([
+            "--config",
+            a_config.arg(),
+            "run",
+            "--iface",
+            VICTIM_IF,
+            "--pin-dir",
+            &pin_dir(),
+        ])
+        .arg("--state-dir")
+        .arg(keys.join("state"))
+        .output()
+        .unwrap();
+    assert_fails_saying(&out, "fleet.credentials");
 }

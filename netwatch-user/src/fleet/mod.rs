@@ -58,10 +58,7 @@ pub async fn connect(
         // to several seconds between attempts).
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(1000)));
     if let Some(path) = credentials {
-        options = options
-            .credentials_file(path)
-            .await
-            .with_context(|| format!("fleet.credentials {}", path.display()))?;
+        options = with_credentials(options, path)?;
     }
     if !wait {
         options = options.retry_on_initial_connect();
@@ -75,6 +72,22 @@ pub async fn connect(
         .connect(addrs)
         .await
         .with_context(|| format!("connecting to the fleet at {fleet_url}"))
+}
+
+/// A NATS credentials file (user JWT and NKey seed, as `nsc` writes it)
+/// or a file holding just a user's NKey seed (`SU...`, for a server whose
+/// `authorization` lists users by NKey).
+fn with_credentials(options: async_nats::ConnectOptions, path: &std::path::Path) -> Result<async_nats::ConnectOptions> {
+    let context = || format!("fleet.credentials {}", path.display());
+    let text = std::fs::read_to_string(path).with_context(context)?;
+    if text.contains("BEGIN NATS USER JWT") {
+        return options.credentials(&text).with_context(context);
+    }
+    let seed = text.trim();
+    nkeys::KeyPair::from_seed(seed)
+        .map_err(|e| anyhow::anyhow!("neither a NATS credentials file nor an NKey seed ({e})"))
+        .with_context(context)?;
+    Ok(options.nkey(seed.to_string()))
 }
 
 /// The incidents stream, created on first use with the fleet's settings.

@@ -104,7 +104,20 @@ async fn deliver(
     // Logged once per outage, not once per round.
     let mut failing = false;
     loop {
+        match store.outbox_depth() {
+            Ok(n) => stats.outbox_depth.store(n, Relaxed),
+            Err(err) => error!("fleet: reading the outbox: {err:#}"),
+        }
         let round = async {
+            // Published while disconnected, a message would wait in the
+            // client's buffer and arrive after its acknowledgement timed
+            // out: stored then, next to the newer state sent again.
+            if js.client().connection_state() != async_nats::connection::State::Connected {
+                if stats.outbox_depth() == 0 {
+                    return Ok(0);
+                }
+                anyhow::bail!("not connected");
+            }
             if !stream_ready {
                 incidents_stream(&js).await?;
                 stream_ready = true;
@@ -134,10 +147,6 @@ async fn deliver(
                 tokio::time::sleep(RETRY).await;
             }
         }
-        match store.outbox_depth() {
-            Ok(n) => stats.outbox_depth.store(n, Relaxed),
-            Err(err) => error!("fleet: reading the outbox: {err:#}"),
-        }
     }
 }
 
@@ -150,12 +159,6 @@ async fn publish_round(js: &jetstream::Context, sensor: &str, store: &mut Store,
     let queued = store.outbox(BATCH)?;
     if queued.is_empty() {
         return Ok(0);
-    }
-    // Published while disconnected, a message would wait in the client's
-    // buffer and arrive after its acknowledgement timed out: stored then,
-    // next to the newer state sent again.
-    if js.client().connection_state() != async_nats::connection::State::Connected {
-        anyhow::bail!("not connected");
     }
     let mut delivered = Vec::new();
     let mut acks = Vec::new();

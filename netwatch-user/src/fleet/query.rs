@@ -69,7 +69,15 @@ async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>
             let message = message.map_err(|e| anyhow::anyhow!("reading the stream {STREAM}: {e}"))?;
             got += 1;
             match serde_json::from_slice::<Value>(&message.payload) {
-                Ok(v) if v.is_object() => states.push(v),
+                Ok(mut v) if v.is_object() => {
+                    // The subject says who wrote it (the server's
+                    // permissions can hold a sensor to its own), not the
+                    // payload.
+                    if let Some(sensor) = message.subject.split('.').nth(2) {
+                        v["sensor"] = sensor.into();
+                    }
+                    states.push(v)
+                }
                 _ => log::warn!("skipping a message on {} that is no incident", message.subject),
             }
         }
