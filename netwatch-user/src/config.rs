@@ -163,6 +163,78 @@ pub struct FleetEntry {
     pub credentials: Option<PathBuf>,
     /// This sensor's name in the fleet [default: the host name].
     pub sensor: Option<String>,
+    /// Distinct sensors whose incidents of a source confirm it.
+    pub confirm_sensors: Option<i64>,
+    /// Within how long those incidents were last seen.
+    pub confirm_window_secs: Option<i64>,
+    /// How long a fleet decision blocks.
+    pub decision_secs: Option<i64>,
+    /// Enforce mode: apply the fleet's decisions to the kernel's blocks.
+    pub apply_decisions: Option<bool>,
+    /// Decisions applied per /24 (IPv4) or /64 (IPv6) at most.
+    pub decisions_per_prefix: Option<i64>,
+}
+
+/// When a source flagged by several sensors becomes a fleet decision, and
+/// what a sensor does with the decisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Confirmation {
+    pub sensors: u32,
+    pub window: std::time::Duration,
+    pub block: std::time::Duration,
+    pub apply: bool,
+    pub per_prefix: u32,
+}
+
+impl Default for Confirmation {
+    fn default() -> Self {
+        Confirmation {
+            sensors: 2,
+            window: std::time::Duration::from_secs(3600),
+            block: std::time::Duration::from_secs(3600),
+            apply: true,
+            per_prefix: 16,
+        }
+    }
+}
+
+impl Confirmation {
+    fn build(entry: Option<&FleetEntry>) -> Result<Self> {
+        let mut c = Confirmation::default();
+        let Some(e) = entry else { return Ok(c) };
+        let ranged = |key: &str, v: Option<i64>, range: std::ops::RangeInclusive<i64>, default: u64| -> Result<u64> {
+            match v {
+                None => Ok(default),
+                Some(v) if range.contains(&v) => Ok(v as u64),
+                Some(v) => bail!(
+                    "fleet.{key} = {v}: give a number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            }
+        };
+        c.sensors = ranged("confirm_sensors", e.confirm_sensors, 2..=1000, c.sensors as u64)? as u32;
+        c.window = std::time::Duration::from_secs(ranged(
+            "confirm_window_secs",
+            e.confirm_window_secs,
+            60..=7 * 86400,
+            c.window.as_secs(),
+        )?);
+        c.block = std::time::Duration::from_secs(ranged(
+            "decision_secs",
+            e.decision_secs,
+            60..=7 * 86400,
+            c.block.as_secs(),
+        )?);
+        c.per_prefix = ranged(
+            "decisions_per_prefix",
+            e.decisions_per_prefix,
+            1..=256,
+            c.per_prefix as u64,
+        )? as u32;
+        c.apply = e.apply_decisions.unwrap_or(true);
+        Ok(c)
+    }
 }
 
 /// Where a sensor reports to, validated.
@@ -172,6 +244,7 @@ pub struct FleetConfig {
     pub url: String,
     pub credentials: Option<PathBuf>,
     pub sensor: String,
+    pub confirmation: Confirmation,
 }
 
 impl FleetConfig {
@@ -188,6 +261,7 @@ impl FleetConfig {
             url: url.to_string(),
             credentials,
             sensor,
+            confirmation: Confirmation::default(),
         })
     }
 }
@@ -427,6 +501,7 @@ impl RunConfig {
             Some(n) => bail!("incidents_per_minute = {n}: give a number from 1 to 1000000"),
         };
         let fleet_file = file.fleet.as_ref();
+        let confirmation = Confirmation::build(fleet_file)?;
         let fleet = match (&flags.fleet_url, fleet_file) {
             (Some(url), _) => Some(FleetConfig::build(
                 url,
@@ -442,7 +517,8 @@ impl RunConfig {
                 bail!("--sensor names this sensor in a fleet: give --fleet URL or a [fleet] table too")
             }
             (None, None) => None,
-        };
+        }
+        .map(|fleet| FleetConfig { confirmation, ..fleet });
         Ok(RunConfig {
             fleet,
             incident_retention: std::time::Duration::from_secs(retention_days as u64 * 86400),
@@ -584,6 +660,7 @@ mod tests {
                 url: "nats://hub.example:4222".into(),
                 credentials: Some("/etc/netwatch/edge-1.creds".into()),
                 sensor: "edge-1".into(),
+                confirmation: Confirmation::default(),
             }
         );
         // The flags win over the file; the file's credentials stay.

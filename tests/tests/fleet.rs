@@ -560,3 +560,88 @@ fn a_sensor_writes_only_as_itself() {
         .unwrap();
     assert_fails_saying(&out, "fleet.credentials");
 }
+
+/// Confirmed blocks: the scanner flagged by sensors A and B becomes one
+/// fleet decision (B creates it; C, finding the same confirmation when it
+/// starts, creates none: the stream holds it once), and C, in enforce
+/// mode with udp/137 only counted (auto_block on), drops the scanner's
+/// first probe there while another source's probe passes. With the
+/// scanner on C's allowlist, the allowlist wins.
+#[test]
+fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    for sensor in ["edge-a", "edge-b"] {
+        let nw = Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", sensor],
+        );
+        assert!(lab.nbtscan(TARGET_RANGE).status.success());
+        nw.wait_for_incident(SCANNER_IP);
+        wait_until(
+            "delivery",
+            Duration::from_secs(10),
+            || nw.log(),
+            || {
+                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
+                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 1.0)
+            },
+        );
+        if sensor == "edge-b" {
+            wait_until(
+                "the decision",
+                Duration::from_secs(10),
+                || nw.log(),
+                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(1.0),
+            );
+            // Monitor mode: decisions are not applied here.
+            assert_eq!(counter(&nw, "netwatch_fleet_decisions_applied_total"), Some(0.0));
+        }
+    }
+    let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["source"], SCANNER_IP);
+    assert_eq!(decisions[0]["rule"], "udp/137");
+    assert_eq!(decisions[0]["sensors"], serde_json::json!(["edge-a", "edge-b"]));
+
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
+         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\n"
+    ));
+    let listener = udp_listener(&lab.victim, 137);
+    for allowlisted in [false, true] {
+        let mut args = vec!["--config", config.arg(), "--iface", VICTIM_IF];
+        if allowlisted {
+            args.extend(["--allow", SCANNER_IP]);
+        }
+        let started = Instant::now();
+        let nw = Netwatch::start(&lab.victim, &pin_dir(), &args);
+        wait_until(
+            "the decision applied",
+            Duration::from_secs(10),
+            || nw.log(),
+            || counter(&nw, "netwatch_fleet_decisions_applied_total") == Some(1.0),
+        );
+        eprintln!("decision applied at edge-c {:?} after its start", started.elapsed());
+        assert_eq!(counter(&nw, "netwatch_fleet_decisions_created_total"), Some(0.0));
+        count_received(&listener);
+        assert_eq!(send_udp(&lab.scanner, &format!("{VICTIM_IP}:137"), 1), 1);
+        assert_eq!(
+            count_received(&listener),
+            usize::from(allowlisted),
+            "the scanner's first probe at edge-c (allowlisted: {allowlisted})"
+        );
+        assert_eq!(
+            send_udp_from(&lab.scanner, SECOND_SCANNER, &format!("{VICTIM_IP}:137"), 1),
+            1
+        );
+        assert_eq!(count_received(&listener), 1, "another source's probe is only counted");
+    }
+    assert_eq!(stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS").len(), 1);
+}

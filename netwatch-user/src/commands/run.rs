@@ -177,20 +177,36 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     };
 
     let listener = http::bind(config.metrics_addr)?;
+    let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
+    datapath.apply(&config.policy)?;
     // Before attaching: a credentials file that cannot be read fails the
     // start; a server that cannot be reached does not (incidents wait in
     // the outbox).
     let fleet = match &config.fleet {
         Some(fleet) => {
             let link = Fleet::default();
-            Publisher::start(fleet, &config.state_dir, link.stats.clone(), link.notify.clone())?;
-            info!("fleet: sensor {} delivering incidents to {}", fleet.sensor, fleet.url);
+            let applies = fleet.confirmation.apply && config.policy.mode == crate::policy::Mode::Enforce;
+            Publisher::start(
+                fleet,
+                &config.state_dir,
+                link.stats.clone(),
+                link.notify.clone(),
+                applies.then(|| datapath.maps().clone()),
+            )?;
+            info!(
+                "fleet: sensor {} delivering incidents to {}{}",
+                fleet.sensor,
+                fleet.url,
+                if applies {
+                    ", applying the fleet's decisions"
+                } else {
+                    ""
+                }
+            );
             Some(link)
         }
         None => None,
     };
-    let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
-    datapath.apply(&config.policy)?;
     info!(
         "mode {}, rules: {}",
         config.policy.mode.label(),

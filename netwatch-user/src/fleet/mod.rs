@@ -8,6 +8,7 @@
 //! per incident, so the newest message of each subject is the incident's
 //! state and a lookup by address is one filter.
 
+pub mod decisions;
 mod publisher;
 mod query;
 
@@ -120,6 +121,7 @@ pub fn query_target(flag: &str, file: Option<&crate::config::FleetEntry>) -> Res
         url,
         credentials,
         sensor: String::new(),
+        confirmation: Default::default(),
     })
 }
 

@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 
 use crate::{
     config::FleetConfig,
+    datapath::PinnedMaps,
     detection::incidents::{Incident, Store},
+    fleet::decisions::{apply, confirm, keep_running},
     fleet::{incident_subject, incidents_stream},
 };
 
@@ -36,6 +38,11 @@ pub struct FleetStats {
     client: OnceLock<async_nats::Client>,
     outbox_depth: AtomicU64,
     published: AtomicU64,
+    /// Decisions this sensor created (not those another sensor had
+    /// created first).
+    pub(crate) decisions_created: AtomicU64,
+    /// Decisions applied to this sensor's kernel blocks.
+    pub(crate) decisions_applied: AtomicU64,
 }
 
 impl FleetStats {
@@ -55,6 +62,14 @@ impl FleetStats {
     pub fn published(&self) -> u64 {
         self.published.load(Relaxed)
     }
+
+    pub fn decisions_created(&self) -> u64 {
+        self.decisions_created.load(Relaxed)
+    }
+
+    pub fn decisions_applied(&self) -> u64 {
+        self.decisions_applied.load(Relaxed)
+    }
 }
 
 /// One incident as the fleet sees it: the sensor's incident with the
@@ -72,8 +87,17 @@ pub struct Publisher;
 impl Publisher {
     /// Connects (in the background: an unreachable server is no error,
     /// a bad credentials file is) and starts the thread delivering the
-    /// outbox of the database in `state_dir`; `notify` wakes it.
-    pub fn start(fleet: &FleetConfig, state_dir: &Path, stats: Arc<FleetStats>, notify: Arc<Notify>) -> Result<()> {
+    /// outbox of the database in `state_dir`; `notify` wakes it. The
+    /// thread also confirms sources flagged by several sensors, and with
+    /// `apply_to` (an enforce-mode sensor's maps) applies the fleet's
+    /// decisions.
+    pub fn start(
+        fleet: &FleetConfig,
+        state_dir: &Path,
+        stats: Arc<FleetStats>,
+        notify: Arc<Notify>,
+        apply_to: Option<PinnedMaps>,
+    ) -> Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let client = runtime.block_on(super::connect(
             &fleet.url,
@@ -86,7 +110,24 @@ impl Publisher {
         let fleet = fleet.clone();
         std::thread::Builder::new()
             .name("fleet".into())
-            .spawn(move || runtime.block_on(deliver(client, fleet, store, stats, notify)))
+            .spawn(move || {
+                let confirmation = &fleet.confirmation;
+                runtime.block_on(async {
+                    // Needs the runtime's context.
+                    let js = jetstream::new(client.clone());
+                    let confirming = keep_running("confirming sources", || confirm(&js, confirmation, &stats));
+                    let applying = async {
+                        if let Some(maps) = &apply_to {
+                            keep_running("applying decisions", || apply(&js, confirmation, maps, &stats)).await
+                        }
+                    };
+                    tokio::join!(
+                        deliver(client.clone(), fleet.clone(), store, stats.clone(), notify),
+                        confirming,
+                        applying
+                    );
+                })
+            })
             .context("starting the fleet thread")?;
         Ok(())
     }

@@ -499,6 +499,22 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
             )?
             .with_label_values::<&str>(&[])
             .inc_by(fleet.published());
+            counter_vec(
+                registry,
+                "netwatch_fleet_decisions_created_total",
+                "Fleet decisions (sources confirmed by enough sensors) this sensor created; one another sensor created first is not counted.",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.decisions_created());
+            counter_vec(
+                registry,
+                "netwatch_fleet_decisions_applied_total",
+                "Fleet decisions applied to this sensor's kernel blocks (enforce mode, rules with auto_block).",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.decisions_applied());
         }
     }
 

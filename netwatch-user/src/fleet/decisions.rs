@@ -1,0 +1,298 @@
+//! Confirmed blocks: a source whose scan incidents come from at least
+//! `confirm_sensors` distinct sensors within `confirm_window_secs`
+//! becomes one fleet decision, and every enforce-mode sensor puts it in
+//! its kernel's auto-block map.
+//!
+//! Every sensor watches the incidents stream and may find the same
+//! confirmation; the decision's message id is made from what they all
+//! see (source, rule, direction and the first sighting of the sensor that
+//! confirmed it), so the stream keeps it once, however many publish it.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
+    message::PublishMessage,
+    stream,
+};
+use futures_util::StreamExt as _;
+use log::{info, warn};
+use netwatch_common::{Classification, Direction};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::rfc3339,
+    config::Confirmation,
+    datapath::PinnedMaps,
+    detection::sources::{blocks_map, key_for},
+    fleet::{FleetStats, SUBJECT_PREFIX, address_token, incidents_stream},
+};
+
+pub const DECISIONS_STREAM: &str = "NETWATCH_DECISIONS";
+pub const DECISIONS_PREFIX: &str = "netwatch.decisions";
+
+/// A fleet decision, as stored in the decisions stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Decision {
+    pub source: IpAddr,
+    pub rule: String,
+    pub direction: String,
+    /// The sensors whose incidents confirmed it.
+    pub sensors: Vec<String>,
+    /// The first sighting of the sensor whose incident confirmed it.
+    pub confirmed_at: String,
+    pub until: String,
+}
+
+/// The decisions stream: one subject per source, rule and direction;
+/// decisions leave it when their block ends, and a decision published
+/// again while it is in force is dropped as a duplicate.
+async fn decisions_stream(js: &jetstream::Context, confirmation: &Confirmation) -> Result<stream::Stream> {
+    js.get_or_create_stream(stream::Config {
+        name: DECISIONS_STREAM.into(),
+        subjects: vec![format!("{DECISIONS_PREFIX}.>")],
+        max_messages_per_subject: 1,
+        max_age: confirmation.block,
+        duplicate_window: confirmation.block,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("opening the JetStream stream {DECISIONS_STREAM}: {e}"))
+}
+
+fn parse_time(v: &serde_json::Value, key: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(v.get(key)?.as_str()?).ok()
+}
+
+/// What the incidents stream says about one source on one rule and
+/// direction: each sensor's first and last sighting.
+type Sightings = HashMap<String, (SystemTime, SystemTime)>;
+
+/// Watches the incidents stream (from `window` ago) and publishes a
+/// decision for every source confirmed by enough sensors. Runs until the
+/// connection fails; the caller starts it again.
+pub async fn confirm(js: &jetstream::Context, confirmation: &Confirmation, stats: &FleetStats) -> Result<()> {
+    let incidents = incidents_stream(js).await?;
+    decisions_stream(js, confirmation).await?;
+    let start = time::OffsetDateTime::now_utc() - confirmation.window;
+    let consumer = incidents
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{SUBJECT_PREFIX}.>"),
+            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("watching the incidents: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("watching the incidents: {e}"))?;
+    let mut seen: HashMap<(IpAddr, String, String), Sightings> = HashMap::new();
+    let mut published: HashSet<String> = HashSet::new();
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| anyhow::anyhow!("watching the incidents: {e}"))?;
+        let Some(sensor) = message.subject.split('.').nth(2) else {
+            continue;
+        };
+        let Ok(incident) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
+            continue;
+        };
+        if incident.get("classification").and_then(|c| c.as_str()) != Some(Classification::Scan.label())
+            || incident.get("summary_sources").is_some()
+        {
+            continue;
+        }
+        let (Some(source), Some(rule), Some(direction), Some(first), Some(last)) = (
+            incident
+                .get("source")
+                .and_then(|s| s.as_str())
+                .and_then(|s| s.parse::<IpAddr>().ok()),
+            incident.get("rule").and_then(|s| s.as_str()),
+            incident.get("direction").and_then(|s| s.as_str()),
+            parse_time(&incident, "first_seen"),
+            parse_time(&incident, "last_seen"),
+        ) else {
+            continue;
+        };
+        let key = (source, rule.to_string(), direction.to_string());
+        let sightings = seen.entry(key.clone()).or_default();
+        let earliest = sightings.get(sensor).map_or(first, |(f, _)| (*f).min(first));
+        sightings.insert(sensor.to_string(), (earliest, last));
+        let now = SystemTime::now();
+        sightings.retain(|_, (_, last)| now.duration_since(*last).unwrap_or_default() <= confirmation.window);
+        if sightings.len() < confirmation.sensors as usize {
+            continue;
+        }
+        let mut firsts: Vec<SystemTime> = sightings.values().map(|(f, _)| *f).collect();
+        firsts.sort();
+        let confirmed_at = rfc3339(firsts[confirmation.sensors as usize - 1]);
+        let id = format!("{}.{}.{}.{}", address_token(source), rule, direction, confirmed_at);
+        if !published.insert(id.clone()) {
+            continue;
+        }
+        let mut sensors: Vec<String> = sightings.keys().cloned().collect();
+        sensors.sort();
+        let decision = Decision {
+            source,
+            rule: rule.to_string(),
+            direction: direction.to_string(),
+            sensors,
+            confirmed_at,
+            until: rfc3339(now + confirmation.block),
+        };
+        let subject = format!(
+            "{DECISIONS_PREFIX}.{}.{}.{}",
+            address_token(source),
+            rule.replace('/', "-"),
+            direction
+        );
+        let ack = js
+            .send_publish(
+                subject,
+                PublishMessage::build()
+                    .payload(serde_json::to_vec(&decision)?.into())
+                    .message_id(&id),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a decision: {e}"))?
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a decision: {e}"))?;
+        if !ack.duplicate {
+            stats.decisions_created.fetch_add(1, Relaxed);
+            info!(
+                "fleet: {source} confirmed by {} sensors ({}) on {rule} {direction}: blocked by the fleet until {}",
+                decision.sensors.len(),
+                decision.sensors.join(", "),
+                decision.until
+            );
+        }
+    }
+    anyhow::bail!("the incidents stream ended")
+}
+
+/// The prefix a cap counts decisions in: the /24 of an IPv4 source, the
+/// /64 of an IPv6 one.
+fn prefix_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) & 0xffff_ff00).into(),
+        IpAddr::V6(a) => std::net::Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)).into(),
+    }
+}
+
+/// Applies every decision of the decisions stream, as it arrives, to the
+/// kernel's auto-block map: the source's block on the decision's rule and
+/// direction, until the decision's end (on the boot-time clock the kernel
+/// keeps). Only rules with `auto_block` consult that map, so a decision
+/// for another rule is logged, not applied; the allowlist wins in the
+/// kernel (an allowlisted source is never blocked); at most
+/// `per_prefix` decisions per /24 (or /64) are applied.
+pub async fn apply(
+    js: &jetstream::Context,
+    confirmation: &Confirmation,
+    maps: &PinnedMaps,
+    stats: &Arc<FleetStats>,
+) -> Result<()> {
+    let decisions = decisions_stream(js, confirmation).await?;
+    let consumer = decisions
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{DECISIONS_PREFIX}.>"),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
+    let mut per_prefix: HashMap<IpAddr, HashSet<IpAddr>> = HashMap::new();
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
+        let Ok(decision) = serde_json::from_slice::<Decision>(&message.payload) else {
+            warn!("fleet: skipping a message on {} that is no decision", message.subject);
+            continue;
+        };
+        if let Err(err) = apply_one(&decision, confirmation, maps, &mut per_prefix, stats) {
+            warn!(
+                "fleet: decision for {} on {} not applied: {err:#}",
+                decision.source, decision.rule
+            );
+        }
+    }
+    anyhow::bail!("the decisions stream ended")
+}
+
+fn apply_one(
+    decision: &Decision,
+    confirmation: &Confirmation,
+    maps: &PinnedMaps,
+    per_prefix: &mut HashMap<IpAddr, HashSet<IpAddr>>,
+    stats: &FleetStats,
+) -> Result<()> {
+    let until = humantime::parse_rfc3339(&decision.until).context("its end")?;
+    let Ok(left) = until.duration_since(SystemTime::now()) else {
+        return Ok(());
+    };
+    let names = crate::detection::sources::Names::read(maps)?;
+    let slot = maps
+        .rules_in_force()?
+        .into_iter()
+        .find(|(slot, _, _)| names.rule(*slot as u8) == decision.rule)
+        .with_context(|| format!("no rule {} here", decision.rule))?;
+    if slot.2.block_secs == 0 {
+        anyhow::bail!(
+            "rule {} has no auto_block here, so the kernel does not consult blocks on it",
+            decision.rule
+        );
+    }
+    let direction = Direction::from_label(&decision.direction).context("its direction")?;
+    let prefix = per_prefix.entry(prefix_of(decision.source)).or_default();
+    if !prefix.contains(&decision.source) && prefix.len() >= confirmation.per_prefix as usize {
+        anyhow::bail!(
+            "{} decisions in force in its prefix already (decisions_per_prefix)",
+            prefix.len()
+        );
+    }
+    let key = key_for(decision.source, slot.0 as u8, direction, Classification::Scan);
+    let end = crate::clock::boot_secs().saturating_add(left.as_secs().min(u32::MAX as u64) as u32);
+    blocks_map(maps)?
+        .insert(key, end, 0)
+        .map_err(|e| anyhow::anyhow!("the auto-block map refused it (full?): {e}"))?;
+    prefix.insert(decision.source);
+    stats.decisions_applied.fetch_add(1, Relaxed);
+    info!(
+        "fleet: applied the decision blocking {} on {} {} until {} (confirmed by {})",
+        decision.source,
+        decision.rule,
+        decision.direction,
+        decision.until,
+        decision.sensors.join(", ")
+    );
+    Ok(())
+}
+
+/// Runs `task` again a second after each failure, for ever.
+pub async fn keep_running<F, Fut>(what: &str, mut task: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut failing = false;
+    loop {
+        if let Err(err) = task().await
+            && !failing
+        {
+            warn!("fleet: {what}: {err:#}; trying again");
+            failing = true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
