@@ -18,6 +18,8 @@ pub struct NatsServer {
     log: PathBuf,
     /// A configuration file (users, permissions), if any.
     config: Option<PathBuf>,
+    /// The address it listens on.
+    addr: String,
     child: Option<Child>,
 }
 
@@ -30,6 +32,12 @@ impl NatsServer {
     /// Like [`NatsServer::start_in`], with `config` (nats-server's
     /// configuration syntax) as its configuration file.
     pub fn start_with_config(ns: &Netns, config: Option<&str>) -> Self {
+        Self::start_on(ns, config, "127.0.0.1")
+    }
+
+    /// Like [`NatsServer::start_with_config`], listening on `addr` of the
+    /// namespace (`0.0.0.0`: every address of it).
+    pub fn start_on(ns: &Netns, config: Option<&str>, addr: &str) -> Self {
         let port = ns.run(|| {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -49,6 +57,7 @@ impl NatsServer {
             store,
             log,
             config,
+            addr: addr.to_string(),
             child: None,
         };
         server.start(ns);
@@ -74,7 +83,7 @@ impl NatsServer {
             command.arg("--config").arg(config);
         }
         let child = command
-            .args(["--jetstream", "--addr", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--jetstream", "--addr", &self.addr, "--port", &self.port.to_string()])
             .arg("--store_dir")
             .arg(self.store.join("js"))
             .stdout(Stdio::null())

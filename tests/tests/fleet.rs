@@ -645,3 +645,103 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
     }
     assert_eq!(stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS").len(), 1);
 }
+
+/// The delay from a confirming flag at one sensor to the decision being
+/// in force at another: sensor A (an earlier run) flagged 20 sources; then
+/// with C (enforce) running, B, in a namespace of its own that reaches
+/// the server over a veth, flags them one by one, and each decision must
+/// be applied at C within 5 s. Prints the median and the worst.
+#[test]
+fn a_confirming_flag_is_applied_at_another_sensor_within_seconds() {
+    require_privileged!();
+    const SOURCES: u8 = 20;
+    let lab = Lab::new();
+    let b = Netns::new("b");
+    netwatch_tests::netns::veth(&lab.scanner, "nw-scanb", "198.18.2.1/24", &b, "nw-b0", "198.18.2.2/24");
+    b.local_range("198.18.3.0/24");
+    lab.scanner.ip(&["route", "add", "198.18.3.0/24", "via", "198.18.2.2"]);
+    netwatch_tests::netns::veth(&lab.victim, "nw-vhub", "198.18.4.1/30", &b, "nw-bhub", "198.18.4.2/30");
+    // Each source in a /24 of its own (the per-prefix cap is not tested
+    // here), on the scanner's loopback: it reaches A/C's and B's links.
+    let source = |i: u8| format!("198.18.{}.1", 100 + i);
+    for i in 0..SOURCES {
+        lab.scanner
+            .ip(&["addr", "add", &format!("{}/32", source(i)), "dev", "lo"]);
+    }
+    let nats = NatsServer::start_on(&lab.victim, None, "0.0.0.0");
+    let sweep = |src: &str, range: &str| {
+        for host in 1..=25 {
+            assert_eq!(send_udp_from(&lab.scanner, src, &format!("{range}.{host}:137"), 1), 1);
+        }
+    };
+    let counter = |nw: &Netwatch, ns: &Netns, name: &str| try_sample(&nw.metrics(ns), name, &[]);
+    {
+        let a = Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--iface", VICTIM_IF, "--fleet", &nats.url(), "--sensor", "edge-a"],
+        );
+        for i in 0..SOURCES {
+            sweep(&source(i), "198.18.1");
+        }
+        wait_until(
+            "A's delivery",
+            Duration::from_secs(20),
+            || a.log(),
+            || {
+                counter(&a, &lab.victim, "netwatch_fleet_incidents_published_total")
+                    .is_some_and(|n| n >= SOURCES as f64)
+                    && counter(&a, &lab.victim, "netwatch_fleet_outbox_incidents") == Some(0.0)
+            },
+        );
+    }
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
+         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\n",
+        nats.url()
+    ));
+    let c = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.arg(), "--iface", VICTIM_IF],
+    );
+    let hub = format!("nats://198.18.4.1:{}", nats.port);
+    let b_sensor = Netwatch::start(
+        &b,
+        &pin_dir(),
+        &["--iface", "nw-b0", "--fleet", &hub, "--sensor", "edge-b"],
+    );
+    wait_until(
+        "B's connection",
+        Duration::from_secs(10),
+        || b_sensor.log(),
+        || counter(&b_sensor, &b, "netwatch_fleet_connected") == Some(1.0),
+    );
+    let mut delays = Vec::new();
+    for i in 0..SOURCES {
+        sweep(&source(i), "198.18.3");
+        let flagged = Instant::now();
+        let want = f64::from(i + 1);
+        // Polled every 5 ms (a scrape of /metrics takes about as long).
+        while counter(&c, &lab.victim, "netwatch_fleet_decisions_applied_total") != Some(want) {
+            assert!(
+                flagged.elapsed() < netwatch_tests::patience(Duration::from_secs(5)),
+                "decision {i} not applied at C in time:\n{}\n{}",
+                c.log(),
+                b_sensor.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        delays.push(flagged.elapsed());
+    }
+    delays.sort();
+    eprintln!(
+        "flag at B to applied at C over {SOURCES} sources: median {:?}, worst {:?}",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    assert_eq!(
+        stream_messages(&lab.victim, &nats.url(), "NETWATCH_DECISIONS").len(),
+        SOURCES as usize
+    );
+}
