@@ -173,6 +173,8 @@ pub struct FleetEntry {
     pub apply_decisions: Option<bool>,
     /// Decisions applied per /24 (IPv4) or /64 (IPv6) at most.
     pub decisions_per_prefix: Option<i64>,
+    /// Copies of the fleet's streams a JetStream cluster keeps.
+    pub stream_replicas: Option<i64>,
 }
 
 /// When a source flagged by several sensors becomes a fleet decision, and
@@ -245,6 +247,8 @@ pub struct FleetConfig {
     pub credentials: Option<PathBuf>,
     pub sensor: String,
     pub confirmation: Confirmation,
+    /// `stream_replicas`: copies of the streams a sensor creates.
+    pub replicas: usize,
 }
 
 impl FleetConfig {
@@ -262,6 +266,7 @@ impl FleetConfig {
             credentials,
             sensor,
             confirmation: Confirmation::default(),
+            replicas: 1,
         })
     }
 }
@@ -502,6 +507,11 @@ impl RunConfig {
         };
         let fleet_file = file.fleet.as_ref();
         let confirmation = Confirmation::build(fleet_file)?;
+        let replicas = match fleet_file.and_then(|f| f.stream_replicas) {
+            None => 1,
+            Some(n) if (1..=5).contains(&n) => n as usize,
+            Some(n) => bail!("fleet.stream_replicas = {n}: give 1 to 5 (JetStream's limit)"),
+        };
         let fleet = match (&flags.fleet_url, fleet_file) {
             (Some(url), _) => Some(FleetConfig::build(
                 url,
@@ -518,7 +528,11 @@ impl RunConfig {
             }
             (None, None) => None,
         }
-        .map(|fleet| FleetConfig { confirmation, ..fleet });
+        .map(|fleet| FleetConfig {
+            confirmation,
+            replicas,
+            ..fleet
+        });
         Ok(RunConfig {
             fleet,
             incident_retention: std::time::Duration::from_secs(retention_days as u64 * 86400),
@@ -661,6 +675,7 @@ mod tests {
                 credentials: Some("/etc/netwatch/edge-1.creds".into()),
                 sensor: "edge-1".into(),
                 confirmation: Confirmation::default(),
+                replicas: 1,
             }
         );
         // The flags win over the file; the file's credentials stay.

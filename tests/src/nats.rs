@@ -38,12 +38,11 @@ impl NatsServer {
     /// Like [`NatsServer::start_with_config`], listening on `addr` of the
     /// namespace (`0.0.0.0`: every address of it).
     pub fn start_on(ns: &Netns, config: Option<&str>, addr: &str) -> Self {
-        let port = ns.run(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port()
-        });
+        Self::start_at(ns, config, addr, free_port(ns))
+    }
+
+    /// Like [`NatsServer::start_on`], on `port`.
+    pub fn start_at(ns: &Netns, config: Option<&str>, addr: &str, port: u16) -> Self {
         let store = TempDir::new("nats");
         let log = store.join("nats.log");
         let config = config.map(|text| {
@@ -99,6 +98,13 @@ impl NatsServer {
         }
     }
 
+    /// SIGKILL: the node is gone at once (a crash).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM (nats-server shuts down cleanly, its store kept), waits.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("running");
@@ -134,6 +140,36 @@ impl Drop for NatsServer {
     }
 }
 
+/// A TCP port nothing listens on in `ns` (now).
+pub fn free_port(ns: &Netns) -> u16 {
+    ns.run(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    })
+}
+
+/// Three JetStream servers in `ns` clustered over loopback routes.
+pub fn cluster_of_three(ns: &Netns) -> Vec<NatsServer> {
+    let clients: Vec<u16> = (0..3).map(|_| free_port(ns)).collect();
+    let routes: Vec<u16> = (0..3).map(|_| free_port(ns)).collect();
+    (0..3)
+        .map(|i| {
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("\"nats-route://127.0.0.1:{}\"", routes[j]))
+                .collect();
+            let config = format!(
+                "server_name: n{i}\ncluster {{ name: netwatch-test, listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+                routes[i],
+                others.join(", ")
+            );
+            NatsServer::start_at(ns, Some(&config), "127.0.0.1", clients[i])
+        })
+        .collect()
+}
+
 /// Every message of `stream` (oldest first) as JSON, read with a real
 /// client from inside `ns`; an empty list when the stream does not exist.
 pub fn stream_messages(ns: &Netns, url: &str, stream: &str) -> Vec<serde_json::Value> {
@@ -162,13 +198,24 @@ pub fn stream_messages_as(ns: &Netns, url: &str, stream: &str, seed: Option<&str
                 return Vec::new();
             };
             let total = stream.info().await.expect("stream info").state.messages as usize;
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    ack_policy: jetstream::consumer::AckPolicy::None,
-                    ..Default::default()
-                })
-                .await
-                .expect("consumer");
+            // A cluster that just lost a node elects leaders again first.
+            let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
+            let consumer = loop {
+                match stream
+                    .create_consumer(pull::Config {
+                        ack_policy: jetstream::consumer::AckPolicy::None,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(consumer) => break consumer,
+                    Err(err) if Instant::now() < deadline => {
+                        eprintln!("creating a consumer: {err}; again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(err) => panic!("creating a consumer: {err}"),
+                }
+            };
             let mut out = Vec::new();
             while out.len() < total {
                 let mut batch = consumer
@@ -206,4 +253,27 @@ pub fn sensor_permissions(nkey: &str, sensor: &str) -> String {
     format!(
         "{{ nkey: \"{nkey}\", permissions: {{ publish: {{ allow: [\"netwatch.incidents.{sensor}.>\", \"$JS.API.STREAM.INFO.NETWATCH_INCIDENTS\", \"$JS.API.STREAM.CREATE.NETWATCH_INCIDENTS\"] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }}"
     )
+}
+
+/// How many copies of `stream` the cluster keeps (its configuration) and
+/// how many servers hold one (the leader and its replicas).
+pub fn stream_copies(ns: &Netns, url: &str, stream: &str) -> (usize, usize) {
+    let (url, stream_name) = (url.to_string(), stream.to_string());
+    ns.run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = async_nats::connect(url.as_str()).await.expect("connect to nats");
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream(&stream_name).await.expect("the stream");
+            let info = stream.info().await.expect("stream info");
+            let cluster = info.cluster.as_ref().expect("a clustered stream");
+            (
+                info.config.num_replicas,
+                usize::from(cluster.leader.is_some()) + cluster.replicas.len(),
+            )
+        })
+    })
 }

@@ -11,7 +11,9 @@ use netwatch_tests::{
     ConfigFile, TempDir, assert_fails_saying,
     daemon::{Netwatch, bin, netwatch, sample, try_sample},
     lab::*,
-    nats::{NatsServer, sensor_permissions, stream_messages, stream_messages_as, user_nkey},
+    nats::{
+        NatsServer, cluster_of_three, sensor_permissions, stream_copies, stream_messages, stream_messages_as, user_nkey,
+    },
     netns::Netns,
     pin_dir, require_privileged,
 };
@@ -744,4 +746,64 @@ fn a_confirming_flag_is_applied_at_another_sensor_within_seconds() {
         stream_messages(&lab.victim, &nats.url(), "NETWATCH_DECISIONS").len(),
         SOURCES as usize
     );
+}
+
+/// A 3-node JetStream cluster with the streams kept on all three
+/// (`stream_replicas = 3`): a node killed (SIGKILL) mid-test loses
+/// nothing; the sensor, given every node's URL, goes on delivering
+/// through the two left, and they hold every incident.
+#[test]
+fn a_node_of_a_three_node_cluster_killed_loses_nothing() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let mut nodes = cluster_of_three(&lab.victim);
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let config = ConfigFile::new(format!(
+        "[fleet]\nurl = \"{}\"\nsensor = \"edge-a\"\nstream_replicas = 3\n",
+        urls.join(",")
+    ));
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.arg(), "--iface", VICTIM_IF],
+    );
+    let delivered = |nw: &Netwatch, n: f64| {
+        let m = nw.metrics(&lab.victim);
+        try_sample(&m, "netwatch_fleet_outbox_incidents", &[]) == Some(0.0)
+            && try_sample(&m, "netwatch_fleet_incidents_published_total", &[]).is_some_and(|p| p >= n)
+    };
+    assert!(lab.nbtscan(TARGET_RANGE).status.success());
+    nw.wait_for_incident(SCANNER_IP);
+    // The cluster elects its JetStream leader first: some seconds.
+    wait_until(
+        "delivery to the cluster",
+        Duration::from_secs(30),
+        || nw.log(),
+        || delivered(&nw, 1.0),
+    );
+    let messages = stream_messages(&lab.victim, &urls[1], STREAM);
+    assert!(messages.iter().any(|m| m["source"] == SCANNER_IP), "{messages:#?}");
+
+    assert_eq!(stream_copies(&lab.victim, &urls[1], STREAM), (3, 3));
+    nodes[0].kill();
+    sweep_from(&lab, SECOND_SCANNER, 30);
+    nw.wait_for_incident(SECOND_SCANNER);
+    wait_until(
+        "delivery with a node down",
+        Duration::from_secs(30),
+        || nw.log(),
+        || delivered(&nw, 2.0),
+    );
+    let local = local_incidents(&nw);
+    for url in &urls[1..] {
+        let messages = stream_messages(&lab.victim, url, STREAM);
+        let ids: HashSet<i64> = messages.iter().map(|m| m["id"].as_i64().unwrap()).collect();
+        assert_eq!(
+            ids,
+            local.keys().copied().collect::<HashSet<_>>(),
+            "at {url}: {messages:#?}"
+        );
+    }
 }

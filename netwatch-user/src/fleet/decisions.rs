@@ -54,13 +54,18 @@ pub struct Decision {
 /// The decisions stream: one subject per source, rule and direction;
 /// decisions leave it when their block ends, and a decision published
 /// again while it is in force is dropped as a duplicate.
-async fn decisions_stream(js: &jetstream::Context, confirmation: &Confirmation) -> Result<stream::Stream> {
+async fn decisions_stream(
+    js: &jetstream::Context,
+    confirmation: &Confirmation,
+    replicas: usize,
+) -> Result<stream::Stream> {
     js.get_or_create_stream(stream::Config {
         name: DECISIONS_STREAM.into(),
         subjects: vec![format!("{DECISIONS_PREFIX}.>")],
         max_messages_per_subject: 1,
         max_age: confirmation.block,
         duplicate_window: confirmation.block,
+        num_replicas: replicas,
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -79,9 +84,14 @@ type Sightings = HashMap<String, (SystemTime, SystemTime)>;
 /// Watches the incidents stream (from `window` ago) and publishes a
 /// decision for every source confirmed by enough sensors. Runs until the
 /// connection fails; the caller starts it again.
-pub async fn confirm(js: &jetstream::Context, confirmation: &Confirmation, stats: &FleetStats) -> Result<()> {
-    let incidents = incidents_stream(js).await?;
-    decisions_stream(js, confirmation).await?;
+pub async fn confirm(
+    js: &jetstream::Context,
+    confirmation: &Confirmation,
+    replicas: usize,
+    stats: &FleetStats,
+) -> Result<()> {
+    let incidents = incidents_stream(js, replicas).await?;
+    decisions_stream(js, confirmation, replicas).await?;
     let start = time::OffsetDateTime::now_utc() - confirmation.window;
     let consumer = incidents
         .create_consumer(pull::OrderedConfig {
@@ -197,10 +207,11 @@ fn prefix_of(ip: IpAddr) -> IpAddr {
 pub async fn apply(
     js: &jetstream::Context,
     confirmation: &Confirmation,
+    replicas: usize,
     maps: &PinnedMaps,
     stats: &Arc<FleetStats>,
 ) -> Result<()> {
-    let decisions = decisions_stream(js, confirmation).await?;
+    let decisions = decisions_stream(js, confirmation, replicas).await?;
     let consumer = decisions
         .create_consumer(pull::OrderedConfig {
             filter_subject: format!("{DECISIONS_PREFIX}.>"),

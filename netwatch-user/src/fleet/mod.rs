@@ -91,14 +91,16 @@ fn with_credentials(options: async_nats::ConnectOptions, path: &std::path::Path)
     Ok(options.nkey(seed.to_string()))
 }
 
-/// The incidents stream, created on first use with the fleet's settings.
-pub async fn incidents_stream(js: &jetstream::Context) -> Result<stream::Stream> {
+/// The incidents stream, created on first use with the fleet's settings
+/// (`replicas`: copies kept by a JetStream cluster).
+pub async fn incidents_stream(js: &jetstream::Context, replicas: usize) -> Result<stream::Stream> {
     js.get_or_create_stream(stream::Config {
         name: STREAM.into(),
         subjects: vec![format!("{SUBJECT_PREFIX}.>")],
         max_messages_per_subject: HISTORY_PER_INCIDENT,
         max_age: STREAM_MAX_AGE,
         duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: replicas,
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -122,6 +124,7 @@ pub fn query_target(flag: &str, file: Option<&crate::config::FleetEntry>) -> Res
         credentials,
         sensor: String::new(),
         confirmation: Default::default(),
+        replicas: 1,
     })
 }
 

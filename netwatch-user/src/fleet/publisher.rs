@@ -115,10 +115,15 @@ impl Publisher {
                 runtime.block_on(async {
                     // Needs the runtime's context.
                     let js = jetstream::new(client.clone());
-                    let confirming = keep_running("confirming sources", || confirm(&js, confirmation, &stats));
+                    let confirming = keep_running("confirming sources", || {
+                        confirm(&js, confirmation, fleet.replicas, &stats)
+                    });
                     let applying = async {
                         if let Some(maps) = &apply_to {
-                            keep_running("applying decisions", || apply(&js, confirmation, maps, &stats)).await
+                            keep_running("applying decisions", || {
+                                apply(&js, confirmation, fleet.replicas, maps, &stats)
+                            })
+                            .await
                         }
                     };
                     tokio::join!(
@@ -160,7 +165,7 @@ async fn deliver(
                 anyhow::bail!("not connected");
             }
             if !stream_ready {
-                incidents_stream(&js).await?;
+                incidents_stream(&js, fleet.replicas).await?;
                 stream_ready = true;
             }
             publish_round(&js, &fleet.sensor, &mut store, &stats).await
