@@ -81,6 +81,86 @@ fn parse_time(v: &serde_json::Value, key: &str) -> Option<SystemTime> {
 /// direction: each sensor's first and last sighting.
 type Sightings = HashMap<String, (SystemTime, SystemTime)>;
 
+/// Sources on a rule and direction followed at most; past it those
+/// without a sighting in the window are forgotten.
+const MAX_FOLLOWED: usize = 100_000;
+
+/// The confirmation rule, fed with the incidents as the stream delivers
+/// them (sensor from the subject, incident as published).
+pub struct Confirmer {
+    confirmation: Confirmation,
+    seen: HashMap<(IpAddr, String, String), Sightings>,
+    published: HashSet<String>,
+}
+
+impl Confirmer {
+    pub fn new(confirmation: Confirmation) -> Self {
+        Confirmer {
+            confirmation,
+            seen: HashMap::new(),
+            published: HashSet::new(),
+        }
+    }
+
+    /// A decision (with its message id) when this incident completes a
+    /// confirmation not decided yet. The id depends only on what every
+    /// sensor reads alike from the stream: the source, rule, direction and
+    /// the first sighting of the sensor that completed the count (the
+    /// N-th earliest first sighting), not on the order incidents arrive.
+    pub fn observe(
+        &mut self,
+        sensor: &str,
+        incident: &serde_json::Value,
+        now: SystemTime,
+    ) -> Option<(String, Decision)> {
+        if incident.get("classification").and_then(|c| c.as_str()) != Some(Classification::Scan.label())
+            || incident.get("summary_sources").is_some()
+        {
+            return None;
+        }
+        let source = incident.get("source")?.as_str()?.parse::<IpAddr>().ok()?;
+        let rule = incident.get("rule")?.as_str()?;
+        let direction = incident.get("direction")?.as_str()?;
+        let (first, last) = (parse_time(incident, "first_seen")?, parse_time(incident, "last_seen")?);
+        let window = self.confirmation.window;
+        let fresh = move |last: &SystemTime| now.duration_since(*last).unwrap_or_default() <= window;
+        if self.seen.len() >= MAX_FOLLOWED {
+            self.seen
+                .retain(|_, sightings| sightings.values().any(|(_, last)| fresh(last)));
+        }
+        let key = (source, rule.to_string(), direction.to_string());
+        let sightings = self.seen.entry(key).or_default();
+        let earliest = sightings.get(sensor).map_or(first, |(f, _)| (*f).min(first));
+        let latest = sightings.get(sensor).map_or(last, |(_, l)| (*l).max(last));
+        sightings.insert(sensor.to_string(), (earliest, latest));
+        sightings.retain(|_, (_, last)| fresh(last));
+        let needed = self.confirmation.sensors as usize;
+        if sightings.len() < needed {
+            return None;
+        }
+        let mut firsts: Vec<SystemTime> = sightings.values().map(|(f, _)| *f).collect();
+        firsts.sort();
+        let confirmed_at = rfc3339(firsts[needed - 1]);
+        let id = format!("{}.{rule}.{direction}.{confirmed_at}", address_token(source));
+        if !self.published.insert(id.clone()) {
+            return None;
+        }
+        let mut sensors: Vec<String> = sightings.keys().cloned().collect();
+        sensors.sort();
+        Some((
+            id,
+            Decision {
+                source,
+                rule: rule.to_string(),
+                direction: direction.to_string(),
+                sensors,
+                confirmed_at,
+                until: rfc3339(now + self.confirmation.block),
+            },
+        ))
+    }
+}
+
 /// Watches the incidents stream (from `window` ago) and publishes a
 /// decision for every source confirmed by enough sensors. Runs until the
 /// connection fails; the caller starts it again.
@@ -105,8 +185,7 @@ pub async fn confirm(
         .messages()
         .await
         .map_err(|e| anyhow::anyhow!("watching the incidents: {e}"))?;
-    let mut seen: HashMap<(IpAddr, String, String), Sightings> = HashMap::new();
-    let mut published: HashSet<String> = HashSet::new();
+    let mut confirmer = Confirmer::new(confirmation.clone());
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| anyhow::anyhow!("watching the incidents: {e}"))?;
         let Some(sensor) = message.subject.split('.').nth(2) else {
@@ -115,49 +194,10 @@ pub async fn confirm(
         let Ok(incident) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
             continue;
         };
-        if incident.get("classification").and_then(|c| c.as_str()) != Some(Classification::Scan.label())
-            || incident.get("summary_sources").is_some()
-        {
-            continue;
-        }
-        let (Some(source), Some(rule), Some(direction), Some(first), Some(last)) = (
-            incident
-                .get("source")
-                .and_then(|s| s.as_str())
-                .and_then(|s| s.parse::<IpAddr>().ok()),
-            incident.get("rule").and_then(|s| s.as_str()),
-            incident.get("direction").and_then(|s| s.as_str()),
-            parse_time(&incident, "first_seen"),
-            parse_time(&incident, "last_seen"),
-        ) else {
+        let Some((id, decision)) = confirmer.observe(sensor, &incident, SystemTime::now()) else {
             continue;
         };
-        let key = (source, rule.to_string(), direction.to_string());
-        let sightings = seen.entry(key.clone()).or_default();
-        let earliest = sightings.get(sensor).map_or(first, |(f, _)| (*f).min(first));
-        sightings.insert(sensor.to_string(), (earliest, last));
-        let now = SystemTime::now();
-        sightings.retain(|_, (_, last)| now.duration_since(*last).unwrap_or_default() <= confirmation.window);
-        if sightings.len() < confirmation.sensors as usize {
-            continue;
-        }
-        let mut firsts: Vec<SystemTime> = sightings.values().map(|(f, _)| *f).collect();
-        firsts.sort();
-        let confirmed_at = rfc3339(firsts[confirmation.sensors as usize - 1]);
-        let id = format!("{}.{}.{}.{}", address_token(source), rule, direction, confirmed_at);
-        if !published.insert(id.clone()) {
-            continue;
-        }
-        let mut sensors: Vec<String> = sightings.keys().cloned().collect();
-        sensors.sort();
-        let decision = Decision {
-            source,
-            rule: rule.to_string(),
-            direction: direction.to_string(),
-            sensors,
-            confirmed_at,
-            until: rfc3339(now + confirmation.block),
-        };
+        let (source, rule, direction) = (decision.source, decision.rule.as_str(), decision.direction.as_str());
         let subject = format!(
             "{DECISIONS_PREFIX}.{}.{}.{}",
             address_token(source),
@@ -305,5 +345,76 @@ where
             failing = true;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incident(source: &str, first: &str, last: &str) -> serde_json::Value {
+        serde_json::json!({
+            "source": source, "rule": "udp/137", "direction": "inbound", "classification": "scan",
+            "first_seen": first, "last_seen": last, "packets": 20,
+        })
+    }
+
+    fn at(t: &str) -> SystemTime {
+        humantime::parse_rfc3339(t).unwrap()
+    }
+
+    /// Two sensors confirm a source; every observer, whatever order the
+    /// incidents reach it in, makes the same decision id; a third sensor
+    /// seeing it later changes nothing; reverse lookups, summaries and
+    /// sightings older than the window never confirm.
+    #[test]
+    fn a_confirmation_is_the_same_for_every_observer() {
+        let now = at("2026-12-08T00:30:00Z");
+        let a = incident("198.18.0.1", "2026-12-08T00:10:00Z", "2026-12-08T00:12:00Z");
+        let b = incident("198.18.0.1", "2026-12-08T00:20:00Z", "2026-12-08T00:21:00Z");
+        let c = incident("198.18.0.1", "2026-12-08T00:25:00Z", "2026-12-08T00:26:00Z");
+        let mut first = Confirmer::new(Confirmation::default());
+        assert!(first.observe("edge-a", &a, now).is_none());
+        // A sensor's second incident of the source counts once.
+        assert!(first.observe("edge-a", &a, now).is_none());
+        let (id, decision) = first.observe("edge-b", &b, now).expect("confirmed");
+        assert_eq!(decision.sensors, ["edge-a", "edge-b"]);
+        assert_eq!(decision.confirmed_at, "2026-12-08T00:20:00Z");
+        assert_eq!(id, "198-18-0-1.udp/137.inbound.2026-12-08T00:20:00Z");
+        assert!(first.observe("edge-c", &c, now).is_none(), "decided again");
+        let mut other = Confirmer::new(Confirmation::default());
+        assert!(other.observe("edge-c", &c, now).is_none());
+        let (other_id, _) = other.observe("edge-b", &b, now).expect("confirmed by b and c");
+        // c and b alone: b completes it (the 2nd earliest is c's) — the
+        // same sources seen alike give the same id, in any order:
+        let mut reversed = Confirmer::new(Confirmation::default());
+        reversed.observe("edge-b", &b, now);
+        assert_eq!(reversed.observe("edge-c", &c, now).unwrap().0, other_id);
+        let mut ba = Confirmer::new(Confirmation::default());
+        ba.observe("edge-b", &b, now);
+        assert_eq!(ba.observe("edge-a", &a, now).unwrap().0, id);
+
+        let mut strict = Confirmer::new(Confirmation::default());
+        let mut reverse = b.clone();
+        reverse["classification"] = "reverse-lookup".into();
+        let mut summary = b.clone();
+        summary["summary_sources"] = 500.into();
+        let stale = incident("198.18.0.1", "2026-12-07T20:00:00Z", "2026-12-07T21:00:00Z");
+        strict.observe("edge-a", &a, now);
+        assert!(strict.observe("edge-b", &reverse, now).is_none());
+        assert!(strict.observe("edge-b", &summary, now).is_none());
+        assert!(strict.observe("edge-b", &stale, now).is_none());
+    }
+
+    #[test]
+    fn caps_count_per_24_and_per_64() {
+        assert_eq!(
+            prefix_of("198.18.7.9".parse().unwrap()),
+            "198.18.7.0".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            prefix_of("2001:db8:1:2:3::4".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 }
