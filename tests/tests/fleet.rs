@@ -567,8 +567,9 @@ fn a_sensor_writes_only_as_itself() {
 /// fleet decision (B creates it; C, finding the same confirmation when it
 /// starts, creates none: the stream holds it once), and C, in enforce
 /// mode with udp/137 only counted (auto_block on), drops the scanner's
-/// first probe there while another source's probe passes. With the
-/// scanner on C's allowlist, the allowlist wins.
+/// first probe there. A second source in the same /24, confirmed too, is
+/// not applied at C, whose cap is one decision per /24: its probe passes.
+/// With the scanner on C's allowlist, the allowlist wins.
 #[test]
 fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
     require_privileged!();
@@ -586,35 +587,38 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
         );
         assert!(lab.nbtscan(TARGET_RANGE).status.success());
         nw.wait_for_incident(SCANNER_IP);
+        sweep_from(&lab, SECOND_SCANNER, 30);
+        nw.wait_for_incident(SECOND_SCANNER);
         wait_until(
             "delivery",
             Duration::from_secs(10),
             || nw.log(),
             || {
                 counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
-                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 1.0)
+                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
             },
         );
         if sensor == "edge-b" {
             wait_until(
-                "the decision",
+                "the decisions",
                 Duration::from_secs(10),
                 || nw.log(),
-                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(1.0),
+                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(2.0),
             );
             // Monitor mode: decisions are not applied here.
             assert_eq!(counter(&nw, "netwatch_fleet_decisions_applied_total"), Some(0.0));
         }
     }
     let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
-    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions.len(), 2, "{decisions:#?}");
     assert_eq!(decisions[0]["source"], SCANNER_IP);
+    assert_eq!(decisions[1]["source"], SECOND_SCANNER);
     assert_eq!(decisions[0]["rule"], "udp/137");
     assert_eq!(decisions[0]["sensors"], serde_json::json!(["edge-a", "edge-b"]));
 
     let config = ConfigFile::new(format!(
         "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
-         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\n"
+         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\ndecisions_per_prefix = 1\n"
     ));
     let listener = udp_listener(&lab.victim, 137);
     for allowlisted in [false, true] {
@@ -628,9 +632,18 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
             "the decision applied",
             Duration::from_secs(10),
             || nw.log(),
-            || counter(&nw, "netwatch_fleet_decisions_applied_total") == Some(1.0),
+            || {
+                counter(&nw, "netwatch_fleet_decisions_applied_total") == Some(1.0)
+                    && nw.log().contains("decisions_per_prefix")
+            },
         );
         eprintln!("decision applied at edge-c {:?} after its start", started.elapsed());
+        assert!(
+            nw.log()
+                .contains(&format!("decision for {SECOND_SCANNER} on udp/137 not applied")),
+            "{}",
+            nw.log()
+        );
         assert_eq!(counter(&nw, "netwatch_fleet_decisions_created_total"), Some(0.0));
         count_received(&listener);
         assert_eq!(send_udp(&lab.scanner, &format!("{VICTIM_IP}:137"), 1), 1);
@@ -643,9 +656,13 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
             send_udp_from(&lab.scanner, SECOND_SCANNER, &format!("{VICTIM_IP}:137"), 1),
             1
         );
-        assert_eq!(count_received(&listener), 1, "another source's probe is only counted");
+        assert_eq!(
+            count_received(&listener),
+            1,
+            "the capped decision's source's probe is only counted"
+        );
     }
-    assert_eq!(stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS").len(), 1);
+    assert_eq!(stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS").len(), 2);
 }
 
 /// The delay from a confirming flag at one sensor to the decision being
