@@ -277,3 +277,30 @@ pub fn stream_copies(ns: &Netns, url: &str, stream: &str) -> (usize, usize) {
         })
     })
 }
+
+/// Publishes `messages` (subject, JSON) to their stream from inside `ns`,
+/// waiting for every acknowledgement.
+pub fn publish_all(ns: &Netns, url: &str, messages: Vec<(String, serde_json::Value)>) {
+    let url = url.to_string();
+    ns.run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let client = async_nats::connect(url.as_str()).await.expect("connect to nats");
+            let js = async_nats::jetstream::new(client);
+            let mut acks = Vec::new();
+            for (subject, payload) in messages {
+                acks.push(
+                    js.publish(subject, serde_json::to_vec(&payload).unwrap().into())
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for ack in acks {
+                ack.await.expect("acknowledged");
+            }
+        })
+    })
+}

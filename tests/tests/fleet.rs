@@ -12,7 +12,8 @@ use netwatch_tests::{
     daemon::{Netwatch, bin, netwatch, sample, try_sample},
     lab::*,
     nats::{
-        NatsServer, cluster_of_three, sensor_permissions, stream_copies, stream_messages, stream_messages_as, user_nkey,
+        NatsServer, cluster_of_three, publish_all, sensor_permissions, stream_copies, stream_messages,
+        stream_messages_as, user_nkey,
     },
     netns::Netns,
     pin_dir, require_privileged,
@@ -823,4 +824,72 @@ fn a_node_of_a_three_node_cluster_killed_loses_nothing() {
             "at {url}: {messages:#?}"
         );
     }
+}
+
+/// How fast a sensor applies decisions: 1000 (the kernel's auto-block map
+/// holds 1024), in 250 /24s, put into the decisions stream at once (as
+/// the sensors that confirmed them would) while an enforce-mode sensor
+/// runs; every one is applied, each in the kernel's map. Prints the rate.
+#[test]
+fn a_thousand_decisions_are_applied() {
+    require_privileged!();
+    const DECISIONS: u32 = 1000;
+    let lab = Lab::new();
+    let nats = NatsServer::start_in(&lab.victim);
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\nauto_block = true\n\
+         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\n",
+        nats.url()
+    ));
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.arg(), "--iface", VICTIM_IF],
+    );
+    let counter = |name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    // The sensor made the decisions stream.
+    wait_until(
+        "the fleet connection",
+        Duration::from_secs(10),
+        || nw.log(),
+        || counter("netwatch_fleet_connected") == Some(1.0),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let until = "2099-01-01T00:00:00Z";
+    let decisions = (0..DECISIONS)
+        .map(|i| {
+            // 198.18.0.0/15: 512 /24s; 4 sources in each of 250.
+            let source = std::net::Ipv4Addr::from(0xc612_0000 + (i / 4) * 256 + i % 4 + 1);
+            (
+                format!(
+                    "netwatch.decisions.{}.udp-137.inbound",
+                    source.to_string().replace('.', "-")
+                ),
+                serde_json::json!({
+                    "source": source.to_string(), "rule": "udp/137", "direction": "inbound",
+                    "sensors": ["edge-a", "edge-b"], "confirmed_at": "2026-12-08T00:00:00Z", "until": until,
+                }),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    publish_all(&lab.victim, &nats.url(), decisions);
+    let published = started.elapsed();
+    wait_until(
+        "every decision applied",
+        Duration::from_secs(60),
+        || nw.log(),
+        || counter("netwatch_fleet_decisions_applied_total") == Some(DECISIONS as f64),
+    );
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{DECISIONS} decisions applied in {elapsed:?} ({:.0} a second; publishing them took {published:?})",
+        DECISIONS as f64 / elapsed.as_secs_f64()
+    );
+    let exposition = nw.metrics(&lab.victim);
+    assert_eq!(
+        sample(&exposition, "netwatch_sources_blocked", &[]),
+        DECISIONS as f64,
+        "in the kernel's map"
+    );
 }
