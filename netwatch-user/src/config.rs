@@ -175,6 +175,11 @@ pub struct FleetEntry {
     pub decisions_per_prefix: Option<i64>,
     /// Copies of the fleet's streams a JetStream cluster keeps.
     pub stream_replicas: Option<i64>,
+    /// A command (argv, no shell) that reads a report about every source
+    /// this sensor confirms on its standard input, e.g. sendmail -t.
+    pub report_command: Option<Vec<String>>,
+    /// The reports' `To:` header.
+    pub report_to: Option<String>,
 }
 
 /// When a source flagged by several sensors becomes a fleet decision, and
@@ -249,6 +254,8 @@ pub struct FleetConfig {
     pub confirmation: Confirmation,
     /// `stream_replicas`: copies of the streams a sensor creates.
     pub replicas: usize,
+    /// `report_command` and `report_to`.
+    pub report: Option<(Vec<String>, Option<String>)>,
 }
 
 impl FleetConfig {
@@ -267,6 +274,7 @@ impl FleetConfig {
             sensor,
             confirmation: Confirmation::default(),
             replicas: 1,
+            report: None,
         })
     }
 }
@@ -512,6 +520,15 @@ impl RunConfig {
             Some(n) if (1..=5).contains(&n) => n as usize,
             Some(n) => bail!("fleet.stream_replicas = {n}: give 1 to 5 (JetStream's limit)"),
         };
+        let report = match fleet_file.and_then(|f| f.report_command.clone()) {
+            None => None,
+            Some(command) if command.is_empty() || command[0].is_empty() => {
+                bail!(
+                    "fleet.report_command is empty: give the command and its arguments, e.g. [\"/usr/sbin/sendmail\", \"-t\"]"
+                )
+            }
+            Some(command) => Some((command, fleet_file.and_then(|f| f.report_to.clone()))),
+        };
         let fleet = match (&flags.fleet_url, fleet_file) {
             (Some(url), _) => Some(FleetConfig::build(
                 url,
@@ -531,6 +548,7 @@ impl RunConfig {
         .map(|fleet| FleetConfig {
             confirmation,
             replicas,
+            report,
             ..fleet
         });
         Ok(RunConfig {
@@ -676,6 +694,7 @@ mod tests {
                 sensor: "edge-1".into(),
                 confirmation: Confirmation::default(),
                 replicas: 1,
+                report: None,
             }
         );
         // The flags win over the file; the file's credentials stay.

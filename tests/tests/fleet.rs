@@ -580,11 +580,20 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
     let nats = NatsServer::start_in(&lab.victim);
     let url = nats.url();
     let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    // Every sensor may report; each report lands in a file of its own.
+    let reports = TempDir::new("reports");
+    let report_command = format!(
+        "report_command = [\"/bin/sh\", \"-c\", \"cat > \\\"$0\\\"/report.$$\", \"{}\"]\nreport_to = \"abuse@example.net\"\n",
+        reports.display()
+    );
     for sensor in ["edge-a", "edge-b"] {
+        let config = ConfigFile::new(format!(
+            "[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{report_command}"
+        ));
         let nw = Netwatch::start(
             &lab.victim,
             &pin_dir(),
-            &["--iface", VICTIM_IF, "--fleet", &url, "--sensor", sensor],
+            &["--config", config.arg(), "--iface", VICTIM_IF],
         );
         assert!(lab.nbtscan(TARGET_RANGE).status.success());
         nw.wait_for_incident(SCANNER_IP);
@@ -619,7 +628,7 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
 
     let config = ConfigFile::new(format!(
         "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
-         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\ndecisions_per_prefix = 1\n"
+         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\ndecisions_per_prefix = 1\n{report_command}"
     ));
     let listener = udp_listener(&lab.victim, 137);
     for allowlisted in [false, true] {
@@ -664,6 +673,42 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
         );
     }
     assert_eq!(stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS").len(), 2);
+    // One report per confirmed source, from the sensor that created the
+    // decision (edge-b), whichever sensors found the confirmation.
+    let read_reports = || -> Vec<String> {
+        std::fs::read_dir(&*reports)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
+    };
+    wait_until(
+        "the reports",
+        Duration::from_secs(5),
+        || format!("{:?}", read_reports()),
+        || read_reports().len() >= 2,
+    );
+    let all = read_reports();
+    assert_eq!(all.len(), 2, "{all:#?}");
+    for source in [SCANNER_IP, SECOND_SCANNER] {
+        let report = all
+            .iter()
+            .find(|r| r.contains(&format!("Subject: netwatch: port scan from {source} (udp/137)")))
+            .unwrap_or_else(|| panic!("no report for {source}: {all:#?}"));
+        assert!(report.starts_with("To: abuse@example.net\n"), "{report}");
+        assert!(
+            report.contains("seen by 2 sensors of a netwatch fleet (edge-a, edge-b)"),
+            "{report}"
+        );
+        let json = report
+            .split("filename=\"report.json\"\n\n")
+            .nth(1)
+            .and_then(|p| p.split("\n--netwatch-report").next())
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(json["Report"]["SourceIp"], source);
+        assert_eq!(json["ReporterInfo"]["ReporterSensor"], "edge-b");
+        assert_eq!(json["Report"]["Incidents"].as_array().unwrap().len(), 2, "{json:#}");
+    }
 }
 
 /// The delay from a confirming flag at one sensor to the decision being

@@ -90,6 +90,9 @@ const MAX_FOLLOWED: usize = 100_000;
 pub struct Confirmer {
     confirmation: Confirmation,
     seen: HashMap<(IpAddr, String, String), Sightings>,
+    /// The newest state of every incident behind `seen`, by sensor and
+    /// incident id: what a report about the source says.
+    evidence: HashMap<(IpAddr, String, String), HashMap<(String, i64), serde_json::Value>>,
     published: HashSet<String>,
 }
 
@@ -98,6 +101,7 @@ impl Confirmer {
         Confirmer {
             confirmation,
             seen: HashMap::new(),
+            evidence: HashMap::new(),
             published: HashSet::new(),
         }
     }
@@ -127,8 +131,16 @@ impl Confirmer {
         if self.seen.len() >= MAX_FOLLOWED {
             self.seen
                 .retain(|_, sightings| sightings.values().any(|(_, last)| fresh(last)));
+            let seen = &self.seen;
+            self.evidence.retain(|key, _| seen.contains_key(key));
         }
         let key = (source, rule.to_string(), direction.to_string());
+        if let Some(id) = incident.get("id").and_then(|i| i.as_i64()) {
+            self.evidence
+                .entry(key.clone())
+                .or_default()
+                .insert((sensor.to_string(), id), incident.clone());
+        }
         let sightings = self.seen.entry(key).or_default();
         let earliest = sightings.get(sensor).map_or(first, |(f, _)| (*f).min(first));
         let latest = sightings.get(sensor).map_or(last, |(_, l)| (*l).max(last));
@@ -161,6 +173,29 @@ impl Confirmer {
     }
 }
 
+impl Confirmer {
+    /// The incidents (newest states, each with its `sensor`) behind a
+    /// decision, of the sensors that confirmed it.
+    pub fn evidence(&self, decision: &Decision) -> Vec<serde_json::Value> {
+        let key = (decision.source, decision.rule.clone(), decision.direction.clone());
+        let mut incidents: Vec<serde_json::Value> = self
+            .evidence
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|((sensor, _), _)| decision.sensors.contains(sensor))
+            .map(|((sensor, _), incident)| {
+                let mut incident = incident.clone();
+                incident["sensor"] = sensor.as_str().into();
+                incident
+            })
+            .collect();
+        incidents
+            .sort_by(|a, b| (a["sensor"].as_str(), a["id"].as_i64()).cmp(&(b["sensor"].as_str(), b["id"].as_i64())));
+        incidents
+    }
+}
+
 /// Watches the incidents stream (from `window` ago) and publishes a
 /// decision for every source confirmed by enough sensors. Runs until the
 /// connection fails; the caller starts it again.
@@ -169,6 +204,7 @@ pub async fn confirm(
     confirmation: &Confirmation,
     replicas: usize,
     stats: &FleetStats,
+    report: Option<&super::report::Reporter>,
 ) -> Result<()> {
     let incidents = incidents_stream(js, replicas).await?;
     decisions_stream(js, confirmation, replicas).await?;
@@ -217,6 +253,11 @@ pub async fn confirm(
             .map_err(|e| anyhow::anyhow!("publishing a decision: {e}"))?;
         if !ack.duplicate {
             stats.decisions_created.fetch_add(1, Relaxed);
+            // The sensor that created the decision reports it: one report
+            // per decision across the fleet.
+            if let Some(report) = report {
+                report.send(&decision, &confirmer.evidence(&decision));
+            }
             info!(
                 "fleet: {source} confirmed by {} sensors ({}) on {rule} {direction}: blocked by the fleet until {}",
                 decision.sensors.len(),

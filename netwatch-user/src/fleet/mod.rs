@@ -11,6 +11,7 @@
 pub mod decisions;
 mod publisher;
 mod query;
+pub mod report;
 
 use std::{net::IpAddr, time::Duration};
 
@@ -125,6 +126,7 @@ pub fn query_target(flag: &str, file: Option<&crate::config::FleetEntry>) -> Res
         sensor: String::new(),
         confirmation: Default::default(),
         replicas: 1,
+        report: None,
     })
 }
 

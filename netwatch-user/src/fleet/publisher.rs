@@ -21,7 +21,10 @@ use crate::{
     config::FleetConfig,
     datapath::PinnedMaps,
     detection::incidents::{Incident, Store},
-    fleet::decisions::{apply, confirm, keep_running},
+    fleet::{
+        decisions::{apply, confirm, keep_running},
+        report::Reporter,
+    },
     fleet::{incident_subject, incidents_stream},
 };
 
@@ -112,11 +115,16 @@ impl Publisher {
             .name("fleet".into())
             .spawn(move || {
                 let confirmation = &fleet.confirmation;
+                let reporter = fleet.report.clone().map(|(command, to)| Reporter {
+                    command,
+                    to,
+                    sensor: fleet.sensor.clone(),
+                });
                 runtime.block_on(async {
                     // Needs the runtime's context.
                     let js = jetstream::new(client.clone());
                     let confirming = keep_running("confirming sources", || {
-                        confirm(&js, confirmation, fleet.replicas, &stats)
+                        confirm(&js, confirmation, fleet.replicas, &stats, reporter.as_ref())
                     });
                     let applying = async {
                         if let Some(maps) = &apply_to {
