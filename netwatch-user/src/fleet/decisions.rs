@@ -81,6 +81,12 @@ fn parse_time(v: &serde_json::Value, key: &str) -> Option<SystemTime> {
 /// direction: each sensor's first and last sighting.
 type Sightings = HashMap<String, (SystemTime, SystemTime)>;
 
+/// A source on a rule and direction.
+type Followed = (IpAddr, String, String);
+
+/// The newest state of each incident, by sensor and incident id.
+type Evidence = HashMap<(String, i64), serde_json::Value>;
+
 /// Sources on a rule and direction followed at most; past it those
 /// without a sighting in the window are forgotten.
 const MAX_FOLLOWED: usize = 100_000;
@@ -89,10 +95,10 @@ const MAX_FOLLOWED: usize = 100_000;
 /// them (sensor from the subject, incident as published).
 pub struct Confirmer {
     confirmation: Confirmation,
-    seen: HashMap<(IpAddr, String, String), Sightings>,
+    seen: HashMap<Followed, Sightings>,
     /// The newest state of every incident behind `seen`, by sensor and
     /// incident id: what a report about the source says.
-    evidence: HashMap<(IpAddr, String, String), HashMap<(String, i64), serde_json::Value>>,
+    evidence: HashMap<Followed, Evidence>,
     published: HashSet<String>,
 }
 
