@@ -102,10 +102,12 @@ fn bad_fleet_settings_are_refused_naming_the_setting() {
     let config = ConfigFile::new(
         "interfaces = [\"lo\"]\n[fleet]\nurl = \"nats://hub:4222\"\ncredentials = \"/nonexistent/a.creds\"\n",
     );
+    let out = netwatch(&["--config", config.arg(), "check-config", "--offline"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        netwatch(&["--config", config.arg(), "check-config", "--offline"])
-            .status
-            .success()
+        String::from_utf8_lossy(&out.stdout).contains(", fleet: sensor "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 
