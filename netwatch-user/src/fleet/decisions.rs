@@ -383,13 +383,19 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
+    // Logged once per outage: a failure after a while of running is a
+    // new one.
     let mut failing = false;
     loop {
-        if let Err(err) = task().await
-            && !failing
-        {
-            warn!("fleet: {what}: {err:#}; trying again");
-            failing = true;
+        let started = std::time::Instant::now();
+        if let Err(err) = task().await {
+            if started.elapsed() > Duration::from_secs(10) {
+                failing = false;
+            }
+            if !failing {
+                warn!("fleet: {what}: {err:#}; trying again every second");
+                failing = true;
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
