@@ -9,7 +9,7 @@ use std::{
 
 use netwatch_tests::{
     ConfigFile, TempDir, assert_fails_saying,
-    daemon::{Netwatch, bin, netwatch, sample, try_sample},
+    daemon::{Netwatch, bin, http, netwatch, sample, try_sample},
     lab::*,
     nats::{
         NatsServer, cluster_of_three, publish_all, sensor_permissions, stream_copies, stream_messages,
@@ -241,6 +241,16 @@ fn incidents_reach_the_fleet_and_wait_in_the_outbox_while_it_is_down() {
         }
     }
     promtool_accepts(&nw.metrics(&lab.victim));
+    // The JSON API asks the fleet too.
+    let (status, body) = http(&lab.victim, "GET", &format!("/api/fleet/lookup/{SECOND_SCANNER}"));
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let incidents = report["incidents"].as_array().unwrap();
+    assert_eq!(incidents.len(), 1, "{report:#}");
+    assert_eq!(
+        (incidents[0]["sensor"].as_str(), incidents[0]["source"].as_str()),
+        (Some("edge-a"), Some(SECOND_SCANNER))
+    );
     // Every state confirmed is there; a state sent just as the server
     // went away may be stored without its confirmation reaching the
     // sensor (then its newer state is sent under a new id).
@@ -357,6 +367,10 @@ fn without_a_fleet_nothing_is_queued_and_an_unreachable_one_does_not_stop_detect
     nw.wait_for_incident(SCANNER_IP);
     let exposition = nw.metrics(&lab.victim);
     assert!(!exposition.contains("netwatch_fleet_"), "{exposition}");
+    assert_eq!(
+        http(&lab.victim, "GET", &format!("/api/fleet/lookup/{SCANNER_IP}")).0,
+        404
+    );
     drop(nw);
 
     // A port nothing listens on.

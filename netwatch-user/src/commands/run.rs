@@ -283,11 +283,14 @@ async fn serve_until_signal(
             },
         )?
     };
-    let state = AppState::new(
-        maps.clone(),
-        config.state_dir.clone(),
-        Arc::new(Metrics::new(maps.clone(), stats.clone())?),
-    );
+    let state = AppState {
+        fleet: config.fleet.clone(),
+        ..AppState::new(
+            maps.clone(),
+            config.state_dir.clone(),
+            Arc::new(Metrics::new(maps.clone(), stats.clone())?),
+        )
+    };
     let server = http::serve(listener, state)?;
     info!(
         "metrics at http://{}/metrics, incidents in {}",
