@@ -238,6 +238,14 @@ pub struct PortRule {
 pub const PORT_WEB: u32 = 1;
 /// udp/137 towards a recent visitor is a reverse lookup, not a probe.
 pub const PORT_REVERSE_LOOKUP: u32 = 2;
+/// The port carries NetBIOS name service: a datagram with the NBNS
+/// response bit set (RFC 1002 section 4.2.1.1) is a name server
+/// answering, counted as traffic and never as a probe.
+pub const PORT_NBNS: u32 = 4;
+/// First contacts of a probing source are recorded in `CONTACTS`, and
+/// answers from the probed address and port noted (reply-aware flagging,
+/// judged by the controller).
+pub const PORT_CONTACTS: u32 = 8;
 
 impl PortRule {
     #[inline(always)]
@@ -796,7 +804,8 @@ pub struct MemoTag {
     pub src: [u32; 4],
     pub dst: [u32; 4],
     /// Destination port, protocol << 16, address family (4 or 6) << 24,
-    /// the TCP SYN, RST and ACK flags << 27.
+    /// the TCP SYN, RST and ACK flags << 27; for UDP, bit 27: an NBNS
+    /// response (the R bit).
     pub port: u32,
     /// Interface slot, direction << 16: the memo is shared by every
     /// program instance on the CPU.
@@ -805,6 +814,48 @@ pub struct MemoTag {
     /// generation).
     pub policy: u32,
 }
+
+/// Key of `CONTACTS`: a probing source's first contact with a destination
+/// address and port, as the memo tag holds it (see [`MemoTag`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ContactKey {
+    /// The probing source (IPv4 in the first word, network order).
+    pub prober: [u32; 4],
+    /// The probed destination.
+    pub probed: [u32; 4],
+    /// Destination port, protocol << 16, address family << 24: the low
+    /// 24 bits of [`MemoTag::port`] with the family.
+    pub port: u32,
+}
+
+/// The bits of [`MemoTag::port`] a [`ContactKey`] keeps.
+pub const CONTACT_PORT_MASK: u32 = 0x07ff_ffff;
+
+/// Value of `CONTACTS`: when the first contact was made (CLOCK_MONOTONIC
+/// second), where, and whether the probed address and port answered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Contact {
+    pub since: u32,
+    /// Interface slot the probe was seen on.
+    pub iface: u16,
+    /// Rule slot of the probe.
+    pub rule: u8,
+    /// The probe's [`Direction`].
+    pub direction: u8,
+    /// Non-zero once an answer from the probed address and port reached
+    /// the prober (any UDP datagram, any TCP segment: a SYN-ACK or a RST).
+    pub answered: u32,
+}
+
+/// First contacts remembered at once, at most (an LRU: a flood of new
+/// contacts evicts the oldest, which the distinct-destination threshold
+/// judges anyway).
+pub const MAX_CONTACTS: u32 = 16_384;
+/// First contacts recorded per source and window, at most: the walk
+/// decides within a few, and a sweep is caught by its distinct count.
+pub const CONTACTS_PER_WINDOW: u16 = 16;
 
 /// `FloodCache::verdict` bits: the packet was dropped; it was a reverse
 /// lookup (counted apart as well).
@@ -951,7 +1002,10 @@ pub mod maps {
     /// A map of its own, so that `IFACE_INFO` pinned by earlier versions
     /// stays compatible; the programs never read it.
     pub const IFACE_KERNEL_NAMES: &str = "IFACE_KERNEL_NAMES";
-    pub const ALL: [&str; 22] = [
+    /// First contacts of probing sources ([`super::ContactKey`] ->
+    /// [`super::Contact`]).
+    pub const CONTACTS: &str = "CONTACTS";
+    pub const ALL: [&str; 23] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -974,6 +1028,7 @@ pub mod maps {
         AUTO_BLOCKS,
         EVENT_LOSSES,
         IFACE_KERNEL_NAMES,
+        CONTACTS,
     ];
 }
 
@@ -1006,6 +1061,8 @@ mod pod {
     unsafe impl aya::Pod for ListEntry {}
     unsafe impl aya::Pod for FloodCache {}
     unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for ContactKey {}
+    unsafe impl aya::Pod for Contact {}
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod contacts;
 mod handshake;
 mod helpers;
 mod lists;

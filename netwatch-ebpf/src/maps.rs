@@ -7,10 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use netwatch_common::{
-    CLASS_COUNTER_ENTRIES, Counter, EVENT_LOSS_CAUSES, EventBudget, FLAG_COUNTER_ENTRIES, FloodCache, Handshake,
-    HandshakeKey, IfaceInfo, ListEntry, MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_HANDSHAKES, MAX_IFACES, MAX_RULES, MAX_SOURCES,
-    MAX_VISITORS, PORT_RULE_ENTRIES, PortRules, RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings,
-    SourceKey, SourceState, VisitorKey,
+    CLASS_COUNTER_ENTRIES, Contact, ContactKey, Counter, EVENT_LOSS_CAUSES, EventBudget, FLAG_COUNTER_ENTRIES,
+    FloodCache, Handshake, HandshakeKey, IfaceInfo, ListEntry, MAX_AUTO_BLOCKS, MAX_CIDRS, MAX_CONTACTS,
+    MAX_HANDSHAKES, MAX_IFACES, MAX_RULES, MAX_SOURCES, MAX_VISITORS, PORT_RULE_ENTRIES, PortRules,
+    RULE_COUNTER_ENTRIES, RuleInfo, STATS as STAT_ENTRIES, Settings, SourceKey, SourceState, VisitorKey,
 };
 
 #[map]
@@ -101,3 +101,8 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 /// insert fails once `MAX_AUTO_BLOCKS` entries are held (the cap).
 #[map]
 pub static AUTO_BLOCKS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_AUTO_BLOCKS, 0);
+
+/// First contacts of probing sources and whether they were answered
+/// (see `contacts`). LRU: a flood of new contacts evicts the oldest.
+#[map]
+pub static CONTACTS: LruHashMap<ContactKey, Contact> = LruHashMap::with_max_entries(MAX_CONTACTS, 0);

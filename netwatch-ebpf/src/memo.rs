@@ -78,13 +78,19 @@ fn port_word(packet: &Packet) -> u32 {
         Addrs::V6 { .. } => 6,
     };
     let handshake = (packet.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST)) as u32;
-    packet.dst_port as u32 | (u8::from(packet.protocol) as u32) << 16 | family << 24 | handshake << 27
+    // FIN (bit 0 of the flags) is not in `handshake`: bit 27 is free for
+    // the NBNS R bit, which UDP alone sets.
+    packet.dst_port as u32
+        | (u8::from(packet.protocol) as u32) << 16
+        | family << 24
+        | (handshake | packet.nbns_response as u32) << 27
 }
 
 /// Whether a packet that matched a rule with `rule_flags`, in direction
 /// `dir`, may be answered from the memo next time: not on web-port rules
 /// (each packet may be part of a handshake) and not a SYN-ACK leaving
-/// (the handshake watch remembers each one).
+/// (the handshake watch remembers each one). NBNS responses never reach
+/// the memo (see `verdict`).
 #[inline(always)]
 pub fn memoisable(packet: &Packet, rule_flags: u32, dir: Direction) -> bool {
     rule_flags & PORT_WEB == 0

@@ -34,6 +34,9 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
 const IPV6_HLEN: usize = size_of::<Ipv6Hdr>();
 const UDP_HLEN: usize = 8;
+/// Where an NBNS header's flags word (R bit first) starts in a UDP
+/// datagram: after the UDP header and the 2-byte transaction id.
+const NBNS_FLAGS_OFFSET: usize = UDP_HLEN + 2;
 const TCP_HLEN: usize = 20;
 /// Source and destination port: all a first fragment must hold to be
 /// matched on its ports.
@@ -147,6 +150,10 @@ pub struct Packet {
     /// acknowledgement numbers, offset and flags), checked to lie inside
     /// the frame; null for UDP. Read only on web handshakes.
     pub tcp: *const TcpHead,
+    /// UDP whose payload starts as an NBNS response would: the R bit of
+    /// the flags word set (RFC 1002 section 4.2.1.1). Whether the port
+    /// carries NBNS is the rule's to say (`PORT_NBNS`).
+    pub nbns_response: bool,
     pub addrs: Addrs,
 }
 
@@ -445,12 +452,12 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
         }
     }
     let ports = *frame.header::<Ports>(t.offset).ok_or(Class::L4Truncated)?;
-    let (tcp, tcp_flags) = match protocol {
+    let (tcp, tcp_flags, nbns_response) = match protocol {
         Protocol::Tcp => {
             let tcp = frame.header::<TcpHead>(t.offset).ok_or(Class::L4Truncated)?;
-            (tcp as *const TcpHead, tcp.flags)
+            (tcp as *const TcpHead, tcp.flags, false)
         }
-        Protocol::Udp => (core::ptr::null(), 0),
+        Protocol::Udp => (core::ptr::null(), 0, nbns_response(frame, &t, ports)),
     };
     Ok(Packet {
         protocol,
@@ -458,6 +465,31 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
         src_port: u16::from_be_bytes(ports.src),
         tcp_flags,
         tcp,
+        nbns_response,
         addrs: t.addrs,
     })
+}
+
+/// Whether the UDP datagram at `t` (with `ports`) holds an NBNS flags
+/// word with the R bit set. Too short to hold one: a query, as far as
+/// detection goes.
+///
+/// Computed without a branch the verifier would carry on: both ways
+/// through the frame check end with a byte read from the packet, and
+/// the datagram's length only masks it, so every path after the parser
+/// holds the same kind of value (a constant `false` on one of them would
+/// double the paths it walks after it).
+#[inline(always)]
+fn nbns_response(frame: Frame, t: &Transport, ports: Ports) -> bool {
+    let at = t.offset + NBNS_FLAGS_OFFSET;
+    // A header beyond the readable part (a TC skb's unpulled tail): the
+    // mask below is then what decides.
+    let flags = match frame.bytes::<2>(at) {
+        Some(flags) => flags[0],
+        None => ports.src[0],
+    };
+    // 1 when the IP packet holds the flags word (at + 2 <= ip_end), by
+    // the sign of the difference rather than a comparison.
+    let long_enough = ((at + 1).wrapping_sub(t.ip_end) >> (usize::BITS - 1)) as u8;
+    (flags >> 7) & long_enough != 0
 }

@@ -6,13 +6,14 @@ use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP};
 use netwatch_common::{
-    Classification, Direction, EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FlagEvent, HASH_KEY_WORDS,
-    MAX_EVENTS_PER_CPU_SECOND, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS, SOURCE_BITMAP, SOURCE_FLAGGED,
-    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED, SourceKey, SourceState,
-    flag_counter_index,
+    CONTACTS_PER_WINDOW, Classification, Direction, EVENT_LOSS_RATE_LIMITED, EVENT_LOSS_RING_FULL, FlagEvent,
+    HASH_KEY_WORDS, MAX_EVENTS_PER_CPU_SECOND, PORT_CONTACTS, PortRule, SKETCH_BITS, SKETCH_LIST_LEN, SKETCH_WORDS,
+    SOURCE_BITMAP, SOURCE_FLAGGED, STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_SOURCES_CREATED,
+    SourceKey, SourceState, flag_counter_index,
 };
 
 use crate::{
+    contacts::remember_first_contact,
     helpers::{coarse_monotonic_secs, increment, source_key_and_destination_hash},
     maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENT_LOSSES, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS},
     parse::Addrs,
@@ -241,7 +242,23 @@ fn record_packet(
     }
     state.last_seen = now;
     state.iface = iface as u16;
+    // The count before, re-read after: whether the destination was new
+    // comes from the record, not from which way the sketch code went
+    // (a constant per way would split the verifier's states after it).
+    // SAFETY: `state` is a valid map value.
+    let known = unsafe { core::ptr::read_volatile(&state.distinct) };
     add_destination(state, dst_hash);
+    // A probe's first contact with a destination, while few are known:
+    // the controller then sees whether it was answered (the memo holds
+    // the packet's addresses and port, staged for it).
+    if classification == Classification::Scan
+        && rule.flags & PORT_CONTACTS != 0
+        && state.flags & (SOURCE_FLAGGED | SOURCE_BITMAP) == 0
+        && state.distinct != known
+        && state.distinct <= CONTACTS_PER_WINDOW
+    {
+        remember_first_contact(&cache.tag, rule.slot(), dir, iface, now);
+    }
 
     // Auto-blocks are looked up only where one can apply: probes on a
     // rule with auto-block on, in enforce mode, from a source that is not

@@ -4,11 +4,12 @@
 //! `should_drop` strings them together.
 
 use netwatch_common::{
-    Action, Class, Direction, LinkKind, Mode, Outcome, PORT_REVERSE_LOOKUP, PolicySettings, PortRule,
+    Action, Class, Direction, LinkKind, Mode, Outcome, PORT_NBNS, PORT_REVERSE_LOOKUP, PolicySettings, PortRule,
     class_counter_index, port_rule_index, rule_counter_index,
 };
 
 use crate::{
+    contacts,
     handshake::{is_recent_visitor, observe_web_handshake},
     helpers::{coarse_monotonic_secs, count_packet},
     lists::{either_allowlisted, source_allowlisted, source_blocklisted},
@@ -42,6 +43,8 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
         if dir == Direction::Outbound {
             observe_web_handshake(&packet, 0, dir);
         }
+        // It may answer a probe (from the probed port back to the prober).
+        contacts::observe_answer(&packet);
         count_class(iface, dir, Class::Unmatched, bytes);
         return false;
     }
@@ -78,6 +81,17 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
         && action != Action::Drop
         && policy.blocklist_active != 0
         && source_blocklisted(&packet.addrs, version, coarse_monotonic_secs());
+    // An NBNS response (a name server answering) is traffic, not a probe:
+    // counted and judged by the lists and the rule's action, never
+    // tracked nor memoised; it may answer a first contact of the host it
+    // goes to. A path of its own that ends here, so the tracker's paths
+    // stay as they were.
+    if rule.flags & PORT_NBNS != 0 && packet.nbns_response {
+        contacts::observe_answer(&packet);
+        let drop = enforce && !allowlisted && (action == Action::Drop || blocklisted);
+        count_matched(iface, dir, rule.slot(), drop, false, bytes);
+        return drop;
+    }
     // Only the source's own allowlisting spares it an auto-block: a probe
     // to an allowlisted address passes, yet counts towards (and may set)
     // its source's block. The second lookup is paid only by allowlisted

@@ -322,6 +322,11 @@ pub struct RuleEntry {
     #[serde(default)]
     pub auto_block: bool,
     pub block_secs: Option<i64>,
+    /// Failed first contacts (beyond answered ones) that flag a source;
+    /// 0 turns reply-aware flagging off.
+    pub failed_contacts: Option<i64>,
+    /// Seconds a first contact waits for its answer.
+    pub contact_secs: Option<i64>,
 }
 
 /// A non-negative integer that fits u32, or an error naming the key.
@@ -439,6 +444,12 @@ impl RunConfig {
                         d.block_secs = Some(secs("block_secs", b)?);
                     } else if e.auto_block {
                         d.block_secs = Some(DEFAULT_BLOCK_SECS);
+                    }
+                    if let Some(f) = e.failed_contacts {
+                        d.failed_contacts = secs("failed_contacts", f)?;
+                    }
+                    if let Some(c) = e.contact_secs {
+                        d.contact_secs = secs("contact_secs", c)?;
                     }
                     d.validate()?;
                     Ok(rule)

@@ -49,6 +49,12 @@ pub struct Detection {
     /// Auto-block a flagged source on this rule's port for this long
     /// (enforce mode only); `None` = off (the default).
     pub block_secs: Option<u32>,
+    /// Reply-aware flagging: a source is also flagged once its failed
+    /// first contacts outnumber its answered ones by this many (0 = off).
+    pub failed_contacts: u32,
+    /// How long a first contact waits for its answer before it counts
+    /// as failed.
+    pub contact_secs: u32,
 }
 
 /// 20 distinct destinations in 5 minutes: Zeek's address-scan window
@@ -61,6 +67,20 @@ pub const DEFAULT_BLOCK_SECS: u32 = 3600;
 pub const MAX_THRESHOLD: u32 = 2000;
 pub const MAX_WINDOW_SECS: u32 = 86_400;
 pub const MAX_BLOCK_SECS: u32 = 7 * 86_400;
+/// Threshold random walk (Jung, Paxson, Berger, Balakrishnan 2004) with
+/// their parameters: a benign host's first contact succeeds with
+/// probability 0.8, a scanner's with 0.2, so each failure multiplies the
+/// odds of scanning by 0.8 / 0.2 = 4 and each success divides them by 4;
+/// deciding at odds of 99 (a false-positive rate of 1 % at a detection
+/// rate of 99 %) takes ceil(ln 99 / ln 4) = 4 failures more than
+/// successes.
+pub const DEFAULT_FAILED_CONTACTS: u32 = 4;
+/// A LAN or Internet name server answers within tens of milliseconds,
+/// a Windows host's NetBIOS stack within one; two seconds leaves room
+/// for a busy one and still flags a silent sweep within 3 s of its
+/// fourth probe (the controller judges every half second).
+pub const DEFAULT_CONTACT_SECS: u32 = 2;
+pub const MAX_CONTACT_SECS: u32 = 60;
 
 impl Default for Detection {
     fn default() -> Self {
@@ -68,6 +88,8 @@ impl Default for Detection {
             threshold: DEFAULT_THRESHOLD,
             window_secs: DEFAULT_WINDOW_SECS,
             block_secs: None,
+            failed_contacts: DEFAULT_FAILED_CONTACTS,
+            contact_secs: DEFAULT_CONTACT_SECS,
         }
     }
 }
@@ -87,6 +109,19 @@ impl Detection {
             && !(1..=MAX_BLOCK_SECS).contains(&ttl)
         {
             bail!("block_secs {ttl} is out of range 1-{MAX_BLOCK_SECS} (auto-blocks always expire)");
+        }
+        let max_failed = netwatch_common::CONTACTS_PER_WINDOW as u32;
+        if self.failed_contacts != 0 && !(2..=max_failed).contains(&self.failed_contacts) {
+            bail!(
+                "failed_contacts {} is out of range 2-{max_failed} (0 turns reply-aware flagging off)",
+                self.failed_contacts
+            );
+        }
+        if !(1..=MAX_CONTACT_SECS).contains(&self.contact_secs) {
+            bail!(
+                "contact_secs {} is out of range 1-{MAX_CONTACT_SECS}",
+                self.contact_secs
+            );
         }
         Ok(())
     }

@@ -63,6 +63,9 @@ pub struct Frame {
     pub src_port: u16,
     pub dst_port: u16,
     pub payload: usize,
+    /// The payload's bytes, all alike: below 0x80 by default, so a udp/137
+    /// payload reads as an NBNS query (R bit clear, RFC 1002 4.2.1.1).
+    pub fill: u8,
     /// A PPPoE session header (RFC 2516) after the VLAN tags.
     pub pppoe: bool,
     /// Keep only this many bytes of the UDP/TCP part, with the IP length
@@ -95,6 +98,7 @@ impl Frame {
             src_port,
             dst_port,
             payload: 50,
+            fill: 0x2b,
             pppoe: false,
             l4_keep: None,
             tcp_flags: SYN,
@@ -192,6 +196,13 @@ impl Frame {
         self
     }
 
+    /// Fills the payload with `byte` (0x80 and above: an NBNS response's
+    /// flags on udp/137).
+    pub fn fill(mut self, byte: u8) -> Self {
+        self.fill = byte;
+        self
+    }
+
     /// The frame's bytes.
     pub fn build(&self) -> Vec<u8> {
         let mut out = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
@@ -234,7 +245,7 @@ impl Frame {
             }
             _ => l4.extend_from_slice(&[0; 4]),
         }
-        l4.extend(std::iter::repeat_n(0xab, self.payload));
+        l4.extend(std::iter::repeat_n(self.fill, self.payload));
         if let Some(keep) = self.l4_keep {
             l4.truncate(keep);
         }

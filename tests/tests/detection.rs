@@ -919,3 +919,77 @@ fn a_million_spoofed_flags() {
         let _ = std::fs::remove_dir_all(&state);
     }
 }
+
+/// NBNS responses (R bit set, RFC 1002 4.2.1.1) on udp/137 are counted as
+/// traffic and never tracked as probes; a datagram too short for the
+/// flags word, and the same bytes on a port without NBNS, are probes.
+#[test]
+fn nbns_responses_are_traffic_not_probes() {
+    require_privileged!();
+    let server = [198, 18, 0, 53];
+    let h = Harness::new(&Policy::new(
+        Mode::Monitor,
+        vec![rule("udp/137", 20, 300, None), rule("udp/138", 20, 300, None)],
+    ));
+    for i in 0..40 {
+        h.run(
+            Hook::TcEgress,
+            &Frame::udp4(server, target(i), 137, 137).fill(0x85).build(),
+        );
+    }
+    assert!(h.events().is_empty(), "a name server's replies flagged as a scan");
+    assert_eq!(
+        h.rule_packets("outbound", "udp/137", "passed"),
+        40,
+        "replies not counted"
+    );
+    assert!(h.tracked(IpAddr::from(server)).is_empty(), "replies tracked as probes");
+    // Two payload bytes: no flags word, so a query.
+    h.run(
+        Hook::TcEgress,
+        &Frame::udp4(server, target(0), 137, 137).fill(0x85).payload(2).build(),
+    );
+    // udp/138 carries no NBNS: the R bit means nothing there.
+    h.run(
+        Hook::TcEgress,
+        &Frame::udp4(server, target(0), 138, 138).fill(0x85).build(),
+    );
+    let mut rules: Vec<String> = h.tracked(IpAddr::from(server)).into_iter().map(|t| t.rule).collect();
+    rules.sort();
+    assert_eq!(rules, ["udp/137", "udp/138"]);
+}
+
+/// A probe's first contact is remembered with its destination address
+/// and port; a reply from that address and port to the prober (on its
+/// ephemeral port, an unmatched packet) marks it answered; a reply from
+/// another port or to another host does not.
+#[test]
+fn answers_mark_first_contacts() {
+    require_privileged!();
+    use netwatch_common::{Contact, ContactKey};
+    let host = [198, 18, 0, 7];
+    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
+    for i in 0..3 {
+        h.run(Hook::TcEgress, &Frame::udp4(host, target(i), 40000, 137).build());
+    }
+    // Answers: target 0 from port 137 (the probed port); target 1 from
+    // port 138; target 2 to another host.
+    h.run(
+        Hook::Xdp(Inbound),
+        &Frame::udp4(target(0), host, 137, 40000).fill(0x85).build(),
+    );
+    h.run(Hook::Xdp(Inbound), &Frame::udp4(target(1), host, 138, 40000).build());
+    h.run(
+        Hook::Xdp(Inbound),
+        &Frame::udp4(target(2), [198, 18, 0, 8], 137, 40000).build(),
+    );
+    let contacts: aya::maps::HashMap<_, ContactKey, Contact> =
+        aya::maps::HashMap::try_from(h.maps.map_by_name(netwatch_common::maps::CONTACTS).unwrap()).unwrap();
+    let mut seen: Vec<([u8; 4], u16, u32)> = contacts
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, c)| (k.probed[0].to_ne_bytes(), (k.port & 0xffff) as u16, c.answered))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [(target(0), 137, 1), (target(1), 137, 0), (target(2), 137, 0)]);
+}

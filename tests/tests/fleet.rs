@@ -406,7 +406,7 @@ fn without_a_fleet_nothing_is_queued_and_an_unreachable_one_does_not_stop_detect
 /// once, the outbox empty. Prints how long the delivery took.
 #[test]
 fn a_backlog_of_ten_thousand_incidents_is_delivered_once() {
-    use netwatch_user::detection::incidents::{Classification, Observation, Seen, Stamp, Store, SystemClock};
+    use netwatch_user::detection::incidents::{Classification, Observation, Reason, Seen, Stamp, Store, SystemClock};
     require_privileged!();
     const BACKLOG: u32 = 10_000;
     let state = TempDir::private("state");
@@ -432,6 +432,8 @@ fn a_backlog_of_ten_thousand_incidents_is_delivered_once() {
                             packets: 20,
                             distinct_destinations: 20,
                             blocked_until: None,
+                            reason: Reason::DistinctDestinations,
+                            failed_contacts: 0,
                             at,
                         },
                         Duration::from_secs(3600),

@@ -7,7 +7,10 @@ use anyhow::Result;
 use crate::{
     clock::rfc3339,
     datapath::PinnedMaps,
-    detection::{incidents::Incident, sources::SourceView},
+    detection::{
+        incidents::{Incident, Reason},
+        sources::SourceView,
+    },
     observe::reports::{incidents_report, lookup_report, top_report},
 };
 
@@ -71,8 +74,12 @@ fn describe_incident(i: &Incident) -> String {
         (None, true) => " (recovered: its flag event was lost)".to_string(),
         (None, false) => String::new(),
     };
+    let reason = match i.reason {
+        Reason::FailedContacts => format!(", flagged for {} failed first contacts", i.failed_contacts),
+        Reason::DistinctDestinations => String::new(),
+    };
     format!(
-        "#{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}{}",
+        "#{} {} {} {} on {}: {} packets, {} distinct destinations{}, {} .. {}{}{}",
         i.id,
         i.classification.label(),
         i.rule,
@@ -80,6 +87,7 @@ fn describe_incident(i: &Incident) -> String {
         i.interface,
         i.packets,
         i.distinct_destinations,
+        reason,
         rfc3339(i.first_seen),
         rfc3339(i.last_seen),
         blocked,

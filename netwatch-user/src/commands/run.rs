@@ -16,6 +16,7 @@ use crate::{
     config::{ConfigSource, Overrides, PIN_DIR_ENV, RunConfig, STATE_DIR_ENV},
     datapath::{self, Datapath, LinkEvent, LinkEvents, install},
     detection::{
+        contacts::Contacts,
         detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
         sources,
     },
@@ -251,6 +252,9 @@ const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How long link notifications settle before the interfaces are looked
 /// at: a burst (an interface made, renamed, brought up) is handled once.
 const LINK_SETTLE: Duration = Duration::from_millis(100);
+/// How often first contacts past their answer time are judged (see
+/// `detection::contacts`).
+const JUDGE_CONTACTS_EVERY: Duration = Duration::from_millis(500);
 /// How often the per-source map is walked: the tracked sources counted
 /// (never at scrape time), flags whose events were lost recorded.
 const COUNT_EVERY: Duration = Duration::from_secs(30);
@@ -303,6 +307,8 @@ async fn serve_until_signal(
     // which keeps it until it is dropped.
     let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE)? };
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    let mut contacts = Contacts::open(maps)?;
+    let mut judge = tokio::time::interval(JUDGE_CONTACTS_EVERY);
     let mut count = tokio::time::interval(COUNT_EVERY);
     let mut counting: Option<tokio::task::JoinHandle<Result<sources::Census>>> = None;
     // Interfaces deleted, re-created or renamed while running: followed on
@@ -378,6 +384,24 @@ async fn serve_until_signal(
                         stats.incident_error();
                         error!("recording an incident failed (the kernel keeps counting; retried on refresh): {err:#}");
                     }
+                }
+            }
+            _ = judge.tick() => {
+                match contacts.judge(maps, &current.policy) {
+                    Ok(flags) => {
+                        for flag in &flags {
+                            match detector.on_contact_flag(flag) {
+                                Ok(Some((rule, direction))) => stats.contact_flagged(rule, direction),
+                                Ok(None) => {}
+                                Err(err) => {
+                                    stats.incident_error();
+                                    error!("recording an incident failed: {err:#}");
+                                }
+                            }
+                        }
+                        stats.contacts_judged(contacts.answered, contacts.failed);
+                    }
+                    Err(err) => warn!("judging first contacts: {err:#}"),
                 }
             }
             _ = refresh.tick() => {

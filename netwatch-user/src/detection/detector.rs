@@ -12,13 +12,15 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::{error, info, warn};
-use netwatch_common::{Direction, FlagEvent, FloodCache, SourceKey, SourceState, estimate_distinct};
+use netwatch_common::{Direction, FlagEvent, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct};
 
 use crate::{
     clock::boot_secs,
     datapath::PinnedMaps,
+    detection::contacts::ContactFlag,
     detection::incidents::{
-        AGGREGATE_AFTER, Clock as _, DEFAULT_RETENTION_DAYS, Observation, Recorded, Seen, Stamp, Store, SystemClock,
+        AGGREGATE_AFTER, Clock as _, DEFAULT_RETENTION_DAYS, Observation, Reason, Recorded, Seen, Stamp, Store,
+        SystemClock,
     },
     detection::sources::{self, Names, Pending, addr_of, key_for},
 };
@@ -152,6 +154,8 @@ impl Detector {
             packets: state.packets,
             distinct_destinations: estimate_distinct(state.distinct as u32, state.flags),
             blocked_until: blocked_until.filter(|t| *t > now).map(wall),
+            reason: Reason::DistinctDestinations,
+            failed_contacts: 0,
             at,
         }
     }
@@ -188,6 +192,45 @@ impl Detector {
 
     fn is_summarised(&self, key: &SourceKey) -> bool {
         self.summarised.lock().map(|s| s.contains(key)).unwrap_or(false)
+    }
+
+    /// A source flagged for its failed first contacts (see
+    /// [`crate::detection::contacts`]): its incident says so; in enforce
+    /// mode, on a rule with auto-block on, it is blocked as a flag in the
+    /// kernel would block it. A source the kernel has flagged in this
+    /// window already (on distinct destinations) has its incident.
+    /// Returns the flag's rule and direction if it was recorded.
+    pub fn on_contact_flag(&mut self, flag: &ContactFlag) -> Result<Option<(String, &'static str)>> {
+        let Ok(mut state) = self.sources.get(&flag.key, 0) else {
+            // Evicted meanwhile: nothing to show for it.
+            return Ok(None);
+        };
+        if state.flags & SOURCE_FLAGGED != 0 {
+            return Ok(None);
+        }
+        if self.names.rule_slots().all(|s| s != flag.key.rule) {
+            self.names = Names::read(&self.maps)?;
+        }
+        Pending::read(&self.memos)?.add_to(&flag.key, &mut state);
+        let blocked_until = flag.block_secs.and_then(|secs| {
+            let now = boot_secs();
+            // A block in force stays as it is; a full map is the cap, as
+            // for the kernel's own auto-blocks.
+            let current = self.blocks.get(&flag.key, 0).ok().filter(|until| *until > now);
+            current.or_else(|| {
+                let until = now.saturating_add(secs);
+                self.blocks.insert(flag.key, until, 0).ok().map(|()| until)
+            })
+        });
+        let mut obs = self.observation(Seen::Flag, &flag.key, &state, blocked_until);
+        obs.reason = Reason::FailedContacts;
+        obs.failed_contacts = flag.failed;
+        if !self.is_summarised(&flag.key) {
+            self.follow(flag.key);
+        }
+        let labels = (obs.rule.clone(), flag.key.direction().label());
+        self.writer.send(Op::Flag(flag.key, Box::new(obs)))?;
+        Ok(Some(labels))
     }
 
     /// Waits until everything sent so far is written.

@@ -16,6 +16,33 @@ pub const DB_FILE: &str = "incidents.sqlite";
 /// kernel's per-source record it comes from.
 pub use netwatch_common::Classification;
 
+/// Why a source was flagged: it reached its rule's count of distinct
+/// destinations within the window, or its first contacts failed (went
+/// unanswered) that many more often than they were answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    #[default]
+    DistinctDestinations,
+    FailedContacts,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::DistinctDestinations => "distinct-destinations",
+            Reason::FailedContacts => "failed-contacts",
+        }
+    }
+
+    fn from_label(label: &str) -> Reason {
+        match label {
+            "failed-contacts" => Reason::FailedContacts,
+            _ => Reason::DistinctDestinations,
+        }
+    }
+}
+
 /// One incident, as stored and as `lookup` prints it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Incident {
@@ -38,6 +65,12 @@ pub struct Incident {
     /// because the flag event was lost (the per-CPU event budget or a full
     /// ring buffer); false once a flag event for it arrives.
     pub recovered: bool,
+    /// Why the source was flagged first (a later flag of the other kind
+    /// updates the incident but not its reason).
+    pub reason: Reason,
+    /// First contacts that went unanswered when it was flagged for them
+    /// (0 for a flag on distinct destinations).
+    pub failed_contacts: u32,
     /// A summary incident (a flood of new sources, see
     /// [`AGGREGATE_AFTER`]): how many sources it counts; its `source` is
     /// then the unspecified address.
@@ -87,6 +120,8 @@ pub struct Observation {
     pub packets: u64,
     pub distinct_destinations: u32,
     pub blocked_until: Option<SystemTime>,
+    pub reason: Reason,
+    pub failed_contacts: u32,
     /// When the controller made the observation.
     pub at: Stamp,
 }
@@ -136,12 +171,20 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Migration `i` takes a database from version `i` to `i + 1`, each in a
 /// transaction with the version bump. Version 0 is every database made
 /// before versions existed (with or without the `recovered` column).
-const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[migrate_v0_to_v1, migrate_v1_to_v2];
+const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[migrate_v0_to_v1, migrate_v1_to_v2, migrate_v2_to_v3];
+
+/// Why a source was flagged, and its failed first contacts.
+fn migrate_v1_to_v2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "ALTER TABLE incidents ADD COLUMN reason TEXT NOT NULL DEFAULT 'distinct-destinations';
+         ALTER TABLE incidents ADD COLUMN failed_contacts INTEGER NOT NULL DEFAULT 0;",
+    )
+}
 
 /// The fleet's outbox: incidents opened or changed since they were last
 /// delivered to the fleet, in the order they changed. Filled (by triggers,
 /// see [`Store::enable_outbox`]) only while a fleet is configured.
-fn migrate_v1_to_v2(conn: &Connection) -> rusqlite::Result<()> {
+fn migrate_v2_to_v3(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE outbox (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -298,7 +341,8 @@ impl Store {
              WHEN OLD.packets IS NOT NEW.packets OR OLD.last_seen IS NOT NEW.last_seen
                OR OLD.distinct_destinations IS NOT NEW.distinct_destinations
                OR OLD.blocked_until IS NOT NEW.blocked_until OR OLD.sources IS NOT NEW.sources
-               OR OLD.recovered IS NOT NEW.recovered BEGIN
+               OR OLD.recovered IS NOT NEW.recovered OR OLD.reason IS NOT NEW.reason
+               OR OLD.failed_contacts IS NOT NEW.failed_contacts BEGIN
                  INSERT OR REPLACE INTO outbox (incident) VALUES (NEW.id);
              END;",
         )?;
@@ -388,7 +432,8 @@ impl Store {
                      distinct_destinations = MAX(distinct_destinations, ?5),
                      blocked_until = COALESCE(?6, blocked_until),
                      recovered = CASE WHEN ?7 THEN 0 ELSE recovered END,
-                     boot_id = ?8, last_seen_boot = MAX(COALESCE(last_seen_boot, 0), ?9) WHERE id = ?1",
+                     boot_id = ?8, last_seen_boot = MAX(COALESCE(last_seen_boot, 0), ?9),
+                     failed_contacts = MAX(failed_contacts, ?10) WHERE id = ?1",
                     params![
                         id,
                         obs.interface,
@@ -399,6 +444,7 @@ impl Store {
                         obs.seen == Seen::Flag,
                         obs.at.boot_id,
                         obs.at.boot.as_secs() as i64,
+                        obs.failed_contacts,
                     ],
                 )?;
                 Ok(Recorded::Updated(id))
@@ -455,8 +501,9 @@ impl Store {
     fn insert(&self, obs: &Observation, summary: Option<u64>) -> Result<i64> {
         self.conn.execute(
             "INSERT INTO incidents (source, rule, direction, interface, classification, first_seen, last_seen,
-                     packets, distinct_destinations, blocked_until, recovered, boot_id, last_seen_boot, sources)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     packets, distinct_destinations, blocked_until, recovered, boot_id, last_seen_boot, sources,
+                     reason, failed_contacts)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 summary.map_or_else(|| obs.source.to_string(), |_| SUMMARY_SOURCE.to_string()),
                 obs.rule,
@@ -472,6 +519,8 @@ impl Store {
                 obs.at.boot_id,
                 obs.at.boot.as_secs() as i64,
                 summary.unwrap_or(0) as i64,
+                obs.reason.label(),
+                obs.failed_contacts,
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
@@ -573,9 +622,15 @@ impl Store {
         } else {
             "0"
         };
+        let (reason, failed_contacts) = if has_column(&self.conn, "reason")? {
+            ("reason", "failed_contacts")
+        } else {
+            ("''", "0")
+        };
         let mut stmt = self.conn.prepare(&format!(
             "SELECT id, source, rule, direction, interface, classification, first_seen, last_seen, packets,
-             distinct_destinations, blocked_until, {recovered}, {sources} FROM incidents {tail}"
+             distinct_destinations, blocked_until, {recovered}, {sources}, {reason}, {failed_contacts}
+             FROM incidents {tail}"
         ))?;
         let now = SystemTime::now();
         let rows = stmt.query_map(args, |row| {
@@ -598,6 +653,8 @@ impl Store {
                 blocked: blocked_until.is_some_and(|t| t > now),
                 blocked_until,
                 recovered: row.get::<_, i64>(11)? != 0,
+                reason: Reason::from_label(&row.get::<_, String>(13)?),
+                failed_contacts: row.get(14)?,
                 summary_sources: (summary > 0).then_some(summary as u64),
             })
         })?;
@@ -717,6 +774,8 @@ mod tests {
             packets,
             distinct_destinations: 20,
             blocked_until: None,
+            reason: Reason::DistinctDestinations,
+            failed_contacts: 0,
             at,
         }
     }

@@ -43,6 +43,13 @@ pub struct ControllerStats {
     sources_evicted: AtomicU64,
     /// Incident database writes that failed.
     incident_errors: AtomicU64,
+    /// First contacts judged: answered, failed (see `detection::contacts`).
+    contacts_answered: AtomicU64,
+    contacts_failed: AtomicU64,
+    /// Sources the controller flagged for failed first contacts, by rule
+    /// and direction: added to the kernel's flags in
+    /// `netwatch_scanners_flagged_total`.
+    contact_flags: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     /// Set when a fleet is configured.
     fleet: std::sync::OnceLock<Arc<crate::fleet::FleetStats>>,
 }
@@ -64,6 +71,9 @@ impl Default for ControllerStats {
             sources_tracked: AtomicU64::new(NOT_COUNTED),
             sources_evicted: AtomicU64::new(0),
             incident_errors: AtomicU64::new(0),
+            contacts_answered: AtomicU64::new(0),
+            contacts_failed: AtomicU64::new(0),
+            contact_flags: Default::default(),
             fleet: std::sync::OnceLock::new(),
         }
     }
@@ -92,6 +102,20 @@ impl ControllerStats {
     pub fn sources_counted(&self, tracked: u64, created: u64) {
         self.sources_tracked.store(tracked.min(NOT_COUNTED - 1), Relaxed);
         self.sources_evicted.fetch_max(created.saturating_sub(tracked), Relaxed);
+    }
+
+    /// First contacts judged so far (totals).
+    pub fn contacts_judged(&self, answered: u64, failed: u64) {
+        self.contacts_answered.store(answered, Relaxed);
+        self.contacts_failed.store(failed, Relaxed);
+    }
+
+    /// The controller flagged a source on `rule` going `direction` for its
+    /// failed first contacts.
+    pub fn contact_flagged(&self, rule: String, direction: &'static str) {
+        if let Ok(mut flags) = self.contact_flags.lock() {
+            *flags.entry((rule, direction)).or_default() += 1;
+        }
     }
 
     /// A write to the incident database failed.
@@ -277,13 +301,18 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
     let flagged = counter_vec(
         registry,
         "netwatch_scanners_flagged_total",
-        "Sources flagged as scanning (distinct destinations reached the rule's threshold within its window).",
+        "Sources flagged as scanning (distinct destinations reached the rule's threshold within its window, or failed first contacts outnumbered answered ones by the rule's failed_contacts).",
         &["rule", "direction"],
     )?;
     for f in &d.flagged {
         flagged
             .with_label_values(&[f.rule.as_str(), f.direction])
             .inc_by(f.flagged);
+    }
+    if let Some(flags) = controller.and_then(|stats| stats.contact_flags.lock().ok()) {
+        for ((rule, direction), n) in flags.iter() {
+            flagged.with_label_values(&[rule.as_str(), direction]).inc_by(*n);
+        }
     }
     let reverse = counter_vec(
         registry,
@@ -474,6 +503,18 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         errors
             .with_label_values::<&str>(&[])
             .inc_by(stats.incident_errors.load(Relaxed));
+        let contacts = counter_vec(
+            registry,
+            "netwatch_first_contacts_total",
+            "First contacts of probing sources judged by the controller: answered by the probed address and port, or failed (no answer within the rule's contact_secs).",
+            &["outcome"],
+        )?;
+        contacts
+            .with_label_values(&["answered"])
+            .inc_by(stats.contacts_answered.load(Relaxed));
+        contacts
+            .with_label_values(&["failed"])
+            .inc_by(stats.contacts_failed.load(Relaxed));
         if let Some(fleet) = stats.fleet.get() {
             gauge_vec(
                 registry,

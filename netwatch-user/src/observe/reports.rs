@@ -179,6 +179,8 @@ mod tests {
             blocked: false,
             blocked_until: None,
             recovered: false,
+            reason: Default::default(),
+            failed_contacts: 0,
             summary_sources: None,
         }
     }

@@ -1,0 +1,62 @@
+//! Reply-aware detection, the kernel's half: a probing source's first
+//! contacts with new destinations are remembered in `CONTACTS`, and an
+//! answer from a probed address and port (any datagram or segment from
+//! it back to the prober) marks its contact answered. The controller
+//! judges each contact once its rule's answer time has passed (see the
+//! controller's `detection::contacts`): answered is a success, silent a
+//! failure.
+
+use netwatch_common::{CONTACT_PORT_MASK, Contact, ContactKey, Direction, MemoTag, PORT_CONTACTS};
+
+use crate::{
+    maps::{CONTACTS, PORT_RULES},
+    memo,
+    parse::Packet,
+};
+
+/// Remembers the first contact the memo's staged `tag` describes (the
+/// packet just judged), made at second `now` on interface slot `iface`
+/// in direction `dir` under rule slot `rule`. Replaces an earlier contact
+/// with the same destination (a new window's): its answer is awaited
+/// afresh.
+#[inline(always)]
+pub fn remember_first_contact(tag: &MemoTag, rule: u32, dir: Direction, iface: u32, now: u32) {
+    let key = ContactKey {
+        prober: tag.src,
+        probed: tag.dst,
+        port: tag.port & CONTACT_PORT_MASK,
+    };
+    let contact = Contact {
+        since: now,
+        iface: iface as u16,
+        rule: rule as u8,
+        direction: dir.into(),
+        answered: 0,
+    };
+    let _ = CONTACTS.insert(key, contact, 0);
+}
+
+/// If `packet` comes from the address and port of a remembered first
+/// contact, back to its prober: marks the contact answered. Only
+/// packets whose source port has a rule that records contacts look the
+/// map up.
+#[inline(always)]
+pub fn observe_answer(packet: &Packet) {
+    let Some(rules) = PORT_RULES.get(netwatch_common::port_rule_index(packet.protocol, packet.src_port)) else {
+        return;
+    };
+    if (rules.versions[0].flags | rules.versions[1].flags) & PORT_CONTACTS == 0 {
+        return;
+    }
+    // The probe's tag, seen from the answer: its source is the prober.
+    let tag = memo::tag_of(packet, 0, Direction::Inbound, 0);
+    let key = ContactKey {
+        prober: tag.dst,
+        probed: tag.src,
+        port: (tag.port & !0xffff | packet.src_port as u32) & CONTACT_PORT_MASK,
+    };
+    if let Some(contact) = CONTACTS.get_ptr_mut(key) {
+        // SAFETY: a map value; a plain store (two CPUs storing 1 agree).
+        unsafe { (*contact).answered = 1 };
+    }
+}
