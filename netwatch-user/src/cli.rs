@@ -133,9 +133,12 @@ pub struct LookupArgs {
     pub pin_dir: PinDirArg,
     #[command(flatten)]
     pub state_dir: StateDirArg,
-    /// Print JSON: {"ip", "incidents": [...], "tracked": [...]}.
+    /// Print JSON: {"ip", "incidents": [...], "tracked": [...]}; with
+    /// --fleet {"ip", "incidents": [...]}, each incident with its `sensor`.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub fleet: FleetArg,
 }
 
 #[derive(Debug, Args)]
@@ -145,9 +148,12 @@ pub struct TopArgs {
     /// How many sources to show.
     #[arg(long, default_value_t = 10)]
     pub limit: usize,
-    /// Print JSON: {"sources": [...]}.
+    /// Print JSON: {"sources": [...]}; with --fleet, the sources seen by
+    /// the most sensors, each with its `sensors` and `incidents`.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub fleet: FleetArg,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +233,25 @@ pub struct RunArgs {
     /// 6.6+, else a clsact filter through netlink), `tcx` or `netlink`. [default: auto]
     #[arg(long, value_enum, value_name = "HOW")]
     pub tc_attach: Option<TcAttach>,
+    /// Share incidents with a fleet of sensors through this NATS JetStream
+    /// server (`nats://HOST:PORT`, several comma-separated). [default:
+    /// `url` of the config file's [fleet] table; without either, no network
+    /// code runs]
+    #[arg(long, value_name = "URL")]
+    pub fleet: Option<String>,
+    /// This sensor's name in the fleet. [default: `sensor` of [fleet], else
+    /// the host name]
+    #[arg(long, value_name = "NAME")]
+    pub sensor: Option<String>,
+}
+
+/// `--fleet [URL]` of the query commands.
+#[derive(Debug, Default, Args)]
+pub struct FleetArg {
+    /// Ask the fleet (every sensor's incidents in NATS JetStream) instead
+    /// of this host: at URL, or at `url` of the config file's [fleet] table.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub fleet: Option<String>,
 }
 
 #[derive(Debug, Args)]

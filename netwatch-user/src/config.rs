@@ -110,6 +110,11 @@ impl<'a> Dirs<'a> {
     pub fn state_dir(&self, flag: Option<&Path>) -> Result<PathBuf> {
         self.resolve(flag, STATE_DIR_ENV, |f| f.state_dir.as_deref(), DEFAULT_STATE_DIR)
     }
+
+    /// The `[fleet]` table of the config file, if any.
+    pub fn fleet(&self) -> Result<Option<&FleetEntry>> {
+        Ok(self.file()?.and_then(|f| f.fleet.as_ref()))
+    }
 }
 
 /// The file as written. Every key is optional; unknown keys are errors.
@@ -145,6 +150,160 @@ pub struct ConfigFile {
     pub incidents_per_minute: Option<i64>,
     /// `text` or `json` log lines.
     pub log_format: Option<crate::observe::logging::LogFormat>,
+    /// A fleet of sensors sharing incidents through NATS JetStream.
+    pub fleet: Option<FleetEntry>,
+}
+
+/// The `[fleet]` table as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetEntry {
+    pub url: String,
+    /// A NATS credentials file (user JWT and NKey seed).
+    pub credentials: Option<PathBuf>,
+    /// This sensor's name in the fleet [default: the host name].
+    pub sensor: Option<String>,
+    /// Distinct sensors whose incidents of a source confirm it.
+    pub confirm_sensors: Option<i64>,
+    /// Within how long those incidents were last seen.
+    pub confirm_window_secs: Option<i64>,
+    /// How long a fleet decision blocks.
+    pub decision_secs: Option<i64>,
+    /// Enforce mode: apply the fleet's decisions to the kernel's blocks.
+    pub apply_decisions: Option<bool>,
+    /// Decisions applied per /24 (IPv4) or /64 (IPv6) at most.
+    pub decisions_per_prefix: Option<i64>,
+    /// Copies of the fleet's streams a JetStream cluster keeps.
+    pub stream_replicas: Option<i64>,
+    /// A command (argv, no shell) that reads a report about every source
+    /// this sensor confirms on its standard input, e.g. sendmail -t.
+    pub report_command: Option<Vec<String>>,
+    /// The reports' `To:` header.
+    pub report_to: Option<String>,
+}
+
+/// When a source flagged by several sensors becomes a fleet decision, and
+/// what a sensor does with the decisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Confirmation {
+    pub sensors: u32,
+    pub window: std::time::Duration,
+    pub block: std::time::Duration,
+    pub apply: bool,
+    pub per_prefix: u32,
+}
+
+impl Default for Confirmation {
+    fn default() -> Self {
+        Confirmation {
+            sensors: 2,
+            window: std::time::Duration::from_secs(3600),
+            block: std::time::Duration::from_secs(3600),
+            apply: true,
+            per_prefix: 16,
+        }
+    }
+}
+
+impl Confirmation {
+    fn build(entry: Option<&FleetEntry>) -> Result<Self> {
+        let mut c = Confirmation::default();
+        let Some(e) = entry else { return Ok(c) };
+        let ranged = |key: &str, v: Option<i64>, range: std::ops::RangeInclusive<i64>, default: u64| -> Result<u64> {
+            match v {
+                None => Ok(default),
+                Some(v) if range.contains(&v) => Ok(v as u64),
+                Some(v) => bail!(
+                    "fleet.{key} = {v}: give a number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            }
+        };
+        c.sensors = ranged("confirm_sensors", e.confirm_sensors, 2..=1000, c.sensors as u64)? as u32;
+        c.window = std::time::Duration::from_secs(ranged(
+            "confirm_window_secs",
+            e.confirm_window_secs,
+            60..=7 * 86400,
+            c.window.as_secs(),
+        )?);
+        c.block = std::time::Duration::from_secs(ranged(
+            "decision_secs",
+            e.decision_secs,
+            60..=7 * 86400,
+            c.block.as_secs(),
+        )?);
+        c.per_prefix = ranged(
+            "decisions_per_prefix",
+            e.decisions_per_prefix,
+            1..=256,
+            c.per_prefix as u64,
+        )? as u32;
+        c.apply = e.apply_decisions.unwrap_or(true);
+        Ok(c)
+    }
+}
+
+/// Where a sensor reports to, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// One or more NATS server URLs, comma-separated.
+    pub url: String,
+    pub credentials: Option<PathBuf>,
+    pub sensor: String,
+    pub confirmation: Confirmation,
+    /// `stream_replicas`: copies of the streams a sensor creates.
+    pub replicas: usize,
+    /// `report_command` and `report_to`.
+    pub report: Option<(Vec<String>, Option<String>)>,
+}
+
+impl FleetConfig {
+    /// `url` and `credentials` from the flag or the file, `sensor` from
+    /// the flag, the file or the host name; errors name the setting.
+    pub fn build(url: &str, credentials: Option<PathBuf>, sensor: Option<&str>) -> Result<Self> {
+        check_fleet_url(url)?;
+        let sensor = match sensor {
+            Some(name) => name.to_string(),
+            None => default_sensor_name().context("fleet.sensor is not set and the host name cannot be read")?,
+        };
+        check_sensor_name(&sensor)?;
+        Ok(FleetConfig {
+            url: url.to_string(),
+            credentials,
+            sensor,
+            confirmation: Confirmation::default(),
+            replicas: 1,
+            report: None,
+        })
+    }
+}
+
+/// Every comma-separated part is a NATS server address.
+pub fn check_fleet_url(url: &str) -> Result<()> {
+    if url.trim().is_empty() {
+        bail!("fleet.url is empty: give a NATS server URL such as nats://hub.example:4222");
+    }
+    for part in url.split(',') {
+        part.trim()
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| anyhow::anyhow!("fleet.url {part:?} is not a NATS server URL (nats://HOST:PORT): {e}"))?;
+    }
+    Ok(())
+}
+
+/// A sensor's name is one token of the NATS subjects it publishes on.
+pub fn check_sensor_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        bail!("fleet.sensor {name:?}: give 1 to 64 letters, digits, '-' or '_'");
+    }
+    Ok(())
+}
+
+/// The host name up to its first dot.
+fn default_sensor_name() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().split('.').next().unwrap_or_default().to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +363,10 @@ pub struct Overrides {
     pub blocklist: Vec<ipnet::IpNet>,
     pub keep_attached: bool,
     pub tc_attach: Option<TcAttach>,
+    /// `--fleet URL`
+    pub fleet_url: Option<String>,
+    /// `--sensor NAME`
+    pub sensor: Option<String>,
 }
 
 /// The merged, validated configuration of a running controller.
@@ -221,6 +384,8 @@ pub struct RunConfig {
     pub incident_retention: std::time::Duration,
     /// `incidents_per_minute`.
     pub incidents_per_minute: u32,
+    /// `[fleet]` or `--fleet`: none, no network code runs.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl RunConfig {
@@ -359,7 +524,46 @@ impl RunConfig {
             Some(n) if (1..=1_000_000).contains(&n) => n as u32,
             Some(n) => bail!("incidents_per_minute = {n}: give a number from 1 to 1000000"),
         };
+        let fleet_file = file.fleet.as_ref();
+        let confirmation = Confirmation::build(fleet_file)?;
+        let replicas = match fleet_file.and_then(|f| f.stream_replicas) {
+            None => 1,
+            Some(n) if (1..=5).contains(&n) => n as usize,
+            Some(n) => bail!("fleet.stream_replicas = {n}: give 1 to 5 (JetStream's limit)"),
+        };
+        let report = match fleet_file.and_then(|f| f.report_command.clone()) {
+            None => None,
+            Some(command) if command.is_empty() || command[0].is_empty() => {
+                bail!(
+                    "fleet.report_command is empty: give the command and its arguments, e.g. [\"/usr/sbin/sendmail\", \"-t\"]"
+                )
+            }
+            Some(command) => Some((command, fleet_file.and_then(|f| f.report_to.clone()))),
+        };
+        let fleet = match (&flags.fleet_url, fleet_file) {
+            (Some(url), _) => Some(FleetConfig::build(
+                url,
+                fleet_file.and_then(|f| f.credentials.clone()),
+                flags.sensor.as_deref().or(fleet_file.and_then(|f| f.sensor.as_deref())),
+            )?),
+            (None, Some(f)) => Some(FleetConfig::build(
+                &f.url,
+                f.credentials.clone(),
+                flags.sensor.as_deref().or(f.sensor.as_deref()),
+            )?),
+            (None, None) if flags.sensor.is_some() => {
+                bail!("--sensor names this sensor in a fleet: give --fleet URL or a [fleet] table too")
+            }
+            (None, None) => None,
+        }
+        .map(|fleet| FleetConfig {
+            confirmation,
+            replicas,
+            report,
+            ..fleet
+        });
         Ok(RunConfig {
+            fleet,
             incident_retention: std::time::Duration::from_secs(retention_days as u64 * 86400),
             incidents_per_minute,
             metrics_addr,
@@ -483,5 +687,82 @@ mod tests {
         assert!(RunConfig::build(None, &flags).unwrap().keep_attached);
         let err = ConfigFile::parse("keep_attached = \"yes\"\n").unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("keep_attached"), "{err}");
+    }
+
+    #[test]
+    fn no_fleet_without_a_setting_and_bad_fleet_values_name_the_setting() {
+        assert_eq!(RunConfig::build(None, &Overrides::default()).unwrap().fleet, None);
+        let file = ConfigFile::parse("[fleet]\nurl = \"nats://hub.example:4222\"\nsensor = \"edge-1\"\ncredentials = \"/etc/netwatch/edge-1.creds\"\n").unwrap();
+        let fleet = RunConfig::build(Some(&file), &Overrides::default())
+            .unwrap()
+            .fleet
+            .unwrap();
+        assert_eq!(
+            fleet,
+            FleetConfig {
+                url: "nats://hub.example:4222".into(),
+                credentials: Some("/etc/netwatch/edge-1.creds".into()),
+                sensor: "edge-1".into(),
+                confirmation: Confirmation::default(),
+                replicas: 1,
+                report: None,
+            }
+        );
+        // The flags win over the file; the file's credentials stay.
+        let flags = Overrides {
+            fleet_url: Some("nats://10.0.0.1:4222,nats://10.0.0.2:4222".into()),
+            sensor: Some("edge-2".into()),
+            ..Overrides::default()
+        };
+        let fleet = RunConfig::build(Some(&file), &flags).unwrap().fleet.unwrap();
+        assert_eq!(
+            (fleet.url.as_str(), fleet.sensor.as_str()),
+            ("nats://10.0.0.1:4222,nats://10.0.0.2:4222", "edge-2")
+        );
+        assert!(fleet.credentials.is_some());
+        // The sensor's name defaults to the host name (its first label).
+        let flags = Overrides {
+            fleet_url: Some("nats://127.0.0.1:4222".into()),
+            ..Overrides::default()
+        };
+        let sensor = RunConfig::build(None, &flags).unwrap().fleet.unwrap().sensor;
+        assert!(!sensor.is_empty() && !sensor.contains('.'), "{sensor}");
+        for (text, flags, says) in [
+            (
+                "[fleet]\nurl = \"http://hub:4222\"\n",
+                Overrides::default(),
+                "fleet.url",
+            ),
+            ("[fleet]\nurl = \"\"\n", Overrides::default(), "fleet.url"),
+            (
+                "[fleet]\nurl = \"nats://hub:4222\"\nsensor = \"a.b\"\n",
+                Overrides::default(),
+                "fleet.sensor",
+            ),
+            (
+                "",
+                Overrides {
+                    sensor: Some("a".into()),
+                    ..Overrides::default()
+                },
+                "--fleet",
+            ),
+            (
+                "",
+                Overrides {
+                    fleet_url: Some("nats://hub:99999".into()),
+                    ..Overrides::default()
+                },
+                "fleet.url",
+            ),
+        ] {
+            let file = ConfigFile::parse(text).unwrap();
+            let err = format!("{:#}", RunConfig::build(Some(&file), &flags).unwrap_err());
+            assert!(err.contains(says), "{text:?}: {err}");
+        }
+        let err = ConfigFile::parse("[fleet]\nurl = \"nats://hub:4222\"\nuser = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("user"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //!   them, and attachments;
 //! - `detection`: flag events into incidents;
 //! - `observe`: snapshots, reports, metrics and the HTTP endpoint;
+//! - `fleet`: incidents shared with other sensors through NATS JetStream;
 //! - `commands`: one module per subcommand, on top of the others;
 //! - `lab` (cargo feature `lab`, on by default): the namespace demo.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod datapath;
 pub mod detection;
 pub mod features;
+pub mod fleet;
 #[cfg(feature = "lab")]
 pub mod lab;
 pub mod observe;

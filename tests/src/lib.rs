@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod frames;
 pub mod harness;
 pub mod lab;
+pub mod nats;
 pub mod netns;
 pub mod prometheus;
 pub mod reference;

@@ -17,7 +17,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURES: &[u32] = &[21, 22, 23];
 
 /// Debian packages the tests and the lab drive: real NetBIOS clients and
-/// scanners, a port scanner, iproute2 for namespaces, promtool.
+/// scanners, a port scanner, iproute2 for namespaces, promtool, NATS.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -39,6 +39,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // to install into, and man/groff to render the man pages.
     "debootstrap",
     "man-db",
+    // The fleet tests start their own NATS JetStream servers.
+    "nats-server",
 ];
 
 /// The packet library that builds the differential test's corpus

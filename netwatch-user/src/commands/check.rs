@@ -32,7 +32,7 @@ pub fn check_config(source: &ConfigSource, args: &CheckConfigArgs) -> Result<()>
         .map(|i| format!("{}:{}", i.name, i.role.label()))
         .collect();
     println!(
-        "{}: OK: mode {}, interfaces [{}], egress [{}], {} rules, {} allowlist and {} blocklist entries, pin_dir {}, state_dir {}, metrics {}, keep_attached {}{}",
+        "{}: OK: mode {}, interfaces [{}], egress [{}], {} rules, {} allowlist and {} blocklist entries, pin_dir {}, state_dir {}, metrics {}, keep_attached {}{}{}",
         source.path.display(),
         config.policy.mode.label(),
         interfaces.join(", "),
@@ -44,6 +44,11 @@ pub fn check_config(source: &ConfigSource, args: &CheckConfigArgs) -> Result<()>
         config.state_dir.display(),
         config.metrics_addr,
         config.keep_attached,
+        config
+            .fleet
+            .as_ref()
+            .map(|f| format!(", fleet: sensor {} at {}", f.sensor, f.url))
+            .unwrap_or_default(),
         if args.offline {
             " (interfaces not checked: --offline)"
         } else {

@@ -24,6 +24,16 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(args, &source),
         Command::CheckConfig(args) => check::check_config(&source, &args),
         Command::Status(args) => status::status(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, args.json),
+        Command::Lookup(args) if args.fleet.fleet.is_some() => query::fleet_lookup(
+            &crate::fleet::query_target(args.fleet.fleet.as_deref().unwrap_or_default(), dirs.fleet()?)?,
+            args.ip,
+            args.json,
+        ),
+        Command::Top(args) if args.fleet.fleet.is_some() => query::fleet_top(
+            &crate::fleet::query_target(args.fleet.fleet.as_deref().unwrap_or_default(), dirs.fleet()?)?,
+            args.limit,
+            args.json,
+        ),
         Command::Lookup(args) => query::lookup(
             &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?,
             &dirs.state_dir(args.state_dir.state_dir.as_deref())?,

@@ -146,3 +146,70 @@ pub fn top(pin_dir: &Path, limit: usize, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `lookup --fleet`: every sensor's incidents of `ip`.
+pub fn fleet_lookup(fleet: &crate::config::FleetConfig, ip: IpAddr, json: bool) -> Result<()> {
+    let incidents = crate::fleet::fleet_incidents(fleet, ip)?;
+    if json {
+        let report = serde_json::json!({ "ip": ip, "incidents": incidents });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{ip} in the fleet at {}", fleet.url);
+    if incidents.is_empty() {
+        println!("incidents: none");
+    }
+    let field = |v: &serde_json::Value, key: &str| match v.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    for i in &incidents {
+        println!(
+            "  {} #{} {} {} {} on {}: {} packets, {} distinct destinations, {} .. {}{}",
+            field(i, "sensor"),
+            field(i, "id"),
+            field(i, "classification"),
+            field(i, "rule"),
+            field(i, "direction"),
+            field(i, "interface"),
+            field(i, "packets"),
+            field(i, "distinct_destinations"),
+            field(i, "first_seen"),
+            field(i, "last_seen"),
+            if i.get("blocked").and_then(serde_json::Value::as_bool) == Some(true) {
+                format!(", blocked until {}", field(i, "blocked_until"))
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `top --fleet`: the sources seen by the most sensors.
+pub fn fleet_top(fleet: &crate::config::FleetConfig, limit: usize, json: bool) -> Result<()> {
+    let sources = crate::fleet::fleet_top(fleet, limit)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "sources": sources }))?
+        );
+        return Ok(());
+    }
+    if sources.is_empty() {
+        println!("no incidents in the fleet at {}", fleet.url);
+    }
+    for s in &sources {
+        println!(
+            "{:<40} {} sensors ({}), {} incidents, {} packets, last seen {}",
+            s.source,
+            s.sensors.len(),
+            s.sensors.iter().cloned().collect::<Vec<_>>().join(", "),
+            s.incidents,
+            s.packets,
+            s.last_seen
+        );
+    }
+    Ok(())
+}

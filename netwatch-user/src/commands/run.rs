@@ -20,11 +20,20 @@ use crate::{
         detector::{Detector, MAX_RECOVERED_PER_WALK, parse_event},
         sources,
     },
+    fleet::{FleetStats, Publisher},
     observe::{
         http::{self, AppState},
         metrics::{ControllerStats, Metrics},
     },
 };
+
+/// What `run`'s loop shares with the fleet thread.
+#[derive(Default)]
+struct Fleet {
+    stats: Arc<FleetStats>,
+    /// Wakes the fleet thread when incidents were written.
+    notify: Arc<tokio::sync::Notify>,
+}
 
 fn overrides(args: &RunArgs) -> Overrides {
     // flag > environment > config file > default
@@ -41,6 +50,8 @@ fn overrides(args: &RunArgs) -> Overrides {
         blocklist: args.blocklist.clone(),
         keep_attached: args.keep_attached,
         tc_attach: args.tc_attach,
+        fleet_url: args.fleet.clone(),
+        sensor: args.sensor.clone(),
     }
 }
 
@@ -169,6 +180,34 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
     let listener = http::bind(config.metrics_addr)?;
     let mut datapath = Datapath::open(&config.pin_dir, args.allow_private_bpffs)?;
     datapath.apply(&config.policy)?;
+    // Before attaching: a credentials file that cannot be read fails the
+    // start; a server that cannot be reached does not (incidents wait in
+    // the outbox).
+    let fleet = match &config.fleet {
+        Some(fleet) => {
+            let link = Fleet::default();
+            let applies = fleet.confirmation.apply && config.policy.mode == crate::policy::Mode::Enforce;
+            Publisher::start(
+                fleet,
+                &config.state_dir,
+                link.stats.clone(),
+                link.notify.clone(),
+                applies.then(|| datapath.maps().clone()),
+            )?;
+            info!(
+                "fleet: sensor {} delivering incidents to {}{}",
+                fleet.sensor,
+                fleet.url,
+                if applies {
+                    ", applying the fleet's decisions"
+                } else {
+                    ""
+                }
+            );
+            Some(link)
+        }
+        None => None,
+    };
     info!(
         "mode {}, rules: {}",
         config.policy.mode.label(),
@@ -191,6 +230,7 @@ pub fn run(args: RunArgs, source: &ConfigSource) -> Result<()> {
         &mut datapath,
         listener,
         signals,
+        fleet,
     ));
     notify(&[NotifyState::Stopping]);
     // keep_attached as the last reload left it.
@@ -226,10 +266,14 @@ async fn serve_until_signal(
     datapath: &mut Datapath,
     listener: std::net::TcpListener,
     mut signals: Signals,
+    fleet: Option<Fleet>,
 ) -> Result<RunConfig> {
     let maps = &datapath.maps().clone();
     // The configuration in force when the loop ends.
     let stats = Arc::new(ControllerStats::default());
+    if let Some(fleet) = &fleet {
+        stats.set_fleet(fleet.stats.clone());
+    }
     let mut detector = {
         let stats = stats.clone();
         Detector::open_with(
@@ -239,14 +283,18 @@ async fn serve_until_signal(
                 retention: config.incident_retention,
                 summary_after: config.incidents_per_minute,
                 on_error: Arc::new(move || stats.incident_error()),
+                outbox: fleet.as_ref().map(|f| f.notify.clone()),
             },
         )?
     };
-    let state = AppState::new(
-        maps.clone(),
-        config.state_dir.clone(),
-        Arc::new(Metrics::new(maps.clone(), stats.clone())?),
-    );
+    let state = AppState {
+        fleet: config.fleet.clone(),
+        ..AppState::new(
+            maps.clone(),
+            config.state_dir.clone(),
+            Arc::new(Metrics::new(maps.clone(), stats.clone())?),
+        )
+    };
     let server = http::serve(listener, state)?;
     info!(
         "metrics at http://{}/metrics, incidents in {}",
@@ -463,6 +511,9 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, datapath: 
     {
         warn!("reload: metrics_addr, pin_dir and tc_attach changes take effect on the next restart");
     }
+    if new.fleet != current.fleet {
+        warn!("reload: [fleet] changes take effect on the next restart");
+    }
     if new.keep_attached != current.keep_attached {
         info!("reload: keep_attached is now {}", new.keep_attached);
     }
@@ -477,6 +528,7 @@ fn reload(args: &RunArgs, source: &ConfigSource, current: &RunConfig, datapath: 
         new.policy.blocklist.len()
     );
     Ok(RunConfig {
+        fleet: current.fleet.clone(),
         interfaces: current.interfaces.clone(),
         egress: current.egress.clone(),
         tc_attach: current.tc_attach,

@@ -45,6 +45,10 @@ pub struct Options {
     pub summary_after: u32,
     /// Called on every failed write (the controller's error counter).
     pub on_error: Arc<dyn Fn() + Send + Sync>,
+    /// A fleet is configured: incidents opened or changed are queued in
+    /// the outbox, and this is notified after each write that may have
+    /// queued some.
+    pub outbox: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for Options {
@@ -53,6 +57,7 @@ impl Default for Options {
             retention: Duration::from_secs(DEFAULT_RETENTION_DAYS as u64 * 86400),
             summary_after: AGGREGATE_AFTER,
             on_error: Arc::new(|| {}),
+            outbox: None,
         }
     }
 }
@@ -80,6 +85,9 @@ impl Detector {
     pub fn open_with(maps: &PinnedMaps, state_dir: &Path, options: Options) -> Result<Self> {
         let mut store = Store::open(state_dir)?;
         store.set_summary_after(options.summary_after);
+        if options.outbox.is_some() {
+            store.enable_outbox()?;
+        }
         let recent = store.recent(MAX_FOLLOWED)?;
         let names = Names::read(maps)?;
         let summarised = Arc::new(Mutex::new(HashSet::new()));
@@ -427,6 +435,9 @@ impl Writer {
                     });
                     match written {
                         Ok(()) => {
+                            if let Some(outbox) = &options.outbox {
+                                outbox.notify_one();
+                            }
                             for (obs, r) in &flags {
                                 crate::observe::logging::flag(obs, *r);
                             }

@@ -171,13 +171,25 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Migration `i` takes a database from version `i` to `i + 1`, each in a
 /// transaction with the version bump. Version 0 is every database made
 /// before versions existed (with or without the `recovered` column).
-const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[migrate_v0_to_v1, migrate_v1_to_v2];
+const MIGRATIONS: &[fn(&Connection) -> rusqlite::Result<()>] = &[migrate_v0_to_v1, migrate_v1_to_v2, migrate_v2_to_v3];
 
 /// Why a source was flagged, and its failed first contacts.
 fn migrate_v1_to_v2(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "ALTER TABLE incidents ADD COLUMN reason TEXT NOT NULL DEFAULT 'distinct-destinations';
          ALTER TABLE incidents ADD COLUMN failed_contacts INTEGER NOT NULL DEFAULT 0;",
+    )
+}
+
+/// The fleet's outbox: incidents opened or changed since they were last
+/// delivered to the fleet, in the order they changed. Filled (by triggers,
+/// see [`Store::enable_outbox`]) only while a fleet is configured.
+fn migrate_v2_to_v3(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            incident INTEGER NOT NULL UNIQUE
+        );",
     )
 }
 
@@ -311,6 +323,68 @@ impl Store {
     /// sources are summarised (`incidents_per_minute`).
     pub fn set_summary_after(&mut self, n: u32) {
         self.summary_after = n;
+    }
+
+    /// From now on, every incident this connection opens, or changes (its
+    /// packets, last sighting, destinations, block, sources or recovered
+    /// mark), is queued in the outbox, in the same transaction as the
+    /// change itself: nothing recorded is missed, and an incident changed
+    /// again before delivery is delivered once, in its newest state. The
+    /// triggers are TEMP (this connection's only): without a fleet nothing
+    /// is queued.
+    pub fn enable_outbox(&self) -> Result<()> {
+        self.conn.execute_batch(
+            "CREATE TEMP TRIGGER IF NOT EXISTS outbox_opened AFTER INSERT ON main.incidents BEGIN
+                 INSERT OR REPLACE INTO outbox (incident) VALUES (NEW.id);
+             END;
+             CREATE TEMP TRIGGER IF NOT EXISTS outbox_changed AFTER UPDATE ON main.incidents
+             WHEN OLD.packets IS NOT NEW.packets OR OLD.last_seen IS NOT NEW.last_seen
+               OR OLD.distinct_destinations IS NOT NEW.distinct_destinations
+               OR OLD.blocked_until IS NOT NEW.blocked_until OR OLD.sources IS NOT NEW.sources
+               OR OLD.recovered IS NOT NEW.recovered OR OLD.reason IS NOT NEW.reason
+               OR OLD.failed_contacts IS NOT NEW.failed_contacts BEGIN
+                 INSERT OR REPLACE INTO outbox (incident) VALUES (NEW.id);
+             END;",
+        )?;
+        Ok(())
+    }
+
+    /// The oldest `limit` outbox entries: their sequence number (a fresh
+    /// one every time the incident is queued again) and the incident as it
+    /// is now (`None` once retention deleted it).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(i64, i64, Option<Incident>)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, incident FROM outbox ORDER BY seq LIMIT ?1")?;
+        let queued: Vec<(i64, i64)> = stmt
+            .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        queued
+            .into_iter()
+            .map(|(seq, id)| {
+                let incident = self.query("WHERE id = ?1", params![id])?.into_iter().next();
+                Ok((seq, id, incident))
+            })
+            .collect()
+    }
+
+    /// Removes delivered outbox entries: an entry queued again since (a
+    /// newer sequence number) stays.
+    pub fn outbox_delivered(&mut self, seqs: &[i64]) -> Result<()> {
+        self.batch(|store| {
+            let mut stmt = store.conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in seqs {
+                stmt.execute(params![seq])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Entries in the outbox.
+    pub fn outbox_depth(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// The schema version of the database (`PRAGMA user_version`).
@@ -965,6 +1039,57 @@ mod tests {
         }
         assert_eq!(store.prune(now - 90 * day).unwrap(), 2);
         assert_eq!(store.count().unwrap(), 2);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The fleet's outbox: nothing queued without a fleet; with one, an
+    /// incident opened or changed is queued once, in its newest state
+    /// (a fresh sequence number), a refresh that changes nothing queues
+    /// nothing, and delivering an older state leaves the newer entry.
+    #[test]
+    fn the_outbox_queues_each_changed_incident_once() {
+        let dir = temp_dir("outbox");
+        let mut store = Store::open(&dir).unwrap();
+        store.record(&observation(Seen::Flag, 30), HOUR).unwrap();
+        assert_eq!(store.outbox_depth().unwrap(), 0, "queued without a fleet");
+        store.enable_outbox().unwrap();
+        let mut other = observation(Seen::Flag, 5);
+        other.source = "198.18.0.77".parse().unwrap();
+        let id = store.record(&other, HOUR).unwrap().id();
+        let queued = store.outbox(10).unwrap();
+        assert_eq!(queued.len(), 1);
+        let (first_seq, queued_id, incident) = &queued[0];
+        assert_eq!((*queued_id, incident.as_ref().unwrap().packets), (id, 5));
+        // A refresh with the same figures: nothing new.
+        let mut same = other.clone();
+        same.seen = Seen::Refresh;
+        store.record(&same, HOUR).unwrap();
+        assert_eq!(store.outbox(10).unwrap()[0].0, *first_seq);
+        // More packets: queued again under a new number, still once.
+        let mut more = other.clone();
+        more.packets = 9;
+        store.record(&more, HOUR).unwrap();
+        let queued = store.outbox(10).unwrap();
+        assert_eq!(queued.len(), 1);
+        assert!(queued[0].0 > *first_seq);
+        assert_eq!(queued[0].2.as_ref().unwrap().packets, 9);
+        // The older state's delivery leaves the newer one queued.
+        store.outbox_delivered(&[*first_seq]).unwrap();
+        assert_eq!(store.outbox_depth().unwrap(), 1);
+        store.outbox_delivered(&[queued[0].0]).unwrap();
+        assert_eq!(store.outbox_depth().unwrap(), 0);
+        // The queue survives a restart; the triggers are the connection's.
+        store.record(&observation(Seen::Flag, 99), HOUR).unwrap();
+        assert_eq!(store.outbox_depth().unwrap(), 1);
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        let queued = store.outbox(10).unwrap();
+        assert_eq!(queued.len(), 1);
+        // Without enable_outbox this connection queues nothing new (the
+        // entry left is delivered with the incident as it is then).
+        store.record(&observation(Seen::Flag, 120), HOUR).unwrap();
+        assert_eq!(store.outbox(10).unwrap()[0].0, queued[0].0);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Permits for the JSON endpoints ([`MAX_HEAVY`]).
     pub heavy: Arc<tokio::sync::Semaphore>,
+    /// Where `/api/fleet/lookup/IP` asks, with a fleet.
+    pub fleet: Option<crate::config::FleetConfig>,
 }
 
 /// Time a client has to send a request's headers, from connecting or
@@ -55,6 +57,7 @@ impl AppState {
             state_dir,
             metrics,
             heavy: Arc::new(tokio::sync::Semaphore::new(MAX_HEAVY)),
+            fleet: None,
         }
     }
 }
@@ -78,6 +81,7 @@ pub fn serve(listener: std::net::TcpListener, state: AppState) -> Result<tokio::
         .route("/api/lookup/{ip}", get(api_lookup))
         .route("/api/top", get(api_top))
         .route("/api/incidents", get(api_incidents))
+        .route("/api/fleet/lookup/{ip}", get(api_fleet_lookup))
         .with_state(state);
     Ok(tokio::spawn(accept_loop(listener, app)))
 }
@@ -130,7 +134,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router) {
 }
 
 async fn index() -> &'static str {
-    "netwatch (read-only)\n  /metrics            Prometheus metrics\n  /api/status         interfaces, rules, lists, counters\n  /api/lookup/IP      incidents and tracked state of an address\n  /api/top?limit=N    busiest tracked sources\n  /api/incidents?limit=N  most recent incidents\n"
+    "netwatch (read-only)\n  /metrics            Prometheus metrics\n  /api/status         interfaces, rules, lists, counters\n  /api/lookup/IP      incidents and tracked state of an address\n  /api/top?limit=N    busiest tracked sources\n  /api/incidents?limit=N  most recent incidents\n  /api/fleet/lookup/IP  every sensor's incidents of an address (with a fleet)\n"
 }
 
 #[derive(serde::Deserialize)]
@@ -174,6 +178,24 @@ async fn api_lookup(
     let heavy = state.heavy.clone();
     json(&heavy, move || {
         crate::observe::reports::lookup_report(state.maps.still_pinned().ok(), &state.state_dir, ip)
+    })
+    .await
+}
+
+/// Every sensor's incidents of an address (404 without a fleet).
+async fn api_fleet_lookup(
+    State(state): State<AppState>,
+    axum::extract::Path(ip): axum::extract::Path<String>,
+) -> axum::response::Response {
+    let Some(fleet) = state.fleet.clone() else {
+        return (StatusCode::NOT_FOUND, "no fleet is configured ([fleet], --fleet)\n").into_response();
+    };
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return (StatusCode::BAD_REQUEST, format!("{ip:?} is not an IP address\n")).into_response();
+    };
+    let heavy = state.heavy.clone();
+    json(&heavy, move || {
+        Ok(serde_json::json!({ "ip": ip, "incidents": crate::fleet::fleet_incidents(&fleet, ip)? }))
     })
     .await
 }

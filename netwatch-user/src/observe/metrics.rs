@@ -50,6 +50,8 @@ pub struct ControllerStats {
     /// and direction: added to the kernel's flags in
     /// `netwatch_scanners_flagged_total`.
     contact_flags: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+    /// Set when a fleet is configured.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::FleetStats>>,
 }
 
 const NOT_COUNTED: u64 = u64::MAX;
@@ -72,6 +74,7 @@ impl Default for ControllerStats {
             contacts_answered: AtomicU64::new(0),
             contacts_failed: AtomicU64::new(0),
             contact_flags: Default::default(),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 }
@@ -118,6 +121,11 @@ impl ControllerStats {
     /// A write to the incident database failed.
     pub fn incident_error(&self) {
         self.incident_errors.fetch_add(1, Relaxed);
+    }
+
+    /// A fleet is configured: its metrics are reported from `fleet`.
+    pub fn set_fleet(&self, fleet: Arc<crate::fleet::FleetStats>) {
+        let _ = self.fleet.set(fleet);
     }
 }
 
@@ -507,6 +515,48 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
         contacts
             .with_label_values(&["failed"])
             .inc_by(stats.contacts_failed.load(Relaxed));
+        if let Some(fleet) = stats.fleet.get() {
+            gauge_vec(
+                registry,
+                "netwatch_fleet_connected",
+                "1 while the connection to the fleet's NATS server is up (only with [fleet]).",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .set(fleet.connected() as i64);
+            gauge_vec(
+                registry,
+                "netwatch_fleet_outbox_incidents",
+                "Incidents waiting in the outbox to be delivered to the fleet.",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .set(fleet.outbox_depth() as i64);
+            counter_vec(
+                registry,
+                "netwatch_fleet_incidents_published_total",
+                "Incident states (an incident opened or changed) the fleet's stream confirmed it holds, each counted once however often it was sent.",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.published());
+            counter_vec(
+                registry,
+                "netwatch_fleet_decisions_created_total",
+                "Fleet decisions (sources confirmed by enough sensors) this sensor created; one another sensor created first is not counted.",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.decisions_created());
+            counter_vec(
+                registry,
+                "netwatch_fleet_decisions_applied_total",
+                "Fleet decisions applied to this sensor's kernel blocks (enforce mode, rules with auto_block).",
+                &[],
+            )?
+            .with_label_values::<&str>(&[])
+            .inc_by(fleet.decisions_applied());
+        }
     }
 
     Ok(built.iter().flat_map(|c| c.collect()).collect())
