@@ -320,3 +320,63 @@ fn silent_probes_flag_fast_and_answered_queries_do_not() {
     let report = nw.wait_for_incident("198.18.0.4");
     assert_eq!(incidents(&report)[0]["reason"], "distinct-destinations", "{report:#}");
 }
+
+/// Fake failures: probes forged from an innocent address into silence
+/// flag it after 4 of them (not 20) and, with auto-block on, block it on
+/// that port; an allowlisted address (the gateway) is flagged, never
+/// blocked.
+#[test]
+fn forged_silent_probes_block_only_what_the_allowlist_does_not_hold() {
+    require_privileged!();
+    let host = Netns::new("spf");
+    let far = Netns::new("spff");
+    veth(&host, "nw-spf0", "198.18.0.5/24", &far, "nw-spff0", "198.18.0.200/24");
+    host.ip(&["addr", "add", "198.18.0.6/24", "dev", "nw-spf0"]);
+    far.local_range("198.18.3.0/24");
+    host.ip(&["route", "add", "198.18.3.0/24", "via", "198.18.0.200"]);
+    let config = netwatch_tests::ConfigFile::new(
+        "mode = \"enforce\"\ninterfaces = [\"nw-spf0\"]\negress = [\"nw-spf0\"]\nallowlist = [\"198.18.0.5/32\"]\n\n\
+         [[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\nblock_secs = 600\n",
+    );
+    let nw = Netwatch::start(&host, &pin_dir(), &["--config", config.path().to_str().unwrap()]);
+    let silent = v4("198.18.3.", 1..=5);
+    for from in ["198.18.0.5:0", "198.18.0.6:0"] {
+        query_each(
+            &host,
+            from.parse().unwrap(),
+            &silent,
+            0x0021,
+            Duration::from_millis(20),
+            Duration::from_millis(1),
+        );
+    }
+    let innocent = nw.wait_for_incident("198.18.0.6");
+    let gateway = nw.wait_for_incident("198.18.0.5");
+    let (i, g) = (&incidents(&innocent)[0], &incidents(&gateway)[0]);
+    assert_eq!(
+        (&i["reason"], &i["blocked"]),
+        (&"failed-contacts".into(), &true.into()),
+        "{innocent:#}"
+    );
+    assert_eq!(
+        (&g["reason"], &g["blocked"]),
+        (&"failed-contacts".into(), &false.into()),
+        "{gateway:#}"
+    );
+    // The block is the kernel's: the innocent address's next probe is dropped.
+    query_each(
+        &host,
+        "198.18.0.6:0".parse().unwrap(),
+        &silent[..1],
+        0x0021,
+        Duration::ZERO,
+        Duration::from_millis(1),
+    );
+    let m = nw.metrics(&host);
+    let dropped = [("rule", "udp/137"), ("direction", "outbound"), ("action", "dropped")];
+    assert_eq!(
+        sample(&m, "netwatch_packets_total", &dropped),
+        1.0,
+        "the block does not drop"
+    );
+}
