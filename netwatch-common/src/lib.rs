@@ -844,10 +844,13 @@ pub struct Contact {
     pub rule: u8,
     /// The probe's [`Direction`].
     pub direction: u8,
-    /// Non-zero once an answer from the probed address and port reached
-    /// the prober (any UDP datagram, any TCP segment: a SYN-ACK or a RST).
+    /// The first answer from the probed address and port to the prober:
+    /// 0 none yet, [`CONTACT_ANSWERED`] (any UDP datagram, a TCP segment
+    /// other than a RST) or [`CONTACT_REFUSED`] (a TCP RST).
     pub answered: u32,
 }
+pub const CONTACT_ANSWERED: u32 = 1;
+pub const CONTACT_REFUSED: u32 = 2;
 
 /// First contacts remembered at once, at most (an LRU: a flood of new
 /// contacts evicts the oldest, which the distinct-destination threshold
@@ -1005,7 +1008,10 @@ pub mod maps {
     /// First contacts of probing sources ([`super::ContactKey`] ->
     /// [`super::Contact`]).
     pub const CONTACTS: &str = "CONTACTS";
-    pub const ALL: [&str; 23] = [
+    /// Flags the controller raised for failed first contacts, indexed as
+    /// `FLAG_COUNTERS` (u64; the programs never touch it).
+    pub const CONTACT_FLAGS: &str = "CONTACT_FLAGS";
+    pub const ALL: [&str; 24] = [
         SETTINGS,
         PORT_RULES,
         RULE_INFO,
@@ -1029,6 +1035,7 @@ pub mod maps {
         EVENT_LOSSES,
         IFACE_KERNEL_NAMES,
         CONTACTS,
+        CONTACT_FLAGS,
     ];
 }
 

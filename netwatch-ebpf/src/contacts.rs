@@ -6,12 +6,15 @@
 //! controller's `detection::contacts`): answered is a success, silent a
 //! failure.
 
-use netwatch_common::{CONTACT_PORT_MASK, Contact, ContactKey, Direction, MemoTag, PORT_CONTACTS};
+use netwatch_common::{
+    CONTACT_ANSWERED, CONTACT_PORT_MASK, CONTACT_REFUSED, Contact, ContactKey, Direction, MemoTag, PORT_CONTACTS,
+    Protocol,
+};
 
 use crate::{
     maps::{CONTACTS, PORT_RULES},
     memo,
-    parse::Packet,
+    parse::{Packet, TCP_RST},
 };
 
 /// Remembers the first contact the memo's staged `tag` describes (the
@@ -37,7 +40,9 @@ pub fn remember_first_contact(tag: &MemoTag, rule: u32, dir: Direction, iface: u
 }
 
 /// If `packet` comes from the address and port of a remembered first
-/// contact, back to its prober: marks the contact answered. Only
+/// contact, back to its prober: marks the contact answered, or refused
+/// for a TCP RST (a closed port: a failure, as threshold random walk
+/// counts it), whichever came first. Only
 /// packets whose source port has a rule that records contacts look the
 /// map up.
 #[inline(always)]
@@ -55,8 +60,18 @@ pub fn observe_answer(packet: &Packet) {
         probed: tag.src,
         port: (tag.port & !0xffff | packet.src_port as u32) & CONTACT_PORT_MASK,
     };
+    let answer = if packet.protocol == Protocol::Tcp && packet.tcp_flags & TCP_RST != 0 {
+        CONTACT_REFUSED
+    } else {
+        CONTACT_ANSWERED
+    };
     if let Some(contact) = CONTACTS.get_ptr_mut(key) {
-        // SAFETY: a map value; a plain store (two CPUs storing 1 agree).
-        unsafe { (*contact).answered = 1 };
+        // SAFETY: a map value; two CPUs racing store answers of the same
+        // contact, either is right.
+        unsafe {
+            if (*contact).answered == 0 {
+                (*contact).answered = answer;
+            }
+        }
     }
 }

@@ -102,6 +102,12 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 #[map]
 pub static AUTO_BLOCKS: HashMap<SourceKey, u32> = HashMap::with_max_entries(MAX_AUTO_BLOCKS, 0);
 
+/// Sources the controller flagged for failed first contacts, indexed like
+/// `FLAG_COUNTERS`; written by the controller only (pinned, so the counts
+/// survive its restarts), never read here.
+#[map]
+pub static CONTACT_FLAGS: Array<u64> = Array::with_max_entries(FLAG_COUNTER_ENTRIES, 0);
+
 /// First contacts of probing sources and whether they were answered
 /// (see `contacts`). LRU: a flood of new contacts evicts the oldest.
 #[map]

@@ -483,10 +483,11 @@ fn ports(frame: Frame, t: Transport) -> Parsed {
 fn nbns_response(frame: Frame, t: &Transport, ports: Ports) -> bool {
     let at = t.offset + NBNS_FLAGS_OFFSET;
     // A header beyond the readable part (a TC skb's unpulled tail): the
-    // mask below is then what decides.
+    // high byte of the destination port stands in, 0 for port 137 (the
+    // only port whose rule reads the bit), so such a datagram is a query.
     let flags = match frame.bytes::<2>(at) {
         Some(flags) => flags[0],
-        None => ports.src[0],
+        None => ports.dst[0],
     };
     // 1 when the IP packet holds the flags word (at + 2 <= ip_end), by
     // the sign of the difference rather than a comparison.

@@ -14,7 +14,7 @@ use netwatch_common::{
 
 use crate::{
     contacts::remember_first_contact,
-    helpers::{coarse_monotonic_secs, increment, source_key_and_destination_hash},
+    helpers::{coarse_monotonic_secs, increment, source_addr16, source_key_and_destination_hash},
     maps::{AUTO_BLOCKS, EVENT_BUDGET, EVENT_LOSSES, EVENTS, FLAG_COUNTERS, FLOOD_CACHE, SOURCES, STATS},
     parse::Addrs,
 };
@@ -290,6 +290,15 @@ fn record_packet(
         blocked: blocked_until != 0,
         memoised: true,
     }
+}
+
+/// Whether the source in `addrs` is auto-blocked on `rule` going `dir`
+/// (its probes' block: the key of a scan).
+#[inline(always)]
+pub fn source_auto_blocked(addrs: &Addrs, rule: &PortRule, dir: Direction) -> bool {
+    let mut key = SourceKey::new(rule.slot() as u8, dir, Classification::Scan);
+    (key.addr, key.family) = source_addr16(addrs);
+    block_in_force(&key, coarse_monotonic_secs()) != 0
 }
 
 /// When `key`'s auto-block ends, or 0 when none is in force. An expired

@@ -16,7 +16,7 @@ use crate::{
     maps::{CLASS_COUNTERS, PORT_RULES, REVERSE_COUNTERS, RULE_COUNTERS, SETTINGS},
     memo,
     parse::{Addrs, parse},
-    track::track_source,
+    track::{source_auto_blocked, track_source},
 };
 
 /// Classifies the packet readable in `[start, end)`, `len` bytes long,
@@ -85,10 +85,15 @@ pub fn should_drop(start: usize, end: usize, len: usize, iface: u32, dir: Direct
     // counted and judged by the lists and the rule's action, never
     // tracked nor memoised; it may answer a first contact of the host it
     // goes to. A path of its own that ends here, so the tracker's paths
-    // stay as they were.
-    if rule.flags & PORT_NBNS != 0 && packet.nbns_response {
+    // stay as they were. A response to port 137 comes from port 137
+    // (RFC 1002 4.2.1); an auto-blocked source's responses are dropped
+    // like its probes (a flood of forged responses, as BadTunnel sends,
+    // is no way past a block).
+    if rule.flags & PORT_NBNS != 0 && packet.nbns_response && packet.src_port == packet.dst_port {
         contacts::observe_answer(&packet);
-        let drop = enforce && !allowlisted && (action == Action::Drop || blocklisted);
+        let auto_blocked =
+            enforce && !allowlisted && rule.block_secs != 0 && source_auto_blocked(&packet.addrs, rule, dir);
+        let drop = enforce && !allowlisted && (action == Action::Drop || blocklisted || auto_blocked);
         count_matched(iface, dir, rule.slot(), drop, false, bytes);
         return drop;
     }

@@ -142,12 +142,20 @@ impl Rule {
         if port == 0 {
             bail!("{}/0: port must be 1-65535", protocol.label());
         }
+        let mut detection = Detection::default();
+        // A one-way UDP service (udp/138 mailslots, syslog) never
+        // answers: its every first contact would look failed. Reply-aware
+        // flagging is on by default where answers are the protocol's:
+        // NBNS (udp/137) and TCP.
+        if protocol == Protocol::Udp && port != 137 {
+            detection.failed_contacts = 0;
+        }
         Ok(Rule {
             protocol,
             port,
             inbound,
             outbound,
-            detection: Detection::default(),
+            detection,
         })
     }
     pub fn label(&self) -> String {

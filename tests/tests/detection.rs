@@ -957,6 +957,20 @@ fn nbns_responses_are_traffic_not_probes() {
     let mut rules: Vec<String> = h.tracked(IpAddr::from(server)).into_iter().map(|t| t.rule).collect();
     rules.sort();
     assert_eq!(rules, ["udp/137", "udp/138"]);
+    // A "response" to port 137 from another port is no NBNS response: a
+    // probe, counted towards its source's destinations.
+    let other = [198, 18, 0, 54];
+    for i in 0..20 {
+        h.run(
+            Hook::TcEgress,
+            &Frame::udp4(other, target(i), 40000, 137).fill(0x85).build(),
+        );
+    }
+    assert_eq!(
+        h.events().len(),
+        1,
+        "R-bit probes from an ephemeral port dodged the threshold"
+    );
 }
 
 /// A probe's first contact is remembered with its destination address
@@ -968,10 +982,27 @@ fn answers_mark_first_contacts() {
     require_privileged!();
     use netwatch_common::{Contact, ContactKey};
     let host = [198, 18, 0, 7];
-    let h = Harness::new(&Policy::new(Mode::Monitor, vec![rule("udp/137", 20, 300, None)]));
+    let h = Harness::new(&Policy::new(
+        Mode::Monitor,
+        vec![rule("udp/137", 20, 300, None), rule("tcp/5190", 20, 300, None)],
+    ));
     for i in 0..3 {
         h.run(Hook::TcEgress, &Frame::udp4(host, target(i), 40000, 137).build());
     }
+    // TCP: a SYN-ACK answers, a RST refuses (a closed port: a failure).
+    for i in 3..5 {
+        h.run(Hook::TcEgress, &Frame::tcp4(host, target(i), 40001, 5190).build());
+    }
+    h.run(
+        Hook::Xdp(Inbound),
+        &Frame::tcp4(target(3), host, 5190, 40001).tcp_seg(SYN_ACK, 7, 2).build(),
+    );
+    h.run(
+        Hook::Xdp(Inbound),
+        &Frame::tcp4(target(4), host, 5190, 40001)
+            .tcp_seg(RST | ACK, 0, 2)
+            .build(),
+    );
     // Answers: target 0 from port 137 (the probed port); target 1 from
     // port 138; target 2 to another host.
     h.run(
@@ -991,5 +1022,14 @@ fn answers_mark_first_contacts() {
         .map(|(k, c)| (k.probed[0].to_ne_bytes(), (k.port & 0xffff) as u16, c.answered))
         .collect();
     seen.sort();
-    assert_eq!(seen, [(target(0), 137, 1), (target(1), 137, 0), (target(2), 137, 0)]);
+    assert_eq!(
+        seen,
+        [
+            (target(0), 137, 1),
+            (target(1), 137, 0),
+            (target(2), 137, 0),
+            (target(3), 5190, 1),
+            (target(4), 5190, 2)
+        ]
+    );
 }

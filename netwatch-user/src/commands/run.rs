@@ -390,13 +390,9 @@ async fn serve_until_signal(
                 match contacts.judge(maps, &current.policy) {
                     Ok(flags) => {
                         for flag in &flags {
-                            match detector.on_contact_flag(flag) {
-                                Ok(Some((rule, direction))) => stats.contact_flagged(rule, direction),
-                                Ok(None) => {}
-                                Err(err) => {
-                                    stats.incident_error();
-                                    error!("recording an incident failed: {err:#}");
-                                }
+                            if let Err(err) = detector.on_contact_flag(flag) {
+                                stats.incident_error();
+                                error!("recording an incident failed: {err:#}");
                             }
                         }
                         stats.contacts_judged(contacts.answered, contacts.failed);

@@ -457,6 +457,10 @@ fn purge_rule_slot(maps: &PinnedMaps, slot: u32) -> Result<()> {
             0,
         )?;
     }
+    let mut contact_flags = maps.array::<u64>(maps::CONTACT_FLAGS)?;
+    for dir in Direction::ALL {
+        contact_flags.set(flag_counter_index(slot, dir), 0, 0)?;
+    }
     let mut stale: Vec<SourceKey> = Vec::new();
     crate::detection::sources::for_each(maps, |key, _| {
         if key.rule as u32 == slot {

@@ -18,7 +18,8 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_XDP, Classification, Contact, ContactKey, Direction, Mode, SourceKey, maps,
+    ATTACHED_TC, ATTACHED_XDP, CONTACT_ANSWERED, Classification, Contact, ContactKey, Direction, MAX_CONTACTS, Mode,
+    SourceKey, maps,
 };
 
 use crate::{
@@ -49,8 +50,9 @@ struct Walk {
     failed: u32,
     answered: u32,
     /// Failures minus answers, never below minus the rule's threshold
-    /// (the walk's benign bound: a host whose contacts succeed is not
-    /// given a credit it could later spend on a sweep).
+    /// (the walk's benign bound: a host whose contacts succeed earns at
+    /// most that much credit, so after many answers a sweep is flagged
+    /// within twice the threshold's failures).
     score: i32,
     started: u32,
     flagged: bool,
@@ -93,20 +95,31 @@ impl Contacts {
             .filter(|(_, info)| info.attached & (ATTACHED_XDP | ATTACHED_TC) == ATTACHED_XDP | ATTACHED_TC)
             .map(|(slot, _)| slot)
             .collect();
-        let mut due = Vec::new();
-        for entry in self.map.iter() {
+        let mut due = HashMap::new();
+        // At most the map's size: a walk restarted by an eviction (the
+        // kernel starts over when the key it continues from is gone)
+        // neither judges a contact twice nor runs on.
+        for entry in self.map.iter().take(MAX_CONTACTS as usize) {
             // An entry evicted or deleted during the walk ends it early;
             // the rest is judged next time.
             let Ok((key, contact)) = entry else { break };
             match rules.get(&contact.rule) {
-                Some(terms) if now.wrapping_sub(contact.since) < terms.contact_secs => {}
-                _ => due.push((key, contact)),
+                // Whole seconds on both sides: strictly more than
+                // `contact_secs` of them waits at least `contact_secs`.
+                Some(terms) if now.wrapping_sub(contact.since) <= terms.contact_secs => {}
+                _ => {
+                    due.insert(key, contact);
+                }
             }
         }
         let mut flags = Vec::new();
         let mut allowlist = None;
         for (key, contact) in due {
-            let _ = self.map.remove(&key);
+            // Judged once: by whoever deletes it (the kernel's LRU may
+            // have evicted it meanwhile).
+            if self.map.remove(&key).is_err() {
+                continue;
+            }
             let Some(terms) = rules.get(&contact.rule) else {
                 continue;
             };
@@ -130,7 +143,7 @@ impl Contacts {
                 };
             }
             let bound = terms.failed_contacts as i32;
-            if contact.answered != 0 {
+            if contact.answered == CONTACT_ANSWERED {
                 self.answered += 1;
                 walk.answered += 1;
                 walk.score = (walk.score - 1).max(-bound);

@@ -12,7 +12,10 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::{error, info, warn};
-use netwatch_common::{Direction, FlagEvent, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct};
+use netwatch_common::{
+    Direction, FlagEvent, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, flag_counter_index,
+    maps,
+};
 
 use crate::{
     clock::boot_secs,
@@ -199,14 +202,13 @@ impl Detector {
     /// mode, on a rule with auto-block on, it is blocked as a flag in the
     /// kernel would block it. A source the kernel has flagged in this
     /// window already (on distinct destinations) has its incident.
-    /// Returns the flag's rule and direction if it was recorded.
-    pub fn on_contact_flag(&mut self, flag: &ContactFlag) -> Result<Option<(String, &'static str)>> {
+    pub fn on_contact_flag(&mut self, flag: &ContactFlag) -> Result<()> {
         let Ok(mut state) = self.sources.get(&flag.key, 0) else {
             // Evicted meanwhile: nothing to show for it.
-            return Ok(None);
+            return Ok(());
         };
         if state.flags & SOURCE_FLAGGED != 0 {
-            return Ok(None);
+            return Ok(());
         }
         if self.names.rule_slots().all(|s| s != flag.key.rule) {
             self.names = Names::read(&self.maps)?;
@@ -228,9 +230,14 @@ impl Detector {
         if !self.is_summarised(&flag.key) {
             self.follow(flag.key);
         }
-        let labels = (obs.rule.clone(), flag.key.direction().label());
         self.writer.send(Op::Flag(flag.key, Box::new(obs)))?;
-        Ok(Some(labels))
+        // Counted beside the kernel's flags (netwatch_scanners_flagged_total),
+        // in a pinned map only the controller writes.
+        let mut counts = self.maps.array::<u64>(maps::CONTACT_FLAGS)?;
+        let index = flag_counter_index(flag.key.rule as u32, flag.key.direction());
+        let n = counts.get(&index, 0).unwrap_or(0);
+        counts.set(index, n + 1, 0)?;
+        Ok(())
     }
 
     /// Waits until everything sent so far is written.

@@ -46,10 +46,6 @@ pub struct ControllerStats {
     /// First contacts judged: answered, failed (see `detection::contacts`).
     contacts_answered: AtomicU64,
     contacts_failed: AtomicU64,
-    /// Sources the controller flagged for failed first contacts, by rule
-    /// and direction: added to the kernel's flags in
-    /// `netwatch_scanners_flagged_total`.
-    contact_flags: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     /// Set when a fleet is configured.
     fleet: std::sync::OnceLock<Arc<crate::fleet::FleetStats>>,
 }
@@ -73,7 +69,6 @@ impl Default for ControllerStats {
             incident_errors: AtomicU64::new(0),
             contacts_answered: AtomicU64::new(0),
             contacts_failed: AtomicU64::new(0),
-            contact_flags: Default::default(),
             fleet: std::sync::OnceLock::new(),
         }
     }
@@ -108,14 +103,6 @@ impl ControllerStats {
     pub fn contacts_judged(&self, answered: u64, failed: u64) {
         self.contacts_answered.store(answered, Relaxed);
         self.contacts_failed.store(failed, Relaxed);
-    }
-
-    /// The controller flagged a source on `rule` going `direction` for its
-    /// failed first contacts.
-    pub fn contact_flagged(&self, rule: String, direction: &'static str) {
-        if let Ok(mut flags) = self.contact_flags.lock() {
-            *flags.entry((rule, direction)).or_default() += 1;
-        }
     }
 
     /// A write to the incident database failed.
@@ -309,11 +296,7 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
             .with_label_values(&[f.rule.as_str(), f.direction])
             .inc_by(f.flagged);
     }
-    if let Some(flags) = controller.and_then(|stats| stats.contact_flags.lock().ok()) {
-        for ((rule, direction), n) in flags.iter() {
-            flagged.with_label_values(&[rule.as_str(), direction]).inc_by(*n);
-        }
-    }
+
     let reverse = counter_vec(
         registry,
         "netwatch_reverse_lookups_total",

@@ -244,10 +244,15 @@ impl Snapshot {
         let losses = maps.per_cpu_array::<u64>(maps::EVENT_LOSSES)?;
         let loss = |index| -> Result<u64> { Ok(losses.get(&index, 0)?.iter().sum()) };
         let flag_map = maps.per_cpu_array::<u64>(maps::FLAG_COUNTERS)?;
+        // The controller's flags for failed first contacts beside the
+        // kernel's (pins made before it have no such map).
+        let contact_flags = maps.array::<u64>(maps::CONTACT_FLAGS).ok();
         let mut flagged = Vec::new();
         for rule in &rules {
             for dir in Direction::ALL {
-                let n: u64 = flag_map.get(&flag_counter_index(rule.slot, dir), 0)?.iter().sum();
+                let index = flag_counter_index(rule.slot, dir);
+                let kernel: u64 = flag_map.get(&index, 0)?.iter().sum();
+                let n = kernel + contact_flags.as_ref().map_or(0, |m| m.get(&index, 0).unwrap_or(0));
                 flagged.push(FlagCount {
                     rule: rule.rule.clone(),
                     direction: dir.label(),
