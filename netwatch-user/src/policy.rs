@@ -77,7 +77,7 @@ pub const MAX_BLOCK_SECS: u32 = 7 * 86_400;
 pub const DEFAULT_FAILED_CONTACTS: u32 = 4;
 /// A LAN or Internet name server answers within tens of milliseconds,
 /// a Windows host's NetBIOS stack within one; two seconds leaves room
-/// for a busy one and still flags a silent sweep within 3 s of its
+/// for a busy one and still flags a silent sweep within 3.5 s of its
 /// fourth probe (the controller judges every half second).
 pub const DEFAULT_CONTACT_SECS: u32 = 2;
 pub const MAX_CONTACT_SECS: u32 = 60;
