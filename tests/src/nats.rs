@@ -199,7 +199,7 @@ pub fn stream_messages_as(ns: &Netns, url: &str, stream: &str, seed: Option<&str
             };
             let total = stream.info().await.expect("stream info").state.messages as usize;
             // A cluster that just lost a node elects leaders again first.
-            let deadline = Instant::now() + crate::patience(Duration::from_secs(20));
+            let deadline = Instant::now() + crate::patience(Duration::from_secs(60));
             let consumer = loop {
                 match stream
                     .create_consumer(pull::Config {
