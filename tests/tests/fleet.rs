@@ -925,7 +925,7 @@ fn a_thousand_decisions_are_applied() {
     let nats = NatsServer::start_in(&lab.victim);
     let config = ConfigFile::new(format!(
         "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\nauto_block = true\n\
-         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\n",
+         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\ndecisions_max = 1000\n",
         nats.url()
     ));
     let nw = Netwatch::start(
@@ -978,5 +978,136 @@ fn a_thousand_decisions_are_applied() {
         sample(&exposition, "netwatch_sources_blocked", &[]),
         DECISIONS as f64,
         "in the kernel's map"
+    );
+}
+
+/// The safeguards of a sensor's own: a source on the fleet allowlist is
+/// never decided on (A and B flag it and the scanner; only the scanner's
+/// decision is made, by B), a decision on a UDP rule ends after
+/// `udp_decision_secs`; at C (enforce), a decision for a fleet-allowlisted
+/// source is not applied and at most `decisions_max` are in force, each
+/// in a /24 of its own: the scanner's probe is dropped, the allowlisted
+/// source's passes.
+#[test]
+fn the_fleet_allowlist_udp_evidence_and_the_total_cap() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    let safeguards = format!("udp_decision_secs = 120\nallowlist = [\"{SECOND_SCANNER}/32\"]\n");
+    for sensor in ["edge-a", "edge-b"] {
+        let config = ConfigFile::new(format!("[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{safeguards}"));
+        let nw = Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--config", config.arg(), "--iface", VICTIM_IF],
+        );
+        assert!(lab.nbtscan(TARGET_RANGE).status.success());
+        nw.wait_for_incident(SCANNER_IP);
+        sweep_from(&lab, SECOND_SCANNER, 30);
+        nw.wait_for_incident(SECOND_SCANNER);
+        wait_until(
+            "delivery",
+            Duration::from_secs(10),
+            || nw.log(),
+            || {
+                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
+                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
+            },
+        );
+        if sensor == "edge-b" {
+            wait_until(
+                "the decision",
+                Duration::from_secs(10),
+                || nw.log(),
+                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(1.0),
+            );
+        }
+    }
+    let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["source"], SCANNER_IP);
+    let until = humantime::parse_rfc3339(decisions[0]["until"].as_str().unwrap()).unwrap();
+    let left = until.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        left <= Duration::from_secs(120) && left > Duration::from_secs(60),
+        "a UDP decision ends in {left:?}"
+    );
+
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
+         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\ndecisions_max = 2\n{safeguards}"
+    ));
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.arg(), "--iface", VICTIM_IF],
+    );
+    wait_until(
+        "the scanner's decision applied",
+        Duration::from_secs(10),
+        || nw.log(),
+        || counter(&nw, "netwatch_fleet_decisions_applied_total") == Some(1.0),
+    );
+    // As the sensors that confirmed them would: one for the allowlisted
+    // source, two more in /24s of their own, of which one is over the cap.
+    let decision = |source: &str| {
+        (
+            format!("netwatch.decisions.{}.udp-137.inbound", source.replace('.', "-")),
+            serde_json::json!({
+                "source": source, "rule": "udp/137", "direction": "inbound",
+                "sensors": ["edge-a", "edge-b"], "confirmed_at": "2026-12-08T00:00:00Z",
+                "until": "2099-01-01T00:00:00Z",
+            }),
+        )
+    };
+    publish_all(
+        &lab.victim,
+        &url,
+        vec![
+            decision(SECOND_SCANNER),
+            decision("198.18.10.1"),
+            decision("198.18.11.1"),
+        ],
+    );
+    wait_until(
+        "the decisions handled",
+        Duration::from_secs(10),
+        || nw.log(),
+        || nw.log().contains("decisions_max"),
+    );
+    let log = nw.log();
+    assert!(
+        log.contains(&format!(
+            "decision for {SECOND_SCANNER} on udp/137 not applied: the source is on the fleet allowlist"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "decision for 198.18.11.1 on udp/137 not applied: 2 decisions in force here already (decisions_max)"
+        ),
+        "{log}"
+    );
+    let exposition = nw.metrics(&lab.victim);
+    assert_eq!(sample(&exposition, "netwatch_fleet_decisions_applied_total", &[]), 2.0);
+    assert_eq!(
+        sample(&exposition, "netwatch_sources_blocked", &[]),
+        2.0,
+        "in the kernel's map"
+    );
+    let listener = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, &format!("{VICTIM_IP}:137"), 1), 1);
+    assert_eq!(
+        send_udp_from(&lab.scanner, SECOND_SCANNER, &format!("{VICTIM_IP}:137"), 1),
+        1
+    );
+    assert_eq!(
+        count_received(&listener),
+        1,
+        "only the allowlisted source's probe passes"
     );
 }
