@@ -51,6 +51,27 @@ pub struct Decision {
     pub until: String,
 }
 
+/// A decision lifted by `netwatch unblock`: it replaces the decision in
+/// the stream (one message per subject), so every sensor lifts the block
+/// it applied and none applies the decision again when it starts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lift {
+    pub source: IpAddr,
+    pub rule: String,
+    pub direction: String,
+    pub lifted_at: String,
+    /// The sensor where `unblock` ran.
+    pub lifted_by: String,
+}
+
+/// What the decisions stream holds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DecisionMessage {
+    Decision(Decision),
+    Lift(Lift),
+}
+
 fn decision_subject(source: IpAddr, rule: &str, direction: &str) -> String {
     format!(
         "{DECISIONS_PREFIX}.{}.{}.{direction}",
@@ -321,15 +342,24 @@ pub async fn apply(
     let mut applied = Applied::default();
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
-        let Ok(decision) = serde_json::from_slice::<Decision>(&message.payload) else {
-            warn!("fleet: skipping a message on {} that is no decision", message.subject);
-            continue;
-        };
-        if let Err(err) = apply_one(&decision, confirmation, maps, &mut applied, stats) {
-            warn!(
-                "fleet: decision for {} on {} not applied: {err:#}",
-                decision.source, decision.rule
-            );
+        match serde_json::from_slice::<DecisionMessage>(&message.payload) {
+            Ok(DecisionMessage::Decision(decision)) => {
+                if let Err(err) = apply_one(&decision, confirmation, maps, &mut applied, stats) {
+                    warn!(
+                        "fleet: decision for {} on {} not applied: {err:#}",
+                        decision.source, decision.rule
+                    );
+                }
+            }
+            Ok(DecisionMessage::Lift(lift)) => {
+                if let Err(err) = lift_one(&lift, maps, &mut applied) {
+                    warn!(
+                        "fleet: lifting the decision for {} on {}: {err:#}",
+                        lift.source, lift.rule
+                    );
+                }
+            }
+            Err(_) => warn!("fleet: skipping a message on {} that is no decision", message.subject),
         }
     }
     anyhow::bail!("the decisions stream ended")
@@ -433,6 +463,65 @@ fn block_key(
         key_for(source, slot as u8, direction, Classification::Scan),
         info.block_secs != 0,
     ))
+}
+
+/// A lift of a decision this sensor applied (since it started) takes its
+/// block out of the kernel's map; any other is a decision lifted before.
+fn lift_one(lift: &Lift, maps: &PinnedMaps, applied: &mut Applied) -> Result<()> {
+    let followed = (lift.source, lift.rule.clone(), lift.direction.clone());
+    if applied.0.remove(&followed).is_none() {
+        return Ok(());
+    }
+    let (key, _) = block_key(maps, lift.source, &lift.rule, &lift.direction)?;
+    let _ = blocks_map(maps)?.remove(&key);
+    info!(
+        "fleet: lifted the decision blocking {} on {} {} (netwatch unblock at {}, {})",
+        lift.source, lift.rule, lift.direction, lift.lifted_by, lift.lifted_at
+    );
+    Ok(())
+}
+
+/// `netwatch unblock CIDR` with a fleet: every decision in force for a
+/// source inside `net` is replaced by a lift (its message id made from
+/// the decision, so sensors lifting it at once store one). Returns how
+/// many decisions it lifted.
+pub fn lift_decisions(fleet: &crate::config::FleetConfig, net: ipnet::IpNet) -> Result<usize> {
+    super::query::within_time(fleet, async {
+        let client = super::connect(&fleet.url, fleet.credentials.as_deref(), "netwatch-unblock", true).await?;
+        let js = jetstream::new(client);
+        let messages =
+            super::query::newest_messages(&js, &fleet.url, DECISIONS_STREAM, format!("{DECISIONS_PREFIX}.>")).await?;
+        let now = SystemTime::now();
+        let mut lifted = 0;
+        for (subject, message) in messages {
+            let Ok(DecisionMessage::Decision(decision)) = serde_json::from_value::<DecisionMessage>(message) else {
+                continue;
+            };
+            let in_force = humantime::parse_rfc3339(&decision.until).is_ok_and(|until| until > now);
+            if !in_force || !net.contains(&decision.source) {
+                continue;
+            }
+            let lift = Lift {
+                source: decision.source,
+                rule: decision.rule.clone(),
+                direction: decision.direction.clone(),
+                lifted_at: rfc3339(now),
+                lifted_by: fleet.sensor.clone(),
+            };
+            js.send_publish(
+                subject.clone(),
+                PublishMessage::build()
+                    .payload(serde_json::to_vec(&lift)?.into())
+                    .message_id(format!("lift.{subject}.{}", decision.confirmed_at)),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a lift: {e}"))?
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a lift: {e}"))?;
+            lifted += 1;
+        }
+        Ok(lifted)
+    })
 }
 
 /// Runs `task` again a second after each failure, for ever.
