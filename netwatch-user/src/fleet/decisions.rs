@@ -325,6 +325,7 @@ pub async fn apply(
     replicas: usize,
     maps: &PinnedMaps,
     stats: &Arc<FleetStats>,
+    applied: &std::sync::Mutex<Applied>,
 ) -> Result<()> {
     let decisions = decisions_stream(js, confirmation, replicas).await?;
     let consumer = decisions
@@ -339,9 +340,9 @@ pub async fn apply(
         .messages()
         .await
         .map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
-    let mut applied = Applied::default();
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
+        let mut applied = applied.lock().unwrap_or_else(|e| e.into_inner());
         match serde_json::from_slice::<DecisionMessage>(&message.payload) {
             Ok(DecisionMessage::Decision(decision)) => {
                 if let Err(err) = apply_one(&decision, confirmation, maps, &mut applied, stats) {
@@ -366,9 +367,10 @@ pub async fn apply(
 }
 
 /// The decisions this sensor applied, with their ends: what the caps
-/// (`decisions_per_prefix`, `decisions_max`) count.
+/// (`decisions_per_prefix`, `decisions_max`) count and lifts take out.
+/// Kept across reconnections, so a lift met after one still finds them.
 #[derive(Default)]
-struct Applied(HashMap<Followed, SystemTime>);
+pub struct Applied(HashMap<Followed, SystemTime>);
 
 impl Applied {
     /// Room for `decision` under the caps (one in force already is
