@@ -173,6 +173,13 @@ pub struct FleetEntry {
     pub apply_decisions: Option<bool>,
     /// Decisions applied per /24 (IPv4) or /64 (IPv6) at most.
     pub decisions_per_prefix: Option<i64>,
+    /// Decisions applied at once at most, in all.
+    pub decisions_max: Option<i64>,
+    /// How long a fleet decision on a UDP rule blocks (shorter: UDP
+    /// sources are easily spoofed).
+    pub udp_decision_secs: Option<i64>,
+    /// Sources (CIDRs) the fleet never decides on.
+    pub allowlist: Option<Vec<String>>,
     /// Copies of the fleet's streams a JetStream cluster keeps.
     pub stream_replicas: Option<i64>,
     /// A command (argv, no shell) that reads a report about every source
@@ -191,6 +198,12 @@ pub struct Confirmation {
     pub block: std::time::Duration,
     pub apply: bool,
     pub per_prefix: u32,
+    /// Decisions applied at once at most (`decisions_max`).
+    pub max_applied: u32,
+    /// The block of a decision on a UDP rule (`udp_decision_secs`).
+    pub udp_block: std::time::Duration,
+    /// `fleet.allowlist`: no decision made or applied for these.
+    pub allowlist: Vec<ipnet::IpNet>,
 }
 
 impl Default for Confirmation {
@@ -201,6 +214,9 @@ impl Default for Confirmation {
             block: std::time::Duration::from_secs(3600),
             apply: true,
             per_prefix: 16,
+            max_applied: 512,
+            udp_block: std::time::Duration::from_secs(900),
+            allowlist: Vec::new(),
         }
     }
 }
@@ -239,8 +255,39 @@ impl Confirmation {
             1..=256,
             c.per_prefix as u64,
         )? as u32;
+        c.max_applied = ranged("decisions_max", e.decisions_max, 1..=1024, c.max_applied as u64)? as u32;
+        let udp_default = c.udp_block.min(c.block).as_secs();
+        c.udp_block = std::time::Duration::from_secs(ranged(
+            "udp_decision_secs",
+            e.udp_decision_secs,
+            60..=c.block.as_secs() as i64,
+            udp_default,
+        )?);
+        c.allowlist = e
+            .allowlist
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, s)| parse_cidr(s).with_context(|| format!("fleet.allowlist[{i}]")))
+            .collect::<Result<_>>()?;
         c.apply = e.apply_decisions.unwrap_or(true);
         Ok(c)
+    }
+}
+
+impl Confirmation {
+    pub fn allowlisted(&self, source: std::net::IpAddr) -> bool {
+        self.allowlist.iter().any(|net| net.contains(&source))
+    }
+
+    /// How long a decision on `rule` ("udp/137") blocks: UDP evidence,
+    /// easily spoofed, for `udp_decision_secs`.
+    pub fn block_for(&self, rule: &str) -> std::time::Duration {
+        if rule.starts_with("udp/") {
+            self.udp_block
+        } else {
+            self.block
+        }
     }
 }
 

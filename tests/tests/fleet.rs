@@ -925,7 +925,7 @@ fn a_thousand_decisions_are_applied() {
     let nats = NatsServer::start_in(&lab.victim);
     let config = ConfigFile::new(format!(
         "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\nauto_block = true\n\
-         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\n",
+         [fleet]\nurl = \"{}\"\nsensor = \"edge-c\"\ndecisions_max = 1000\n",
         nats.url()
     ));
     let nw = Netwatch::start(
@@ -979,4 +979,273 @@ fn a_thousand_decisions_are_applied() {
         DECISIONS as f64,
         "in the kernel's map"
     );
+}
+
+/// The safeguards of a sensor's own: a source on the fleet allowlist is
+/// never decided on (A and B flag it and the scanner; only the scanner's
+/// decision is made, by B), a decision on a UDP rule ends after
+/// `udp_decision_secs`; at C (enforce), a decision for a fleet-allowlisted
+/// source is not applied and at most `decisions_max` are in force, each
+/// in a /24 of its own: the scanner's probe is dropped, the allowlisted
+/// source's passes.
+#[test]
+fn the_fleet_allowlist_udp_evidence_and_the_total_cap() {
+    require_privileged!();
+    let lab = Lab::new();
+    lab.scanner
+        .ip(&["addr", "add", &format!("{SECOND_SCANNER}/24"), "dev", SCANNER_IF]);
+    let nats = NatsServer::start_in(&lab.victim);
+    let url = nats.url();
+    let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    let safeguards = format!("udp_decision_secs = 120\nallowlist = [\"{SECOND_SCANNER}/32\"]\n");
+    for sensor in ["edge-a", "edge-b"] {
+        let config = ConfigFile::new(format!("[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{safeguards}"));
+        let nw = Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--config", config.arg(), "--iface", VICTIM_IF],
+        );
+        assert!(lab.nbtscan(TARGET_RANGE).status.success());
+        nw.wait_for_incident(SCANNER_IP);
+        sweep_from(&lab, SECOND_SCANNER, 30);
+        nw.wait_for_incident(SECOND_SCANNER);
+        wait_until(
+            "delivery",
+            Duration::from_secs(10),
+            || nw.log(),
+            || {
+                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
+                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
+            },
+        );
+        if sensor == "edge-b" {
+            wait_until(
+                "the decision",
+                Duration::from_secs(10),
+                || nw.log(),
+                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(1.0),
+            );
+        }
+    }
+    let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["source"], SCANNER_IP);
+    let until = humantime::parse_rfc3339(decisions[0]["until"].as_str().unwrap()).unwrap();
+    let left = until.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(
+        left <= Duration::from_secs(120) && left > Duration::from_secs(60),
+        "a UDP decision ends in {left:?}"
+    );
+
+    let config = ConfigFile::new(format!(
+        "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
+         [fleet]\nurl = \"{url}\"\nsensor = \"edge-c\"\ndecisions_max = 2\n{safeguards}"
+    ));
+    let nw = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", config.arg(), "--iface", VICTIM_IF],
+    );
+    wait_until(
+        "the scanner's decision applied",
+        Duration::from_secs(10),
+        || nw.log(),
+        || counter(&nw, "netwatch_fleet_decisions_applied_total") == Some(1.0),
+    );
+    // As the sensors that confirmed them would: one for the allowlisted
+    // source, two more in /24s of their own, of which one is over the cap.
+    let decision = |source: &str| {
+        (
+            format!("netwatch.decisions.{}.udp-137.inbound", source.replace('.', "-")),
+            serde_json::json!({
+                "source": source, "rule": "udp/137", "direction": "inbound",
+                "sensors": ["edge-a", "edge-b"], "confirmed_at": "2026-12-08T00:00:00Z",
+                "until": "2099-01-01T00:00:00Z",
+            }),
+        )
+    };
+    publish_all(
+        &lab.victim,
+        &url,
+        vec![
+            decision(SECOND_SCANNER),
+            decision("198.18.10.1"),
+            decision("198.18.11.1"),
+        ],
+    );
+    wait_until(
+        "the decisions handled",
+        Duration::from_secs(10),
+        || nw.log(),
+        || nw.log().contains("decisions_max"),
+    );
+    let log = nw.log();
+    assert!(
+        log.contains(&format!(
+            "decision for {SECOND_SCANNER} on udp/137 not applied: the source is on the fleet allowlist"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "decision for 198.18.11.1 on udp/137 not applied: 2 decisions in force here already (decisions_max)"
+        ),
+        "{log}"
+    );
+    let exposition = nw.metrics(&lab.victim);
+    assert_eq!(sample(&exposition, "netwatch_fleet_decisions_applied_total", &[]), 2.0);
+    assert_eq!(
+        sample(&exposition, "netwatch_sources_blocked", &[]),
+        2.0,
+        "in the kernel's map"
+    );
+    let listener = udp_listener(&lab.victim, 137);
+    assert_eq!(send_udp(&lab.scanner, &format!("{VICTIM_IP}:137"), 1), 1);
+    assert_eq!(
+        send_udp_from(&lab.scanner, SECOND_SCANNER, &format!("{VICTIM_IP}:137"), 1),
+        1
+    );
+    assert_eq!(
+        count_received(&listener),
+        1,
+        "only the allowlisted source's probe passes"
+    );
+}
+
+/// `netwatch unblock` of a fleet-decided source lifts it at every sensor:
+/// C and D (enforce; D in a namespace of its own reaching the server over
+/// a veth) apply a decision for the scanner; `unblock` at D lifts it
+/// there and, through the decisions stream (the lift replaces the
+/// decision), at C, where the scanner's probe passes again; a second
+/// `unblock` finds nothing left to lift; C restarted does not apply the
+/// decision again.
+#[test]
+fn an_unblock_of_a_fleet_decision_lifts_it_at_every_sensor() {
+    require_privileged!();
+    let lab = Lab::new();
+    let d_ns = Netns::new("d");
+    netwatch_tests::netns::veth(
+        &lab.victim,
+        "nw-vhub",
+        "198.18.4.1/30",
+        &d_ns,
+        "nw-dhub",
+        "198.18.4.2/30",
+    );
+    let nats = NatsServer::start_on(&lab.victim, None, "0.0.0.0");
+    let enforce = |url: &str, sensor: &str| {
+        ConfigFile::new(format!(
+            "mode = \"enforce\"\n[[rule]]\nprotocol = \"udp\"\nport = 137\ninbound = \"count\"\noutbound = \"count\"\nauto_block = true\n\
+             [fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n"
+        ))
+    };
+    let c_config = enforce(&nats.url(), "edge-c");
+    let d_config = enforce(&format!("nats://198.18.4.1:{}", nats.port), "edge-d");
+    let counter = |nw: &Netwatch, ns: &Netns, name: &str| try_sample(&nw.metrics(ns), name, &[]);
+    let c = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", c_config.arg(), "--iface", VICTIM_IF],
+    );
+    let d = Netwatch::start(&d_ns, &pin_dir(), &["--config", d_config.arg(), "--iface", "nw-dhub"]);
+    for (nw, ns) in [(&c, &lab.victim), (&d, &d_ns)] {
+        wait_until(
+            "the fleet connection",
+            Duration::from_secs(10),
+            || nw.log(),
+            || counter(nw, ns, "netwatch_fleet_connected") == Some(1.0),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    publish_all(
+        &lab.victim,
+        &nats.url(),
+        vec![(
+            format!("netwatch.decisions.{}.udp-137.inbound", SCANNER_IP.replace('.', "-")),
+            serde_json::json!({
+                "source": SCANNER_IP, "rule": "udp/137", "direction": "inbound",
+                "sensors": ["edge-a", "edge-b"], "confirmed_at": "2026-12-08T00:00:00Z",
+                "until": "2099-01-01T00:00:00Z",
+            }),
+        )],
+    );
+    for (nw, ns) in [(&c, &lab.victim), (&d, &d_ns)] {
+        wait_until(
+            "the decision applied",
+            Duration::from_secs(10),
+            || nw.log(),
+            || counter(nw, ns, "netwatch_sources_blocked") == Some(1.0),
+        );
+    }
+    let listener = udp_listener(&lab.victim, 137);
+    let probe_passes = || {
+        count_received(&listener);
+        assert_eq!(send_udp(&lab.scanner, &format!("{VICTIM_IP}:137"), 1), 1);
+        count_received(&listener) == 1
+    };
+    assert!(!probe_passes(), "the decision drops the scanner's probe at C");
+
+    let unblock = || {
+        d_ns.command(bin().to_str().unwrap())
+            .args([
+                "unblock",
+                SCANNER_IP,
+                "--config",
+                d_config.arg(),
+                "--pin-dir",
+                &d.pin_dir,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = unblock();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("lifted 1 auto-blocks inside"), "{stdout}");
+    assert!(stdout.contains("lifted 1 fleet decisions inside"), "{stdout}");
+    wait_until(
+        "the lift at D",
+        Duration::from_secs(5),
+        || d.log(),
+        || counter(&d, &d_ns, "netwatch_sources_blocked") == Some(0.0),
+    );
+    wait_until(
+        "the lift at C",
+        Duration::from_secs(5),
+        || c.log(),
+        || counter(&c, &lab.victim, "netwatch_sources_blocked") == Some(0.0),
+    );
+    assert!(
+        c.log().contains(&format!(
+            "lifted the decision blocking {SCANNER_IP} on udp/137 inbound (netwatch unblock at edge-d"
+        )),
+        "{}",
+        c.log()
+    );
+    assert!(probe_passes(), "the scanner's probe at C after the lift");
+    let decisions = stream_messages(&lab.victim, &nats.url(), "NETWATCH_DECISIONS");
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["lifted_by"], "edge-d");
+    let again = unblock();
+    assert_fails_saying(&again, "or decided on by the fleet");
+
+    drop(c);
+    let c = Netwatch::start(
+        &lab.victim,
+        &pin_dir(),
+        &["--config", c_config.arg(), "--iface", VICTIM_IF],
+    );
+    wait_until(
+        "the fleet connection",
+        Duration::from_secs(10),
+        || c.log(),
+        || counter(&c, &lab.victim, "netwatch_fleet_connected") == Some(1.0),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        counter(&c, &lab.victim, "netwatch_fleet_decisions_applied_total"),
+        Some(0.0)
+    );
+    assert_eq!(counter(&c, &lab.victim, "netwatch_sources_blocked"), Some(0.0));
+    assert!(probe_passes(), "the scanner's probe at C restarted");
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use netwatch_common::LIST_FOREVER;
 
 use crate::{
@@ -43,33 +43,61 @@ pub fn add(kind: ListKind, pin_dir: &Path, args: &BlockArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn remove(kind: ListKind, pin_dir: &Path, args: &ListArgs) -> Result<()> {
+pub fn disallow(pin_dir: &Path, args: &ListArgs) -> Result<()> {
     let maps = PinnedMaps::open(pin_dir)?;
+    if !install::change_lists(
+        &maps,
+        CliChange::Remove {
+            kind: ListKind::Allow,
+            net: args.cidr,
+        },
+    )? {
+        bail!("{} is not on the {}", args.cidr, ListKind::Allow.label());
+    }
+    println!("{}: removed {}", ListKind::Allow.label(), args.cidr);
+    Ok(())
+}
+
+/// Off the blocklist, auto-blocks inside the CIDR lifted, and with a
+/// fleet, the fleet's decisions for sources inside it lifted at every
+/// sensor.
+pub fn unblock(pin_dir: &Path, args: &ListArgs, fleet: Option<&crate::config::FleetConfig>) -> Result<()> {
+    let maps = PinnedMaps::open(pin_dir)?;
+    let kind = ListKind::Block;
     let removed = install::change_lists(&maps, CliChange::Remove { kind, net: args.cidr })?;
-    let lifted = if kind == ListKind::Block {
-        sources::lift_auto_blocks(&maps, args.cidr)?
-    } else {
-        0
+    let lifted = sources::lift_auto_blocks(&maps, args.cidr)?;
+    if removed {
+        println!("{}: removed {}", kind.label(), args.cidr);
+    }
+    if lifted > 0 {
+        println!("lifted {lifted} auto-blocks inside {}", args.cidr);
+    }
+    let fleet_lifted = match fleet {
+        Some(fleet) => crate::fleet::decisions::lift_decisions(fleet, args.cidr).with_context(|| {
+            format!(
+                "the fleet's decisions inside {} are not lifted (this sensor's blocks are)",
+                args.cidr
+            )
+        })?,
+        None => 0,
     };
-    match (removed, lifted) {
-        (false, 0) => bail!(
-            "{} is not on the {}{}",
+    if fleet_lifted > 0 {
+        println!(
+            "lifted {fleet_lifted} fleet decisions inside {} at every sensor",
+            args.cidr
+        );
+    }
+    if !removed && lifted == 0 && fleet_lifted == 0 {
+        bail!(
+            "{} is not on the {} and no source in it is auto-blocked{}",
             args.cidr,
             kind.label(),
-            if kind == ListKind::Block {
-                " and no source in it is auto-blocked"
+            if fleet.is_some() {
+                " or decided on by the fleet"
             } else {
                 ""
             }
-        ),
-        (removed, lifted) => {
-            if removed {
-                println!("{}: removed {}", kind.label(), args.cidr);
-            }
-            if lifted > 0 {
-                println!("lifted {lifted} auto-blocks inside {}", args.cidr);
-            }
-        }
+        );
     }
     Ok(())
 }

@@ -48,12 +48,19 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Top(args) => query::top(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, args.limit, args.json),
         Command::Block(args) => lists::add(ListKind::Block, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args),
         Command::Unblock(args) => {
-            lists::remove(ListKind::Block, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args)
+            // With a fleet, the fleet's decisions are lifted too.
+            let fleet = match dirs.fleet()? {
+                Some(entry) => Some(crate::config::FleetConfig::build(
+                    &entry.url,
+                    entry.credentials.clone(),
+                    entry.sensor.as_deref(),
+                )?),
+                None => None,
+            };
+            lists::unblock(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args, fleet.as_ref())
         }
         Command::Allow(args) => lists::add(ListKind::Allow, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args),
-        Command::Disallow(args) => {
-            lists::remove(ListKind::Allow, &dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args)
-        }
+        Command::Disallow(args) => lists::disallow(&dirs.pin_dir(args.pin_dir.pin_dir.as_deref())?, &args),
         Command::Detach(args) => detach::detach(&dirs.pin_dir(args.pin_dir.as_deref())?),
         Command::Generate(args) => generate::generate(args.what, &args.dir),
         #[cfg(feature = "lab")]

@@ -51,6 +51,35 @@ pub struct Decision {
     pub until: String,
 }
 
+/// A decision lifted by `netwatch unblock`: it replaces the decision in
+/// the stream (one message per subject), so every sensor lifts the block
+/// it applied and none applies the decision again when it starts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lift {
+    pub source: IpAddr,
+    pub rule: String,
+    pub direction: String,
+    pub lifted_at: String,
+    /// The sensor where `unblock` ran.
+    pub lifted_by: String,
+}
+
+/// What the decisions stream holds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DecisionMessage {
+    Decision(Decision),
+    Lift(Lift),
+}
+
+fn decision_subject(source: IpAddr, rule: &str, direction: &str) -> String {
+    format!(
+        "{DECISIONS_PREFIX}.{}.{}.{direction}",
+        address_token(source),
+        rule.replace('/', "-")
+    )
+}
+
 /// The decisions stream: one subject per source, rule and direction;
 /// decisions leave it when their block ends, and a decision published
 /// again while it is in force is dropped as a duplicate.
@@ -129,6 +158,9 @@ impl Confirmer {
             return None;
         }
         let source = incident.get("source")?.as_str()?.parse::<IpAddr>().ok()?;
+        if self.confirmation.allowlisted(source) {
+            return None;
+        }
         let rule = incident.get("rule")?.as_str()?;
         let direction = incident.get("direction")?.as_str()?;
         let (first, last) = (parse_time(incident, "first_seen")?, parse_time(incident, "last_seen")?);
@@ -173,7 +205,7 @@ impl Confirmer {
                 direction: direction.to_string(),
                 sensors,
                 confirmed_at,
-                until: rfc3339(now + self.confirmation.block),
+                until: rfc3339(now + self.confirmation.block_for(rule)),
             },
         ))
     }
@@ -240,12 +272,7 @@ pub async fn confirm(
             continue;
         };
         let (source, rule, direction) = (decision.source, decision.rule.as_str(), decision.direction.as_str());
-        let subject = format!(
-            "{DECISIONS_PREFIX}.{}.{}.{}",
-            address_token(source),
-            rule.replace('/', "-"),
-            direction
-        );
+        let subject = decision_subject(source, rule, direction);
         let ack = js
             .send_publish(
                 subject,
@@ -289,14 +316,16 @@ fn prefix_of(ip: IpAddr) -> IpAddr {
 /// direction, until the decision's end (on the boot-time clock the kernel
 /// keeps). Only rules with `auto_block` consult that map, so a decision
 /// for another rule is logged, not applied; the allowlist wins in the
-/// kernel (an allowlisted source is never blocked); at most
-/// `per_prefix` decisions per /24 (or /64) are applied.
+/// kernel (an allowlisted source is never blocked), the fleet allowlist
+/// here; at most `per_prefix` decisions per /24 (or /64) and
+/// `max_applied` in all are in force.
 pub async fn apply(
     js: &jetstream::Context,
     confirmation: &Confirmation,
     replicas: usize,
     maps: &PinnedMaps,
     stats: &Arc<FleetStats>,
+    applied: &std::sync::Mutex<Applied>,
 ) -> Result<()> {
     let decisions = decisions_stream(js, confirmation, replicas).await?;
     let consumer = decisions
@@ -311,60 +340,100 @@ pub async fn apply(
         .messages()
         .await
         .map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
-    let mut per_prefix: HashMap<IpAddr, HashSet<IpAddr>> = HashMap::new();
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| anyhow::anyhow!("watching the decisions: {e}"))?;
-        let Ok(decision) = serde_json::from_slice::<Decision>(&message.payload) else {
-            warn!("fleet: skipping a message on {} that is no decision", message.subject);
-            continue;
-        };
-        if let Err(err) = apply_one(&decision, confirmation, maps, &mut per_prefix, stats) {
-            warn!(
-                "fleet: decision for {} on {} not applied: {err:#}",
-                decision.source, decision.rule
-            );
+        let mut applied = applied.lock().unwrap_or_else(|e| e.into_inner());
+        match serde_json::from_slice::<DecisionMessage>(&message.payload) {
+            Ok(DecisionMessage::Decision(decision)) => {
+                if let Err(err) = apply_one(&decision, confirmation, maps, &mut applied, stats) {
+                    warn!(
+                        "fleet: decision for {} on {} not applied: {err:#}",
+                        decision.source, decision.rule
+                    );
+                }
+            }
+            Ok(DecisionMessage::Lift(lift)) => {
+                if let Err(err) = lift_one(&lift, maps, &mut applied) {
+                    warn!(
+                        "fleet: lifting the decision for {} on {}: {err:#}",
+                        lift.source, lift.rule
+                    );
+                }
+            }
+            Err(_) => warn!("fleet: skipping a message on {} that is no decision", message.subject),
         }
     }
     anyhow::bail!("the decisions stream ended")
+}
+
+/// The decisions this sensor applied, with their ends: what the caps
+/// (`decisions_per_prefix`, `decisions_max`) count and lifts take out.
+/// Kept across reconnections, so a lift met after one still finds them.
+#[derive(Default)]
+pub struct Applied(HashMap<Followed, SystemTime>);
+
+impl Applied {
+    /// Room for `decision` under the caps (one in force already is
+    /// replaced, so always has room); blocks that ended are forgotten.
+    fn admit(&mut self, decision: &Decision, confirmation: &Confirmation, now: SystemTime) -> Result<()> {
+        self.0.retain(|_, until| *until > now);
+        if confirmation.allowlisted(decision.source) {
+            anyhow::bail!("the source is on the fleet allowlist");
+        }
+        if self.0.contains_key(&followed(decision)) {
+            return Ok(());
+        }
+        if self.0.len() >= confirmation.max_applied as usize {
+            anyhow::bail!("{} decisions in force here already (decisions_max)", self.0.len());
+        }
+        let prefix = prefix_of(decision.source);
+        let mut in_prefix: Vec<IpAddr> = self
+            .0
+            .keys()
+            .map(|(source, _, _)| *source)
+            .filter(|source| prefix_of(*source) == prefix)
+            .collect();
+        in_prefix.sort();
+        in_prefix.dedup();
+        if !in_prefix.contains(&decision.source) && in_prefix.len() >= confirmation.per_prefix as usize {
+            anyhow::bail!(
+                "{} decisions in force in its prefix already (decisions_per_prefix)",
+                in_prefix.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn followed(decision: &Decision) -> Followed {
+    (decision.source, decision.rule.clone(), decision.direction.clone())
 }
 
 fn apply_one(
     decision: &Decision,
     confirmation: &Confirmation,
     maps: &PinnedMaps,
-    per_prefix: &mut HashMap<IpAddr, HashSet<IpAddr>>,
+    applied: &mut Applied,
     stats: &FleetStats,
 ) -> Result<()> {
     let until = humantime::parse_rfc3339(&decision.until).context("its end")?;
-    let Ok(left) = until.duration_since(SystemTime::now()) else {
+    let now = SystemTime::now();
+    let Ok(left) = until.duration_since(now) else {
         return Ok(());
     };
-    let names = crate::detection::sources::Names::read(maps)?;
-    let slot = maps
-        .rules_in_force()?
-        .into_iter()
-        .find(|(slot, _, _)| names.rule(*slot as u8) == decision.rule)
-        .with_context(|| format!("no rule {} here", decision.rule))?;
-    if slot.2.block_secs == 0 {
+    let (key, auto_block) = block_key(maps, decision.source, &decision.rule, &decision.direction)?;
+    if !auto_block {
         anyhow::bail!(
             "rule {} has no auto_block here, so the kernel does not consult blocks on it",
             decision.rule
         );
     }
-    let direction = Direction::from_label(&decision.direction).context("its direction")?;
-    let prefix = per_prefix.entry(prefix_of(decision.source)).or_default();
-    if !prefix.contains(&decision.source) && prefix.len() >= confirmation.per_prefix as usize {
-        anyhow::bail!(
-            "{} decisions in force in its prefix already (decisions_per_prefix)",
-            prefix.len()
-        );
-    }
-    let key = key_for(decision.source, slot.0 as u8, direction, Classification::Scan);
+    applied.admit(decision, confirmation, now)?;
     let end = crate::clock::boot_secs().saturating_add(left.as_secs().min(u32::MAX as u64) as u32);
     blocks_map(maps)?
         .insert(key, end, 0)
         .map_err(|e| anyhow::anyhow!("the auto-block map refused it (full?): {e}"))?;
-    prefix.insert(decision.source);
+    applied.0.insert(followed(decision), until);
     stats.decisions_applied.fetch_add(1, Relaxed);
     info!(
         "fleet: applied the decision blocking {} on {} {} until {} (confirmed by {})",
@@ -375,6 +444,86 @@ fn apply_one(
         decision.sensors.join(", ")
     );
     Ok(())
+}
+
+/// The auto-block map's key of `source` on `rule` and `direction` here,
+/// and whether the rule has auto_block.
+fn block_key(
+    maps: &PinnedMaps,
+    source: IpAddr,
+    rule: &str,
+    direction: &str,
+) -> Result<(netwatch_common::SourceKey, bool)> {
+    let names = crate::detection::sources::Names::read(maps)?;
+    let (slot, _, info) = maps
+        .rules_in_force()?
+        .into_iter()
+        .find(|(slot, _, _)| names.rule(*slot as u8) == rule)
+        .with_context(|| format!("no rule {rule} here"))?;
+    let direction = Direction::from_label(direction).context("its direction")?;
+    Ok((
+        key_for(source, slot as u8, direction, Classification::Scan),
+        info.block_secs != 0,
+    ))
+}
+
+/// A lift of a decision this sensor applied (since it started) takes its
+/// block out of the kernel's map; any other is a decision lifted before.
+fn lift_one(lift: &Lift, maps: &PinnedMaps, applied: &mut Applied) -> Result<()> {
+    let followed = (lift.source, lift.rule.clone(), lift.direction.clone());
+    if applied.0.remove(&followed).is_none() {
+        return Ok(());
+    }
+    let (key, _) = block_key(maps, lift.source, &lift.rule, &lift.direction)?;
+    let _ = blocks_map(maps)?.remove(&key);
+    info!(
+        "fleet: lifted the decision blocking {} on {} {} (netwatch unblock at {}, {})",
+        lift.source, lift.rule, lift.direction, lift.lifted_by, lift.lifted_at
+    );
+    Ok(())
+}
+
+/// `netwatch unblock CIDR` with a fleet: every decision in force for a
+/// source inside `net` is replaced by a lift (its message id made from
+/// the decision, so sensors lifting it at once store one). Returns how
+/// many decisions it lifted.
+pub fn lift_decisions(fleet: &crate::config::FleetConfig, net: ipnet::IpNet) -> Result<usize> {
+    super::query::within_time(fleet, async {
+        let client = super::connect(&fleet.url, fleet.credentials.as_deref(), "netwatch-unblock", true).await?;
+        let js = jetstream::new(client);
+        let messages =
+            super::query::newest_messages(&js, &fleet.url, DECISIONS_STREAM, format!("{DECISIONS_PREFIX}.>")).await?;
+        let now = SystemTime::now();
+        let mut lifted = 0;
+        for (subject, message) in messages {
+            let Ok(DecisionMessage::Decision(decision)) = serde_json::from_value::<DecisionMessage>(message) else {
+                continue;
+            };
+            let in_force = humantime::parse_rfc3339(&decision.until).is_ok_and(|until| until > now);
+            if !in_force || !net.contains(&decision.source) {
+                continue;
+            }
+            let lift = Lift {
+                source: decision.source,
+                rule: decision.rule.clone(),
+                direction: decision.direction.clone(),
+                lifted_at: rfc3339(now),
+                lifted_by: fleet.sensor.clone(),
+            };
+            js.send_publish(
+                subject.clone(),
+                PublishMessage::build()
+                    .payload(serde_json::to_vec(&lift)?.into())
+                    .message_id(format!("lift.{subject}.{}", decision.confirmed_at)),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a lift: {e}"))?
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing a lift: {e}"))?;
+            lifted += 1;
+        }
+        Ok(lifted)
+    })
 }
 
 /// Runs `task` again a second after each failure, for ever.
@@ -457,6 +606,72 @@ mod tests {
         assert!(strict.observe("edge-b", &reverse, now).is_none());
         assert!(strict.observe("edge-b", &summary, now).is_none());
         assert!(strict.observe("edge-b", &stale, now).is_none());
+    }
+
+    /// Fleet-allowlisted sources are never decided on; decisions on UDP
+    /// rules block for `udp_decision_secs`.
+    #[test]
+    fn the_fleet_allowlist_and_udp_evidence() {
+        let now = at("2026-12-08T00:30:00Z");
+        let confirmation = Confirmation {
+            allowlist: vec!["198.18.0.0/31".parse().unwrap()],
+            ..Confirmation::default()
+        };
+        let mut confirmer = Confirmer::new(confirmation);
+        for source in ["198.18.0.1", "198.18.0.2"] {
+            let mut tcp = incident(source, "2026-12-08T00:10:00Z", "2026-12-08T00:12:00Z");
+            tcp["rule"] = "tcp/445".into();
+            let udp = incident(source, "2026-12-08T00:10:00Z", "2026-12-08T00:12:00Z");
+            for sensor in ["edge-a", "edge-b"] {
+                let decided = [&tcp, &udp].map(|i| confirmer.observe(sensor, i, now).map(|(_, d)| d.until));
+                if source == "198.18.0.1" || sensor == "edge-a" {
+                    assert_eq!(decided, [None, None], "{source} at {sensor}");
+                } else {
+                    assert_eq!(
+                        decided,
+                        [Some("2026-12-08T01:30:00Z".into()), Some("2026-12-08T00:45:00Z".into())]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The caps count the decisions in force: per prefix, in all, and a
+    /// decision in force again always has room.
+    #[test]
+    fn the_caps_count_decisions_in_force() {
+        let now = at("2026-12-08T00:30:00Z");
+        let confirmation = Confirmation {
+            per_prefix: 2,
+            max_applied: 3,
+            ..Confirmation::default()
+        };
+        let decision = |source: &str| Decision {
+            source: source.parse().unwrap(),
+            rule: "udp/137".into(),
+            direction: "inbound".into(),
+            sensors: vec![],
+            confirmed_at: String::new(),
+            until: String::new(),
+        };
+        let mut applied = Applied::default();
+        let mut apply = |source: &str, until: &str| {
+            let d = decision(source);
+            applied.admit(&d, &confirmation, now)?;
+            applied.0.insert(followed(&d), at(until));
+            anyhow::Ok(())
+        };
+        apply("198.18.0.1", "2026-12-08T01:00:00Z").unwrap();
+        apply("198.18.0.2", "2026-12-08T00:31:00Z").unwrap();
+        let err = apply("198.18.0.3", "2026-12-08T01:00:00Z").unwrap_err();
+        assert!(err.to_string().contains("decisions_per_prefix"), "{err}");
+        apply("198.18.0.1", "2026-12-08T01:00:00Z").unwrap();
+        apply("198.18.1.1", "2026-12-08T01:00:00Z").unwrap();
+        let err = apply("198.18.2.1", "2026-12-08T01:00:00Z").unwrap_err();
+        assert!(err.to_string().contains("decisions_max"), "{err}");
+        // 198.18.0.2's block ended: room again.
+        let later = at("2026-12-08T00:32:00Z");
+        applied.admit(&decision("198.18.2.1"), &confirmation, later).unwrap();
     }
 
     #[test]

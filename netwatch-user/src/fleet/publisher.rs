@@ -22,7 +22,7 @@ use crate::{
     datapath::PinnedMaps,
     detection::incidents::{Incident, Store},
     fleet::{
-        decisions::{apply, confirm, keep_running},
+        decisions::{Applied, apply, confirm, keep_running},
         report::Reporter,
     },
     fleet::{incident_subject, incidents_stream},
@@ -128,8 +128,9 @@ impl Publisher {
                     });
                     let applying = async {
                         if let Some(maps) = &apply_to {
+                            let applied = std::sync::Mutex::new(Applied::default());
                             keep_running("applying decisions", || {
-                                apply(&js, confirmation, fleet.replicas, maps, &stats)
+                                apply(&js, confirmation, fleet.replicas, maps, &stats, &applied)
                             })
                             .await
                         }

@@ -28,7 +28,33 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>> {
     let client = super::connect(&fleet.url, fleet.credentials.as_deref(), "netwatch-query", true).await?;
     let js = jetstream::new(client);
-    let stream = match js.get_stream(STREAM).await {
+    let messages = newest_messages(&js, &fleet.url, STREAM, filter).await?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|(subject, mut v)| {
+            if !v.is_object() {
+                log::warn!("skipping a message on {subject} that is no incident");
+                return None;
+            }
+            // The subject says who wrote it (the server's permissions can
+            // hold a sensor to its own), not the payload.
+            if let Some(sensor) = subject.split('.').nth(2) {
+                v["sensor"] = sensor.into();
+            }
+            Some(v)
+        })
+        .collect())
+}
+
+/// The newest message of every subject of `stream_name` matching
+/// `filter`, with its subject; none when the stream does not exist.
+pub(super) async fn newest_messages(
+    js: &jetstream::Context,
+    url: &str,
+    stream_name: &str,
+    filter: String,
+) -> Result<Vec<(String, Value)>> {
+    let stream = match js.get_stream(stream_name).await {
         Ok(stream) => stream,
         // No sensor has published yet.
         Err(err)
@@ -37,7 +63,7 @@ async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>
         {
             return Ok(Vec::new());
         }
-        Err(err) => return Err(anyhow::anyhow!("opening the stream {STREAM} at {}: {err}", fleet.url)),
+        Err(err) => return Err(anyhow::anyhow!("opening the stream {stream_name} at {url}: {err}")),
     };
     let consumer = stream
         .create_consumer(pull::Config {
@@ -48,14 +74,14 @@ async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("reading the stream {STREAM}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("reading the stream {stream_name}: {e}"))?;
     let mut consumer = consumer;
     let mut pending = consumer
         .info()
         .await
-        .map_err(|e| anyhow::anyhow!("reading the stream {STREAM}: {e}"))?
+        .map_err(|e| anyhow::anyhow!("reading the stream {stream_name}: {e}"))?
         .num_pending as usize;
-    let mut states = Vec::with_capacity(pending);
+    let mut messages = Vec::with_capacity(pending);
     while pending > 0 {
         let mut batch = consumer
             .batch()
@@ -63,35 +89,27 @@ async fn newest_states(fleet: &FleetConfig, filter: String) -> Result<Vec<Value>
             .expires(QUERY_TIMEOUT)
             .messages()
             .await
-            .map_err(|e| anyhow::anyhow!("reading the stream {STREAM}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("reading the stream {stream_name}: {e}"))?;
         let mut got = 0;
         while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| anyhow::anyhow!("reading the stream {STREAM}: {e}"))?;
+            let message = message.map_err(|e| anyhow::anyhow!("reading the stream {stream_name}: {e}"))?;
             got += 1;
             match serde_json::from_slice::<Value>(&message.payload) {
-                Ok(mut v) if v.is_object() => {
-                    // The subject says who wrote it (the server's
-                    // permissions can hold a sensor to its own), not the
-                    // payload.
-                    if let Some(sensor) = message.subject.split('.').nth(2) {
-                        v["sensor"] = sensor.into();
-                    }
-                    states.push(v)
-                }
-                _ => log::warn!("skipping a message on {} that is no incident", message.subject),
+                Ok(v) => messages.push((message.subject.to_string(), v)),
+                Err(_) => log::warn!("skipping a message on {} that is no JSON", message.subject),
             }
         }
         if got == 0 {
-            anyhow::bail!("the stream {STREAM} at {} stopped answering", fleet.url);
+            anyhow::bail!("the stream {stream_name} at {url} stopped answering");
         }
         pending = pending.saturating_sub(got);
     }
     let _ = stream.delete_consumer(consumer.cached_info().name.as_str()).await;
-    Ok(states)
+    Ok(messages)
 }
 
 /// Runs a query on a runtime of its own, bounded in time.
-fn within_time<T>(fleet: &FleetConfig, query: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+pub(super) fn within_time<T>(fleet: &FleetConfig, query: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async { tokio::time::timeout(QUERY_TIMEOUT * 3, query).await })
