@@ -606,6 +606,46 @@ fn a_sensor_writes_only_as_itself() {
     assert_fails_saying(&out, "fleet.credentials");
 }
 
+/// Sensors edge-a and edge-b, one after the other in the victim's
+/// namespace with `extra` in their `[fleet]` table (monitor mode), each
+/// flag the scanner (nbtscan) and `SECOND_SCANNER` and deliver both
+/// incidents; edge-b, the second to confirm, creates `decisions`
+/// decisions and applies none.
+fn flag_at_a_and_b(lab: &Lab, url: &str, extra: &str, decisions: f64) {
+    let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
+    for sensor in ["edge-a", "edge-b"] {
+        let config = ConfigFile::new(format!("[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{extra}"));
+        let nw = Netwatch::start(
+            &lab.victim,
+            &pin_dir(),
+            &["--config", config.arg(), "--iface", VICTIM_IF],
+        );
+        assert!(lab.nbtscan(TARGET_RANGE).status.success());
+        nw.wait_for_incident(SCANNER_IP);
+        sweep_from(lab, SECOND_SCANNER, 30);
+        nw.wait_for_incident(SECOND_SCANNER);
+        wait_until(
+            "delivery",
+            Duration::from_secs(10),
+            || nw.log(),
+            || {
+                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
+                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
+            },
+        );
+        if sensor == "edge-b" {
+            wait_until(
+                "the decisions",
+                Duration::from_secs(10),
+                || nw.log(),
+                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(decisions),
+            );
+            // Monitor mode: decisions are not applied here.
+            assert_eq!(counter(&nw, "netwatch_fleet_decisions_applied_total"), Some(0.0));
+        }
+    }
+}
+
 /// Confirmed blocks: the scanner flagged by sensors A and B becomes one
 /// fleet decision (B creates it; C, finding the same confirmation when it
 /// starts, creates none: the stream holds it once), and C, in enforce
@@ -628,39 +668,7 @@ fn a_source_confirmed_by_two_sensors_is_blocked_at_a_third() {
         "report_command = [\"/bin/sh\", \"-c\", \"cat > \\\"$0\\\"/report.$$\", \"{}\"]\nreport_to = \"abuse@example.net\"\n",
         reports.display()
     );
-    for sensor in ["edge-a", "edge-b"] {
-        let config = ConfigFile::new(format!(
-            "[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{report_command}"
-        ));
-        let nw = Netwatch::start(
-            &lab.victim,
-            &pin_dir(),
-            &["--config", config.arg(), "--iface", VICTIM_IF],
-        );
-        assert!(lab.nbtscan(TARGET_RANGE).status.success());
-        nw.wait_for_incident(SCANNER_IP);
-        sweep_from(&lab, SECOND_SCANNER, 30);
-        nw.wait_for_incident(SECOND_SCANNER);
-        wait_until(
-            "delivery",
-            Duration::from_secs(10),
-            || nw.log(),
-            || {
-                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
-                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
-            },
-        );
-        if sensor == "edge-b" {
-            wait_until(
-                "the decisions",
-                Duration::from_secs(10),
-                || nw.log(),
-                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(2.0),
-            );
-            // Monitor mode: decisions are not applied here.
-            assert_eq!(counter(&nw, "netwatch_fleet_decisions_applied_total"), Some(0.0));
-        }
-    }
+    flag_at_a_and_b(&lab, &url, &report_command, 2.0);
     let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
     assert_eq!(decisions.len(), 2, "{decisions:#?}");
     assert_eq!(decisions[0]["source"], SCANNER_IP);
@@ -998,35 +1006,7 @@ fn the_fleet_allowlist_udp_evidence_and_the_total_cap() {
     let url = nats.url();
     let counter = |nw: &Netwatch, name: &str| try_sample(&nw.metrics(&lab.victim), name, &[]);
     let safeguards = format!("udp_decision_secs = 120\nallowlist = [\"{SECOND_SCANNER}/32\"]\n");
-    for sensor in ["edge-a", "edge-b"] {
-        let config = ConfigFile::new(format!("[fleet]\nurl = \"{url}\"\nsensor = \"{sensor}\"\n{safeguards}"));
-        let nw = Netwatch::start(
-            &lab.victim,
-            &pin_dir(),
-            &["--config", config.arg(), "--iface", VICTIM_IF],
-        );
-        assert!(lab.nbtscan(TARGET_RANGE).status.success());
-        nw.wait_for_incident(SCANNER_IP);
-        sweep_from(&lab, SECOND_SCANNER, 30);
-        nw.wait_for_incident(SECOND_SCANNER);
-        wait_until(
-            "delivery",
-            Duration::from_secs(10),
-            || nw.log(),
-            || {
-                counter(&nw, "netwatch_fleet_outbox_incidents") == Some(0.0)
-                    && counter(&nw, "netwatch_fleet_incidents_published_total").is_some_and(|n| n >= 2.0)
-            },
-        );
-        if sensor == "edge-b" {
-            wait_until(
-                "the decision",
-                Duration::from_secs(10),
-                || nw.log(),
-                || counter(&nw, "netwatch_fleet_decisions_created_total") == Some(1.0),
-            );
-        }
-    }
+    flag_at_a_and_b(&lab, &url, &safeguards, 1.0);
     let decisions = stream_messages(&lab.victim, &url, "NETWATCH_DECISIONS");
     assert_eq!(decisions.len(), 1, "{decisions:#?}");
     assert_eq!(decisions[0]["source"], SCANNER_IP);
