@@ -236,12 +236,11 @@ pub struct PortRule {
 /// A TCP handshake with this port, answered by a SYN-ACK seen leaving and
 /// completed by the visitor's ACK seen arriving, records the visitor.
 pub const PORT_WEB: u32 = 1;
-/// udp/137 towards a recent visitor is a reverse lookup, not a probe.
-pub const PORT_REVERSE_LOOKUP: u32 = 2;
-/// The port carries NetBIOS name service: a datagram with the NBNS
-/// response bit set (RFC 1002 section 4.2.1.1) is a name server
-/// answering, counted as traffic and never as a probe.
-pub const PORT_NBNS: u32 = 4;
+/// The port carries NetBIOS name service (udp/137): a query towards a
+/// recent web visitor is a reverse lookup, and a datagram with the NBNS
+/// response bit set (RFC 1002 section 4.2.1.1) a name server answering;
+/// neither is a probe.
+pub const PORT_NBNS: u32 = 2;
 /// First contacts of a probing source are recorded in `CONTACTS`, and
 /// answers from the probed address and port noted (reply-aware flagging,
 /// judged by the controller).
@@ -824,8 +823,8 @@ pub struct ContactKey {
     pub prober: [u32; 4],
     /// The probed destination.
     pub probed: [u32; 4],
-    /// Destination port, protocol << 16, address family << 24: the low
-    /// 24 bits of [`MemoTag::port`] with the family.
+    /// Destination port, protocol << 16, address family << 24: bits 0-26
+    /// of [`MemoTag::port`] ([`CONTACT_PORT_MASK`]).
     pub port: u32,
 }
 

@@ -24,11 +24,7 @@ use crate::{
 /// afresh.
 #[inline(always)]
 pub fn remember_first_contact(tag: &MemoTag, rule: u32, dir: Direction, iface: u32, now: u32) {
-    let key = ContactKey {
-        prober: tag.src,
-        probed: tag.dst,
-        port: tag.port & CONTACT_PORT_MASK,
-    };
+    let key = contact_key(tag.src, tag.dst, tag.port);
     let contact = Contact {
         since: now,
         iface: iface as u16,
@@ -37,6 +33,17 @@ pub fn remember_first_contact(tag: &MemoTag, rule: u32, dir: Direction, iface: u
         answered: 0,
     };
     let _ = CONTACTS.insert(key, contact, 0);
+}
+
+/// The key of a contact from `prober` to `probed` at the memo tag's port
+/// word `port` (destination port, protocol, family; the rest dropped).
+#[inline(always)]
+fn contact_key(prober: [u32; 4], probed: [u32; 4], port: u32) -> ContactKey {
+    ContactKey {
+        prober,
+        probed,
+        port: port & CONTACT_PORT_MASK,
+    }
 }
 
 /// If `packet` comes from the address and port of a remembered first
@@ -53,13 +60,10 @@ pub fn observe_answer(packet: &Packet) {
     if (rules.versions[0].flags | rules.versions[1].flags) & PORT_CONTACTS == 0 {
         return;
     }
-    // The probe's tag, seen from the answer: its source is the prober.
+    // The probe's tag, seen from the answer: its source is the prober,
+    // its destination port the answer's source port.
     let tag = memo::tag_of(packet, 0, Direction::Inbound, 0);
-    let key = ContactKey {
-        prober: tag.dst,
-        probed: tag.src,
-        port: (tag.port & !0xffff | packet.src_port as u32) & CONTACT_PORT_MASK,
-    };
+    let key = contact_key(tag.dst, tag.src, tag.port & !0xffff | packet.src_port as u32);
     let answer = if packet.protocol == Protocol::Tcp && packet.tcp_flags & TCP_RST != 0 {
         CONTACT_REFUSED
     } else {

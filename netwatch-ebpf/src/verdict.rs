@@ -4,8 +4,8 @@
 //! `should_drop` strings them together.
 
 use netwatch_common::{
-    Action, Class, Direction, LinkKind, Mode, Outcome, PORT_NBNS, PORT_REVERSE_LOOKUP, PolicySettings, PortRule,
-    class_counter_index, port_rule_index, rule_counter_index,
+    Action, Class, Direction, LinkKind, Mode, Outcome, PORT_NBNS, PolicySettings, PortRule, class_counter_index,
+    port_rule_index, rule_counter_index,
 };
 
 use crate::{
@@ -133,7 +133,7 @@ fn enforcing() -> bool {
 /// (IIS), tracked apart and never flagged as a scan.
 #[inline(always)]
 fn is_reverse_lookup(addrs: &Addrs, rule: &PortRule, policy: &PolicySettings, dir: Direction) -> bool {
-    rule.flags & PORT_REVERSE_LOOKUP != 0
+    rule.flags & PORT_NBNS != 0
         && dir == Direction::Outbound
         && is_recent_visitor(addrs, coarse_monotonic_secs(), policy.visitor_secs)
 }

@@ -144,30 +144,7 @@ fn counts_real_scanners_exactly() {
     assert_eq!(bytes("outbound", "udp/137"), (5 * 55) as f64);
 
     // promtool accepts the exposition without a single complaint.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus)");
-    use std::io::Write as _;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(nw.metrics(&lab.victim).as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics: {report}"
-    );
+    netwatch_tests::prometheus::promtool_accepts(&nw.metrics(&lab.victim));
 }
 
 /// Enforce mode on real sockets: probes never reach the listener, other

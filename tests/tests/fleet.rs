@@ -57,29 +57,6 @@ fn local_incidents(nw: &Netwatch) -> HashMap<i64, serde_json::Value> {
         .collect()
 }
 
-/// `promtool check metrics` accepts `exposition` without a complaint.
-fn promtool_accepts(exposition: &str) {
-    use std::io::Write as _;
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus)");
-    promtool.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics: {report}"
-    );
-}
-
 /// A source the scanner namespace owns sends one udp/137 probe to each of
 /// `n` addresses of the victim's target range.
 fn sweep_from(lab: &Lab, src: &str, n: u8) {
@@ -240,7 +217,7 @@ fn incidents_reach_the_fleet_and_wait_in_the_outbox_while_it_is_down() {
             assert_eq!(m[field], incident[field], "{field} of incident {id}: {m} vs {incident}");
         }
     }
-    promtool_accepts(&nw.metrics(&lab.victim));
+    netwatch_tests::prometheus::promtool_accepts(&nw.metrics(&lab.victim));
     // The JSON API asks the fleet too.
     let (status, body) = http(&lab.victim, "GET", &format!("/api/fleet/lookup/{SECOND_SCANNER}"));
     assert_eq!(status, 200, "{body}");

@@ -23,8 +23,8 @@ use aya::{
 use ipnet::IpNet;
 use netwatch_common::{
     Counter, Direction, HASH_KEY_WORDS, ListEntry, MAX_CIDRS, MAX_IFACES, MAX_RULES, MAX_WEB_PORTS, Outcome,
-    PORT_CONTACTS, PORT_NBNS, PORT_REVERSE_LOOKUP, PORT_WEB, PolicySettings, PortRule, PortRules, Protocol, RuleInfo,
-    Settings, SourceKey, actions, bitmap_bits_for, flag_counter_index, maps, port_rule_index, rule_counter_index,
+    PORT_CONTACTS, PORT_NBNS, PORT_WEB, PolicySettings, PortRule, PortRules, Protocol, RuleInfo, Settings, SourceKey,
+    actions, bitmap_bits_for, flag_counter_index, maps, port_rule_index, rule_counter_index,
 };
 
 use super::lists::{ListItem, ListKind};
@@ -402,11 +402,7 @@ fn assign_rule_slots(
             };
         }
         let d = &rule.detection;
-        let mut flags = if rule.is_netbios_ns() {
-            PORT_REVERSE_LOOKUP | PORT_NBNS
-        } else {
-            0
-        };
+        let mut flags = if rule.is_netbios_ns() { PORT_NBNS } else { 0 };
         if d.failed_contacts != 0 {
             flags |= PORT_CONTACTS;
         }

@@ -87,6 +87,20 @@ impl Contacts {
     /// Judges the contacts whose answer time has passed (deleting them
     /// from the kernel's map) and returns the sources flagged by them.
     pub fn judge(&mut self, maps: &PinnedMaps, policy: &Policy) -> Result<Vec<ContactFlag>> {
+        // At most the map's size: a walk restarted by an eviction (the
+        // kernel starts over when the key it continues from is gone)
+        // neither judges a contact twice nor runs on. An entry evicted or
+        // deleted during the walk ends it early; the rest is judged next
+        // time.
+        let pending: HashMap<ContactKey, Contact> = self
+            .map
+            .iter()
+            .take(MAX_CONTACTS as usize)
+            .map_while(|entry| entry.ok())
+            .collect();
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = boot_secs();
         let rules = rule_terms(maps, policy)?;
         let watched: HashSet<u32> = maps
@@ -95,23 +109,14 @@ impl Contacts {
             .filter(|(_, info)| info.attached & (ATTACHED_XDP | ATTACHED_TC) == ATTACHED_XDP | ATTACHED_TC)
             .map(|(slot, _)| slot)
             .collect();
-        let mut due = HashMap::new();
-        // At most the map's size: a walk restarted by an eviction (the
-        // kernel starts over when the key it continues from is gone)
-        // neither judges a contact twice nor runs on.
-        for entry in self.map.iter().take(MAX_CONTACTS as usize) {
-            // An entry evicted or deleted during the walk ends it early;
-            // the rest is judged next time.
-            let Ok((key, contact)) = entry else { break };
-            match rules.get(&contact.rule) {
-                // Whole seconds on both sides: strictly more than
-                // `contact_secs` of them waits at least `contact_secs`.
-                Some(terms) if now.wrapping_sub(contact.since) <= terms.contact_secs => {}
-                _ => {
-                    due.insert(key, contact);
-                }
-            }
-        }
+        // Whole seconds on both sides: strictly more than `contact_secs`
+        // of them waits at least `contact_secs`. A contact of a rule no
+        // longer recording contacts is due at once (and dropped).
+        let due = pending.into_iter().filter(|(_, contact)| {
+            rules
+                .get(&contact.rule)
+                .is_none_or(|terms| now.wrapping_sub(contact.since) > terms.contact_secs)
+        });
         let mut flags = Vec::new();
         let mut allowlist = None;
         for (key, contact) in due {

@@ -10,11 +10,10 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::{error, info, warn};
 use netwatch_common::{
     Direction, FlagEvent, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, flag_counter_index,
-    maps,
 };
 
 use crate::{
@@ -73,6 +72,9 @@ pub struct Detector {
     sources: BpfHashMap<MapData, SourceKey, SourceState>,
     memos: PerCpuArray<MapData, FloodCache>,
     blocks: BpfHashMap<MapData, SourceKey, u32>,
+    /// The controller's own flags (failed first contacts), by rule and
+    /// direction, pinned beside the kernel's `FLAG_COUNTERS`.
+    contact_flags: Array<MapData, u64>,
     maps: PinnedMaps,
     names: Names,
     /// Flagged sources whose incidents are still open, with when they were
@@ -100,6 +102,7 @@ impl Detector {
             sources: sources::sources_map(maps)?,
             memos: sources::memo_map(maps)?,
             blocks: sources::blocks_map(maps)?,
+            contact_flags: maps.array::<u64>(netwatch_common::maps::CONTACT_FLAGS)?,
             maps: maps.clone(),
             names,
             followed: HashMap::new(),
@@ -233,10 +236,9 @@ impl Detector {
         self.writer.send(Op::Flag(flag.key, Box::new(obs)))?;
         // Counted beside the kernel's flags (netwatch_scanners_flagged_total),
         // in a pinned map only the controller writes.
-        let mut counts = self.maps.array::<u64>(maps::CONTACT_FLAGS)?;
         let index = flag_counter_index(flag.key.rule as u32, flag.key.direction());
-        let n = counts.get(&index, 0).unwrap_or(0);
-        counts.set(index, n + 1, 0)?;
+        let n = self.contact_flags.get(&index, 0).unwrap_or(0);
+        self.contact_flags.set(index, n + 1, 0)?;
         Ok(())
     }
 

@@ -359,13 +359,19 @@ impl Store {
         let queued: Vec<(i64, i64)> = stmt
             .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        queued
+        // The incidents of the whole batch in one query.
+        let mut incidents: HashMap<i64, Incident> = self
+            .query(
+                "WHERE id IN (SELECT incident FROM outbox ORDER BY seq LIMIT ?1)",
+                params![limit as i64],
+            )?
             .into_iter()
-            .map(|(seq, id)| {
-                let incident = self.query("WHERE id = ?1", params![id])?.into_iter().next();
-                Ok((seq, id, incident))
-            })
-            .collect()
+            .map(|i| (i.id, i))
+            .collect();
+        Ok(queued
+            .into_iter()
+            .map(|(seq, id)| (seq, id, incidents.remove(&id)))
+            .collect())
     }
 
     /// Removes delivered outbox entries: an entry queued again since (a

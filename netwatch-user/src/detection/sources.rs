@@ -11,7 +11,7 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use netwatch_common::{
-    Classification, Direction, FloodCache, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, maps,
+    Classification, Direction, FloodCache, RuleInfo, SOURCE_FLAGGED, SourceKey, SourceState, estimate_distinct, maps,
 };
 use serde::Serialize;
 
@@ -62,6 +62,11 @@ pub fn addr_of(key: &SourceKey) -> IpAddr {
     }
 }
 
+/// A rule as it is named everywhere: `udp/137`.
+pub fn rule_label(info: &RuleInfo) -> String {
+    format!("{}/{}", info.protocol().label(), info.port)
+}
+
 /// Names of rule slots and interface slots, to label keys.
 pub struct Names {
     rules: StdHashMap<u8, String>,
@@ -76,7 +81,7 @@ impl Names {
             .rule_slots_all()?
             .into_iter()
             .filter(|(_, info)| info.in_use != 0)
-            .map(|(slot, info)| (slot as u8, format!("{}/{}", info.protocol().label(), info.port)))
+            .map(|(slot, info)| (slot as u8, rule_label(&info)))
             .collect();
         let ifaces = maps
             .iface_slots()?

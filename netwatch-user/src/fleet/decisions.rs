@@ -454,11 +454,10 @@ fn block_key(
     rule: &str,
     direction: &str,
 ) -> Result<(netwatch_common::SourceKey, bool)> {
-    let names = crate::detection::sources::Names::read(maps)?;
     let (slot, _, info) = maps
         .rules_in_force()?
         .into_iter()
-        .find(|(slot, _, _)| names.rule(*slot as u8) == rule)
+        .find(|(_, info, _)| crate::detection::sources::rule_label(info) == rule)
         .with_context(|| format!("no rule {rule} here"))?;
     let direction = Direction::from_label(direction).context("its direction")?;
     Ok((

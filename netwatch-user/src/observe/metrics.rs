@@ -296,7 +296,6 @@ fn families(snapshot: &Snapshot, controller: Option<&ControllerStats>) -> Result
             .with_label_values(&[f.rule.as_str(), f.direction])
             .inc_by(f.flagged);
     }
-
     let reverse = counter_vec(
         registry,
         "netwatch_reverse_lookups_total",

@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use netwatch_common::{
-    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_REVERSE_LOOKUP,
-    STAT_AUTO_BLOCKED, STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED,
-    STAT_SOURCES_CREATED, STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
+    ATTACHED_TC, ATTACHED_TC_NETLINK, ATTACHED_XDP, Class, Counter, Direction, Outcome, PORT_NBNS, STAT_AUTO_BLOCKED,
+    STAT_AUTO_BLOCKS_CAPPED, STAT_EVENTS_LOST, STAT_HANDSHAKES_REJECTED, STAT_HANDSHAKES_STARTED, STAT_SOURCES_CREATED,
+    STAT_VISITORS_RECORDED, class_counter_index, flag_counter_index, maps, rule_counter_index,
 };
 use serde::Serialize;
 
@@ -181,11 +181,11 @@ impl Snapshot {
         // Slots whose rule recognises reverse lookups (udp/137).
         let mut reverse_slots = std::collections::HashSet::new();
         for (slot, info, params) in maps.rules_in_force()? {
-            if params.flags & PORT_REVERSE_LOOKUP != 0 {
+            if params.flags & PORT_NBNS != 0 {
                 reverse_slots.insert(slot);
             }
             rules.push(RuleState {
-                rule: format!("{}/{}", info.protocol().label(), info.port),
+                rule: crate::detection::sources::rule_label(&info),
                 inbound: params.action(Direction::Inbound).label(),
                 outbound: params.action(Direction::Outbound).label(),
                 threshold: params.threshold,
